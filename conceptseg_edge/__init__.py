@@ -1,0 +1,1 @@
+"""conceptseg-edge."""

@@ -1,0 +1,5 @@
+import sys
+
+from conceptseg_edge.cli import main
+
+sys.exit(main())

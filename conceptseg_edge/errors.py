@@ -1,0 +1,50 @@
+"""The error hierarchy: one root, few typed children.
+
+Every error a user can cause (a bad file, a bad prompt, a tampered bundle) is a ``ConceptsegError``;
+the CLI turns it into one line on stderr and a non-zero exit, never a traceback. Messages lead with
+the path or field at fault and say what was expected.
+"""
+
+from __future__ import annotations
+
+
+class ConceptsegError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(ConceptsegError, ValueError):
+    """A request was malformed: an unreadable image, a point outside the image, no prompt at all."""
+
+
+class ManifestError(ConceptsegError):
+    """A bundle manifest is missing, of another schema version, malformed, or its files fail their hashes."""
+
+
+class EngineIOError(ConceptsegError):
+    """Feeds given to an engine do not match its declared inputs (names, dtypes, ranks)."""
+
+
+class ExportParityError(ConceptsegError):
+    """An exported graph disagrees with the reference module beyond its tolerance."""
+
+
+class CheckpointError(ConceptsegError):
+    """A checkpoint cannot be loaded: missing file, wrong keys, wrong format."""
+
+
+class RouteUnavailableError(ConceptsegError):
+    """The requested route needs parts that the bundle does not carry."""
+
+
+class DependencyError(ConceptsegError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class BenchmarkError(ConceptsegError):
+    """A benchmark stage failed; ``stage`` names where."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"[{stage}] {message}")
+        self.stage = stage
