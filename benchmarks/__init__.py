@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Latency benchmarks per route and per stage; results are data (JSON), tables render them."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Export: checkpoints → ONNX (→ quantized ONNX → TensorRT) bundles, each part validated against torch."""

@@ -1,0 +1,32 @@
+"""``conceptseg-edge export sam2 ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("export", help="export checkpoints to a validated ONNX bundle")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    sam2 = kinds.add_parser("sam2", help="SAM 2.1 image encoder + prompt/concept decoder")
+    sam2.add_argument("--config", default="sam2.1_hiera_t",
+                      choices=["sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"])
+    sam2.add_argument("--checkpoint", default=None, help="official SAM 2.1 .pt (random init without it)")
+    sam2.add_argument("--out", required=True, help="bundle directory to write")
+    sam2.add_argument("--opset", type=int, default=17)
+    sam2.add_argument("--image-size", type=int, default=1024)
+    sam2.set_defaults(func=_export_sam2)
+
+
+def _export_sam2(args: argparse.Namespace) -> int:
+    from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
+
+    manifest = export_sam2(
+        SAM2ExportConfig(config=args.config, checkpoint=args.checkpoint, opset=args.opset, image_size=args.image_size),
+        args.out,
+    )
+    parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
+    print(json.dumps({"bundle": args.out, "random_init": manifest.source.random_init, "parity": parity}, indent=2))
+    return 0

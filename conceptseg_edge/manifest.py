@@ -1,0 +1,297 @@
+"""The bundle manifest: the only contract between export, runtime, benchmarks and Triton.
+
+A bundle is a directory holding ``manifest.json`` and the files it lists. The manifest records, per
+part, its file and sha256, its inputs and outputs (names, dtypes, shapes with symbolic dims),
+precision and opset, and the parity measured at export; for the bundle, the source checkpoint and its
+hash, the image size and preprocessing constants, the router settings, and tool versions.
+
+Reading is strict: an unknown key, a missing key, or another schema version is a ``ManifestError``
+that names the field; ``load_bundle`` also re-hashes every file and names the one that changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from conceptseg_edge.errors import ManifestError
+from conceptseg_edge.fileio import sha256_file, write_json
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
+
+
+def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
+    """Reject non-objects, unknown keys and missing required keys, naming the field."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {unknown}")
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ManifestError(f"{where}: missing key(s) {missing}")
+    return data
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``dtype`` is a numpy dtype name; string dims are dynamic."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TensorSpec:
+        data = _check_keys(data, cls, where)
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Export-time agreement of a graph with its reference module, on fixed inputs."""
+
+    reference: str
+    max_abs_diff: dict[str, float]
+    atol: dict[str, float]
+    passed: bool
+    mask_iou: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ParityReport:
+        return cls(**_check_keys(data, cls, where))
+
+
+@dataclass(frozen=True)
+class PartManifest:
+    """One exported graph (or engine) inside the bundle."""
+
+    name: str
+    file: str
+    sha256: str
+    format: str  # "onnx" | "tensorrt"
+    precision: str  # "fp32" | "fp16" | "int8" | "int4"
+    opset: int | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parity: ParityReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "format": self.format,
+            "precision": self.precision,
+            "opset": self.opset,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "parity": self.parity.to_dict() if self.parity else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> PartManifest:
+        data = _check_keys(data, cls, where)
+        return cls(
+            name=str(data["name"]),
+            file=str(data["file"]),
+            sha256=str(data["sha256"]),
+            format=str(data["format"]),
+            precision=str(data["precision"]),
+            opset=data["opset"],
+            inputs=tuple(TensorSpec.from_dict(t, f"{where}.inputs[{i}]") for i, t in enumerate(data["inputs"])),
+            outputs=tuple(TensorSpec.from_dict(t, f"{where}.outputs[{i}]") for i, t in enumerate(data["outputs"])),
+            parity=ParityReport.from_dict(data["parity"], f"{where}.parity") if data.get("parity") else None,
+        )
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the weights came from. ``checkpoint`` None means random init (said loudly at export)."""
+
+    model: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+
+    @property
+    def random_init(self) -> bool:
+        return self.checkpoint is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> SourceInfo:
+        return cls(**_check_keys(data, cls, where))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the runtime must do around the graphs, exactly as SAM2 does it.
+
+    SAM2 squashes the image to ``image_size``² (bilinear with antialiasing, no aspect preservation,
+    no padding), scales to [0, 1], then normalises with ImageNet mean/std. The decoder's low-res masks
+    are upsampled bilinearly to the original size and thresholded at ``mask_threshold``.
+    """
+
+    image_size: int
+    resize: str = "squash_bilinear_antialias"
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mask_threshold: float = 0.0
+    low_res_size: int = 0
+    stability_delta: float = 0.05
+    stability_thresh: float = 0.98
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Preprocessing:
+        data = dict(_check_keys(data, cls, where))
+        for key in ("pixel_mean", "pixel_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that produced the bundle (only those importable now)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("conceptseg-edge", "torch", "onnx", "onnxruntime", "sam2", "transformers", "tensorrt"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """Everything a stage needs to know about a bundle; frozen, and round-trips through JSON."""
+
+    source: SourceInfo
+    preprocessing: Preprocessing
+    parts: dict[str, PartManifest]
+    routes: tuple[str, ...] = ("prompt",)
+    router: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # extra files (tokenizer, ...) → sha256
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def part(self, name: str) -> PartManifest:
+        try:
+            return self.parts[name]
+        except KeyError:
+            raise ManifestError(f"manifest: no part '{name}' (has {sorted(self.parts)})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "created": self.created,
+            "source": self.source.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "routes": list(self.routes),
+            "router": self.router,
+            "parts": {name: part.to_dict() for name, part in self.parts.items()},
+            "files": self.files,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> BundleManifest:
+        if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{where}: schema_version {data.get('schema_version')!r} is not supported "
+                f"(this conceptseg-edge reads version {SCHEMA_VERSION}); re-export the bundle"
+            )
+        data = _check_keys(data, cls, where)
+        parts = data["parts"]
+        if not isinstance(parts, dict) or not parts:
+            raise ManifestError(f"{where}.parts: expected a non-empty object")
+        return cls(
+            schema_version=SCHEMA_VERSION,
+            created=str(data.get("created", "")),
+            source=SourceInfo.from_dict(data["source"], f"{where}.source"),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"], f"{where}.preprocessing"),
+            routes=tuple(data.get("routes", ("prompt",))),
+            router=dict(data.get("router", {})),
+            parts={name: PartManifest.from_dict(p, f"{where}.parts.{name}") for name, p in parts.items()},
+            files=dict(data.get("files", {})),
+            versions=dict(data.get("versions", {})),
+        )
+
+    def with_parts(self, **parts: PartManifest) -> BundleManifest:
+        return dataclasses.replace(self, parts={**self.parts, **parts})
+
+
+def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> Path:
+    """Write ``manifest.json`` atomically, stamping creation time and tool versions."""
+    manifest = dataclasses.replace(
+        manifest,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=manifest.versions or tool_versions(),
+    )
+    path = Path(bundle_dir) / MANIFEST_NAME
+    write_json(path, manifest.to_dict())
+    return path
+
+
+def read_manifest(bundle_dir: str | Path) -> BundleManifest:
+    """Parse and validate ``manifest.json`` (structure only; ``verify_files`` checks the hashes)."""
+    import json
+
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest (is {bundle_dir} a conceptseg-edge bundle?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    return BundleManifest.from_dict(data, str(path))
+
+
+def verify_files(bundle_dir: str | Path, manifest: BundleManifest) -> None:
+    """Re-hash every file the manifest lists; name the first that is missing or changed."""
+    bundle_dir = Path(bundle_dir)
+    expected = {part.file: part.sha256 for part in manifest.parts.values()} | manifest.files
+    for rel, digest in expected.items():
+        path = bundle_dir / rel
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in the manifest but missing from the bundle")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise ManifestError(
+                f"{path}: sha256 mismatch (manifest {digest[:12]}…, file {actual[:12]}…): "
+                "the file changed after export; re-export the bundle"
+            )
+
+
+def load_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleManifest:
+    """Read the manifest and (by default) verify every file hash: the runtime's only entry."""
+    manifest = read_manifest(bundle_dir)
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return manifest

@@ -1,0 +1,243 @@
+"""SAM2's pre- and post-processing in numpy, for the torch-free runtime.
+
+The arithmetic mirrors sam2 exactly so runtime masks match the eager reference:
+- image: squash-resize to S×S, bilinear **with antialiasing** on [0, 1] floats (torchvision's tensor
+  ``Resize``, i.e. PIL's separable triangle filter), then ImageNet mean/std;
+- prompts: pixel XY in the original image → ``xy / (W, H) * S``; a box is two corner points with
+  labels 2 and 3 placed first; without a box one (0, 0) point with label -1 is appended;
+- masks: low-res logits upsampled bilinearly (``align_corners=False``, no antialiasing) to the
+  original size, thresholded at 0; best multimask by predicted IoU; for single-mask output, SAM2's
+  stability fallback (``build_sam2(apply_postprocessing=True)``).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from conceptseg_edge.errors import InputError
+
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(source: str | Path | bytes) -> np.ndarray:
+    """Read an image file or encoded bytes as (H, W, 3) uint8 RGB.
+
+    Grayscale, palette, CMYK and RGBA are converted (alpha dropped); 16-bit grayscale is scaled to
+    8 bit by its full range (65535 → 255). Unreadable input raises ``InputError`` naming the source.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise InputError(f"{name}: file not found")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"{name}: {img.width}x{img.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+            img.load()
+            return image_to_rgb(img, name)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{name}: cannot decode image ({exc})") from exc
+
+
+def image_to_rgb(img, name: str = "image") -> np.ndarray:
+    """PIL image of any common mode → (H, W, 3) uint8."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        return as_rgb_array((np.clip(arr, 0, 65535) / 257.0).round().astype(np.uint8), name)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def as_rgb_array(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate an in-memory image: (H, W), (H, W, 1|3|4), uint8 or uint16 → (H, W, 3) uint8."""
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"{name}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float64) / 257.0).round().astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise InputError(f"{name}: dtype {image.dtype}, expected uint8 (or uint16)")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise InputError(f"{name}: shape {image.shape}, expected (H, W), (H, W, 3) or (H, W, 4)")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise InputError(f"{name}: {image.shape[1]}x{image.shape[0]} is too small")
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name}: {image.shape[1]}x{image.shape[0]} exceeds {MAX_IMAGE_PIXELS} pixels")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
+
+
+# ----------------------------------------------------------------------------- resizing
+
+
+def _resize_taps(in_size: int, out_size: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, (out_size, taps), of a 1-D bilinear resize.
+
+    ``antialias=True`` is PIL's / torch's antialiased triangle filter (support widened by the scale
+    when shrinking); ``False`` is ``F.interpolate(mode="bilinear", align_corners=False)``.
+    """
+    scale = in_size / out_size
+    if not antialias:
+        # float32 index arithmetic, as torch's kernel does it for float32 tensors
+        src = np.float32(scale) * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+        src = np.maximum(src, np.float32(0.0))
+        i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+        i1 = np.minimum(i0 + 1, in_size - 1)
+        lam = (src - i0).astype(np.float32)
+        return np.stack([i0, i1], 1), np.stack([1 - lam, lam], 1)
+    support = scale if scale > 1.0 else 1.0
+    inv = 1.0 / support
+    center = (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size)
+    taps = int((xmax - xmin).max())
+    idx = xmin[:, None] + np.arange(taps)[None, :]
+    w = np.maximum(0.0, 1.0 - np.abs((idx - center[:, None] + 0.5) * inv))
+    w[idx >= xmax[:, None]] = 0.0
+    w /= w.sum(1, keepdims=True)
+    return np.minimum(idx, in_size - 1), w.astype(np.float32)
+
+
+def resize(array: np.ndarray, out_hw: tuple[int, int], antialias: bool) -> np.ndarray:
+    """Separable bilinear resize of (H, W) or (H, W, C) float32, as two gathers (no dense matrices)."""
+    out_h, out_w = out_hw
+    idx, w = _resize_taps(array.shape[0], out_h, antialias)
+    extra = (1,) * (array.ndim - 1)
+    rows = sum(w[:, k].reshape(-1, *extra) * array[idx[:, k]] for k in range(idx.shape[1]))
+    idx, w = _resize_taps(array.shape[1], out_w, antialias)
+    extra = (1,) * (array.ndim - 2)
+    return sum(w[:, k].reshape(1, -1, *extra) * rows[:, idx[:, k]] for k in range(idx.shape[1]))
+
+
+def preprocess_image(image: np.ndarray, image_size: int, mean, std) -> np.ndarray:
+    """(H, W, 3) uint8 → (1, 3, S, S) float32, normalised, as SAM2's transforms."""
+    x = resize(image.astype(np.float32) / 255.0, (image_size, image_size), antialias=True)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Geometric prompts in original-image pixels.
+
+    ``points``: (N, 2) float XY; ``labels``: (N,) 1 = foreground, 0 = background; ``box``: XYXY.
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.box is None and (self.points is None or len(self.points) == 0)
+
+    @property
+    def multimask(self) -> bool:
+        """SAM's convention: one click is ambiguous, so return the best of three masks."""
+        return self.box is None and self.points is not None and len(self.points) == 1
+
+
+def make_prompts(
+    points: list[tuple[float, float]] | np.ndarray | None,
+    labels: list[int] | np.ndarray | None,
+    box: tuple[float, float, float, float] | np.ndarray | None,
+    image_hw: tuple[int, int],
+) -> Prompts:
+    """Validate prompts against the image; errors name the offending prompt."""
+    h, w = image_hw
+    pts = lab = bx = None
+    if points is not None and len(points):
+        pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        lab = np.ones(len(pts), np.int32) if labels is None else np.asarray(labels, dtype=np.int32).reshape(-1)
+        if len(lab) != len(pts):
+            raise InputError(f"points: {len(pts)} points but {len(lab)} labels")
+        if not np.isin(lab, (0, 1)).all():
+            raise InputError(f"points: labels must be 0 (background) or 1 (foreground), got {sorted(set(lab.tolist()))}")
+        for x, y in pts:
+            if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
+                raise InputError(f"point ({x:g}, {y:g}) lies outside the {w}x{h} image")
+    if box is not None:
+        bx = np.asarray(box, dtype=np.float32).reshape(-1)
+        if bx.size != 4 or not np.isfinite(bx).all():
+            raise InputError(f"box: expected 4 finite numbers X0,Y0,X1,Y1, got {box!r}")
+        x0, y0, x1, y1 = bx
+        if not (x1 > x0 and y1 > y0):
+            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}): needs X1 > X0 and Y1 > Y0")
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise InputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the {w}x{h} image")
+    return Prompts(pts, lab, bx)
+
+
+def encode_prompts(prompts: Prompts, image_hw: tuple[int, int], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts → decoder ``point_coords`` (1, N, 2) float32 and ``point_labels`` (1, N) int32.
+
+    Box corners come first (labels 2, 3), then points; without a box SAM2 appends a (0, 0) padding
+    point with label -1. No geometry at all gives N = 0 (the concept routes).
+    """
+    h, w = image_hw
+    scale = np.array([image_size / w, image_size / h], np.float32)
+    coords: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    if prompts.box is not None:
+        coords.append(prompts.box.reshape(2, 2) * scale)
+        labels.append(np.array([2, 3], np.int32))
+    if prompts.points is not None:
+        coords.append(prompts.points * scale)
+        labels.append(prompts.labels)
+        if prompts.box is None:
+            coords.append(np.zeros((1, 2), np.float32))
+            labels.append(np.array([-1], np.int32))
+    if not coords:
+        return np.zeros((1, 0, 2), np.float32), np.zeros((1, 0), np.int32)
+    return (
+        np.concatenate(coords)[None].astype(np.float32),
+        np.concatenate(labels)[None].astype(np.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def stability_scores(logits: np.ndarray, delta: float) -> np.ndarray:
+    """IoU between the masks thresholded at +delta and -delta, per mask (SAM2's definition)."""
+    flat = logits.reshape(logits.shape[0], -1)
+    inter = (flat > delta).sum(1).astype(np.float32)
+    union = (flat > -delta).sum(1).astype(np.float32)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def select_mask(
+    low_res: np.ndarray, ious: np.ndarray, multimask: bool, delta: float, thresh: float
+) -> tuple[int, np.ndarray, float]:
+    """Choose among the decoder's four masks: (index, (s, s) logits, predicted IoU).
+
+    Multimask: the best of tokens 1–3 by predicted IoU. Single: token 0, unless its stability score
+    is below ``thresh``, in which case the best multimask token (SAM2's dynamic fallback).
+    """
+    best = 1 + int(np.argmax(ious[1:]))
+    if multimask:
+        return best, low_res[best], float(ious[best])
+    if stability_scores(low_res[:1], delta)[0] >= thresh:
+        return 0, low_res[0], float(ious[0])
+    return best, low_res[best], float(ious[best])
+
+
+def upsample_mask(low_res: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.0) -> np.ndarray:
+    """(s, s) logits → (H, W) bool at the original size."""
+    return resize(low_res.astype(np.float32), image_hw, antialias=False) > threshold

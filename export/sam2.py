@@ -1,0 +1,161 @@
+"""``export sam2``: a SAM 2.1 checkpoint → a bundle with the encoder and decoder graphs.
+
+The bundle is assembled in a hidden staging directory beside ``out`` and renamed into place only once
+every part has passed parity, so a failed export leaves nothing behind and never half-overwrites an
+existing bundle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.manifest import (
+    MANIFEST_NAME,
+    BundleManifest,
+    Preprocessing,
+    SourceInfo,
+    read_manifest,
+    write_manifest,
+)
+from conceptseg_edge.export.onnx_export import export_and_validate
+from conceptseg_edge.export.parts import sam2_decoder_spec, sam2_encoder_spec
+
+REFERENCE_NAME = "sam2 package modules, torch eager (forward_image / _embed_points / predict_masks)"
+
+
+@dataclass(frozen=True)
+class SAM2ExportConfig:
+    """Arguments of ``conceptseg-edge export sam2``."""
+
+    config: str = "sam2.1_hiera_t"
+    checkpoint: str | None = None
+    opset: int = 17
+    image_size: int = 1024
+
+
+def random_init_banner(model: str) -> str:
+    line = "!" * 78
+    return (
+        f"\n{line}\n!! {model}: NO CHECKPOINT GIVEN - RANDOM INITIALISATION.\n"
+        "!! The graphs are structurally real but their masks are meaningless.\n"
+        "!! Pass --checkpoint sam2.1_hiera_*.pt (official SAM 2.1 weights) for real masks.\n"
+        f"{line}\n"
+    )
+
+
+def _decoder_cases(features: dict[str, np.ndarray], image_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Prompt sets that cover the decoder's dynamic axes: batch 1 and 2, K = 0 and 8, N = 0, masks."""
+    rng = np.random.default_rng(seed)
+    low = image_size // 4
+
+    def case(batch: int, points: list[tuple[float, float, int]], k: int, with_mask: bool) -> dict[str, np.ndarray]:
+        coords = np.array([[p[:2] for p in points]] * batch, dtype=np.float32).reshape(batch, len(points), 2)
+        labels = np.array([[p[2] for p in points]] * batch, dtype=np.int32).reshape(batch, len(points))
+        return {
+            **features,
+            "point_coords": coords * image_size,
+            "point_labels": labels,
+            "concept_tokens": rng.standard_normal((batch, k, 256)).astype(np.float32),
+            "mask_input": (rng.standard_normal((batch, 1, low, low)) * 4).astype(np.float32),
+            "has_mask_input": np.full((batch,), float(with_mask), dtype=np.float32),
+        }
+
+    return [
+        case(1, [(0.4, 0.5, 1), (0.0, 0.0, -1)], 0, False),  # one click + SAM2's padding point
+        case(2, [(0.2, 0.2, 2), (0.7, 0.8, 3), (0.5, 0.5, 1), (0.1, 0.9, 0)], 8, False),  # box + clicks + concept
+        case(1, [], 8, False),  # concept tokens alone
+        case(1, [(0.3, 0.6, 1), (0.0, 0.0, -1)], 0, True),  # a previous mask as prompt
+    ]
+
+
+def export_sam2(cfg: SAM2ExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
+    """Export SAM2 to ``out`` as a validated bundle and return its manifest."""
+    import torch
+
+    from conceptseg_edge.models.sam2 import (
+        SAM2ImageEncoder,
+        SAM2PromptDecoder,
+        SAM2Reference,
+        build_sam2_model,
+    )
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise InputError(f"--out {out}: exists and is not a bundle; refusing to replace it")
+    steps = tqdm(total=5, desc=f"export {cfg.config}", disable=not progress, unit="step")
+    loaded = build_sam2_model(cfg.config, cfg.checkpoint, cfg.image_size)
+    if loaded.random_init:
+        print(random_init_banner(cfg.config), file=sys.stderr)
+    sam = loaded.model
+    reference = SAM2Reference(sam)
+    steps.update()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        rng = np.random.default_rng(0)
+        image = reference.preprocess((rng.random((480, 640, 3)) * 255).astype(np.uint8)).numpy()
+
+        def encoder_ref(feeds):
+            return {k: v.numpy() for k, v in reference.features(torch.from_numpy(feeds["image"])).items()}
+
+        steps.set_postfix_str("encoder")
+        encoder = export_and_validate(
+            SAM2ImageEncoder(sam).eval(), sam2_encoder_spec(cfg.image_size), [{"image": image}],
+            encoder_ref, REFERENCE_NAME, staging, cfg.opset,
+        )
+        steps.update(2)
+
+        features = encoder_ref({"image": image})
+
+        def decoder_ref(feeds):
+            feats = {k: torch.from_numpy(feeds[k]) for k in features}
+            mask = torch.from_numpy(feeds["mask_input"]) if feeds["has_mask_input"].any() else None
+            masks, iou, obj = reference.decode_all(
+                feats,
+                torch.from_numpy(feeds["point_coords"]),
+                torch.from_numpy(feeds["point_labels"]),
+                torch.from_numpy(feeds["concept_tokens"]),
+                mask,
+            )
+            return {"low_res_masks": masks.numpy(), "iou_predictions": iou.numpy(), "object_score_logits": obj.numpy()}
+
+        steps.set_postfix_str("decoder")
+        decoder = export_and_validate(
+            SAM2PromptDecoder(sam).eval(), sam2_decoder_spec(cfg.image_size),
+            _decoder_cases(features, cfg.image_size), decoder_ref, REFERENCE_NAME, staging, cfg.opset,
+        )
+        steps.update()
+
+        manifest = BundleManifest(
+            source=SourceInfo(model=cfg.config, checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256),
+            preprocessing=Preprocessing(image_size=cfg.image_size, low_res_size=cfg.image_size // 4),
+            parts={"sam2_encoder": encoder, "sam2_decoder": decoder},
+            routes=("prompt",),
+        )
+        write_manifest(staging, manifest)
+        _replace_dir(staging, out)
+        steps.update()
+    finally:
+        steps.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return read_manifest(out)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished bundle into place; an existing ``dst`` is swapped out, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{src.name[-8:]}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

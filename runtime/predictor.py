@@ -1,0 +1,173 @@
+"""``SAM2Predictor``: the prompt route over two engines, with SAM2's predictor boundary.
+
+State is explicit, as in sam2's ``SAM2ImagePredictor``: ``set_image()`` preprocesses and runs the
+encoder **once** and caches the features; each ``predict()`` reuses them and runs only the decoder;
+``reset()`` clears. Calling ``predict()`` first raises a ``RuntimeError`` naming the call to make.
+``from_bundle()`` is the only entry that reads files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from conceptseg_edge.errors import InputError, ManifestError
+from conceptseg_edge.manifest import BundleManifest, Preprocessing, load_bundle
+from conceptseg_edge.preprocess import (
+    Prompts,
+    as_rgb_array,
+    encode_prompts,
+    make_prompts,
+    preprocess_image,
+    select_mask,
+    upsample_mask,
+)
+from conceptseg_edge.runtime.engine import Engine, OrtEngine
+
+FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+
+
+def _ms(start_ns: int) -> float:
+    return (time.perf_counter_ns() - start_ns) / 1e6
+
+
+@dataclass
+class Prediction:
+    """One mask in the original image frame.
+
+    ``mask``: (H, W) bool; ``score``: the decoder's predicted IoU of the chosen mask;
+    ``object_score``: sigmoid of the object-score logit (the presence score the router uses);
+    ``timings``: milliseconds per stage of this prediction.
+    """
+
+    mask: np.ndarray
+    score: float
+    object_score: float
+    mask_index: int
+    low_res_logits: np.ndarray
+    route: str = "prompt"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SAM2Predictor:
+    """Encoder once per image, decoder once per prompt set; numpy in, numpy out."""
+
+    def __init__(self, encoder: Engine, decoder: Engine, preprocessing: Preprocessing) -> None:
+        self.encoder = encoder
+        self.decoder = decoder
+        self.pre = preprocessing
+        self._features: dict[str, np.ndarray] | None = None
+        self._image_hw: tuple[int, int] | None = None
+        self.image_timings: dict[str, float] = {}
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, provider: str = "cpu", manifest: BundleManifest | None = None) -> SAM2Predictor:
+        """Load a verified bundle's SAM2 parts on ``provider`` ("cpu", "cuda", "tensorrt")."""
+        bundle = Path(bundle)
+        manifest = manifest or load_bundle(bundle)
+        engines = []
+        for name in ("sam2_encoder", "sam2_decoder"):
+            part = manifest.part(name)
+            engine = OrtEngine(bundle / part.file, provider)
+            declared = [t.name for t in part.inputs]
+            if sorted(t.name for t in engine.inputs) != sorted(declared):
+                raise ManifestError(f"{bundle / part.file}: graph inputs {[t.name for t in engine.inputs]} != manifest {declared}")
+            engines.append(engine)
+        return cls(engines[0], engines[1], manifest.preprocessing)
+
+    # ------------------------------------------------------------------ image state
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Preprocess and encode ``image`` ((H, W, 3) uint8 RGB; (H, W) and RGBA are converted)."""
+        self.reset()
+        image = as_rgb_array(image)
+        t0 = time.perf_counter_ns()
+        x = preprocess_image(image, self.pre.image_size, self.pre.pixel_mean, self.pre.pixel_std)
+        t1 = time.perf_counter_ns()
+        self._features = self.encoder.run({"image": x})
+        self.image_timings = {"preprocess": (t1 - t0) / 1e6, "encoder": _ms(t1)}
+        self._image_hw = image.shape[:2]
+
+    def reset(self) -> None:
+        self._features = None
+        self._image_hw = None
+        self.image_timings = {}
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        if self._image_hw is None:
+            raise RuntimeError("no image set: call set_image() before predict()")
+        return self._image_hw
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompts(self, points=None, labels=None, box=None) -> Prompts:
+        """Validate prompts in original-image pixels against the current image."""
+        return make_prompts(points, labels, box, self.image_hw)
+
+    def decode(self, coords: np.ndarray, labels: np.ndarray, concept_tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the decoder on model-frame prompts for a batch of B prompt sets (shared image)."""
+        if self._features is None:
+            raise RuntimeError("no image set: call set_image() before predict()")
+        batch = coords.shape[0]
+        low = self.pre.low_res_size
+        return self.decoder.run(
+            {
+                **self._features,
+                "point_coords": coords,
+                "point_labels": labels,
+                "concept_tokens": concept_tokens,
+                "mask_input": np.zeros((batch, 1, low, low), np.float32),
+                "has_mask_input": np.zeros((batch,), np.float32),
+            }
+        )
+
+    def predict(
+        self,
+        points: np.ndarray | list | None = None,
+        labels: np.ndarray | list | None = None,
+        box: np.ndarray | list | None = None,
+        concept_tokens: np.ndarray | None = None,
+        multimask: bool | None = None,
+    ) -> Prediction:
+        """Segment the current image.
+
+        Args:
+            points: (N, 2) XY pixels in the original image.
+            labels: (N,) 1 foreground / 0 background (default all 1).
+            box: (4,) X0, Y0, X1, Y1 pixels in the original image.
+            concept_tokens: (K, 256) float32 from the concept translator (concept routes).
+            multimask: return the best of three masks; default: only for a single click.
+        """
+        hw = self.image_hw
+        prompts = self.prompts(points, labels, box)
+        if prompts.empty and concept_tokens is None:
+            raise InputError("no prompt: give at least one point, a box, or a concept")
+        tokens = np.zeros((1, 0, 256), np.float32)
+        if concept_tokens is not None:
+            tokens = np.asarray(concept_tokens, np.float32).reshape(1, -1, 256)
+        coords, point_labels = encode_prompts(prompts, hw, self.pre.image_size)
+        t0 = time.perf_counter_ns()
+        out = self.decode(coords, point_labels, tokens)
+        t1 = time.perf_counter_ns()
+        prediction = self.postprocess(out, 0, prompts.multimask if multimask is None else multimask)
+        prediction.timings = {**self.image_timings, "decoder": (t1 - t0) / 1e6, "postprocess": _ms(t1)}
+        return prediction
+
+    def postprocess(self, out: dict[str, np.ndarray], index: int, multimask: bool) -> Prediction:
+        """Pick a mask from row ``index`` of a decoder output and bring it to the original size."""
+        chosen, logits, score = select_mask(
+            out["low_res_masks"][index], out["iou_predictions"][index], multimask,
+            self.pre.stability_delta, self.pre.stability_thresh,
+        )
+        obj = float(out["object_score_logits"][index, 0])
+        return Prediction(
+            mask=upsample_mask(logits, self.image_hw, self.pre.mask_threshold),
+            score=score,
+            object_score=float(1.0 / (1.0 + np.exp(-obj))),
+            mask_index=chosen,
+            low_res_logits=logits,
+        )
