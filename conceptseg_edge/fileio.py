@@ -25,9 +25,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_dir_like_mkdir(path: Path) -> None:
+    """Give a ``tempfile.mkdtemp`` directory (0700) the permissions ``mkdir`` would have."""
+    os.chmod(path, 0o777 & ~_umask())
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

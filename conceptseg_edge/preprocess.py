@@ -4,7 +4,7 @@ The arithmetic mirrors sam2 exactly so runtime masks match the eager reference:
 - image: squash-resize to S×S, bilinear **with antialiasing** on [0, 1] floats (torchvision's tensor
   ``Resize``, i.e. PIL's separable triangle filter), then ImageNet mean/std;
 - prompts: pixel XY in the original image → ``xy / (W, H) * S``; a box is two corner points with
-  labels 2 and 3 placed first; without a box one (0, 0) point with label -1 is appended;
+  labels 2 and 3 placed first; one (0, 0) padding point with label -1 is always appended;
 - masks: low-res logits upsampled bilinearly (``align_corners=False``, no antialiasing) to the
   original size, thresholded at 0; best multimask by predicted IoU; for single-mask output, SAM2's
   stability fallback (``build_sam2(apply_postprocessing=True)``).
@@ -187,8 +187,9 @@ def make_prompts(
 def encode_prompts(prompts: Prompts, image_hw: tuple[int, int], image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompts → decoder ``point_coords`` (1, N, 2) float32 and ``point_labels`` (1, N) int32.
 
-    Box corners come first (labels 2, 3), then points; without a box SAM2 appends a (0, 0) padding
-    point with label -1. No geometry at all gives N = 0 (the concept routes).
+    Box corners come first (labels 2, 3), then points, then one (0, 0) padding point with label -1:
+    SAM2's predictor merges the box into the point list and calls the prompt encoder with
+    ``boxes=None``, which always pads. No geometry at all gives N = 0 (the concept routes).
     """
     h, w = image_hw
     scale = np.array([image_size / w, image_size / h], np.float32)
@@ -200,11 +201,10 @@ def encode_prompts(prompts: Prompts, image_hw: tuple[int, int], image_size: int)
     if prompts.points is not None:
         coords.append(prompts.points * scale)
         labels.append(prompts.labels)
-        if prompts.box is None:
-            coords.append(np.zeros((1, 2), np.float32))
-            labels.append(np.array([-1], np.int32))
     if not coords:
         return np.zeros((1, 0, 2), np.float32), np.zeros((1, 0), np.int32)
+    coords.append(np.zeros((1, 2), np.float32))
+    labels.append(np.array([-1], np.int32))
     return (
         np.concatenate(coords)[None].astype(np.float32),
         np.concatenate(labels)[None].astype(np.int32),

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.fileio import make_dir_like_mkdir
 from conceptseg_edge.manifest import (
     MANIFEST_NAME,
     BundleManifest,
@@ -100,6 +101,7 @@ def export_sam2(cfg: SAM2ExportConfig, out: str | Path, progress: bool = True) -
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    make_dir_like_mkdir(staging)
     try:
         rng = np.random.default_rng(0)
         image = reference.preprocess((rng.random((480, 640, 3)) * 255).astype(np.uint8)).numpy()

@@ -14,6 +14,7 @@ wrappers or the numpy runtime.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,8 +161,8 @@ class SAM2PromptDecoder(nn.Module):
       TensorRT refuses);
     - the dense positional encoding is a constant buffer (it depends only on the image size);
     - the mask prompt is gated by ``has_mask_input`` instead of a Python ``if``;
-    - points arrive already padded (SAM2's predictor appends one (0, 0) point with label -1 when no
-      box is given; the runtime does that in numpy), so N may be 0 for concept-only prompts;
+    - points arrive already padded (SAM2's predictor appends one (0, 0) point with label -1 to every
+      point/box prompt; the runtime does that in numpy), so N may be 0 for concept-only prompts;
     - all four masks and IoUs come out; choosing multimask vs. single (and the stability fallback)
       happens in numpy, so one graph serves both and nothing data-dependent sits in the graph.
     """
@@ -240,6 +241,7 @@ class ReferencePrediction:
     scores: np.ndarray  # (C,) predicted IoU
     low_res_logits: np.ndarray  # (C, s, s)
     object_score_logit: float
+    timings: dict[str, float]  # ms per stage, image stages included
 
 
 class SAM2Reference:
@@ -255,6 +257,7 @@ class SAM2Reference:
         self.image_size = sam.image_size
         self._features: dict[str, torch.Tensor] | None = None
         self._orig_hw: tuple[int, int] | None = None
+        self.image_timings: dict[str, float] = {}
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)[None]
@@ -305,7 +308,11 @@ class SAM2Reference:
     def set_image(self, image: np.ndarray) -> None:
         """``image``: (H, W, 3) uint8 RGB."""
         self._orig_hw = image.shape[:2]
-        feats = self.features(self.preprocess(image))
+        t0 = time.perf_counter_ns()
+        x = self.preprocess(image)
+        t1 = time.perf_counter_ns()
+        feats = self.features(x)
+        self.image_timings = {"preprocess": (t1 - t0) / 1e6, "encoder": (time.perf_counter_ns() - t1) / 1e6}
         self._features = {
             "image_embed": feats["image_embed"],
             "high_res_feats": [feats["high_res_feats_0"], feats["high_res_feats_1"]],
@@ -324,6 +331,7 @@ class SAM2Reference:
         if self._features is None or self._orig_hw is None:
             raise RuntimeError("call set_image() before predict()")
         h, w = self._orig_hw
+        t0 = time.perf_counter_ns()
         scale = torch.tensor([self.image_size / w, self.image_size / h])
         coords = labels = None
         if point_coords is not None:
@@ -348,10 +356,13 @@ class SAM2Reference:
             repeat_image=False,
             high_res_features=self._features["high_res_feats"],
         )
-        masks = F.interpolate(low_res, (h, w), mode="bilinear", align_corners=False)
+        t1 = time.perf_counter_ns()
+        masks = F.interpolate(low_res, (h, w), mode="bilinear", align_corners=False) > 0.0
+        t2 = time.perf_counter_ns()
         return ReferencePrediction(
-            masks=(masks[0] > 0.0).numpy(),
+            masks=masks[0].numpy(),
             scores=iou[0].numpy(),
             low_res_logits=low_res[0].numpy(),
             object_score_logit=float(obj[0, 0]),
+            timings={**self.image_timings, "decoder": (t1 - t0) / 1e6, "postprocess": (t2 - t1) / 1e6},
         )

@@ -1,0 +1,63 @@
+"""Shared fixtures: a seeded SAM2.1-tiny checkpoint in the official format, and bundles exported from it.
+
+Exports are session-scoped: each costs seconds, and many tests only read the result. Tests that
+tamper with a bundle copy it first (``bundle_copy``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TEST_IMAGE_SIZE = 512  # tiny at 512 keeps the suite fast; the demo exports at the default 1024
+
+
+def save_seeded_checkpoint(path: Path, config: str, image_size: int, seed: int = 0) -> Path:
+    """A random-init SAM2 saved like the official .pt ({"model": state_dict}), so both the export and the
+    torch reference load the same weights through the real checkpoint code."""
+    import torch
+
+    from conceptseg_edge.models.sam2 import build_sam2_model
+
+    torch.manual_seed(seed)
+    model = build_sam2_model(config, image_size=image_size).model
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_seeded_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny.pt", "sam2.1_hiera_t", TEST_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_sam2(SAM2ExportConfig("sam2.1_hiera_t", str(tiny_checkpoint), image_size=TEST_IMAGE_SIZE), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def sample_image() -> np.ndarray:
+    from conceptseg_edge.preprocess import load_image
+
+    return load_image(Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "sample.png")
+
+
+@pytest.fixture(scope="session")
+def torch_reference(tiny_checkpoint):
+    from conceptseg_edge.models.sam2 import SAM2Reference, build_sam2_model
+
+    return SAM2Reference(build_sam2_model("sam2.1_hiera_t", tiny_checkpoint, TEST_IMAGE_SIZE).model)

@@ -1,0 +1,78 @@
+"""The bundle manifest: strict reading, round trip, hash verification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conceptseg_edge.errors import ManifestError
+from conceptseg_edge.manifest import SCHEMA_VERSION, BundleManifest, load_bundle, read_manifest, write_manifest
+
+
+def _raw(bundle):
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def test_round_trip_is_identity(tiny_bundle, tmp_path):
+    manifest = read_manifest(tiny_bundle)
+    assert BundleManifest.from_dict(manifest.to_dict()) == manifest
+    write_manifest(tmp_path, manifest)
+    again = read_manifest(tmp_path)
+    assert again.parts == manifest.parts and again.source == manifest.source
+    assert again.preprocessing == manifest.preprocessing
+
+
+def test_manifest_records_what_the_issue_asks(tiny_bundle, tiny_checkpoint):
+    m = load_bundle(tiny_bundle)
+    assert m.schema_version == SCHEMA_VERSION
+    assert m.source.checkpoint == str(tiny_checkpoint) and len(m.source.checkpoint_sha256) == 64
+    assert m.preprocessing.image_size == 512 and m.preprocessing.pixel_mean == (0.485, 0.456, 0.406)
+    dec = m.part("sam2_decoder")
+    assert dec.opset == 17 and dec.precision == "fp32" and len(dec.sha256) == 64
+    shapes = {t.name: t.shape for t in dec.inputs}
+    assert shapes["concept_tokens"] == ("batch", "num_concept_tokens", 256)
+    assert shapes["point_coords"] == ("batch", "num_points", 2)
+    assert {"torch", "onnxruntime", "onnx", "sam2"} <= set(m.versions)
+    assert all(p.parity and p.parity.passed for p in m.parts.values())
+
+
+def test_other_schema_version_is_refused(bundle_copy):
+    raw = _raw(bundle_copy)
+    raw["schema_version"] = SCHEMA_VERSION + 1
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"schema_version 2 is not supported"):
+        load_bundle(bundle_copy)
+
+
+def test_unknown_and_missing_keys_name_the_field(bundle_copy):
+    raw = _raw(bundle_copy)
+    raw["parts"]["sam2_encoder"]["surprise"] = 1
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"parts\.sam2_encoder: unknown key\(s\) \['surprise'\]"):
+        read_manifest(bundle_copy)
+    raw = _raw(bundle_copy)
+    del raw["parts"]["sam2_encoder"]["surprise"], raw["parts"]["sam2_encoder"]["sha256"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"sam2_encoder: missing key\(s\) \['sha256'\]"):
+        read_manifest(bundle_copy)
+
+
+def test_tampered_and_missing_files_are_named(bundle_copy):
+    onnx_file = bundle_copy / "sam2_decoder.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"sam2_decoder\.onnx: sha256 mismatch"):
+        load_bundle(bundle_copy)
+    onnx_file.unlink()
+    with pytest.raises(ManifestError, match=r"sam2_decoder\.onnx: listed in the manifest but missing"):
+        load_bundle(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest"):
+        load_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_bundle(tmp_path)
