@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from conceptseg_edge.models.tokenizer import (
     PAD_TOKEN,
 )
 
-ImageLike = Union[Image.Image, np.ndarray]
+ImageLike = Image.Image | np.ndarray
 
 #: The paper resizes policy images to 600x600 and caps them at 360000 pixels.
 DEFAULT_MAX_PIXELS = 600 * 600
