@@ -6,8 +6,19 @@ the Triton BLS model, and is carried in checkpoint config and bundle manifest vi
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Set
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from conceptseg_edge.errors import InputError, RouteUnavailableError
+
+# prompt: SAM2 on the user's points/box. shortcut: SAM2 on the bare concept, kept when its object
+# score passes tau(n). reason: the policy, the translator (CTM), then SAM2.
+ROUTES = ("prompt", "shortcut", "reason")
+
+_PARENTHESES = re.compile(r"\([^()]*\)")
 
 
 @dataclass(frozen=True)
@@ -40,3 +51,114 @@ class RouterConfig:
         data = dict(data)
         data["taus"] = {int(k): float(v) for k, v in data.get("taus", {}).items()}
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Which route serves a request, and why; recorded with every prediction and benchmark row.
+
+    ``route == "shortcut"`` is a candidate: the caller runs the backbone on the concept, keeps the
+    mask if ``accept_shortcut`` says so, and otherwise falls back to ``fallback`` (``"reason"`` when
+    that route is available, else ``None``: the shortcut mask is all there is).
+    """
+
+    route: str
+    reason: str
+    n_words: int | None = None
+    fallback: str | None = None
+
+
+def count_words(query: str) -> int:
+    """Words in a concept, text in parentheses (nested too) stripped, as the paper counts them."""
+    text, previous = query, None
+    while text != previous:
+        previous, text = text, _PARENTHESES.sub(" ", text)
+    return len(text.split())
+
+
+def choose_route(
+    has_geometry: bool,
+    query: str | None,
+    config: RouterConfig,
+    available: Set[str],
+    forced: str | None = None,
+) -> RouteDecision:
+    """Pick the route for a request; a pure function of its arguments.
+
+    Geometry (points or a box) goes to ``prompt``. A concept of at most
+    ``config.max_shortcut_words`` words is a ``shortcut`` candidate; a longer one, or one that is
+    all parentheses, goes to ``reason``. When the shortcut is not available a short concept goes
+    to ``reason`` too.
+
+    Args:
+        has_geometry: the request carries points or a box.
+        query: the concept phrase or question; may be None only with geometry.
+        config: thresholds; only ``max_shortcut_words`` matters here.
+        available: routes the loaded bundle can run.
+        forced: a route the caller insists on.
+
+    Raises:
+        InputError: ``forced`` is not a route name, or the request lacks what the route needs
+            (an empty query without geometry, a forced ``prompt`` without geometry, a forced
+            text route without a query).
+        RouteUnavailableError: the forced or the needed route is not in ``available``.
+    """
+    text = query.strip() if query is not None else ""
+    if forced is not None:
+        return _forced(forced, has_geometry, text, available)
+    if has_geometry:
+        if "prompt" not in available:
+            raise _unavailable("prompt", "a geometric prompt needs the SAM2 decoder", available)
+        return RouteDecision("prompt", "geometric prompt given")
+    if not text:
+        raise InputError("query: empty; give a concept or question, or points/a box")
+    n = count_words(text)
+    fallback = "reason" if "reason" in available else None
+    if 1 <= n <= config.max_shortcut_words:
+        if "shortcut" in available:
+            return RouteDecision("shortcut", f"{n}-word concept <= {config.max_shortcut_words}", n, fallback)
+        if fallback:
+            return RouteDecision("reason", f"{n}-word concept but no shortcut route", n)
+        raise _unavailable("shortcut", f"a {n}-word concept needs shortcut or reason", available)
+    if fallback:
+        return RouteDecision("reason", f"{n}-word query > {config.max_shortcut_words}", n)
+    raise _unavailable("reason", f"a {n}-word query needs it", available)
+
+
+def _forced(forced: str, has_geometry: bool, text: str, available: Set[str]) -> RouteDecision:
+    if forced not in ROUTES:
+        raise InputError(f"route: unknown route {forced!r}; expected one of {', '.join(ROUTES)}")
+    if forced not in available:
+        raise _unavailable(forced, "it was forced", available)
+    if forced == "prompt":
+        if not has_geometry:
+            raise InputError("route: 'prompt' was forced but the request has no points or box")
+        return RouteDecision("prompt", "forced")
+    if not text:
+        raise InputError(f"query: empty, but route {forced!r} was forced and needs one")
+    fallback = "reason" if forced == "shortcut" and "reason" in available else None
+    return RouteDecision(forced, "forced", count_words(text), fallback)
+
+
+def _unavailable(route: str, why: str, available: Set[str]) -> RouteUnavailableError:
+    have = ", ".join(sorted(available)) or "none"
+    return RouteUnavailableError(f"route: {route!r} is not available ({why}); this bundle has: {have}")
+
+
+def accept_shortcut(object_score_logit: float, n_words: int, config: RouterConfig) -> bool:
+    """Keep the backbone's mask iff sigmoid(object-score logit) >= tau(n_words).
+
+    SAM2's object-score head stands in for SAM 3's presence score. Never true for
+    ``n_words > config.max_shortcut_words`` (whatever the calibrated taus say), for n < 1, or for
+    a NaN logit.
+    """
+    if not 1 <= n_words <= config.max_shortcut_words or math.isnan(object_score_logit):
+        return False
+    return _sigmoid(object_score_logit) >= config.tau(n_words)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
