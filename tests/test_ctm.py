@@ -101,3 +101,29 @@ def test_fp16_module_accepts_fp32_hidden_states() -> None:
     ctm = ConceptTranslationModule(TINY).to(torch.bfloat16).eval()
     out = ctm(torch.randn(1, 3, 32))
     assert out.dtype == torch.bfloat16 and out.shape == (1, 8, 256)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch flags the TorchScript exporter; it works
+def test_exports_to_onnx_with_dynamic_batch_and_length(tmp_path) -> None:
+    """The TorchScript exporter (opset 17) keeps B and T dynamic; ORT matches torch to float rounding."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ctm = ConceptTranslationModule(TINY).eval()
+    path = tmp_path / "ctm.onnx"
+    torch.onnx.export(
+        ctm,
+        (torch.randn(2, 7, 32),),
+        path,
+        input_names=["hidden"],
+        output_names=["prompt_tokens"],
+        dynamic_axes={"hidden": {0: "batch", 1: "tokens"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, tokens in ((1, 1), (3, 33)):
+        h = torch.randn(batch, tokens, 32)
+        (got,) = session.run(None, {"hidden": h.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), ctm(h), rtol=0, atol=1e-5)

@@ -179,7 +179,8 @@ class ConceptTranslationModule(nn.Module):
         Returns:
             (B, N, out_dim) prompt embeddings in the CTM's dtype.
         """
-        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
+        # Skipped under TorchScript tracing, where shapes are tensors and the check only warns.
+        if not torch.jit.is_tracing() and (hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size):
             raise InputError(
                 f"hidden: expected (B, T, {self.config.hidden_size}), got {tuple(hidden.shape)}"
             )
