@@ -169,13 +169,13 @@ def load_checkpoint(
     ctm = ConceptTranslationModule(ctm_cfg)
     _load_strict(ctm, ctm_weights, f"{path / WEIGHTS_NAME} (CTM)")
     with no_init_weights():  # every parameter is overwritten below; skip the random init
-        policy = AutoModelForImageTextToText.from_config(policy_cfg)
+        policy = AutoModelForImageTextToText.from_config(policy_cfg, **({"dtype": dtype} if dtype else {}))
     policy.tie_weights()  # no_init_weights skips the tying that init would do
     _load_strict(policy, policy_weights, f"{path / WEIGHTS_NAME} (policy)")
 
     processor = load_processor(path)
     if dtype is not None:
-        policy, ctm = policy.to(dtype), ctm.to(dtype)
+        ctm = ctm.to(dtype)
     return ConceptCheckpoint(
         policy=policy.to(device).eval(),
         ctm=ctm.to(device).eval(),
