@@ -24,7 +24,7 @@ import io
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -207,7 +207,7 @@ class Episode:
     task_name: str
     cls_name: str
     dataset_name: str
-    supports: tuple[Support, ...] = field(default=())
+    supports: tuple[Support, ...] = ()
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -329,13 +329,10 @@ class ConceptSegDataset:
         Raises:
             InputError: a file is unreadable, or the mask's size differs from the target's.
         """
-        images = [_read_image(self.root / p) for p in item.img_path]
-        mask = _read_mask(self.root / item.mask_path)
-        target = images[-1]
-        if mask.shape != target.shape[:2]:
-            raise InputError(f"{item.mask_path}: mask is {mask.shape}, target {item.img_path[-1]} is {target.shape[:2]}")
+        target, mask = self._target(item)
         supports = []
-        for j, image in enumerate(images[:-1]):
+        for j, rel in enumerate(item.img_path[:-1]):
+            image = _read_image(self.root / rel)
             h, w = image.shape[:2]
             box = box_from_fractions(item.ref_box[j], w, h) if item.ref_box else None
             supports.append(Support(image, box))
@@ -362,11 +359,18 @@ class ConceptSegDataset:
         return build_meta_episode(episode.image, episode.mask, episode.query, supports)
 
     def _support(self, item: MetaItem) -> Support:
+        image, mask = self._target(item)
+        return Support(image, box_from_mask(mask), mask)
+
+    def _target(self, item: MetaItem) -> tuple[np.ndarray, np.ndarray]:
         image = _read_image(self.root / item.img_path[-1])
         mask = _read_mask(self.root / item.mask_path)
         if mask.shape != image.shape[:2]:
-            raise InputError(f"{item.mask_path}: mask is {mask.shape}, image {item.img_path[-1]} is {image.shape[:2]}")
-        return Support(image, box_from_mask(mask), mask)
+            raise InputError(
+                f"{self.root / item.mask_path}: mask is {mask.shape[::-1]} px but its target image is "
+                f"{image.shape[1::-1]} px"
+            )
+        return image, mask
 
 
 def _open(path: Path) -> Image.Image:

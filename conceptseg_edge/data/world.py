@@ -145,6 +145,8 @@ class ConceptWorld:
             raise InputError(f"image_size: at least 32 pixels, got {image_size}")
         if n_supports < 0:
             raise InputError(f"n_supports: must be >= 0, got {n_supports}")
+        if not 0.0 <= rare_rate <= 1.0:
+            raise InputError(f"rare_rate: expected [0, 1], got {rare_rate}")
         self.seed = seed
         self.size = image_size
         self.n_supports = n_supports
