@@ -10,8 +10,9 @@
 - ``ref_box`` (optional): one ``[x1, y1, x2, y2]`` per support, as fractions of its width/height.
 
 Any root with that file reads the same way, so the real ConceptSeg data and ConceptWorld plug in
-alike. Unknown item keys are ignored. Reading checks every field and (by default) that every file
-exists, and names the item and field at fault. Writing is atomic per file, ``all_meta.json`` last,
+alike. Leniencies: unknown item keys are ignored, a single-string ``img_path`` reads as a list of
+one, and ``ref_box`` on a single-image item is kept but unused. Reading checks every field and (by
+default) that every file exists, and names the item and field at fault. Writing is atomic per file, ``all_meta.json`` last,
 so a crashed write never leaves a meta file pointing at missing images.
 
 Box fractions are pixel *edges*: an inclusive pixel box ``(x1, y1, x2, y2)`` in a W x H image is
@@ -137,6 +138,8 @@ class MetaItem:
     @classmethod
     def from_json(cls, data: Any, where: str) -> MetaItem:
         """Validate one item; ``where`` (e.g. ``train/cat[3]``) leads every error message.
+
+        A single-string ``img_path`` is taken as a list of one.
 
         Raises:
             InputError: a required field is missing or of the wrong type, a path is absolute, or

@@ -1,7 +1,7 @@
 """ConceptWorld: a seeded generator of concept-segmentation episodes at all three concept levels.
 
-Real ConceptSeg data is large and licence-bound; ConceptWorld stands in for it in tests, smoke
-training and demos, in the same layout (``data.meta``), so every tool runs on both unchanged.
+ConceptWorld stands in for the real ConceptSeg data in tests, smoke training and demos. It writes
+the same layout (``data.meta``), so every tool runs on both unchanged.
 
 - CI, appearance alone: shape, colour+shape and texture+shape classes ("triangle", "red circle",
   "striped square"), plus rare classes ("star", "cross", "orange ring") that appear seldom.
@@ -131,7 +131,10 @@ class _Obj:
 
 
 class ConceptWorld:
-    """Deterministic episodes: ``ConceptWorld(seed).episode(i)`` is the same on every call and machine.
+    """Deterministic episodes: ``ConceptWorld(seed).episode(i)`` is the same on every call.
+
+    Across machines too, up to last-bit differences in numpy's transcendental functions, which can
+    move an edge pixel where a shape boundary is exactly on a pixel centre.
 
     Args:
         seed: world seed.
@@ -141,6 +144,8 @@ class ConceptWorld:
     """
 
     def __init__(self, seed: int = 0, image_size: int = 256, n_supports: int = 4, rare_rate: float = 0.05) -> None:
+        if seed < 0:
+            raise InputError(f"seed: must be >= 0, got {seed}")
         if image_size < 32:
             raise InputError(f"image_size: at least 32 pixels, got {image_size}")
         if n_supports < 0:
