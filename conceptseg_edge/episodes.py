@@ -134,13 +134,13 @@ def choose_supports(n_pool: int, exclude: int | None, rng: np.random.Generator) 
 
 
 def build_meta_episode(
-    target: np.ndarray, target_mask: np.ndarray, query: str, supports: Sequence[Support]
+    target: np.ndarray, target_mask: np.ndarray | None, query: str, supports: Sequence[Support]
 ) -> MetaEpisode:
     """Lay out one episode for the policy.
 
     Args:
         target: (H, W, 3) uint8 target image, any size.
-        target_mask: (H, W) bool ground truth for the target.
+        target_mask: (H, W) bool ground truth for the target; None at inference (no ground truth).
         query: concept phrase (CI), canonical task query (CD) or problem text (CR).
         supports: 0 to 4 supports; with one it fills the frame, with more they are tiled.
 
@@ -148,6 +148,8 @@ def build_meta_episode(
         InputError: bad shapes, an empty query, or more than four supports.
     """
     _check_image(target, "target")
+    if target_mask is None:
+        target_mask = np.zeros(target.shape[:2], bool)
     target_mask = np.asarray(target_mask)
     if target_mask.shape != target.shape[:2]:
         raise InputError(f"target_mask: shape {target_mask.shape} differs from target {target.shape[:2]}")

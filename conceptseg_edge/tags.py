@@ -48,7 +48,7 @@ _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
-class PolicyOutput:
+class ParsedCompletion:
     """One parsed completion; boxes are inclusive pixel corners in the policy frame."""
 
     think: str | None
@@ -104,12 +104,12 @@ def is_well_formed(text: str, has_hidden_box: bool) -> bool:
     return False
 
 
-def parse_output(text: str, *, has_hidden_box: bool = False, size: int = FRAME_SIZE) -> PolicyOutput:
+def parse_output(text: str, *, has_hidden_box: bool = False, size: int = FRAME_SIZE) -> ParsedCompletion:
     """Parse a completion without ever raising; see the module docstring for the fallbacks."""
     if not isinstance(text, str):
         text = ""
     fields = {tag: _extract(text, tag) for tag in TAGS}
-    return PolicyOutput(
+    return ParsedCompletion(
         think=fields["think"],
         rule=fields["rule"],
         check=parse_box(fields["check"], size),

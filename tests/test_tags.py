@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.tags import PolicyOutput, format_output, is_well_formed, parse_output, template
+from conceptseg_edge.tags import ParsedCompletion, format_output, is_well_formed, parse_output, template
 
 WITH_CHECK = (
     "<think>the examples are all striped squares</think> <rule>striped square</rule> "
@@ -24,7 +24,7 @@ def test_round_trip_with_check() -> None:
     )
     assert text == WITH_CHECK
     out = parse_output(text, has_hidden_box=True)
-    assert out == PolicyOutput(
+    assert out == ParsedCompletion(
         think="the examples are all striped squares",
         rule="striped square",
         check=(10, 20, 110, 120),
@@ -116,7 +116,7 @@ def test_tolerant_parse_fallbacks(
 
 def test_parse_never_raises_on_non_strings() -> None:
     out = parse_output(None)  # type: ignore[arg-type]
-    assert out == PolicyOutput(None, None, None, None, None, False)
+    assert out == ParsedCompletion(None, None, None, None, None, False)
 
 
 def test_parse_clips_to_the_given_frame() -> None:

@@ -59,6 +59,7 @@ class BackboneSpec:
     config: str = field(metadata={"help": "SAM2 config name, e.g. sam2.1_hiera_t, or a custom config path"})
     checkpoint: str | None = field(default=None, metadata={"help": "path of the SAM2 weights"})
     sha256: str | None = field(default=None, metadata={"help": "sha256 of the SAM2 weights file"})
+    image_size: int = field(default=1024, metadata={"help": "SAM2 input resolution the CTM was trained at"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, str) or not self.config:
