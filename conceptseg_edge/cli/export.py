@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sam2 = kinds.add_parser("sam2", help="SAM 2.1 image encoder + prompt/concept decoder")
     sam2.add_argument("--config", default="sam2.1_hiera_t",
-                      choices=["sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"])
+                      help="sam2.1_hiera_t, sam2.1_hiera_s, sam2.1_hiera_b+, sam2.1_hiera_l (or a registered variant)")
     sam2.add_argument("--checkpoint", default=None, help="official SAM 2.1 .pt (random init without it)")
     sam2.add_argument("--out", required=True, help="bundle directory to write")
     sam2.add_argument("--opset", type=int, default=17)

@@ -25,12 +25,14 @@ from torch import nn
 
 from conceptseg_edge.errors import CheckpointError, InputError
 
-# The official SAM 2.1 configs shipped inside the sam2 package, by the names the CLI accepts.
-SAM2_CONFIGS = {
-    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
+# SAM2 variants by the names the CLI and checkpoints use: a config inside the sam2 package plus Hydra
+# overrides. The four official SAM 2.1 sizes take none; smaller variants (the embedded default's
+# backbone) are the same sam2 modules with narrower, shallower settings.
+SAM2_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sam2.1_hiera_t": ("configs/sam2.1/sam2.1_hiera_t.yaml", ()),
+    "sam2.1_hiera_s": ("configs/sam2.1/sam2.1_hiera_s.yaml", ()),
+    "sam2.1_hiera_b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", ()),
+    "sam2.1_hiera_l": ("configs/sam2.1/sam2.1_hiera_l.yaml", ()),
 }
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -65,7 +67,7 @@ def build_sam2_model(
     """Build a SAM 2.1 model on CPU in eval mode, optionally loading an official checkpoint.
 
     Args:
-        config: one of ``SAM2_CONFIGS`` or a config path inside the sam2 package.
+        config: a name in ``SAM2_CONFIGS``.
         checkpoint: an official ``.pt`` whose ``model`` entry is the state dict; loaded with
             ``weights_only=True`` because checkpoints are untrusted input. ``None`` = random init.
         image_size: the square input resolution (SAM 2.1 is trained at 1024; smaller sizes trade
@@ -78,7 +80,9 @@ def build_sam2_model(
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    config_file = SAM2_CONFIGS.get(config, config)
+    if config not in SAM2_CONFIGS:
+        raise InputError(f"--config {config}: unknown SAM2 variant (known: {', '.join(SAM2_CONFIGS)})")
+    config_file, variant_overrides = SAM2_CONFIGS[config]
     if image_size % 64:
         raise InputError(f"--image-size {image_size}: must be a multiple of 64 (16x backbone stride x 4)")
     # apply_postprocessing=True's decoder flags, so eager single-mask calls match the runtime.
@@ -87,6 +91,7 @@ def build_sam2_model(
         "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
         f"++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta={STABILITY_DELTA}",
         f"++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh={STABILITY_THRESH}",
+        *variant_overrides,
         *(overrides or []),
     ]
     if not GlobalHydra.instance().is_initialized():
