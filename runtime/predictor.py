@@ -40,6 +40,7 @@ class Prediction:
 
     ``mask``: (H, W) bool; ``score``: the decoder's predicted IoU of the chosen mask;
     ``object_score``: sigmoid of the object-score logit (the presence score the router uses);
+    ``object_score_logit``: the logit itself, what ``accept_shortcut`` takes;
     ``timings``: milliseconds per stage of this prediction.
     """
 
@@ -48,6 +49,7 @@ class Prediction:
     object_score: float
     mask_index: int
     low_res_logits: np.ndarray
+    object_score_logit: float = 0.0
     route: str = "prompt"
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -170,4 +172,5 @@ class SAM2Predictor:
             object_score=float(1.0 / (1.0 + np.exp(-obj))),
             mask_index=chosen,
             low_res_logits=logits,
+            object_score_logit=obj,
         )
