@@ -113,3 +113,20 @@ def sam2_decoder_spec(image_size: int) -> PartSpec:
         forbidden_ops=frozenset({"OneHot", "Tile", "Resize", "NonZero", "Greater", "Less"}),
         min_mask_iou=MASK_IOU_FLOOR,
     )
+
+
+@register_part("ctm")
+def ctm_spec(hidden_size: int, num_queries: int = 8) -> PartSpec:
+    """Concept Translation Module: completion hidden states (any length) → concept tokens.
+
+    Batch 1: the CTM has no padding mask (as the paper), so completions of different lengths cannot
+    share a batch without changing the result.
+    """
+    return PartSpec(
+        name="ctm",
+        file="ctm.onnx",
+        inputs=(TensorSpec("hidden_states", "float32", (1, "completion_len", hidden_size)),),
+        outputs=(TensorSpec("concept_tokens", "float32", (1, num_queries, 256)),),
+        atol={"concept_tokens": FEATURE_ATOL},
+        forbidden_ops=frozenset({"OneHot", "NonZero"}),
+    )

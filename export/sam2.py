@@ -1,25 +1,20 @@
 """``export sam2``: a SAM 2.1 checkpoint → a bundle with the encoder and decoder graphs.
 
-The bundle is assembled in a hidden staging directory beside ``out`` and renamed into place only once
-every part has passed parity, so a failed export leaves nothing behind and never half-overwrites an
-existing bundle.
+The bundle is assembled in a staging directory and renamed into place only once every part has
+passed parity (``export.bundle.staged_bundle``).
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.errors import InputError
-from conceptseg_edge.fileio import make_dir_like_mkdir
+from conceptseg_edge.export.bundle import staged_bundle
 from conceptseg_edge.manifest import (
-    MANIFEST_NAME,
     BundleManifest,
     Preprocessing,
     SourceInfo,
@@ -77,87 +72,63 @@ def _decoder_cases(features: dict[str, np.ndarray], image_size: int, seed: int =
     ]
 
 
-def export_sam2(cfg: SAM2ExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
-    """Export SAM2 to ``out`` as a validated bundle and return its manifest."""
+def export_sam2_parts(cfg: SAM2ExportConfig, staging: Path, steps: tqdm | None = None):
+    """Export and validate the encoder and decoder into ``staging``.
+
+    Returns ``(parts, source, preprocessing)`` for the manifest; the concept export reuses this.
+    """
     import torch
 
-    from conceptseg_edge.models.sam2 import (
-        SAM2ImageEncoder,
-        SAM2PromptDecoder,
-        SAM2Reference,
-        build_sam2_model,
-    )
+    from conceptseg_edge.models.sam2 import SAM2ImageEncoder, SAM2PromptDecoder, SAM2Reference, build_sam2_model
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise InputError(f"--out {out}: exists and is not a bundle; refusing to replace it")
-    steps = tqdm(total=5, desc=f"export {cfg.config}", disable=not progress, unit="step")
     loaded = build_sam2_model(cfg.config, cfg.checkpoint, cfg.image_size)
     if loaded.random_init:
         print(random_init_banner(cfg.config), file=sys.stderr)
     sam = loaded.model
     reference = SAM2Reference(sam)
-    steps.update()
+    rng = np.random.default_rng(0)
+    image = reference.preprocess((rng.random((480, 640, 3)) * 255).astype(np.uint8)).numpy()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    make_dir_like_mkdir(staging)
-    try:
-        rng = np.random.default_rng(0)
-        image = reference.preprocess((rng.random((480, 640, 3)) * 255).astype(np.uint8)).numpy()
+    def encoder_ref(feeds):
+        return {k: v.numpy() for k, v in reference.features(torch.from_numpy(feeds["image"])).items()}
 
-        def encoder_ref(feeds):
-            return {k: v.numpy() for k, v in reference.features(torch.from_numpy(feeds["image"])).items()}
-
-        steps.set_postfix_str("encoder")
-        encoder = export_and_validate(
-            SAM2ImageEncoder(sam).eval(), sam2_encoder_spec(cfg.image_size), [{"image": image}],
-            encoder_ref, REFERENCE_NAME, staging, cfg.opset,
+    def decoder_ref(feeds):
+        feats = {k: torch.from_numpy(feeds[k]) for k in features}
+        mask = torch.from_numpy(feeds["mask_input"]) if feeds["has_mask_input"].any() else None
+        masks, iou, obj = reference.decode_all(
+            feats,
+            torch.from_numpy(feeds["point_coords"]),
+            torch.from_numpy(feeds["point_labels"]),
+            torch.from_numpy(feeds["concept_tokens"]),
+            mask,
         )
-        steps.update(2)
+        return {"low_res_masks": masks.numpy(), "iou_predictions": iou.numpy(), "object_score_logits": obj.numpy()}
 
-        features = encoder_ref({"image": image})
-
-        def decoder_ref(feeds):
-            feats = {k: torch.from_numpy(feeds[k]) for k in features}
-            mask = torch.from_numpy(feeds["mask_input"]) if feeds["has_mask_input"].any() else None
-            masks, iou, obj = reference.decode_all(
-                feats,
-                torch.from_numpy(feeds["point_coords"]),
-                torch.from_numpy(feeds["point_labels"]),
-                torch.from_numpy(feeds["concept_tokens"]),
-                mask,
-            )
-            return {"low_res_masks": masks.numpy(), "iou_predictions": iou.numpy(), "object_score_logits": obj.numpy()}
-
-        steps.set_postfix_str("decoder")
-        decoder = export_and_validate(
-            SAM2PromptDecoder(sam).eval(), sam2_decoder_spec(cfg.image_size),
-            _decoder_cases(features, cfg.image_size), decoder_ref, REFERENCE_NAME, staging, cfg.opset,
-        )
+    if steps is not None:
+        steps.set_postfix_str("sam2 encoder")
+    encoder = export_and_validate(
+        SAM2ImageEncoder(sam).eval(), sam2_encoder_spec(cfg.image_size), [{"image": image}],
+        encoder_ref, REFERENCE_NAME, staging, cfg.opset,
+    )
+    features = encoder_ref({"image": image})
+    if steps is not None:
         steps.update()
-
-        manifest = BundleManifest(
-            source=SourceInfo(model=cfg.config, checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256),
-            preprocessing=Preprocessing(image_size=cfg.image_size, low_res_size=cfg.image_size // 4),
-            parts={"sam2_encoder": encoder, "sam2_decoder": decoder},
-            routes=("prompt",),
-        )
-        write_manifest(staging, manifest)
-        _replace_dir(staging, out)
+        steps.set_postfix_str("sam2 decoder")
+    decoder = export_and_validate(
+        SAM2PromptDecoder(sam).eval(), sam2_decoder_spec(cfg.image_size),
+        _decoder_cases(features, cfg.image_size), decoder_ref, REFERENCE_NAME, staging, cfg.opset,
+    )
+    if steps is not None:
         steps.update()
-    finally:
-        steps.close()
-        shutil.rmtree(staging, ignore_errors=True)
+    source = SourceInfo(model=cfg.config, checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256)
+    preprocessing = Preprocessing(image_size=cfg.image_size, low_res_size=cfg.image_size // 4)
+    return {"sam2_encoder": encoder, "sam2_decoder": decoder}, source, preprocessing
+
+
+def export_sam2(cfg: SAM2ExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
+    """Export SAM2 to ``out`` as a validated bundle (prompt route) and return its manifest."""
+    with tqdm(total=3, desc=f"export {cfg.config}", disable=not progress, unit="step") as steps, staged_bundle(out) as staging:
+        parts, source, preprocessing = export_sam2_parts(cfg, staging, steps)
+        write_manifest(staging, BundleManifest(source=source, preprocessing=preprocessing, parts=parts, routes=("prompt",)))
+        steps.update()
     return read_manifest(out)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished bundle into place; an existing ``dst`` is swapped out, then removed."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{src.name[-8:]}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
