@@ -131,6 +131,8 @@ class SourceInfo:
     model: str
     checkpoint: str | None
     checkpoint_sha256: str | None
+    backbone_checkpoint: str | None = None  # concept bundles: the SAM2 weights beside the policy/CTM
+    backbone_sha256: str | None = None
 
     @property
     def random_init(self) -> bool:
@@ -197,6 +199,7 @@ class BundleManifest:
     routes: tuple[str, ...] = ("prompt",)
     router: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # extra files (tokenizer, ...) → sha256
+    route_parity: dict[str, dict[str, Any]] = field(default_factory=dict)  # route → runtime vs torch pipeline
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -217,6 +220,7 @@ class BundleManifest:
             "router": self.router,
             "parts": {name: part.to_dict() for name, part in self.parts.items()},
             "files": self.files,
+            "route_parity": self.route_parity,
             "versions": self.versions,
         }
 
@@ -240,6 +244,7 @@ class BundleManifest:
             router=dict(data.get("router", {})),
             parts={name: PartManifest.from_dict(p, f"{where}.parts.{name}") for name, p in parts.items()},
             files=dict(data.get("files", {})),
+            route_parity=dict(data.get("route_parity", {})),
             versions=dict(data.get("versions", {})),
         )
 

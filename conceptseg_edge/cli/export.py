@@ -19,6 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sam2.add_argument("--image-size", type=int, default=1024)
     sam2.set_defaults(func=_export_sam2)
 
+    concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
+    concept.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
+    concept.add_argument("--out", required=True, help="bundle directory to write")
+    concept.add_argument("--policy-precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    concept.add_argument("--opset", type=int, default=17)
+    concept.set_defaults(func=_export_concept)
+
 
 def _export_sam2(args: argparse.Namespace) -> int:
     from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
@@ -29,4 +36,18 @@ def _export_sam2(args: argparse.Namespace) -> int:
     )
     parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
     print(json.dumps({"bundle": args.out, "random_init": manifest.source.random_init, "parity": parity}, indent=2))
+    return 0
+
+
+def _export_concept(args: argparse.Namespace) -> int:
+    from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
+
+    manifest = export_concept(ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset), args.out)
+    print(json.dumps({
+        "bundle": args.out,
+        "routes": list(manifest.routes),
+        "parts": {name: {"precision": p.precision, "parity": p.parity.to_dict() if p.parity else None}
+                  for name, p in manifest.parts.items()},
+        "route_parity": manifest.route_parity,
+    }, indent=2))
     return 0

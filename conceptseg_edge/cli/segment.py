@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -27,49 +29,90 @@ def box_arg(text: str) -> list[float]:
     return _floats(text, (4,), "--box")
 
 
+def support_arg(text: str) -> tuple[str, str]:
+    """``IMG:MASK``: a support image and its mask (the box shown to the policy is the mask's box)."""
+    image, sep, mask = text.rpartition(":")
+    if not sep or not image or not mask:
+        raise argparse.ArgumentTypeError(f"--support '{text}': expected IMG:MASK (a support image needs its mask)")
+    return image, mask
+
+
+def default_bank_dir() -> Path:
+    """Concept bank under the user's cache dir (XDG), never the working directory."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "conceptseg-edge" / "bank"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("segment", help="segment one image from a bundle (torch-free)")
     parser.add_argument("bundle")
     parser.add_argument("image")
     parser.add_argument("--point", type=point_arg, action="append", default=[], metavar="X,Y[,LABEL]")
     parser.add_argument("--box", type=box_arg, default=None, metavar="X0,Y0,X1,Y1")
+    parser.add_argument("--concept", default=None, help="concept phrase or question (shortcut / reason routes)")
+    parser.add_argument("--support", type=support_arg, action="append", default=[], metavar="IMG:MASK",
+                        help="support image with its mask (up to 4), shown to the policy as a mosaic")
+    parser.add_argument("--route", default="auto", help="auto (router decides), prompt, shortcut or reason")
     parser.add_argument("--out", required=True, help="mask PNG (0/255)")
     parser.add_argument("--overlay", default=None, help="also write the mask tinted over the image")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    parser.add_argument("--json", action="store_true", help="print scores, route and per-stage ms as JSON")
+    parser.add_argument("--bank", default=None, help=f"concept bank directory (default {default_bank_dir()})")
+    parser.add_argument("--no-bank", action="store_true", help="do not read or write the concept bank")
+    parser.add_argument("--json", action="store_true", help="print route, scores and per-stage ms as JSON")
     parser.set_defaults(func=_segment)
+
+
+def load_supports(pairs: list[tuple[str, str]]):
+    """Support images with their masks → ``Support``s (box = the mask's tight box)."""
+    from conceptseg_edge.episodes import Support, box_from_mask
+    from conceptseg_edge.errors import InputError
+    from conceptseg_edge.preprocess import load_image
+
+    supports = []
+    for image_path, mask_path in pairs:
+        image = load_image(image_path)
+        mask = load_image(mask_path)[..., 0] > 127
+        if mask.shape != image.shape[:2]:
+            raise InputError(f"--support {image_path}:{mask_path}: mask {mask.shape[::-1]} and image {image.shape[1::-1]} differ in size")
+        supports.append(Support(image, box_from_mask(mask), mask))
+    return supports
 
 
 def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.preprocess import load_image, make_prompts
-    from conceptseg_edge.runtime.predictor import SAM2Predictor
+    from conceptseg_edge.runtime.segmenter import ConceptSegmenter
     from conceptseg_edge.visualize import overlay, save_png
 
     image = load_image(args.image)
-    predictor = SAM2Predictor.from_bundle(args.bundle, provider=args.provider)
     points = [p[:2] for p in args.point] or None
     labels = [int(p[2]) if len(p) == 3 else 1 for p in args.point] or None
-    prompts = make_prompts(points, labels, args.box, image.shape[:2])  # fail fast, before the encoder
-    if prompts.empty:
-        raise InputError("no prompt: give --point X,Y and/or --box X0,Y0,X1,Y1")
-    predictor.set_image(image)
-    result = predictor.predict(points=points, labels=labels, box=args.box)
+    prompts = make_prompts(points, labels, args.box, image.shape[:2])  # fail fast, before any engine
+    if prompts.empty and not (args.concept and args.concept.strip()):
+        raise InputError("no prompt: give --point X,Y, --box X0,Y0,X1,Y1 or --concept TEXT")
+    supports = load_supports(args.support)
+    bank = None if args.no_bank else (args.bank or default_bank_dir())
+    segmenter = ConceptSegmenter.from_bundle(args.bundle, provider=args.provider, bank_dir=bank)
+    result = segmenter.segment(image, query=args.concept, points=points, labels=labels, box=args.box,
+                               supports=supports, route=args.route)
     save_png(args.out, result.mask)
     if args.overlay:
-        save_png(args.overlay, overlay(image, result.mask, prompts))
+        shown = prompts if result.box is None else make_prompts(None, None, result.box, image.shape[:2])
+        save_png(args.overlay, overlay(image, result.mask, shown))
     report = {
         "route": result.route,
+        "reason": result.reason,
         "mask": args.out,
         "score": round(result.score, 4),
         "object_score": round(result.object_score, 4),
-        "mask_index": result.mask_index,
         "area_fraction": round(float(result.mask.mean()), 4),
+        "box": result.box,
+        "completion": result.completion,
+        "bank_hit": result.bank_hit,
         "timings_ms": {k: round(v, 2) for k, v in result.timings.items()} | {"total": round(sum(result.timings.values()), 2)},
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.out}: route {result.route}, score {result.score:.3f}, "
+        print(f"{args.out}: route {result.route} ({result.reason}), score {result.score:.3f}, "
               f"{100 * report['area_fraction']:.1f}% of the image, {report['timings_ms']['total']:.0f} ms", file=sys.stderr)
     return 0
