@@ -110,6 +110,11 @@ class ConceptSegmenter:
 
     # ------------------------------------------------------------------ image state
 
+    def reset(self) -> None:
+        """Forget the cached image features (the next request re-runs the encoder)."""
+        self._image_key = None
+        self.predictor.reset()
+
     def _set_image(self, image: np.ndarray) -> dict[str, float]:
         """Encode ``image`` unless it is the one already held; returns this call's image stage ms."""
         key = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.shape).encode()[:16]).hexdigest()
