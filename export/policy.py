@@ -1,0 +1,605 @@
+"""Qwen2.5-VL policy → the three graphs ONNX Runtime GenAI uses, each validated against torch.
+
+Graphs (IO names come from the ``PartSpec``s below; batch is 1 everywhere, as in ``PolicyWrapper``):
+
+* ``policy_vision``: ``pixel_values`` (num_patches, 1176) float32 + ``image_grid_thw`` (1, 3) int64
+  → ``image_embeds`` (num_patches / 4, d). **One image per call**, any size: the window-attention
+  order, the 2-D rotary positions and the window masks are computed *inside* the graph from the grid
+  with plain tensor ops (Range, integer div/mod, TopK as argsort, Equal/Where), so the tracer records
+  them as dynamic and no index bookkeeping leaks into the runtime. This was chosen over feeding
+  precomputed indices (which would make the runtime depend on the vision config's ``window_size``,
+  stored nowhere in the processor files) and over fixing the grid to 600x600 (support mosaics and
+  other ``max_pixels`` would need another graph). Window attention runs as full attention with an
+  additive block mask, which is exact (masked weights are exactly 0 after softmax) but spends
+  O(N^2) instead of O(N * window) on the windowed layers; the full-attention layers are O(N^2) anyway.
+  Images only (grid t = 1); video is out of scope.
+* ``policy_embed``: ``input_ids`` (1, S) int64 → ``inputs_embeds`` (1, S, d).
+* ``policy_decoder``: ``inputs_embeds`` (1, S, d), ``position_ids`` (3, 1, S) int64 (M-RoPE),
+  ``attention_mask`` (1, past + S) int64, ``past_key_values.{i}.key|value`` (1, kv_heads, past, head_dim)
+  with past >= 0 → ``logits`` (1, S, vocab), ``last_hidden_state`` (1, S, d) after the final RMSNorm
+  (what the CTM consumes), ``present.{i}.key|value`` (1, kv_heads, past + S, head_dim). The attention
+  loop is written out over the HF modules' own weights (projections, norms, MLPs, the rotary module),
+  with the cache as plain tensors and the causal + padding mask built in the graph: transformers 5's
+  ``Cache`` objects and mask factories are not traceable as graph inputs, and hiding them would risk
+  baking a trace-time mask decision into the graph. Sliding-window attention is refused (Qwen2.5-VL
+  does not use it).
+
+Validation (all graphs, fp32): ONNX Runtime vs the transformers modules on fixed cases that cover
+the dynamic axes (images of several aspect ratios; prefill with past = 0, one-token decode, a chunk
+after a past with a padding hole, 3-axis positions). Tolerances and why are next to the constants.
+
+Quantized decoders (``precision="int8" | "int4"``; vision and embedding stay fp32, see
+``QUANTIZED_PARTS``): INT8 is ``quantize_dynamic`` (int8 weights, per-channel, MatMul/Gemm only,
+activations quantized at run time); INT4 is weight-only ``MatMulNBitsQuantizer`` (RTN, symmetric,
+block 32). A quantized graph cannot meet an fp32 atol, so its ``ParityReport`` holds two distances
+against torch on teacher-forced greedy completions (see ``quantized_parity``):
+``greedy_token_disagreement`` = 1 - top-1 agreement with torch's greedy tokens, and
+``hidden_cosine_distance`` = 1 - the mean per-row cosine of the CTM's hidden states; their ``atol`` are
+the ceilings 1 - floor. (``ParityReport`` has no fields for agreement metrics; distances keep its
+``diff <= atol`` reading valid.)
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conceptseg_edge.errors import ExportParityError, InputError
+from conceptseg_edge.export.onnx_export import check_parity, export_part, graph_op_types
+from conceptseg_edge.export.parts import PartSpec, register_part
+from conceptseg_edge.fileio import atomic_path, sha256_file
+from conceptseg_edge.manifest import ParityReport, PartManifest, TensorSpec
+
+PRECISIONS = ("fp32", "int8", "int4")
+#: Parts a ``precision`` other than fp32 applies to. The vision tower runs once per image (compute-
+#: bound, and known to drift under reduced precision: see deployment-notes), and the embedding is a
+#: Gather that MatMul-only quantizers do not touch; the decoder is where per-token weight traffic is.
+QUANTIZED_PARTS = frozenset({"policy_decoder"})
+REFERENCE_NAME = "transformers Qwen2_5_VLForConditionalGeneration modules, torch eager fp32"
+INT4_BLOCK_SIZE = 32  # the tiny test model's hidden size is 128; 32 divides every K down to tiny sizes
+
+# fp32 tolerances. The graphs are float32 like the eager modules, so differences come only from
+# kernel choice and summation order: measured ~2e-7 on image embeddings and ~1e-6 on decoder states
+# of the tiny model. Post-norm states and KV entries are of order 1, so 1e-3 leaves ~1000x margin
+# while any real export bug (a wrong rotary section, a dropped mask, a transposed head) moves them
+# by 1e-2 or more. Logits of a trained model reach ~30, hence 1e-2. The embedding graph is a Gather:
+# it must be bit-exact.
+FEATURE_ATOL = 1e-3
+LOGIT_ATOL = 1e-2
+EMBED_ATOL = 0.0
+
+# Quantized floors (agreement >= floor, mean cosine >= floor), measured on teacher-forced greedy
+# completions of a peaked (briefly trained) tiny model; see tests/test_export_policy.py for numbers.
+# INT8 with per-channel weights keeps top-1 decisions almost everywhere; INT4 RTN (block 32) loses
+# more on a model whose weights were never trained for it. The floors sit below the measurements with
+# margin for other seeds, and far above what a broken graph gives (agreement ~ 1/vocab, cosine ~ 0).
+QUANT_FLOORS: dict[str, dict[str, float]] = {
+    "int8": {"greedy_token_agreement": 0.95, "hidden_cosine": 0.995},
+    "int4": {"greedy_token_agreement": 0.85, "hidden_cosine": 0.97},
+}
+QUANT_PARITY_TOKENS = 32
+FORBIDDEN = frozenset({"OneHot", "NonZero"})
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@register_part("policy_vision")
+def policy_vision_spec(hidden_size: int, patch_dim: int = 1176) -> PartSpec:
+    """One image's patches (the processor's ``pixel_values``) + its grid → merged image embeddings."""
+    return PartSpec(
+        name="policy_vision",
+        file="policy_vision.onnx",
+        inputs=(
+            TensorSpec("pixel_values", "float32", ("num_patches", patch_dim)),
+            TensorSpec("image_grid_thw", "int64", (1, 3)),
+        ),
+        outputs=(TensorSpec("image_embeds", "float32", ("num_image_tokens", hidden_size)),),
+        atol={"image_embeds": FEATURE_ATOL},
+        forbidden_ops=FORBIDDEN,
+    )
+
+
+@register_part("policy_embed")
+def policy_embed_spec(hidden_size: int) -> PartSpec:
+    """Token ids → input embeddings (the decoder's ``embed_tokens``)."""
+    return PartSpec(
+        name="policy_embed",
+        file="policy_embed.onnx",
+        inputs=(TensorSpec("input_ids", "int64", (1, "sequence")),),
+        outputs=(TensorSpec("inputs_embeds", "float32", (1, "sequence", hidden_size)),),
+        atol={"inputs_embeds": EMBED_ATOL},
+        forbidden_ops=FORBIDDEN,
+    )
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """``{prefix}.{i}.key``, ``{prefix}.{i}.value`` for every layer, in graph order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+@register_part("policy_decoder")
+def policy_decoder_spec(
+    hidden_size: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    precision: str = "fp32",
+) -> PartSpec:
+    """The language model + LM head with an explicit KV cache; ``atol`` depends on ``precision``."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision: {precision!r}, expected one of {PRECISIONS}")
+    kv = (1, num_kv_heads)
+    if precision == "fp32":
+        atol = {"logits": LOGIT_ATOL, "last_hidden_state": FEATURE_ATOL}
+        atol |= {name: FEATURE_ATOL for name in kv_names(num_layers, "present")}
+    else:
+        floors = QUANT_FLOORS[precision]
+        atol = {
+            "greedy_token_disagreement": 1.0 - floors["greedy_token_agreement"],
+            "hidden_cosine_distance": 1.0 - floors["hidden_cosine"],
+        }
+    return PartSpec(
+        name="policy_decoder",
+        file="policy_decoder.onnx",
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", (1, "sequence", hidden_size)),
+            TensorSpec("position_ids", "int64", (3, 1, "sequence")),
+            TensorSpec("attention_mask", "int64", (1, "total_sequence")),
+            *(TensorSpec(n, "float32", (*kv, "past_sequence", head_dim)) for n in kv_names(num_layers, "past_key_values")),
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", (1, "sequence", vocab_size)),
+            TensorSpec("last_hidden_state", "float32", (1, "sequence", hidden_size)),
+            *(TensorSpec(n, "float32", (*kv, "total_sequence", head_dim)) for n in kv_names(num_layers, "present")),
+        ),
+        atol=atol,
+        forbidden_ops=FORBIDDEN,
+    )
+
+
+# ----------------------------------------------------------------------------- graph modules
+
+
+def _modules():
+    """torch modules, defined lazily so importing this file (for the registry) needs no torch."""
+    import torch
+    from torch import nn
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        apply_rotary_pos_emb,
+        apply_rotary_pos_emb_vision,
+        repeat_kv,
+    )
+
+    neg = torch.finfo(torch.float32).min
+
+    class VisionEncoderGraph(nn.Module):
+        """Qwen2.5-VL's vision tower for one image, with the grid bookkeeping as tensor ops."""
+
+        def __init__(self, visual: nn.Module) -> None:
+            super().__init__()
+            cfg = visual.config
+            self.visual = visual
+            self.merge = cfg.spatial_merge_size
+            self.unit = self.merge**2
+            self.window = cfg.window_size // self.merge // cfg.patch_size  # merged tokens per window side
+            self.full_attention = frozenset(cfg.fullatt_block_indexes)
+
+        def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+            m, vw, unit = self.merge, self.window, self.unit
+            lw = image_grid_thw[0, 2] // m  # merged columns
+            n = pixel_values.shape[0] // unit  # merged tokens (t = 1)
+            idx = torch.arange(n, device=pixel_values.device)
+            row, col = idx // lw, idx % lw
+            windows_per_row = (lw + vw - 1) // vw
+            window_id = (row // vw) * windows_per_row + col // vw
+            # transformers' get_vision_window_index lists merged tokens window by window (windows
+            # row-major), row-major inside a window: exactly ascending order of this unique key.
+            key = window_id * (vw * vw) + (row % vw) * vw + col % vw
+            window_index = torch.argsort(key)
+            sub = torch.arange(unit, device=pixel_values.device)
+            patch_row = (row[window_index][:, None] * m + sub[None, :] // m).reshape(-1, 1)
+            patch_col = (col[window_index][:, None] * m + sub[None, :] % m).reshape(-1, 1)
+            inv_freq = self.visual.rotary_pos_emb.inv_freq
+            freqs = torch.cat([patch_row.float() * inv_freq, patch_col.float() * inv_freq], dim=-1)
+            freqs = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = freqs.cos(), freqs.sin()
+            patch_window = window_id[window_index][:, None].expand(-1, unit).reshape(-1)
+            window_bias = torch.where(patch_window[:, None] == patch_window[None, :], 0.0, neg)
+
+            x = self.visual.patch_embed(pixel_values)
+            d = x.shape[-1]
+            x = x.reshape(-1, unit, d)[window_index].reshape(-1, d)
+            for i, block in enumerate(self.visual.blocks):
+                bias = None if i in self.full_attention else window_bias
+                x = x + self._attention(block.attn, block.norm1(x), cos, sin, bias)
+                x = x + block.mlp(block.norm2(x))
+            merged = self.visual.merger(x)
+            return merged[torch.argsort(window_index)]
+
+        @staticmethod
+        def _attention(attn, x, cos, sin, bias):
+            n = x.shape[0]
+            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
+            if bias is not None:
+                scores = scores + bias
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            return attn.proj(torch.matmul(weights, v).transpose(0, 1).reshape(n, -1))
+
+    class EmbedGraph(nn.Module):
+        def __init__(self, embed_tokens: nn.Module) -> None:
+            super().__init__()
+            self.embed_tokens = embed_tokens
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.embed_tokens(input_ids)
+
+    class DecoderGraph(nn.Module):
+        """Language model + LM head over explicit past/present tensors (batch 1)."""
+
+        def __init__(self, language_model: nn.Module, lm_head: nn.Module) -> None:
+            super().__init__()
+            cfg = language_model.config
+            if getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (cfg.layer_types or []):
+                raise InputError("policy: sliding-window attention is not supported by the decoder export")
+            self.lm = language_model
+            self.lm_head = lm_head
+
+        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+            x = inputs_embeds
+            batch, seq = x.shape[0], x.shape[1]
+            past_len = past[0].shape[2]
+            total = attention_mask.shape[1]
+            query_pos = torch.arange(seq, device=x.device) + past_len
+            key_pos = torch.arange(total, device=x.device)
+            allowed = (key_pos[None, :] <= query_pos[:, None]) & (attention_mask[0][None, :] > 0)
+            bias = torch.where(allowed, 0.0, neg)[None, None]
+            cos, sin = self.lm.rotary_emb(x, position_ids)
+            presents = []
+            for i, layer in enumerate(self.lm.layers):
+                attn = layer.self_attn
+                h = layer.input_layernorm(x)
+                q = attn.q_proj(h).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+                k = attn.k_proj(h).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+                v = attn.v_proj(h).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                k = torch.cat([past[2 * i], k], dim=2)
+                v = torch.cat([past[2 * i + 1], v], dim=2)
+                presents += [k, v]
+                k = repeat_kv(k, attn.num_key_value_groups)
+                v = repeat_kv(v, attn.num_key_value_groups)
+                scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + bias
+                weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, seq, -1)
+                x = x + attn.o_proj(out)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            hidden = self.lm.norm(x)
+            return (self.lm_head(hidden), hidden, *presents)
+
+    return VisionEncoderGraph, EmbedGraph, DecoderGraph
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _vision_reference(model):
+    import torch
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = model.model.get_image_features(
+                torch.from_numpy(feeds["pixel_values"]), torch.from_numpy(feeds["image_grid_thw"])
+            )
+        return {"image_embeds": torch.cat(out.pooler_output, dim=0).numpy()}
+
+    return run
+
+
+def _embed_reference(model):
+    import torch
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {"inputs_embeds": model.get_input_embeddings()(torch.from_numpy(feeds["input_ids"])).numpy()}
+
+    return run
+
+
+def _decoder_reference(model, num_layers: int):
+    """transformers' own language model with a ``DynamicCache`` filled from the past feeds."""
+    import torch
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    past_names = kv_names(num_layers, "past_key_values")
+    present_names = kv_names(num_layers, "present")
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        past = [torch.from_numpy(feeds[n]) for n in past_names]
+        cache = DynamicCache(config=lm.config)
+        if past[0].shape[2] > 0:
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+        with torch.no_grad():
+            out = lm(
+                inputs_embeds=torch.from_numpy(feeds["inputs_embeds"]),
+                position_ids=torch.from_numpy(feeds["position_ids"]),
+                attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                cache=cache,
+                use_cache=True,
+            )
+            logits = model.lm_head(out.last_hidden_state)
+        result = {"logits": logits.numpy(), "last_hidden_state": out.last_hidden_state.numpy()}
+        for i in range(num_layers):
+            layer = out.cache.layers[i]
+            result[present_names[2 * i]] = layer.keys.numpy()
+            result[present_names[2 * i + 1]] = layer.values.numpy()
+        return result
+
+    return run
+
+
+# ----------------------------------------------------------------------------- parity cases
+
+
+def _vision_cases(processor) -> list[dict[str, np.ndarray]]:
+    """Images of several aspect ratios through the real processor (the first one is traced)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for h, w in ((200, 150), (90, 120), (60, 300), (600, 600)):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        feats = processor.image_processor(images=[image], return_tensors="np")
+        cases.append({"pixel_values": feats["pixel_values"].astype(np.float32),
+                      "image_grid_thw": feats["image_grid_thw"].astype(np.int64)})
+    return cases
+
+
+def _decoder_cases(cfg, num_layers: int, embed_weight: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Prefill (past 0), one-token decode, and a chunk after a past with a padding hole.
+
+    The first case (traced) has past > 0 and S > 1 so neither dim is specialised to 0 or 1.
+    Embeddings are real token rows; the past is random at unit scale like real keys/values.
+    """
+    rng = np.random.default_rng(0)
+    kv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+
+    def case(past: int, seq: int, positions: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        ids = rng.integers(0, embed_weight.shape[0], seq)
+        feeds = {
+            "inputs_embeds": embed_weight[ids][None].astype(np.float32),
+            "position_ids": positions.reshape(3, 1, seq).astype(np.int64),
+            "attention_mask": (np.ones((1, past + seq)) if mask is None else mask).astype(np.int64),
+        }
+        for name in kv_names(num_layers, "past_key_values"):
+            feeds[name] = rng.standard_normal((1, kv, past, hd)).astype(np.float32)
+        return feeds
+
+    text = lambda start, n: np.broadcast_to(np.arange(start, start + n), (3, n))  # noqa: E731
+    # 3-axis positions as after an image: t constant, (h, w) over a 2x3 grid, then text.
+    image_like = np.concatenate(
+        [text(0, 3), np.stack([np.full(6, 3), 3 + np.repeat(np.arange(2), 3), 3 + np.tile(np.arange(3), 2)]), text(6, 2)],
+        axis=1,
+    )
+    hole = np.ones((1, 6 + 4))
+    hole[0, 1] = 0
+    return [
+        case(5, 4, text(5, 4)),
+        case(0, 11, image_like),
+        case(11, 1, text(8, 1)),
+        case(6, 4, text(6, 4), hole),
+    ]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export_fp32(module, spec: PartSpec, cases, reference, path: Path, opset: int) -> ParityReport:
+    export_part(module, spec, cases[0], path, opset)
+    banned = graph_op_types(path) & spec.forbidden_ops
+    if banned:
+        raise ExportParityError(f"{spec.name}: graph contains ops {sorted(banned)} that TensorRT/serving forbid")
+    report = check_parity(spec, path, cases, reference, REFERENCE_NAME)
+    if not report.passed:
+        diffs = ", ".join(f"{n}={d:.3g} (atol {report.atol[n]:.0e})" for n, d in report.max_abs_diff.items())
+        raise ExportParityError(f"{spec.name}: ONNX Runtime disagrees with {REFERENCE_NAME}: {diffs}")
+    return report
+
+
+def quantize_decoder(src: Path, dst: Path, precision: str) -> None:
+    """Write a quantized copy of the fp32 graph ``src`` to ``dst`` atomically."""
+    with atomic_path(dst) as tmp:
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(
+                str(src),
+                str(tmp),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        elif precision == "int4":
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(
+                onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True
+            )
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
+        else:
+            raise InputError(f"precision: {precision!r} is not a quantized precision")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-12)
+
+
+def quantized_parity(
+    wrapper, policy, prompts: Sequence[tuple[Sequence[Any], str]], max_new_tokens: int = QUANT_PARITY_TOKENS
+) -> dict[str, float]:
+    """Quantized runtime vs torch on torch's greedy completions, teacher-forced.
+
+    For each (images, text): torch decodes greedily (``PolicyWrapper.generate``); the runtime
+    prefills prompt + completion[:-1] once, and we compare its top-1 token at each completion slot
+    with torch's token and its hidden state row with torch's captured row. Teacher forcing keeps one
+    early flip from cascading into a different continuation, so the numbers measure the graph, not
+    the luck of the first divergence.
+
+    Returns ``greedy_token_agreement`` (fraction of slots), ``hidden_cosine`` (mean row cosine) and
+    ``hidden_cosine_min`` (worst row), pooled over all prompts.
+    """
+    agree, cosines = [], []
+    for images, text in prompts:
+        ref = wrapper.generate(list(images), text, max_new_tokens)
+        tokens = ref.token_ids.numpy()
+        state = policy.prefill([np.asarray(im) for im in images], text, append_ids=tokens[:-1])
+        start = state.length - len(tokens)
+        agree.append(state.predicted_ids[start:] == tokens)
+        cosines.append(_cosines(state.hidden_states[start:], ref.hidden_states.float().numpy()))
+    agree_all, cos_all = np.concatenate(agree), np.concatenate(cosines)
+    return {
+        "greedy_token_agreement": float(agree_all.mean()),
+        "hidden_cosine": float(cos_all.mean()),
+        "hidden_cosine_min": float(cos_all.min()),
+    }
+
+
+def _validation_prompts(processor) -> list[tuple[list[np.ndarray], str]]:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    return [
+        ([], "camouflaged object segmentation"),
+        ([], "Find the red circle in the target image and output its box."),
+        ([image], "salient object segmentation"),
+    ]
+
+
+def export_policy(
+    policy_model,
+    processor,
+    out_dir: str | Path,
+    opset: int = 17,
+    precision: str = "fp32",
+) -> dict[str, PartManifest]:
+    """Export the policy's three graphs into ``out_dir`` and validate each against torch.
+
+    Args:
+        policy_model: a ``Qwen2_5_VLForConditionalGeneration`` (any dtype; exported in float32).
+        processor: its processor (``ConceptSegProcessor``); the image processor makes the vision
+            cases, and for quantized precisions the tokenizer builds the validation prompts.
+        out_dir: where ``policy_vision.onnx``, ``policy_embed.onnx``, ``policy_decoder.onnx`` go (each
+            written atomically; an fp32 intermediate for quantization lives in a temporary directory).
+        opset: ONNX opset (17: TensorRT 8.6+/Jetson-friendly).
+        precision: the decoder's precision, "fp32", "int8" or "int4"; the others stay fp32.
+
+    Returns:
+        ``{"policy_vision": ..., "policy_embed": ..., "policy_decoder": ...}`` manifests, precision and
+        parity per part.
+
+    Raises:
+        ExportParityError: a graph disagrees with torch past its tolerance / floors, or holds a
+            banned op.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision: {precision!r}, expected one of {PRECISIONS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = policy_model
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+    model = model.eval()
+    tcfg = model.config.text_config
+    d, layers = tcfg.hidden_size, tcfg.num_hidden_layers
+    head_dim = getattr(tcfg, "head_dim", None) or d // tcfg.num_attention_heads
+    vocab = model.lm_head.out_features
+    ip = processor.image_processor
+    patch_dim = 3 * ip.temporal_patch_size * ip.patch_size**2
+    VisionEncoderGraph, EmbedGraph, DecoderGraph = _modules()
+
+    parts: dict[str, PartManifest] = {}
+
+    def manifest(spec: PartSpec, report: ParityReport, part_precision: str) -> PartManifest:
+        path = out_dir / spec.file
+        return PartManifest(spec.name, spec.file, sha256_file(path), "onnx", part_precision, opset,
+                            spec.inputs, spec.outputs, report)
+
+    vspec = policy_vision_spec(d, patch_dim)
+    report = _export_fp32(VisionEncoderGraph(model.model.visual).eval(), vspec, _vision_cases(processor),
+                          _vision_reference(model), out_dir / vspec.file, opset)
+    parts[vspec.name] = manifest(vspec, report, "fp32")
+
+    espec = policy_embed_spec(d)
+    embed = model.get_input_embeddings()
+    ids_cases = [{"input_ids": np.array([[1, 5, 9, vocab - 1]], np.int64)}, {"input_ids": np.array([[3]], np.int64)}]
+    report = _export_fp32(EmbedGraph(embed).eval(), espec, ids_cases, _embed_reference(model),
+                          out_dir / espec.file, opset)
+    parts[espec.name] = manifest(espec, report, "fp32")
+
+    fp32_spec = policy_decoder_spec(d, layers, tcfg.num_key_value_heads, head_dim, vocab)
+    decoder = DecoderGraph(model.model.language_model, model.lm_head).eval()
+    cases = _decoder_cases(tcfg, layers, embed.weight.detach().numpy())
+    reference = _decoder_reference(model, layers)
+    if precision == "fp32":
+        report = _export_fp32(decoder, fp32_spec, cases, reference, out_dir / fp32_spec.file, opset)
+        parts[fp32_spec.name] = manifest(fp32_spec, report, "fp32")
+        return parts
+
+    spec = policy_decoder_spec(d, layers, tcfg.num_key_value_heads, head_dim, vocab, precision)
+    with tempfile.TemporaryDirectory(prefix=".policy-export-", dir=out_dir) as tmp:
+        tmp = Path(tmp)
+        fp32_path = tmp / "policy_decoder.fp32.onnx"
+        _export_fp32(decoder, fp32_spec, cases, reference, fp32_path, opset)
+        quantize_decoder(fp32_path, out_dir / spec.file, precision)
+        processor.save_pretrained(str(tmp / "processor"))
+        report = _quantized_report(model, processor, out_dir, tmp / "processor", spec, precision)
+    parts[spec.name] = manifest(spec, report, precision)
+    return parts
+
+
+def _quantized_report(model, processor, out_dir: Path, processor_dir: Path, spec: PartSpec, precision: str) -> ParityReport:
+    from conceptseg_edge.models.policy import PolicyWrapper
+    from conceptseg_edge.runtime.engine import OrtEngine
+    from conceptseg_edge.runtime.policy import OnnxPolicy, PolicyImageConfig, PolicyTokenizer
+
+    policy = OnnxPolicy(
+        OrtEngine(out_dir / "policy_vision.onnx"),
+        OrtEngine(out_dir / "policy_embed.onnx"),
+        OrtEngine(out_dir / spec.file),
+        PolicyTokenizer.from_dir(processor_dir),
+        PolicyImageConfig.from_dir(processor_dir),
+    )
+    metrics = quantized_parity(PolicyWrapper(model, processor), policy, _validation_prompts(processor))
+    diffs = {
+        "greedy_token_disagreement": 1.0 - metrics["greedy_token_agreement"],
+        "hidden_cosine_distance": 1.0 - metrics["hidden_cosine"],
+    }
+    passed = all(diffs[k] <= spec.atol[k] for k in diffs)
+    report = ParityReport(
+        reference=f"{REFERENCE_NAME}; teacher-forced greedy completions ({QUANT_PARITY_TOKENS} tokens max)",
+        max_abs_diff=diffs,
+        atol=dict(spec.atol),
+        passed=passed,
+    )
+    if not passed:
+        floors = QUANT_FLOORS[precision]
+        raise ExportParityError(
+            f"policy_decoder ({precision}): greedy-token agreement {metrics['greedy_token_agreement']:.3f} "
+            f"(floor {floors['greedy_token_agreement']}), mean hidden cosine {metrics['hidden_cosine']:.4f} "
+            f"(floor {floors['hidden_cosine']}) vs {REFERENCE_NAME}"
+        )
+    return report
