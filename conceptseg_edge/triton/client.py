@@ -1,0 +1,168 @@
+"""``TritonSegClient``: the ``conceptseg`` model over HTTP or gRPC, through tritonclient.
+
+``URL`` picks the protocol: ``http://host:port`` (Triton's HTTP/REST, binary tensors) or
+``grpc://host:port``; a bare ``host:port`` is HTTP. One client object per thread (tritonclient's
+clients are not meant to be shared across threads).
+
+A request the server refuses raises ``TritonRequestError`` with the server's message, its status
+(``"400"`` over HTTP, ``"StatusCode.INVALID_ARGUMENT"`` over gRPC) and ``client_error`` telling
+the caller's mistakes from the server's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from conceptseg_edge._compat import require
+from conceptseg_edge.errors import ConceptsegError, InputError
+from conceptseg_edge.triton.model_config import WIRE_TYPES
+from conceptseg_edge.triton.protocol import INPUTS, MODEL_NAME, OUTPUT_NAMES, ServedResult, decode_response, request_arrays
+
+PROTOCOLS = ("http", "grpc")
+_CLIENT_STATUSES = {"400", "404", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"}
+_WIRE = {t.name: t.wire_type for t in INPUTS}
+
+
+class TritonRequestError(ConceptsegError):
+    """The server refused or failed a request (or could not be reached)."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def client_error(self) -> bool:
+        """True when the server says the request was at fault (HTTP 4xx / gRPC INVALID_ARGUMENT…)."""
+        return self.status in _CLIENT_STATUSES
+
+
+def parse_url(url: str, protocol: str | None = None) -> tuple[str, str]:
+    """``http://h:p`` / ``grpc://h:p`` / ``h:p`` → (protocol, "h:p")."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        scheme = scheme.lower()
+        if scheme not in PROTOCOLS:
+            raise InputError(f"URL {url}: scheme {scheme!r}, expected http:// or grpc://")
+        if protocol is not None and protocol != scheme:
+            raise InputError(f"URL {url}: says {scheme} but protocol {protocol!r} was asked for")
+        address = rest
+    else:
+        scheme, address = protocol or "http", url
+    address = address.rstrip("/")
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise InputError(f"URL {url}: expected host:port")
+    return scheme, address
+
+
+class TritonSegClient:
+    """Segment through a running server: ``segment(image, query=..., points=..., box=...) -> ServedResult``."""
+
+    def __init__(self, url: str, model: str = MODEL_NAME, timeout: float = 120.0, protocol: str | None = None) -> None:
+        self.protocol, self.address = parse_url(url, protocol)
+        self.model = model
+        self.timeout = timeout
+        require("tritonclient", extra="serve")
+        if self.protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(self.address, connection_timeout=timeout, network_timeout=timeout)
+        else:
+            import tritonclient.grpc as tc
+
+            self._client = tc.InferenceServerClient(self.address)
+        self._tc = tc
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.address}"
+
+    # ------------------------------------------------------------------ health
+
+    def is_ready(self) -> bool:
+        """Server and model ready (False when unreachable)."""
+        try:
+            return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
+        except Exception:  # noqa: BLE001 - unreachable or refused: not ready
+            return False
+
+    def model_config(self) -> dict[str, Any]:
+        """The served model's configuration, as Triton reports it."""
+        try:
+            if self.protocol == "http":
+                return self._client.get_model_config(self.model)
+            return self._client.get_model_config(self.model, as_json=True)["config"]
+        except self._exception() as exc:
+            raise _wrap(exc) from exc
+
+    # ------------------------------------------------------------------ inference
+
+    def _exception(self):
+        from tritonclient.utils import InferenceServerException
+
+        return (InferenceServerException, OSError)  # OSError: refused / reset connections over HTTP
+
+    def infer_arrays(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] = OUTPUT_NAMES) -> dict[str, np.ndarray]:
+        """Send named arrays as one request; returns the requested outputs as numpy arrays."""
+        tc = self._tc
+        inputs = []
+        for name, value in feeds.items():
+            wire = _WIRE.get(name) or _wire_of(value)
+            tensor = tc.InferInput(name, list(value.shape), wire)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        if self.protocol == "http":
+            requested = [tc.InferRequestedOutput(name, binary_data=True) for name in outputs]
+            kwargs: dict[str, Any] = {"timeout": int(self.timeout * 1e6)}
+        else:
+            requested = [tc.InferRequestedOutput(name) for name in outputs]
+            kwargs = {"client_timeout": self.timeout}
+        try:
+            result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
+        except self._exception() as exc:
+            raise _wrap(exc) from exc
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def segment(
+        self,
+        image: np.ndarray | bytes,
+        query: str | None = None,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+        supports: Sequence[tuple[bytes, bytes | Sequence[float]]] = (),
+        route: str = "auto",
+    ) -> ServedResult:
+        """One request; ``image`` is (H, W, C) uint8 pixels or an encoded image's bytes.
+
+        See ``protocol.request_arrays`` for the arguments; the result mirrors the runtime's
+        ``SegmentResult`` (mask in the original frame, route, why, scores, per-stage ms).
+        """
+        return decode_response(self.infer_arrays(request_arrays(image, query, points, labels, box, supports, route)))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> TritonSegClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _wire_of(value: np.ndarray) -> str:
+    if value.dtype == object:
+        return "BYTES"
+    try:
+        return WIRE_TYPES[value.dtype.name]
+    except KeyError:
+        raise InputError(f"array of dtype {value.dtype} has no Triton type") from None
+
+
+def _wrap(exc: Exception) -> TritonRequestError:
+    status = exc.status() if hasattr(exc, "status") else None
+    message = exc.message() if hasattr(exc, "message") else str(exc)
+    return TritonRequestError(f"server: {message}" + (f" (status {status})" if status else ""), None if status is None else str(status))

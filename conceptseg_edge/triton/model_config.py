@@ -1,0 +1,325 @@
+"""Typed Triton model configurations, rendered to ``config.pbtxt`` and checked by Triton's own protobuf.
+
+A ``ModelConfig`` is a frozen dataclass tree (tensors, instance groups, dynamic batching, string
+parameters). ``to_pbtxt()`` renders it deterministically; ``validate_pbtxt()`` parses the text with
+the ``ModelConfig`` message that tritonclient ships (``tritonclient.grpc.model_config_pb2``, the
+same .proto the server compiles) and then checks that the parsed message says exactly what the
+description said, field by field, so a rendering bug cannot slip through as a silently different
+config. Semantic rules Triton enforces at load time (a batch dimension needs ``max_batch_size > 0``,
+dynamic batching needs batching, names are unique, dims are positive or -1) are checked in
+``__post_init__`` so an invalid config is never written.
+
+Dtypes are given as numpy names (``"float32"``, ``"uint8"``, ``"bool"``) or ``"bytes"``; the
+Triton enum (``TYPE_FP32`` …, ``TYPE_STRING`` for bytes) is derived here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from conceptseg_edge.errors import ConceptsegError
+
+# numpy dtype name → Triton DataType enum name. "bytes" is Triton's BYTES (TYPE_STRING in config).
+TRITON_TYPES: dict[str, str] = {
+    "bool": "TYPE_BOOL",
+    "uint8": "TYPE_UINT8",
+    "uint16": "TYPE_UINT16",
+    "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64",
+    "int8": "TYPE_INT8",
+    "int16": "TYPE_INT16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "bytes": "TYPE_STRING",
+}
+# The wire names tritonclient uses for the same types (InferInput(name, shape, datatype)).
+WIRE_TYPES: dict[str, str] = {k: ("BYTES" if k == "bytes" else v.removeprefix("TYPE_")) for k, v in TRITON_TYPES.items()}
+
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO", "KIND_MODEL")
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "ensemble")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+class ModelConfigError(ConceptsegError):
+    """A model configuration is invalid, or its rendered text does not parse back to the same config."""
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """One model input or output.
+
+    Attributes:
+        name: tensor name as the model (graph or ``model.py``) sees it.
+        dtype: numpy dtype name, or ``"bytes"`` for Triton BYTES.
+        dims: shape **without** the batch dimension when the model batches; -1 is dynamic.
+        optional: inputs only; a request may leave it out.
+        allow_ragged_batch: inputs only; batch requests whose shapes differ.
+    """
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+    allow_ragged_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ModelConfigError(f"tensor {self.name!r}: not a valid Triton tensor name")
+        if self.dtype not in TRITON_TYPES:
+            raise ModelConfigError(f"tensor {self.name}.dtype: {self.dtype!r}, expected one of {sorted(TRITON_TYPES)}")
+        dims = tuple(self.dims)
+        if any(not isinstance(d, int) or isinstance(d, bool) or (d < 1 and d != -1) for d in dims):
+            raise ModelConfigError(f"tensor {self.name}.dims: {list(dims)}, each dim must be a positive int or -1")
+        object.__setattr__(self, "dims", dims)
+
+    @property
+    def triton_type(self) -> str:
+        return TRITON_TYPES[self.dtype]
+
+    @property
+    def wire_type(self) -> str:
+        return WIRE_TYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class InstanceGroup:
+    """``instance_group``: ``count`` copies of the model of ``kind`` (``KIND_CPU`` / ``KIND_GPU`` …)."""
+
+    count: int = 1
+    kind: str = "KIND_CPU"
+    gpus: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.count, int) or self.count < 1:
+            raise ModelConfigError(f"instance_group.count: {self.count!r}, expected an int >= 1")
+        if self.kind not in INSTANCE_KINDS:
+            raise ModelConfigError(f"instance_group.kind: {self.kind!r}, expected one of {INSTANCE_KINDS}")
+        if self.gpus and self.kind != "KIND_GPU":
+            raise ModelConfigError(f"instance_group.gpus: only meaningful with KIND_GPU, got {self.kind}")
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    """``dynamic_batching``: preferred batch sizes and the longest a request may wait to be batched."""
+
+    preferred_batch_size: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 0
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(b, int) or b < 1 for b in self.preferred_batch_size):
+            raise ModelConfigError(f"dynamic_batching.preferred_batch_size: {list(self.preferred_batch_size)}, expected ints >= 1")
+        if self.max_queue_delay_microseconds < 0:
+            raise ModelConfigError("dynamic_batching.max_queue_delay_microseconds: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole ``config.pbtxt``. Exactly one of ``backend`` / ``platform`` is set."""
+
+    name: str
+    inputs: tuple[TensorConfig, ...]
+    outputs: tuple[TensorConfig, ...]
+    backend: str | None = None
+    platform: str | None = None
+    max_batch_size: int = 0
+    instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
+    dynamic_batching: DynamicBatching | None = None
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    default_model_filename: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"model {self.name!r}"
+        if not _NAME.fullmatch(self.name):
+            raise ModelConfigError(f"{where}: not a valid Triton model name")
+        if (self.backend is None) == (self.platform is None):
+            raise ModelConfigError(f"{where}: set exactly one of backend / platform")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ModelConfigError(f"{where}.backend: {self.backend!r}, expected one of {BACKENDS}")
+        if self.platform is not None and self.platform not in PLATFORMS:
+            raise ModelConfigError(f"{where}.platform: {self.platform!r}, expected one of {PLATFORMS}")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 0:
+            raise ModelConfigError(f"{where}.max_batch_size: {self.max_batch_size!r}, expected an int >= 0")
+        if self.dynamic_batching is not None:
+            if self.max_batch_size == 0:
+                raise ModelConfigError(f"{where}.dynamic_batching: needs max_batch_size > 0")
+            too_big = [b for b in self.dynamic_batching.preferred_batch_size if b > self.max_batch_size]
+            if too_big:
+                raise ModelConfigError(f"{where}.dynamic_batching.preferred_batch_size: {too_big} > max_batch_size {self.max_batch_size}")
+        if not self.inputs or not self.outputs:
+            raise ModelConfigError(f"{where}: needs at least one input and one output")
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            names = [t.name for t in tensors]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ModelConfigError(f"{where}.{kind}: duplicate names {dupes}")
+            for t in tensors:
+                if not t.dims and self.max_batch_size == 0:
+                    raise ModelConfigError(f"{where}.{kind} {t.name}: empty dims need max_batch_size > 0")
+        for t in self.outputs:
+            if t.optional or t.allow_ragged_batch:
+                raise ModelConfigError(f"{where}.output {t.name}: optional / allow_ragged_batch are input-only")
+        both = sorted({t.name for t in self.inputs} & {t.name for t in self.outputs})
+        if both:
+            raise ModelConfigError(f"{where}: names used as both input and output: {both}")
+        for key, value in self.parameters.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ModelConfigError(f"{where}.parameters[{key!r}]: keys and values must be strings")
+        object.__setattr__(self, "parameters", dict(self.parameters))
+
+    # ------------------------------------------------------------------ lookups
+
+    def input(self, name: str) -> TensorConfig:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise ModelConfigError(f"model {self.name!r}: no input {name!r} (has {[t.name for t in self.inputs]})")
+
+    def output(self, name: str) -> TensorConfig:
+        for t in self.outputs:
+            if t.name == name:
+                return t
+        raise ModelConfigError(f"model {self.name!r}: no output {name!r} (has {[t.name for t in self.outputs]})")
+
+    # ------------------------------------------------------------------ rendering
+
+    def to_pbtxt(self) -> str:
+        """Render ``config.pbtxt`` text (deterministic: same description, same bytes)."""
+        lines = [f"name: {_q(self.name)}"]
+        if self.backend is not None:
+            lines.append(f"backend: {_q(self.backend)}")
+        if self.platform is not None:
+            lines.append(f"platform: {_q(self.platform)}")
+        lines.append(f"max_batch_size: {self.max_batch_size}")
+        if self.default_model_filename:
+            lines.append(f"default_model_filename: {_q(self.default_model_filename)}")
+        lines += _tensor_block("input", self.inputs)
+        lines += _tensor_block("output", self.outputs)
+        lines.append("instance_group [")
+        groups = []
+        for g in self.instance_groups:
+            body = f"    count: {g.count}\n    kind: {g.kind}"
+            if g.gpus:
+                body += f"\n    gpus: [ {', '.join(map(str, g.gpus))} ]"
+            groups.append("  {\n" + body + "\n  }")
+        lines.append(",\n".join(groups))
+        lines.append("]")
+        if self.dynamic_batching is not None:
+            db = self.dynamic_batching
+            lines.append("dynamic_batching {")
+            if db.preferred_batch_size:
+                lines.append(f"  preferred_batch_size: [ {', '.join(map(str, db.preferred_batch_size))} ]")
+            lines.append(f"  max_queue_delay_microseconds: {db.max_queue_delay_microseconds}")
+            lines.append("}")
+        for key in sorted(self.parameters):
+            lines.append(f"parameters {{\n  key: {_q(key)}\n  value {{ string_value: {_q(self.parameters[key])} }}\n}}")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Triton's JSON form of the config (as ``model_config`` arrives in ``initialize``)."""
+        return _message_to_dict(validate_pbtxt(self.to_pbtxt(), expected=self))
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _tensor_block(kind: str, tensors: Sequence[TensorConfig]) -> list[str]:
+    items = []
+    for t in tensors:
+        body = [f"    name: {_q(t.name)}", f"    data_type: {t.triton_type}", f"    dims: [ {', '.join(map(str, t.dims))} ]"]
+        if t.optional:
+            body.append("    optional: true")
+        if t.allow_ragged_batch:
+            body.append("    allow_ragged_batch: true")
+        items.append("  {\n" + "\n".join(body) + "\n  }")
+    return [f"{kind} [", ",\n".join(items), "]"]
+
+
+# ---------------------------------------------------------------------------- protobuf validation
+
+
+def _pb2():
+    from conceptseg_edge._compat import require
+
+    require("tritonclient", extra="serve")
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def _message_to_dict(message) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def validate_pbtxt(text: str, expected: ModelConfig | None = None, where: str = "config.pbtxt"):
+    """Parse ``text`` with Triton's ``ModelConfig`` protobuf; with ``expected``, check it matches.
+
+    Returns the parsed ``model_config_pb2.ModelConfig``. Raises ``ModelConfigError`` naming the field
+    on a parse error or on any difference from ``expected``.
+    """
+    from google.protobuf import text_format
+
+    pb2 = _pb2()
+    message = pb2.ModelConfig()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise ModelConfigError(f"{where}: Triton's ModelConfig protobuf rejects it ({exc})") from exc
+    if expected is not None:
+        _compare(message, expected, pb2, where)
+    return message
+
+
+def _compare(m, cfg: ModelConfig, pb2, where: str) -> None:
+    def check(field_name: str, got: Any, want: Any) -> None:
+        if got != want:
+            raise ModelConfigError(f"{where}: {field_name} parsed as {got!r}, described as {want!r}")
+
+    check("name", m.name, cfg.name)
+    check("backend", m.backend or None, cfg.backend)
+    check("platform", m.platform or None, cfg.platform)
+    check("max_batch_size", m.max_batch_size, cfg.max_batch_size)
+    check("default_model_filename", m.default_model_filename or None, cfg.default_model_filename or None)
+    for kind, parsed, described in (("input", m.input, cfg.inputs), ("output", m.output, cfg.outputs)):
+        check(f"{kind} count", len(parsed), len(described))
+        for p, t in zip(parsed, described):
+            at = f"{kind} {t.name}"
+            check(f"{at}.name", p.name, t.name)
+            check(f"{at}.data_type", pb2.DataType.Name(p.data_type), t.triton_type)
+            check(f"{at}.dims", tuple(p.dims), t.dims)
+            if kind == "input":
+                check(f"{at}.optional", p.optional, t.optional)
+                check(f"{at}.allow_ragged_batch", p.allow_ragged_batch, t.allow_ragged_batch)
+    check("instance_group count", len(m.instance_group), len(cfg.instance_groups))
+    for i, (p, g) in enumerate(zip(m.instance_group, cfg.instance_groups)):
+        check(f"instance_group[{i}].count", p.count, g.count)
+        check(f"instance_group[{i}].kind", pb2.ModelInstanceGroup.Kind.Name(p.kind), g.kind)
+        check(f"instance_group[{i}].gpus", tuple(p.gpus), g.gpus)
+    check("dynamic_batching present", m.HasField("dynamic_batching"), cfg.dynamic_batching is not None)
+    if cfg.dynamic_batching is not None:
+        db = m.dynamic_batching
+        check("dynamic_batching.preferred_batch_size", tuple(db.preferred_batch_size), cfg.dynamic_batching.preferred_batch_size)
+        check("dynamic_batching.max_queue_delay_microseconds", db.max_queue_delay_microseconds,
+              cfg.dynamic_batching.max_queue_delay_microseconds)
+    check("parameters", {k: v.string_value for k, v in m.parameters.items()}, dict(cfg.parameters))
+
+
+def read_config(path) -> Any:
+    """Parse an existing ``config.pbtxt`` file with Triton's protobuf (no comparison)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelConfigError(f"{path}: cannot read ({exc})") from exc
+    return validate_pbtxt(text, where=str(path))
