@@ -73,14 +73,24 @@ FEATURE_ATOL = 1e-3
 LOGIT_ATOL = 1e-2
 EMBED_ATOL = 0.0
 
-# Quantized floors (agreement >= floor, mean cosine >= floor), measured on teacher-forced greedy
-# completions of a peaked (briefly trained) tiny model; see tests/test_export_policy.py for numbers.
-# INT8 with per-channel weights keeps top-1 decisions almost everywhere; INT4 RTN (block 32) loses
-# more on a model whose weights were never trained for it. The floors sit below the measurements with
-# margin for other seeds, and far above what a broken graph gives (agreement ~ 1/vocab, cosine ~ 0).
+# Quantized floors, on teacher-forced greedy completions of a briefly trained tiny model (peaked
+# logits; measured numbers in tests/test_export_policy.py). Three measures, because the plain top-1
+# agreement mixes two things: about a quarter of the slots are near-ties (the corpus's box digits are
+# uniformly random, so torch's top-1 leads top-2 by < 0.4 logits there) and any perturbation may flip
+# them, while a *decisive* slot (lead >= DECISIVE_MARGIN logits) flips only if the graph is wrong by
+# half a logit or more. Measured on the tiny model: INT8 agreement 0.984 (all flips at leads <= 0.02),
+# INT4 0.974 (leads <= 0.13), decisive agreement 1.0 for both, mean cosine 0.9994 / 0.9975. Floors
+# leave margin for other seeds and sit far above a broken graph (agreement ~1/vocab, cosine ~0).
+DECISIVE_MARGIN = 1.0
 QUANT_FLOORS: dict[str, dict[str, float]] = {
-    "int8": {"greedy_token_agreement": 0.95, "hidden_cosine": 0.995},
-    "int4": {"greedy_token_agreement": 0.85, "hidden_cosine": 0.97},
+    "int8": {"greedy_token_agreement": 0.90, "decisive_token_agreement": 0.99, "hidden_cosine": 0.995},
+    "int4": {"greedy_token_agreement": 0.85, "decisive_token_agreement": 0.98, "hidden_cosine": 0.99},
+}
+#: ParityReport key (a distance, 1 - measure) for each floored measure.
+QUANT_DISTANCES = {
+    "greedy_token_agreement": "greedy_token_disagreement",
+    "decisive_token_agreement": "decisive_token_disagreement",
+    "hidden_cosine": "hidden_cosine_distance",
 }
 QUANT_PARITY_TOKENS = 32
 FORBIDDEN = frozenset({"OneHot", "NonZero"})
@@ -140,11 +150,7 @@ def policy_decoder_spec(
         atol = {"logits": LOGIT_ATOL, "last_hidden_state": FEATURE_ATOL}
         atol |= {name: FEATURE_ATOL for name in kv_names(num_layers, "present")}
     else:
-        floors = QUANT_FLOORS[precision]
-        atol = {
-            "greedy_token_disagreement": 1.0 - floors["greedy_token_agreement"],
-            "hidden_cosine_distance": 1.0 - floors["hidden_cosine"],
-        }
+        atol = {QUANT_DISTANCES[k]: 1.0 - floor for k, floor in QUANT_FLOORS[precision].items()}
     return PartSpec(
         name="policy_decoder",
         file="policy_decoder.onnx",
@@ -424,7 +430,9 @@ def quantize_decoder(src: Path, dst: Path, precision: str) -> None:
                 str(src),
                 str(tmp),
                 op_types_to_quantize=["MatMul", "Gemm"],
-                per_channel=True,
+                # Per-tensor: ORT's per-channel MatMul path measured worse here (agreement 0.943 vs
+                # 0.984, cosine 0.9992 vs 0.9994 on the tiny model).
+                per_channel=False,
                 weight_type=QuantType.QInt8,
                 extra_options={"MatMulConstBOnly": True},
             )
@@ -453,36 +461,51 @@ def quantized_parity(
     """Quantized runtime vs torch on torch's greedy completions, teacher-forced.
 
     For each (images, text): torch decodes greedily (``PolicyWrapper.generate``); the runtime
-    prefills prompt + completion[:-1] once, and we compare its top-1 token at each completion slot
-    with torch's token and its hidden state row with torch's captured row. Teacher forcing keeps one
-    early flip from cascading into a different continuation, so the numbers measure the graph, not
-    the luck of the first divergence.
+    prefills prompt + completion[:-1] once, and each completion slot's runtime top-1 token is
+    compared with torch's token, its hidden-state row with torch's captured row. Teacher forcing
+    keeps one early flip from cascading into a different continuation, so the numbers measure the
+    graph, not where the first divergence happened to fall.
 
-    Returns ``greedy_token_agreement`` (fraction of slots), ``hidden_cosine`` (mean row cosine) and
-    ``hidden_cosine_min`` (worst row), pooled over all prompts.
+    Returns, pooled over all prompts: ``greedy_token_agreement`` (fraction of slots),
+    ``decisive_token_agreement`` (over slots where torch's top-1 logit leads the runner-up by at
+    least ``DECISIVE_MARGIN``; 1.0 when there are none), ``hidden_cosine`` (mean row cosine),
+    ``hidden_cosine_min`` (worst row), ``slots`` and ``decisive_slots``.
     """
-    agree, cosines = [], []
+    import torch
+
+    agree, decisive, cosines = [], [], []
     for images, text in prompts:
         ref = wrapper.generate(list(images), text, max_new_tokens)
         tokens = ref.token_ids.numpy()
+        ref_states = ref.hidden_states.float()
+        with torch.no_grad():
+            top2 = torch.topk(wrapper.model.lm_head(ref_states.to(wrapper.model.lm_head.weight.dtype)).float(), 2).values
         state = policy.prefill([np.asarray(im) for im in images], text, append_ids=tokens[:-1])
         start = state.length - len(tokens)
         agree.append(state.predicted_ids[start:] == tokens)
-        cosines.append(_cosines(state.hidden_states[start:], ref.hidden_states.float().numpy()))
-    agree_all, cos_all = np.concatenate(agree), np.concatenate(cosines)
+        decisive.append((top2[:, 0] - top2[:, 1]).numpy() >= DECISIVE_MARGIN)
+        cosines.append(_cosines(state.hidden_states[start:], ref_states.numpy()))
+    agree_all, decisive_all, cos_all = np.concatenate(agree), np.concatenate(decisive), np.concatenate(cosines)
     return {
         "greedy_token_agreement": float(agree_all.mean()),
+        "decisive_token_agreement": float(agree_all[decisive_all].mean()) if decisive_all.any() else 1.0,
         "hidden_cosine": float(cos_all.mean()),
         "hidden_cosine_min": float(cos_all.min()),
+        "slots": float(len(agree_all)),
+        "decisive_slots": float(decisive_all.sum()),
     }
 
 
-def _validation_prompts(processor) -> list[tuple[list[np.ndarray], str]]:
+def validation_prompts() -> list[tuple[list[np.ndarray], str]]:
+    """The quantized-decoder validation set: concept phrases, a question, and one image prompt."""
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
     return [
         ([], "camouflaged object segmentation"),
         ([], "Find the red circle in the target image and output its box."),
+        ([], "the object that differs from the others"),
+        ([], "shadow"),
+        ([], "dog"),
         ([image], "salient object segmentation"),
     ]
 
@@ -583,23 +606,16 @@ def _quantized_report(model, processor, out_dir: Path, processor_dir: Path, spec
         PolicyTokenizer.from_dir(processor_dir),
         PolicyImageConfig.from_dir(processor_dir),
     )
-    metrics = quantized_parity(PolicyWrapper(model, processor), policy, _validation_prompts(processor))
-    diffs = {
-        "greedy_token_disagreement": 1.0 - metrics["greedy_token_agreement"],
-        "hidden_cosine_distance": 1.0 - metrics["hidden_cosine"],
-    }
-    passed = all(diffs[k] <= spec.atol[k] for k in diffs)
-    report = ParityReport(
-        reference=f"{REFERENCE_NAME}; teacher-forced greedy completions ({QUANT_PARITY_TOKENS} tokens max)",
+    metrics = quantized_parity(PolicyWrapper(model, processor), policy, validation_prompts())
+    diffs = {QUANT_DISTANCES[k]: 1.0 - metrics[k] for k in QUANT_FLOORS[precision]}
+    passed = all(diffs[k] <= spec.atol[k] + 1e-12 for k in diffs)
+    if not passed:
+        measured = ", ".join(f"{k} {metrics[k]:.4f} (floor {f})" for k, f in QUANT_FLOORS[precision].items())
+        raise ExportParityError(f"policy_decoder ({precision}): {measured} vs {REFERENCE_NAME}")
+    return ParityReport(
+        reference=f"{REFERENCE_NAME}; teacher-forced greedy completions, {int(metrics['slots'])} slots "
+        f"({int(metrics['decisive_slots'])} decisive); distances are 1 - agreement / 1 - mean cosine",
         max_abs_diff=diffs,
         atol=dict(spec.atol),
         passed=passed,
     )
-    if not passed:
-        floors = QUANT_FLOORS[precision]
-        raise ExportParityError(
-            f"policy_decoder ({precision}): greedy-token agreement {metrics['greedy_token_agreement']:.3f} "
-            f"(floor {floors['greedy_token_agreement']}), mean hidden cosine {metrics['hidden_cosine']:.4f} "
-            f"(floor {floors['hidden_cosine']}) vs {REFERENCE_NAME}"
-        )
-    return report
