@@ -38,9 +38,9 @@ class RoutesBenchConfig:
 
 
 def _series(samples: list[dict[str, float]]) -> dict[str, Any]:
-    stages = sorted({k for s in samples for k in s if k != "decode_tokens"})
+    stages = sorted({k for s in samples for k in s})
     out = {k: LatencyStats.from_samples([s.get(k, 0.0) for s in samples]).to_dict() for k in stages}
-    out["total"] = LatencyStats.from_samples([sum(v for k, v in s.items() if k != "decode_tokens") for s in samples]).to_dict()
+    out["total"] = LatencyStats.from_samples([sum(s.values()) for s in samples]).to_dict()
     return out
 
 
@@ -103,10 +103,10 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
 
         multi = {n: LatencyStats.from_samples([t["total_ms"] for t in _timed(concepts(n), cfg.warmup, cfg.runs)]).to_dict()
                  for n in (1, 4)}
-        reason_samples = _timed(fresh(lambda: seg.segment(image, query=CONCEPTS[0], route="reason")), 0, max(2, cfg.runs // 2))
+        generations = [seg.segment(image, query=CONCEPTS[0], route="reason") for _ in range(max(2, cfg.runs // 2))]
 
-    decode_ms = [s.get("policy_decode", 0.0) for s in reason_samples]
-    tokens = [s.get("decode_tokens", 0.0) for s in reason_samples]
+    decode_ms = [g.timings.get("policy_decode", 0.0) for g in generations]
+    steps = [max(0, (g.new_tokens or 0) - 1) for g in generations]  # the first token comes from the prefill
     report: dict[str, Any] = {
         "bundle": str(bundle),
         "model": manifest.source.model,
@@ -122,7 +122,7 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         "ratio_shortcut_hit_over_prompt_p50": round(results["shortcut_bank_hit"]["total"]["p50"] / results["prompt"]["total"]["p50"], 3),
         "policy": {
             "prefill_ms_p50": results["shortcut_bank_miss"].get("concept_tokens", {}).get("p50"),
-            "decode_tokens_per_s": round(float(np.sum(tokens) / max(np.sum(decode_ms) / 1e3, 1e-9)), 2),
+            "decode_tokens_per_s": round(float(np.sum(steps) / max(np.sum(decode_ms) / 1e3, 1e-9)), 2),
         },
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "environment": environment(),

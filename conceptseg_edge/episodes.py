@@ -108,6 +108,21 @@ def box_from_mask(mask: np.ndarray) -> Box | None:
     return (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
 
 
+def box_to_image(box: Box | None, image_hw: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """A policy-frame (600×600, inclusive corners) box → image pixels (exclusive corners), clipped.
+
+    None when there is no box or nothing is left after clipping: the mask decoder then gets the
+    concept tokens alone.
+    """
+    if box is None:
+        return None
+    h, w = image_hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, x1 = np.clip([x0 * w / FRAME, (x1 + 1) * w / FRAME], 0, w)
+    y0, y1 = np.clip([y0 * h / FRAME, (y1 + 1) * h / FRAME], 0, h)
+    return (float(x0), float(y0), float(x1), float(y1)) if x1 > x0 and y1 > y0 else None
+
+
 def supports_needed(n_candidates: int) -> int:
     """How many supports an episode takes, given how many other items its class offers.
 

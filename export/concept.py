@@ -111,7 +111,7 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
 
     ckpt = load_checkpoint(cfg.checkpoint)
     backbone = ckpt.backbone
-    with tqdm(total=6, desc="export concept", disable=not progress, unit="step") as steps, staged_bundle(out) as staging:
+    with tqdm(total=5, desc="export concept", disable=not progress, unit="step") as steps, staged_bundle(out) as staging:
         sam_parts, sam_source, preprocessing = export_sam2_parts(
             SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size), staging, steps
         )

@@ -40,7 +40,8 @@ class ReasonOutput:
     completion: str
     tokens: np.ndarray  # (K, 256)
     box: tuple[float, float, float, float] | None  # the <bbox>, in image pixels
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    new_tokens: int = 0
 
 
 class ConceptEncoder(Protocol):
@@ -63,7 +64,8 @@ class SegmentResult:
     completion: str | None = None
     box: tuple[float, float, float, float] | None = None
     bank_hit: bool | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    new_tokens: int | None = None  # tokens the policy generated (reason route)
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
 
     def scores(self) -> dict[str, float]:
         return {"score": self.score, "object_score": self.object_score}
@@ -150,7 +152,8 @@ class ConceptSegmenter:
         out = self.concepts.reason(image, query, supports)
         timings.update(out.timings)
         prediction = self.predictor.predict(box=out.box, concept_tokens=out.tokens, multimask=False)
-        return self._decode(prediction, "reason", why, timings, completion=out.completion, box=out.box)
+        return self._decode(prediction, "reason", why, timings, completion=out.completion, box=out.box,
+                            new_tokens=out.new_tokens)
 
     def _decide(self, has_geometry: bool, query: str | None, route: str) -> RouteDecision:
         if route not in ("auto", "prompt", "shortcut", "reason"):

@@ -61,3 +61,37 @@ def torch_reference(tiny_checkpoint):
     from conceptseg_edge.models.sam2 import SAM2Reference, build_sam2_model
 
     return SAM2Reference(build_sam2_model("sam2.1_hiera_t", tiny_checkpoint, TEST_IMAGE_SIZE).model)
+
+
+CONCEPT_IMAGE_SIZE = 256  # SAM2 input of the concept-bundle fixture
+
+
+@pytest.fixture(scope="session")
+def concept_checkpoint(tmp_path_factory) -> Path:
+    """A tiny ConceptSeg checkpoint: tiny Qwen2.5-VL policy + CTM + a seeded SAM2.1-tiny backbone."""
+    import torch
+
+    from conceptseg_edge.models.checkpoint import BackboneSpec, save_checkpoint
+    from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
+    from conceptseg_edge.models.policy import build_policy, build_processor, tiny_policy_config
+    from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
+    from conceptseg_edge.router import RouterConfig
+
+    root = tmp_path_factory.mktemp("concept")
+    sam = save_seeded_checkpoint(root / "sam2.pt", "sam2.1_hiera_t", CONCEPT_IMAGE_SIZE)
+    tokenizer = train_tiny_tokenizer()
+    processor = build_processor(tokenizer, max_pixels=112 * 112)
+    policy = build_policy(tiny_policy_config(tokenizer), seed=0)
+    torch.manual_seed(0)
+    ctm = ConceptTranslationModule(CTMConfig(hidden_size=128, num_heads=4)).eval()
+    backbone = BackboneSpec("sam2.1_hiera_t", str(sam), image_size=CONCEPT_IMAGE_SIZE)
+    return save_checkpoint(root / "ckpt", policy, ctm, processor, RouterConfig(), backbone)
+
+
+@pytest.fixture(scope="session")
+def concept_bundle(tmp_path_factory, concept_checkpoint) -> Path:
+    from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
+
+    out = tmp_path_factory.mktemp("bundles") / "concept"
+    export_concept(ConceptExportConfig(str(concept_checkpoint)), out, progress=False)
+    return out

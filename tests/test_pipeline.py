@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conceptseg_edge.data.world import ConceptWorld
-from conceptseg_edge.episodes import Support
+from conceptseg_edge.episodes import Support, box_to_image
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.models.checkpoint import BackboneSpec, save_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
@@ -81,11 +81,12 @@ def test_long_query_reasons_with_supports(pipeline, episode):
     assert result.parsed is not None and result.mask.shape == episode.image.shape[:2]
 
 
-def test_reason_box_is_used_when_the_policy_writes_one(pipeline, episode):
-    """A well-formed <bbox> reaches SAM2 as a box prompt, rescaled from the 600 frame to the image."""
+def test_policy_boxes_map_to_image_pixels(episode):
+    """A <bbox> in the 600 frame (inclusive corners) becomes an image-pixel box prompt, clipped."""
     h, w = episode.image.shape[:2]
-    assert pipeline._box_to_image((0, 0, 299, 599), (h, w)) == (0.0, 0.0, w / 2, float(h))
-    assert pipeline._box_to_image((700, 700, 800, 800), (h, w)) is None
+    assert box_to_image((0, 0, 299, 599), (h, w)) == (0.0, 0.0, w / 2, float(h))
+    assert box_to_image((700, 700, 800, 800), (h, w)) is None
+    assert box_to_image(None, (h, w)) is None
 
 
 def test_forced_and_bad_routes(pipeline, episode):

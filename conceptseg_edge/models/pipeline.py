@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conceptseg_edge.episodes import FRAME, Support, build_meta_episode
+from conceptseg_edge.episodes import Support, box_to_image, build_meta_episode
 from conceptseg_edge.models.checkpoint import load_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule
 from conceptseg_edge.models.policy import PolicyWrapper
@@ -88,18 +88,7 @@ class ConceptSegPipeline:
         out = self.policy.generate(episode.images(), episode.prompt, self.max_new_tokens)
         tokens = self.ctm(out.hidden_states[None])[0].float().numpy()
         parsed = parse_output(out.text, has_hidden_box=episode.has_hidden_box)
-        return out.text, parsed, tokens, self._box_to_image(parsed.bbox, image.shape[:2])
-
-    @staticmethod
-    def _box_to_image(box, image_hw: tuple[int, int]) -> tuple[float, float, float, float] | None:
-        """A 600×600-frame box → image pixels, clipped; None when absent or degenerate after clipping."""
-        if box is None:
-            return None
-        h, w = image_hw
-        x0, y0, x1, y1 = (float(v) for v in box)
-        x0, x1 = np.clip([x0 * w / FRAME, (x1 + 1) * w / FRAME], 0, w)
-        y0, y1 = np.clip([y0 * h / FRAME, (y1 + 1) * h / FRAME], 0, h)
-        return (float(x0), float(y0), float(x1), float(y1)) if x1 > x0 and y1 > y0 else None
+        return out.text, parsed, tokens, box_to_image(parsed.bbox, image.shape[:2])
 
     def __call__(
         self,

@@ -1,0 +1,173 @@
+"""Concept routes from a bundle, torch-free: parity with the torch pipeline, the bank, batching, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conceptseg_edge.data.world import ConceptWorld
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.models.pipeline import ConceptSegPipeline
+from conceptseg_edge.router import RouterConfig
+from conceptseg_edge.runtime.bank import ConceptBank, bundle_key, normalise_phrase
+from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+
+ALWAYS = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
+MAX_NEW_TOKENS = 16
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.fixture(scope="module")
+def runtime(concept_bundle, tmp_path_factory):
+    seg = ConceptSegmenter.from_bundle(concept_bundle, bank_dir=tmp_path_factory.mktemp("bank"))
+    seg.router = ALWAYS
+    seg.concepts.max_new_tokens = MAX_NEW_TOKENS
+    return seg
+
+
+@pytest.fixture(scope="module")
+def reference(concept_checkpoint):
+    pipe = ConceptSegPipeline.from_checkpoint(concept_checkpoint, max_new_tokens=MAX_NEW_TOKENS)
+    pipe.router = ALWAYS
+    return pipe
+
+
+def test_bundle_carries_every_route_and_its_parity(concept_bundle):
+    m = load_bundle(concept_bundle)
+    assert set(m.routes) == {"prompt", "shortcut", "reason"}
+    assert {"sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed", "policy_decoder"} <= set(m.parts)
+    assert all(p.parity and p.parity.passed for p in m.parts.values())
+    assert m.route_parity["shortcut"]["min_mask_iou"] >= 0.98 and m.route_parity["reason"]["min_mask_iou"] >= 0.98
+    assert any(f.startswith("processor/") for f in m.files) and m.source.backbone_sha256
+
+
+@pytest.mark.parametrize("route", ["prompt", "shortcut", "reason"])
+def test_each_route_matches_the_torch_pipeline(runtime, reference, route):
+    """Samples the export did not check (another ConceptWorld seed), all three levels."""
+    world = ConceptWorld(seed=99, image_size=192)
+    levels = set()
+    for i in range(6):
+        ep = world.episode(i, with_supports=False)
+        levels.add(ep.level)
+        kwargs = {"points": [[96, 96]]} if route == "prompt" else {"query": ep.query, "route": route}
+        a, b = runtime.segment(ep.image, **kwargs), reference(ep.image, **kwargs)
+        assert a.route == b.route == route
+        assert iou(a.mask, b.mask) >= 0.98
+        if route == "reason":
+            assert a.completion == b.completion
+    assert len(levels) >= 2
+
+
+def test_reason_route_with_supports(runtime, reference):
+    ep = ConceptWorld(seed=5, image_size=160).episode(1)
+    from conceptseg_edge.episodes import Support
+
+    supports = [Support(s.image, s.box) for s in ep.supports][:4]
+    assert supports, "ConceptWorld episodes carry supports"
+    a = runtime.segment(ep.image, query=ep.query, supports=supports, route="reason")
+    b = reference(ep.image, query=ep.query, supports=supports, route="reason")
+    assert a.completion == b.completion and iou(a.mask, b.mask) >= 0.98
+
+
+def test_bank_persists_and_is_keyed_to_the_bundle(concept_bundle, tmp_path):
+    first = ConceptSegmenter.from_bundle(concept_bundle, bank_dir=tmp_path)
+    image = ConceptWorld(seed=1, image_size=128).episode(0).image
+    a = first.segment(image, query="Red  Circle", route="shortcut")
+    assert a.bank_hit is False
+    second = ConceptSegmenter.from_bundle(concept_bundle, bank_dir=tmp_path)  # a new process would see the same
+    b = second.segment(image, query="red circle", route="shortcut")
+    assert b.bank_hit is True and np.array_equal(a.mask, b.mask)
+    # another bundle (any token-determining file changed) → another key → no stale tokens served
+    import dataclasses
+
+    manifest = load_bundle(concept_bundle)
+    ctm = dataclasses.replace(manifest.parts["ctm"], sha256="0" * 64)
+    changed = bundle_key(manifest.with_parts(ctm=ctm))
+    assert changed != bundle_key(manifest)
+    other = ConceptBank(tmp_path, changed)
+    assert other.get("red circle") is None
+    assert other.prune() == 1 and not (tmp_path / bundle_key(manifest)).exists()
+
+
+def test_corrupt_bank_entry_is_recomputed(tmp_path):
+    bank = ConceptBank(tmp_path, "k")
+    bank.put("dog", np.ones((8, 256), np.float32))
+    path = next((tmp_path / "k").glob("*.npy"))
+    path.write_bytes(b"garbage")
+    fresh = ConceptBank(tmp_path, "k")
+    assert fresh.get("dog") is None and not path.exists()
+    assert normalise_phrase("  Ｄｏｇ\t") == "dog"
+
+
+class CountingEngine:
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+        self.inputs, self.outputs, self.provider = engine.inputs, engine.outputs, engine.provider
+
+    def run(self, feeds):
+        self.calls += 1
+        return self.engine.run(feeds)
+
+
+def test_four_concepts_share_one_encoder_and_one_decoder_run(runtime):
+    image = ConceptWorld(seed=2, image_size=160).episode(0).image
+    p = runtime.predictor
+    enc, dec = CountingEngine(p.encoder), CountingEngine(p.decoder)
+    p.encoder, p.decoder = enc, dec
+    try:
+        runtime.reset()
+        results = runtime.segment_concepts(image, ["red circle", "blue square", "triangle", "green star"])
+        assert enc.calls == 1 and dec.calls == 1
+        assert [r.route for r in results] == ["shortcut"] * 4
+        single = [runtime.segment(image, query=q, route="shortcut") for q in ("red circle", "triangle")]
+        assert enc.calls == 1  # same image: features reused
+        assert np.array_equal(single[0].mask, results[0].mask) and np.array_equal(single[1].mask, results[2].mask)
+    finally:
+        p.encoder, p.decoder = enc.engine, dec.engine
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"query": ""}, "query: empty"),
+        ({"query": "   "}, "query: empty"),
+        ({"query": "cat", "route": "teleport"}, "unknown route"),
+        ({"query": "cat", "route": "prompt"}, "no points or box"),
+    ],
+)
+def test_bad_requests(runtime, kwargs, match):
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InputError, match=match):
+        runtime.segment(image, **kwargs)
+
+
+def test_cli_concept_segment_and_bench_all(concept_bundle, tmp_path):
+    image = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.fromarray(ConceptWorld(seed=4, image_size=128).episode(0).image).save(image)
+    proc = subprocess.run([sys.executable, "-m", "conceptseg_edge", "segment", str(concept_bundle), str(image),
+                           "--concept", "a long question about which thing differs here", "--bank", str(tmp_path / "bank"),
+                           "--out", str(tmp_path / "m.png"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["route"] == "reason" and "policy_decode" in report["timings_ms"]
+    proc = subprocess.run([sys.executable, "-m", "conceptseg_edge", "bench", str(concept_bundle), "--route", "all",
+                           "--runs", "2", "--warmup", "0", "--max-new-tokens", "8", "--compare-torch",
+                           "--json", str(tmp_path / "b.json"), "--png", str(tmp_path / "b.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert set(bench["routes"]) == {"prompt", "shortcut_bank_hit", "shortcut_bank_miss", "reason"}
+    assert bench["policy"]["decode_tokens_per_s"] > 0 and bench["concepts_per_image"]["ratio_4_over_1_p50"] > 0
+    assert set(bench["torch"]) == {"prompt", "shortcut", "reason"}
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
