@@ -13,7 +13,11 @@ Tolerances:
 * ``OnnxPolicy.generate`` vs ``PolicyWrapper.generate`` at fp32: identical token ids and text;
   hidden states atol 1e-4 on post-norm values of order 1 (measured <=1.7e-6; the two sides run
   different kernels for the same float32 math, so bit equality is not expected).
-* quantized decoders: the floors in export.policy.QUANT_FLOORS.
+* quantized decoders: the export gates only on broken graphs (export.policy.QUANT_FLOORS); here,
+  on the trained model, ``TEST_FLOORS`` pin what was measured (192 teacher-forced slots, 101 of them
+  decisive): INT8 agreement 0.984, decisive 1.0, mean cosine 0.9994; INT4 0.974, 1.0, 0.9975. The
+  floors leave room for platform rounding (a flip at a near-tie slot costs 0.005) while a
+  regression to "sound but lossier" quantization (e.g. per-channel INT8: 0.943) or worse fails.
 """
 
 from __future__ import annotations
@@ -32,13 +36,10 @@ from conceptseg_edge.errors import ExportParityError, InputError
 from conceptseg_edge.export import policy as export_policy_mod
 from conceptseg_edge.export.onnx_export import graph_op_types
 from conceptseg_edge.export.policy import (
-    QUANT_FLOORS,
     export_policy,
     policy_decoder_spec,
     policy_embed_spec,
     policy_vision_spec,
-    quantized_parity,
-    validation_prompts,
 )
 from conceptseg_edge.manifest import BundleManifest, Preprocessing, SourceInfo, write_manifest
 from conceptseg_edge.models.policy import PolicyWrapper, build_policy, build_processor, tiny_policy_config
@@ -60,6 +61,10 @@ TESTED_PARTS = {"policy_vision", "policy_embed", "policy_decoder"}
 TEST_MAX_PIXELS = 112 * 112  # 8x8 patches -> 16 image tokens
 DEPLOY_MAX_PIXELS = 600 * 600
 HIDDEN_ATOL = 1e-4
+TEST_FLOORS = {
+    "int8": {"greedy_token_agreement": 0.95, "decisive_token_agreement": 0.99, "hidden_cosine": 0.998},
+    "int4": {"greedy_token_agreement": 0.93, "decisive_token_agreement": 0.98, "hidden_cosine": 0.99},
+}
 TRAIN_STEPS = 60
 
 
@@ -75,6 +80,10 @@ def _train_peaked(model, processor, steps: int = TRAIN_STEPS) -> None:
             texts.append(prompt + line + EOS_TOKEN)
     encoded = [torch.tensor(tok(t)["input_ids"]) for t in texts]
     gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    # One thread: as fast as two on these tiny matrices, and immune to the 10x+ slowdowns that
+    # intra-op spinning suffers when the shared cores are busy.
+    torch.set_num_threads(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -87,6 +96,7 @@ def _train_peaked(model, processor, steps: int = TRAIN_STEPS) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+    torch.set_num_threads(threads)
     model.eval()
 
 
@@ -328,14 +338,37 @@ def test_quantized_decoders_meet_their_floors(exported, wrapper, precision):
     fp32_size = (exported["fp32"][0] / "policy_decoder.onnx").stat().st_size
     assert (bundle / "policy_decoder.onnx").stat().st_size < fp32_size
 
-    # Re-measure through the loaded bundle, and check free-running decoding still runs to the format.
+    # The report's distances are 1 - the measures; the test floors pin what was measured.
+    measured = {k: 1.0 - report.max_abs_diff[d] for k, d in export_policy_mod.QUANT_DISTANCES.items()}
+    for key, floor in TEST_FLOORS[precision].items():
+        assert measured[key] >= floor, (key, measured)
+    # The bundle loads, and free-running decoding keeps the format and the first tokens.
     quant = OnnxPolicy.from_bundle(bundle)
-    metrics = quantized_parity(wrapper, quant, validation_prompts())
-    for key, floor in QUANT_FLOORS[precision].items():
-        assert metrics[key] >= floor, (key, metrics)
     free = quant.generate(None, "camouflaged object segmentation", 24)
     ref = wrapper.generate([], "camouflaged object segmentation", 24)
     assert free.text.startswith("<think>") and free.token_ids[:4].tolist() == ref.token_ids[:4].tolist()
+
+
+def test_quantized_gate_catches_a_broken_graph(exported, model, processor, tmp_path):
+    """Weights shuffled inside each matrix (same values and scale, like mis-packed blocks) must fail."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    bundle, _ = exported["int8"]
+    for name in ("policy_vision.onnx", "policy_embed.onnx"):
+        shutil.copy(bundle / name, tmp_path / name)
+    graph = onnx.load(str(exported["fp32"][0] / "policy_decoder.onnx"))
+    rng = np.random.default_rng(0)
+    for init in graph.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2 and w.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape), init.name))
+    onnx.save(graph, str(tmp_path / "policy_decoder.onnx"))
+    spec = policy_decoder_spec(128, 2, 2, 32, model.lm_head.out_features, "int8")
+    with pytest.raises(ExportParityError, match="decisive_token_agreement"):
+        export_policy_mod._quantized_report(model, processor, tmp_path, bundle / rt.PROCESSOR_DIR, spec, "int8")
 
 
 # ----------------------------------------------------------------------------- torch-free runtime
