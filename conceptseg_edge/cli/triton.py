@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="python flavor: point at the bundle by absolute path instead of copying it in")
     build.add_argument("--max-image-pixels", type=int, default=None, metavar="N", help="largest H*W a request may send")
     build.add_argument("--no-warmup", action="store_true", help="skip the warm-up request at model load")
-    build.add_argument("--bank", default=None, help="python flavor: concept bank directory for the shortcut route")
+    build.add_argument("--bank", default=None, help="concept bank directory for the shortcut route")
+    build.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="reason-route generation budget")
     build.set_defaults(func=_build)
 
     serve = kinds.add_parser("serve", help="run tritonserver on a repository (loopback) until Ctrl-C")
@@ -78,6 +79,7 @@ def _build(args: argparse.Namespace) -> int:
         limits=limits,
         warmup=not args.no_warmup,
         bank_dir=args.bank,
+        max_new_tokens=args.max_new_tokens,
     )
     manifest = build_repository(args.bundle, args.out, cfg)
     print(json.dumps({"repository": str(Path(args.out)), "flavor": manifest.flavor, "routes": list(manifest.routes),

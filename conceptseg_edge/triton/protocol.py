@@ -186,7 +186,9 @@ def decode_image_bytes(data: Any, what: str, limits: ServeLimits) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             w, h = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL refuses absurd sizes while reading the header
+        raise InputError(f"{what}: exceeds this server's limit of {limits.max_image_pixels} pixels ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{what}: cannot decode image ({exc})") from exc
     _check_pixels(h, w, what, limits)
     return load_image(data)

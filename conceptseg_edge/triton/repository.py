@@ -8,9 +8,9 @@ Two flavors:
   Runs on any Triton with the python backend, including the ``nvidia-pytriton`` wheel's.
 - ``native``: every bundle part becomes its own model (``onnxruntime_onnx`` or ``tensorrt_plan``,
   named after the part), with dynamic batching when every input and output of the part shares one
-  symbolic leading axis; ``conceptseg`` becomes a BLS python model that runs the same router and
-  predictor, calling the graph models for the encoder and decoder. This is the one for the NGC
-  Triton container on GPUs. ``graph_backend="python"`` serves the graphs with ONNX Runtime under the
+  symbolic leading axis; ``conceptseg`` becomes a BLS python model that runs the same router,
+  predictor and concept encoder, calling the graph models (SAM2 encoder/decoder, CTM, policy vision /
+  embed / decoder) for every graph run. This is the one for the NGC Triton container on GPUs. ``graph_backend="python"`` serves the graphs with ONNX Runtime under the
   python backend instead, for a server without the onnxruntime backend (and for tests here).
 
 Every ``config.pbtxt`` is generated from a ``ModelConfig`` derived from the bundle manifest (IO names,
@@ -53,7 +53,6 @@ REPOSITORY_MANIFEST = "conceptseg_repository.json"
 REPOSITORY_SCHEMA_VERSION = 1
 DEFAULT_NATIVE_MAX_BATCH = 8
 VERSION = "1"
-BLS_ROUTES = ("prompt",)  # concept routes over BLS need an engine-injectable concept encoder in the runtime
 
 _KIND = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 _PLATFORM = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
@@ -142,7 +141,8 @@ class RepositoryConfig:
     graph_backend: str = field(default="onnxruntime", metadata={"help": "native: onnxruntime (platform) or python (ORT in python backend)"})
     limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "per-request limits"})
     warmup: bool = field(default=True, metadata={"help": "run one request at load time"})
-    bank_dir: str | None = field(default=None, metadata={"help": "python flavor: concept bank directory"})
+    bank_dir: str | None = field(default=None, metadata={"help": "concept bank directory (shortcut route)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "reason route generation budget (default: the runtime's)"})
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVORS:
@@ -160,6 +160,8 @@ class RepositoryConfig:
             )
         if self.bundle_mode not in BUNDLE_MODES:
             raise InputError(f"bundle_mode {self.bundle_mode!r}: expected one of {BUNDLE_MODES}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise InputError(f"--max-new-tokens {self.max_new_tokens}: expected an int >= 1")
         if self.graph_backend not in GRAPH_BACKENDS:
             raise InputError(f"--graph-backend {self.graph_backend}: expected one of {', '.join(GRAPH_BACKENDS)}")
 
@@ -337,11 +339,12 @@ def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig 
     make_dir_like_mkdir(staging)
     try:
         staged = _Staged()
+        if MODEL_NAME in manifest.parts:
+            raise ManifestError(f"parts.{MODEL_NAME}: a part may not take the router model's name")
+        routes = tuple(manifest.routes)
         if cfg.flavor == "python":
-            routes = tuple(manifest.routes)
             _build_python(bundle, manifest, staging, cfg, staged)
         else:
-            routes = tuple(r for r in manifest.routes if r in BLS_ROUTES)
             _build_native(bundle, manifest, staging, cfg, staged)
         result = RepositoryManifest(
             flavor=cfg.flavor,
@@ -386,6 +389,8 @@ def _router_parameters(cfg: RepositoryConfig, engines: str, bundle_param: str, e
     }
     if cfg.bank_dir:
         params["bank_dir"] = str(Path(cfg.bank_dir).resolve())
+    if cfg.max_new_tokens:
+        params["max_new_tokens"] = str(cfg.max_new_tokens)
     return params
 
 
@@ -434,5 +439,4 @@ def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
     params = _router_parameters(cfg, "bls", "bundle", {"graph_models": json.dumps(graph_models, sort_keys=True)})
     _write_config(model_dir, router_model_config(cfg, params))
     staged.models[MODEL_NAME] = {"role": "router (BLS python model calling the graph models)",
-                                 "backend": "python", "max_batch_size": 0, "instances": cfg.instances,
-                                 "routes": list(BLS_ROUTES)}
+                                 "backend": "python", "max_batch_size": 0, "instances": cfg.instances}

@@ -126,7 +126,10 @@ class ServedModel:
         else:
             if pb_utils is None:
                 raise InputError("engines=bls needs the python backend's pb_utils")
-            segmenter = _bls_segmenter(bundle, json.loads(params.get("graph_models", "{}")), pb_utils)
+            segmenter = _bls_segmenter(bundle, json.loads(params.get("graph_models", "{}")), pb_utils,
+                                       params.get("bank_dir") or None)
+        if params.get("max_new_tokens") and segmenter.concepts is not None:
+            segmenter.concepts.max_new_tokens = int(params["max_new_tokens"])
         model = cls(segmenter, limits)
         if mode == "local" and params.get("warmup", "1") == "1":  # BLS is only allowed inside execute()
             model.warmup()
@@ -160,18 +163,37 @@ class ServedModel:
             return None, classify_error(exc)
 
 
-def _bls_segmenter(bundle_dir: Path, graph_models: Mapping[str, str], pb_utils: Any):
-    """A ``ConceptSegmenter`` whose SAM2 engines are BLS calls; prompt route only (see ``repository``)."""
+def _bls_segmenter(bundle_dir: Path, graph_models: Mapping[str, str], pb_utils: Any, bank_dir: str | None = None):
+    """A ``ConceptSegmenter`` whose every graph (SAM2, CTM, policy) is a BLS call to its own model."""
     from conceptseg_edge.manifest import read_manifest
     from conceptseg_edge.router import RouterConfig
     from conceptseg_edge.runtime.predictor import SAM2Predictor
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
     manifest = read_manifest(bundle_dir)  # graph files live in their own models; hashes were checked at build
-    engines = [BlsEngine(pb_utils, graph_models.get(name, name), manifest.part(name)) for name in ("sam2_encoder", "sam2_decoder")]
-    predictor = SAM2Predictor(engines[0], engines[1], manifest.preprocessing)
+
+    def engine(name: str) -> BlsEngine:
+        return BlsEngine(pb_utils, graph_models.get(name, name), manifest.part(name))
+
+    predictor = SAM2Predictor(engine("sam2_encoder"), engine("sam2_decoder"), manifest.preprocessing)
     router = RouterConfig.from_dict(manifest.router) if manifest.router else RouterConfig()
-    return ConceptSegmenter(predictor, router, routes=("prompt",))
+    concepts = bank = None
+    if {"shortcut", "reason"} & set(manifest.routes):
+        from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
+        from conceptseg_edge.runtime.concept import OnnxConceptEncoder
+        from conceptseg_edge.runtime.policy import PROCESSOR_DIR, OnnxPolicy, PolicyImageConfig, PolicyTokenizer
+
+        processor = bundle_dir / PROCESSOR_DIR
+        policy = OnnxPolicy(
+            engine("policy_vision") if "policy_vision" in manifest.parts else None,
+            engine("policy_embed"),
+            engine("policy_decoder"),
+            PolicyTokenizer.from_dir(processor),
+            PolicyImageConfig.from_dir(processor),
+        )
+        concepts = OnnxConceptEncoder(policy, engine("ctm"))
+        bank = ConceptBank(bank_dir, bundle_key(manifest)) if bank_dir else None
+    return ConceptSegmenter(predictor, router, manifest.routes, concepts, bank)
 
 
 # ---------------------------------------------------------------------------- python-served graphs

@@ -1,0 +1,528 @@
+"""Serving through a real ``tritonserver`` on loopback (the nvidia-pytriton wheel's binary when no system one).
+
+One python-flavor server runs for the whole session (built from ``tiny_bundle``, one instance, random
+free loopback ports) and is stopped by a finalizer whatever happens. Masks through the server must
+equal the in-process runtime's bit for bit; bad requests must come back as client errors with the
+server still ready; a bounded concurrent load must finish without an error. Config generation is
+checked against Triton's own protobuf without a server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conceptseg_edge._compat import is_available
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.manifest import PartManifest, TensorSpec, load_bundle
+
+pytestmark = pytest.mark.skipif(not is_available("tritonclient.grpc"), reason="tritonclient not installed (extra: serve)")
+
+
+def _server_available() -> bool:
+    from conceptseg_edge.triton.server import ServerStartError, find_tritonserver
+
+    try:
+        find_tritonserver()
+    except ServerStartError:
+        return False
+    return True
+
+
+needs_server = pytest.mark.skipif(not _server_available(), reason="no tritonserver (system or nvidia-pytriton wheel)")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims a huge size, with one tiny IDAT: refused from the header, never decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "conceptseg_edge", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def py_repo(tiny_bundle, tmp_path_factory) -> Path:
+    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    build_repository(tiny_bundle, out, RepositoryConfig(flavor="python", instances=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(py_repo, tmp_path_factory, request):
+    """The session's server; the finalizer is registered before start, so a failed start is cleaned up too."""
+    from conceptseg_edge.triton.server import TritonServer
+
+    srv = TritonServer(py_repo, log_path=tmp_path_factory.mktemp("triton-log") / "server.log", startup_timeout=300)
+    request.addfinalizer(srv.stop)
+    srv.start()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_bundle):
+    from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+
+    return ConceptSegmenter.from_bundle(tiny_bundle)
+
+
+@pytest.fixture(params=["http", "grpc"])
+def client(server, request):
+    from conceptseg_edge.triton.client import TritonSegClient
+
+    url = server.http_url if request.param == "http" else server.grpc_url
+    with TritonSegClient(url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_image() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    img = (rng.random((72, 96, 3)) * 255).astype(np.uint8)
+    img[20:50, 30:70] = (220, 40, 40)
+    return img
+
+
+# ---------------------------------------------------------------------------- configs (no server)
+
+
+def test_router_config_parses_with_tritons_protobuf():
+    from conceptseg_edge.triton.model_config import validate_pbtxt
+    from conceptseg_edge.triton.protocol import INPUT_NAMES, OUTPUT_NAMES
+    from conceptseg_edge.triton.repository import RepositoryConfig, router_model_config
+
+    config = router_model_config(RepositoryConfig(instances=2), {"engines": "local", "bundle": "bundle"})
+    message = validate_pbtxt(config.to_pbtxt(), expected=config)
+    assert message.backend == "python" and message.max_batch_size == 0
+    assert [i.name for i in message.input] == list(INPUT_NAMES) and all(i.optional for i in message.input)
+    assert [o.name for o in message.output] == list(OUTPUT_NAMES)
+    assert message.instance_group[0].count == 2
+    assert config.to_pbtxt() == config.to_pbtxt()  # deterministic
+    as_json = config.to_dict()
+    assert as_json["parameters"]["engines"]["string_value"] == "local"
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda M, T, D: M("m", (T("x", "float32", (2,)),), (T("y", "float32", (2,)),), backend="python",
+                           dynamic_batching=D()), "needs max_batch_size > 0"),
+        (lambda M, T, D: M("m", (T("x", "float32", (2,)), T("x", "float32", (2,))), (T("y", "float32", (2,)),),
+                           backend="python"), "duplicate names"),
+        (lambda M, T, D: M("m", (T("x", "float32", (2,)),), (T("y", "float32", (2,)),), backend="python",
+                           platform="onnxruntime_onnx"), "exactly one of backend / platform"),
+        (lambda M, T, D: M("m", (T("x", "float32", (2,)),), (T("y", "float32", (2,)),), backend="python",
+                           max_batch_size=4, dynamic_batching=D((8,))), "> max_batch_size"),
+        (lambda M, T, D: T("x", "float32", (0, 3)), "positive int or -1"),
+        (lambda M, T, D: T("x", "complex64", (3,)), "dtype"),
+        (lambda M, T, D: M("m", (T("x", "float32", (2,)),), (T("x", "float32", (2,)),), backend="python"),
+         "both input and output"),
+    ],
+    ids=["batching-without-batch", "duplicate", "backend-and-platform", "preferred-too-big", "zero-dim", "dtype", "in-out-clash"],
+)
+def test_invalid_configs_are_refused(build, match):
+    from conceptseg_edge.triton.model_config import DynamicBatching, ModelConfig, ModelConfigError, TensorConfig
+
+    with pytest.raises(ModelConfigError, match=match):
+        build(ModelConfig, TensorConfig, DynamicBatching)
+
+
+def test_protobuf_rejects_bad_text_and_a_different_parse_is_caught():
+    from conceptseg_edge.triton.model_config import ModelConfig, ModelConfigError, TensorConfig, validate_pbtxt
+
+    with pytest.raises(ModelConfigError, match="protobuf rejects"):
+        validate_pbtxt('name: "m"\nbogus_field: 3\n')
+    config = ModelConfig("m", (TensorConfig("x", "float32", (-1, 2)),), (TensorConfig("y", "bool", (-1,)),), backend="python")
+    tampered = config.to_pbtxt().replace("dims: [ -1, 2 ]", "dims: [ -1, 3 ]")
+    with pytest.raises(ModelConfigError, match=r"input x\.dims"):
+        validate_pbtxt(tampered, expected=config)
+
+
+def _part(name: str, inputs, outputs) -> PartManifest:
+    return PartManifest(name, f"{name}.onnx", "0" * 64, "onnx", "fp32", 17,
+                        tuple(TensorSpec(*t) for t in inputs), tuple(TensorSpec(*t) for t in outputs))
+
+
+def test_shared_batch_axis_gets_dynamic_batching():
+    from conceptseg_edge.triton.repository import batch_axis, graph_model_config
+
+    ctm = _part("ctm", [("hidden_states", "float32", ("batch", "seq", 128))], [("concept_tokens", "float32", ("batch", 8, 256))])
+    config = graph_model_config(ctm, max_batch=8, device="gpu", instances=1)
+    assert batch_axis(ctm) == "batch"
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
+    assert config.inputs[0].dims == (-1, 128) and config.outputs[0].dims == (8, 256)
+    assert config.dynamic_batching.preferred_batch_size == (2, 4, 8)
+    assert graph_model_config(ctm, max_batch=0, device="gpu", instances=1).dynamic_batching is None
+    mixed = _part("dec", [("feats", "float32", (1, 256)), ("pts", "float32", ("batch", "n", 2))], [("m", "float32", ("batch", 4))])
+    assert batch_axis(mixed) is None
+    assert graph_model_config(mixed, max_batch=8, device="gpu", instances=1).max_batch_size == 0
+    plan = PartManifest("enc", "enc.plan", "0" * 64, "tensorrt", "fp16", None, ctm.inputs, ctm.outputs)
+    assert graph_model_config(plan, 8, "gpu", 1).platform == "tensorrt_plan"
+
+
+def test_native_repository_follows_the_manifest(tiny_bundle, tmp_path):
+    from conceptseg_edge.fileio import sha256_file
+    from conceptseg_edge.triton.model_config import TRITON_TYPES, read_config
+    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+
+    repo = build_repository(tiny_bundle, tmp_path / "native", RepositoryConfig(flavor="native"))
+    manifest = load_bundle(tiny_bundle)
+    assert repo.flavor == "native" and set(repo.models) == {*manifest.parts, "conceptseg"}
+    for name, part in manifest.parts.items():
+        message = read_config(tmp_path / "native" / name / "config.pbtxt")
+        assert message.platform == "onnxruntime_onnx" and message.default_model_filename == Path(part.file).name
+        assert [(i.name, i.data_type, list(i.dims)) for i in message.input] == [
+            (t.name, _enum(TRITON_TYPES[t.dtype]), [d if isinstance(d, int) else -1 for d in t.shape]) for t in part.inputs
+        ]
+        assert [o.name for o in message.output] == [t.name for t in part.outputs]
+        assert message.instance_group[0].kind == 1  # KIND_GPU: the native flavor is for GPU servers
+        assert sha256_file(tmp_path / "native" / name / "1" / Path(part.file).name) == part.sha256
+    router = read_config(tmp_path / "native" / "conceptseg" / "config.pbtxt")
+    assert router.parameters["engines"].string_value == "bls"
+    assert json.loads(router.parameters["graph_models"].string_value) == {n: n for n in manifest.parts}
+    assert (tmp_path / "native" / "conceptseg" / "1" / "bundle" / "manifest.json").is_file()
+
+
+def _enum(name: str) -> int:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Value(name)
+
+
+def test_build_is_atomic_and_refuses_foreign_directories(tiny_bundle, tmp_path):
+    from conceptseg_edge.triton.repository import REPOSITORY_MANIFEST, RepositoryConfig, build_repository
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a conceptseg-edge Triton repository"):
+        build_repository(tiny_bundle, foreign)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="python flavor serves one image per request"):
+        RepositoryConfig(flavor="python", max_batch=4)
+    out = tmp_path / "repo"
+    build_repository(tiny_bundle, out, RepositoryConfig(bundle_mode="reference"))
+    build_repository(tiny_bundle, out)  # rebuilding over our own repository replaces it
+    assert (out / REPOSITORY_MANIFEST).is_file() and (out / "conceptseg" / "1" / "bundle" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "repo"]  # no staging debris
+
+
+def test_served_code_is_torch_free(py_repo):
+    model_py = (py_repo / "conceptseg" / "1" / "model.py").read_text()
+    imports = [line for line in model_py.splitlines() if line.lstrip().startswith(("import ", "from "))]
+    assert imports and not [line for line in imports if "torch" in line]
+    code = ("import sys; import conceptseg_edge.triton.serving, conceptseg_edge.triton.protocol, "
+            "conceptseg_edge.runtime.segmenter; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_request_limits_are_checked_before_decoding():
+    from conceptseg_edge.triton.protocol import ServeLimits, parse_request
+
+    limits = ServeLimits(max_image_pixels=10_000)
+    bomb = {"IMAGE_BYTES": np.array([png_header_claiming(100_000, 100_000)], dtype=object), "POINTS": np.zeros((1, 2), np.float32)}
+    with pytest.raises(InputError, match="exceeds this server's limit"):
+        parse_request(bomb, limits)
+    with pytest.raises(InputError, match="exceeds this server's limit"):
+        parse_request({"IMAGE": np.zeros((200, 200, 3), np.uint8), "QUERY": np.array([b"cat"], dtype=object)}, limits)
+
+
+# ---------------------------------------------------------------------------- the real server
+
+
+@needs_server
+def test_server_is_ready_and_serves_the_generated_config(server, client):
+    from conceptseg_edge.triton.protocol import INPUT_NAMES
+
+    assert server.running and server.host == "127.0.0.1"
+    assert client.is_ready()
+    config = client.model_config()
+    assert [i["name"] for i in config["input"]] == list(INPUT_NAMES)
+
+
+CASES = [
+    ("http", "raw", {"points": [[200, 280]], "labels": [1]}),
+    ("grpc", "raw", {"box": [110, 190, 290, 370]}),
+    ("http", "png", {"points": [[450, 300], [200, 280]], "labels": [1, 0]}),
+    ("grpc", "png", {"points": [[450, 300]], "labels": [1], "box": [370, 220, 530, 380]}),
+]
+
+
+@needs_server
+@pytest.mark.parametrize("protocol, payload, prompt", CASES, ids=["http-raw-click", "grpc-raw-box", "http-png-fg+bg", "grpc-png-box+click"])
+def test_prompt_route_masks_equal_the_in_process_runtime(server, segmenter, sample_image, protocol, payload, prompt):
+    from conceptseg_edge.triton.client import TritonSegClient
+
+    expected = segmenter.segment(sample_image, **prompt)
+    image = sample_image if payload == "raw" else png_bytes(sample_image)
+    with TritonSegClient(server.http_url if protocol == "http" else server.grpc_url) as c:
+        got = c.segment(image, **prompt)
+    assert got.route == expected.route == "prompt" and got.reason == expected.reason
+    assert got.mask.shape == sample_image.shape[:2] and got.mask.dtype == bool
+    assert np.array_equal(got.mask, expected.mask)
+    assert got.score == pytest.approx(expected.score, abs=1e-6)
+    assert got.object_score == pytest.approx(expected.object_score, abs=1e-6)
+    assert {"preprocess", "encoder", "decoder", "postprocess", "server_total"} <= set(got.timings)
+
+
+def _raw_infer(url: str, tensors: list[tuple[str, np.ndarray, str]]):
+    """Send tensors with explicit wire types (to get past the client's own dtype checks)."""
+    import tritonclient.http as th
+
+    c = th.InferenceServerClient(url.removeprefix("http://"))
+    try:
+        inputs = []
+        for name, value, wire in tensors:
+            t = th.InferInput(name, list(value.shape), wire)
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        return c.infer("conceptseg", inputs)
+    finally:
+        c.close()
+
+
+IMG = np.full((40, 50, 3), 90, np.uint8)
+PT = np.array([[10, 10]], np.float32)
+BAD_REQUESTS = {
+    "missing-image": ({"POINTS": PT}, "IMAGE / IMAGE_BYTES"),
+    "two-images": ({"IMAGE": IMG, "IMAGE_BYTES": np.array([png_bytes(IMG)], dtype=object), "POINTS": PT}, "exactly one"),
+    "no-prompt": ({"IMAGE": IMG}, "no prompt"),
+    "corrupt-bytes": ({"IMAGE_BYTES": np.array([b"\x89PNG\r\n\x1a\nnot a png at all"], dtype=object), "POINTS": PT}, "cannot decode"),
+    "truncated-png": ({"IMAGE_BYTES": np.array([png_bytes(IMG)[:60]], dtype=object), "POINTS": PT}, "cannot decode"),
+    "absurd-declared-size": ({"IMAGE_BYTES": np.array([png_header_claiming(100_000, 100_000)], dtype=object), "POINTS": PT},
+                             "exceeds this server's limit"),
+    "one-pixel": ({"IMAGE": np.zeros((1, 1, 3), np.uint8), "POINTS": np.zeros((1, 2), np.float32)}, "too small"),
+    "five-channels": ({"IMAGE": np.zeros((8, 8, 5), np.uint8), "POINTS": PT}, "shape"),
+    "too-many-points": ({"IMAGE": IMG, "POINTS": np.full((5000, 2), 5, np.float32)}, "at most 64"),
+    "point-outside": ({"IMAGE": IMG, "POINTS": np.array([[500, 10]], np.float32)}, "outside"),
+    "nan-point": ({"IMAGE": IMG, "POINTS": np.array([[np.nan, 1]], np.float32)}, "NaN"),
+    "labels-mismatch": ({"IMAGE": IMG, "POINTS": PT, "POINT_LABELS": np.array([1, 0], np.int32)}, "labels"),
+    "bad-box": ({"IMAGE": IMG, "BOX": np.array([30, 30, 10, 10], np.float32)}, "X1 > X0"),
+    "unknown-route": ({"IMAGE": IMG, "POINTS": PT, "FORCE_ROUTE": np.array([b"teleport"], dtype=object)}, "FORCE_ROUTE"),
+    "concept-on-prompt-bundle": ({"IMAGE": IMG, "QUERY": np.array([b"red square"], dtype=object)}, "not available"),
+    "not-utf8": ({"IMAGE": IMG, "QUERY": np.array([b"\xff\xfe"], dtype=object)}, "UTF-8"),
+    "orphan-support-masks": ({"IMAGE": IMG, "POINTS": PT, "SUPPORT_MASKS": np.array([png_bytes(IMG)], dtype=object)},
+                             "without SUPPORT_IMAGES"),
+}
+
+
+@needs_server
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_requests_get_a_client_error_and_the_server_stays_ready(server, client, name):
+    from conceptseg_edge.triton.client import TritonRequestError
+
+    feeds, match = BAD_REQUESTS[name]
+    with pytest.raises(TritonRequestError, match=match) as info:
+        client.infer_arrays(feeds)
+    assert info.value.client_error, info.value.status
+    assert server.running and client.is_ready()
+
+
+@needs_server
+@pytest.mark.parametrize(
+    "tensors, match",
+    [
+        ([("IMAGE", np.zeros((8, 8, 3), np.float32), "FP32"), ("POINTS", PT, "FP32")], "data-type"),
+        ([("IMAGE", IMG, "UINT8"), ("POINTS", np.zeros((1, 3), np.float32), "FP32")], "shape"),
+        ([("IMAGE", IMG, "UINT8"), ("NOT_AN_INPUT", PT, "FP32")], "NOT_AN_INPUT"),
+    ],
+    ids=["wrong-dtype", "wrong-shape", "unknown-input"],
+)
+def test_triton_itself_refuses_malformed_tensors(server, tensors, match):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match=match) as info:
+        _raw_infer(server.http_url, tensors)
+    assert str(info.value.status()) == "400"
+    assert server.is_ready()
+
+
+@needs_server
+def test_bounded_concurrent_load_has_no_errors(server, segmenter, small_image):
+    """8 clients (4 HTTP, 4 gRPC) × 50 requests on one image: the encoder is cached after the first."""
+    from conceptseg_edge.triton.client import TritonSegClient
+
+    point = [[60.0, 35.0]]
+    expected = segmenter.segment(small_image, points=point).mask
+    errors: list[str] = []
+    mismatches = []
+    done = [0] * 8
+
+    def worker(i: int) -> None:
+        try:
+            with TritonSegClient(server.http_url if i % 2 == 0 else server.grpc_url, timeout=120) as c:
+                for _ in range(50):
+                    result = c.segment(small_image, points=point)
+                    if not np.array_equal(result.mask, expected):
+                        mismatches.append(i)
+                    done[i] += 1
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(f"client {i}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "clients still running after 240 s"
+    assert errors == [] and mismatches == []
+    assert done == [50] * 8
+    assert server.is_ready()
+
+
+@needs_server
+def test_client_cli_writes_the_mask(server, segmenter, sample_image, tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "sample.png"
+    out = tmp_path / "mask.png"
+    proc = cli("client", server.http_url, sample, "--point", "200,280", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["route"] == "prompt" and "server_total" in report["server_timings_ms"]
+    expected = segmenter.segment(sample_image, points=[[200, 280]]).mask
+    assert np.array_equal(np.asarray(Image.open(out)) > 127, expected)
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    proc = cli("client", server.grpc_url, bad, "--point", "1,1", "--out", tmp_path / "m2.png")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot decode" in proc.stderr and not (tmp_path / "m2.png").exists()
+
+
+@needs_server
+def test_native_flavor_bls_router_matches_the_runtime(tiny_bundle, segmenter, sample_image, tmp_path):
+    """The native layout end to end: graphs as their own models (ORT under the python backend here, since
+    the wheel has no onnxruntime backend), the router calling them through BLS."""
+    from conceptseg_edge.triton.client import TritonRequestError, TritonSegClient
+    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.triton.server import TritonServer
+
+    build_repository(tiny_bundle, tmp_path / "native", RepositoryConfig(flavor="native", device="cpu", graph_backend="python"))
+    prompt = {"box": [110, 190, 290, 370]}
+    expected = segmenter.segment(sample_image, **prompt)
+    srv = TritonServer(tmp_path / "native", log_path=tmp_path / "native.log", startup_timeout=300)
+    with srv:
+        pid = srv.process.pid
+        with TritonSegClient(srv.grpc_url) as c:
+            got = c.segment(sample_image, **prompt)
+            with pytest.raises(TritonRequestError, match="outside"):
+                c.segment(sample_image, points=[[5000, 1]])
+            assert c.is_ready()
+    assert np.array_equal(got.mask, expected.mask) and got.score == pytest.approx(expected.score, abs=1e-6)
+    assert srv.process is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@needs_server
+def test_serve_cli_runs_until_sigterm(py_repo, tmp_path):
+    from conceptseg_edge.triton.server import free_port
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    if len({http, grpc, metrics}) < 3:
+        pytest.skip("could not draw three distinct free ports")
+    proc = subprocess.Popen([sys.executable, "-m", "conceptseg_edge", "triton", "serve", str(py_repo),
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                             "--log", str(tmp_path / "serve.log")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server_pid = None
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("}"):
+                break
+        described = json.loads("".join(lines))
+        server_pid = described["pid"]
+        assert described["http"] == f"http://127.0.0.1:{http}"
+        from conceptseg_edge.triton.client import TritonSegClient
+
+        with TritonSegClient(described["grpc"]) as c:
+            assert c.is_ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        if server_pid is not None:
+            try:
+                os.killpg(server_pid, signal.SIGKILL)  # the server leads its own process group
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------------------- concept routes
+
+CONCEPT_MAX_NEW_TOKENS = 16
+
+
+def _concept_export_available() -> bool:
+    return all(is_available(m) for m in ("conceptseg_edge.export.policy", "conceptseg_edge.runtime.concept"))
+
+
+@pytest.mark.slow
+@needs_server
+@pytest.mark.skipif(not _concept_export_available(), reason="concept export / runtime not built yet (export.policy, runtime.concept)")
+@pytest.mark.parametrize("flavor", ["python", "native"])
+def test_concept_routes_through_triton_equal_the_runtime(concept_bundle, tmp_path, flavor):
+    """Shortcut, reason, and reason with a support image; native = every graph (policy and CTM too) a BLS call."""
+    from conceptseg_edge.data.world import ConceptWorld
+    from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+    from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.triton.server import TritonServer
+
+    cfg = RepositoryConfig(flavor=flavor, device="cpu", graph_backend="python", max_new_tokens=CONCEPT_MAX_NEW_TOKENS)
+    build_repository(concept_bundle, tmp_path / "repo", cfg)
+    runtime = ConceptSegmenter.from_bundle(concept_bundle)
+    runtime.concepts.max_new_tokens = CONCEPT_MAX_NEW_TOKENS
+    ep = ConceptWorld(seed=5, image_size=128).episode(0)
+    support = ep.supports[0]
+    with TritonServer(tmp_path / "repo", log_path=tmp_path / "concept.log", startup_timeout=300) as srv, \
+            TritonSegClient(srv.http_url) as c:
+        for route in ("shortcut", "reason", "auto"):
+            expected = runtime.segment(ep.image, query=ep.query, route=route)
+            got = c.segment(png_bytes(ep.image), query=ep.query, route=route)
+            assert (got.route, got.reason, got.completion) == (expected.route, expected.reason, expected.completion)
+            assert np.array_equal(got.mask, expected.mask), route
+        expected = runtime.segment(ep.image, query=ep.query, route="reason", supports=[support])
+        got = c.segment(ep.image, query=ep.query, route="reason",
+                        supports=[(png_bytes(support.image), png_bytes((support.mask * 255).astype(np.uint8)))])
+        assert got.completion == expected.completion and np.array_equal(got.mask, expected.mask)
+        assert got.box == (None if expected.box is None else tuple(float(v) for v in expected.box))
