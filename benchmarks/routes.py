@@ -35,6 +35,7 @@ class RoutesBenchConfig:
     compare_torch: bool = field(default=True, metadata={"help": "time the torch reference pipeline too"})
     provider: str = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
     max_new_tokens: int = field(default=32, metadata={"help": "generation budget of the reason route"})
+    compare_bundles: tuple[str, ...] = field(default=(), metadata={"help": "same checkpoint at other policy precisions"})
 
 
 def _series(samples: list[dict[str, float]]) -> dict[str, Any]:
@@ -127,7 +128,11 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "environment": environment(),
     }
+    from conceptseg_edge.benchmarks.policy import bench_policy, bench_torch_capture
+
+    report["policy"].update(bench_policy(bundle, cfg.compare_bundles, runs=max(2, cfg.runs // 2), max_new_tokens=cfg.max_new_tokens))
     if cfg.compare_torch and manifest.source.checkpoint and Path(manifest.source.checkpoint).is_dir():
+        report["policy"]["capture"]["torch"] = bench_torch_capture(manifest.source.checkpoint, max(2, cfg.runs // 2), cfg.max_new_tokens)
         report["torch"] = _torch_routes(manifest.source.checkpoint, image, point, cfg)
         report["ratio_runtime_over_torch_p50"] = {
             r: round(report["routes"][k]["total"]["p50"] / report["torch"][r]["total"]["p50"], 3)
@@ -168,7 +173,14 @@ def render_routes_table(report: dict[str, Any]) -> str:
         head.append(row)
     head += ["", f"shortcut (bank hit) / prompt p50: {report['ratio_shortcut_hit_over_prompt_p50']}; "
                  f"4 concepts / 1 concept p50: {report['concepts_per_image']['ratio_4_over_1_p50']}; "
-                 f"policy prefill p50 {report['policy']['prefill_ms_p50']} ms, decode {report['policy']['decode_tokens_per_s']} tok/s"]
+                 f"policy prefill p50 {report['policy']['prefill_ms_p50']} ms, decode {report['policy']['decode_tokens_per_s']} tok/s",
+             "", "| policy precision | prefill ms | decode tok/s | speedup | greedy agreement |", "|---|---:|---:|---:|---:|"]
+    for row in report["policy"].get("precisions", []):
+        head.append(f"| {row['precision']} | {row['prefill_ms_p50']} | {row['decode_tokens_per_s']} | "
+                    f"{row.get('decode_speedup_vs_first', '–')} | {row.get('greedy_agreement_vs_first', 'reference')} |")
+    for side, c in report["policy"].get("capture", {}).items():
+        head.append(f"\nhidden-state capture ({side}): {c['generate_with_capture_ms']} ms vs generate+forward "
+                    f"{c['generate_then_forward_ms']} ms → ratio {c['ratio']}")
     return "\n".join(head)
 
 
@@ -185,7 +197,7 @@ def plot_routes(report: dict[str, Any], png: str | Path) -> Path:
 
     routes = list(report["routes"])
     stages = sorted({k for r in routes for k in report["routes"][r] if k != "total"})
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     bottom = np.zeros(len(routes))
     for stage in stages:
         vals = np.array([report["routes"][r].get(stage, {}).get("p50", 0.0) for r in routes])
@@ -193,7 +205,7 @@ def plot_routes(report: dict[str, Any], png: str | Path) -> Path:
         bottom += vals
     ax.set_ylabel("p50 latency (ms)")
     ax.set_title(f"{report['model']} @ {report['image_size']}px, {report['provider']}")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     parser.add_argument("--max-new-tokens", type=int, default=32, help="reason-route generation budget (--route all)")
+    parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
+                        help="the same checkpoint exported at another --policy-precision (repeatable; --route all)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT.json", help="write the report here")
     parser.add_argument("--png", default=None, metavar="OUT.png", help="latency chart per route and stage (--route all)")
     parser.set_defaults(func=_bench)
@@ -30,7 +32,8 @@ def _bench(args: argparse.Namespace) -> int:
         from conceptseg_edge.benchmarks.routes import RoutesBenchConfig, bench_routes, plot_routes, render_routes_table
 
         cfg = RoutesBenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                                provider=args.provider, max_new_tokens=args.max_new_tokens)
+                                provider=args.provider, max_new_tokens=args.max_new_tokens,
+                                compare_bundles=tuple(args.compare_bundle))
         report = bench_routes(args.bundle, cfg)
         table = render_routes_table(report)
         if args.png:
