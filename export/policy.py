@@ -43,6 +43,7 @@ agreement metrics; distances keep its ``diff <= atol`` reading valid.
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -448,11 +449,18 @@ def quantize_decoder(src: Path, dst: Path, precision: str) -> None:
             import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            quantizer = MatMulNBitsQuantizer(
-                onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True
-            )
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
+            # The quantizer logs one INFO line per graph node; keep export output readable.
+            log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+            level = log.level
+            log.setLevel(max(level, logging.WARNING))
+            try:
+                quantizer = MatMulNBitsQuantizer(
+                    onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True
+                )
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
+            finally:
+                log.setLevel(level)
         else:
             raise InputError(f"precision: {precision!r} is not a quantized precision")
 
