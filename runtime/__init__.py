@@ -14,6 +14,10 @@ _EXPORTS = {
     "OrtEngine": "conceptseg_edge.runtime.engine",
     "SAM2Predictor": "conceptseg_edge.runtime.predictor",
     "Prediction": "conceptseg_edge.runtime.predictor",
+    "ConceptSegmenter": "conceptseg_edge.runtime.segmenter",
+    "SegmentResult": "conceptseg_edge.runtime.segmenter",
+    "ConceptBank": "conceptseg_edge.runtime.bank",
+    "OnnxPolicy": "conceptseg_edge.runtime.policy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -239,6 +239,7 @@ class PolicyTokenizer:
         self.system_prompt = system_prompt
         self.image_token_id = self.token_id(IMAGE_PAD)
         self.stop_ids = frozenset(self.token_id(t) for t in STOP_TOKENS)
+        self.max_length: int | None = None  # the context limit, from tokenizer_config.json
 
     @classmethod
     def from_dir(cls, path: str | Path, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> PolicyTokenizer:
@@ -249,9 +250,15 @@ class PolicyTokenizer:
         if not file.is_file():
             raise ManifestError(f"{file}: tokenizer file missing")
         try:
-            return cls(Tokenizer.from_file(str(file)), system_prompt)
+            tok = cls(Tokenizer.from_file(str(file)), system_prompt)
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise ManifestError(f"{file}: cannot load tokenizer ({exc})") from exc
+        config = Path(path) / "tokenizer_config.json"
+        if config.is_file():
+            limit = json.loads(config.read_text(encoding="utf-8")).get("model_max_length")
+            # HF writes a huge sentinel (1e30) when a tokenizer has no limit of its own
+            tok.max_length = int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e9 else None
+        return tok
 
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -402,6 +409,12 @@ class OnnxPolicy:
         merge2 = self.image_config.merge_size**2
         counts = np.ones(len(ids), dtype=np.int64)
         counts[pads] = [int(np.prod(g)) // merge2 for g in grids]
+        limit = self.tokenizer.max_length
+        if limit is not None and counts.sum() >= limit:
+            raise InputError(
+                f"query: the prompt is {int(counts.sum())} tokens (images included), past the policy's "
+                f"context limit of {limit}; shorten the query or use fewer/smaller support images"
+            )
         return np.repeat(ids, counts)
 
     def _run_decoder(
@@ -496,7 +509,8 @@ class OnnxPolicy:
         while True:
             token = int(np.argmax(logits))
             tokens.append(token)
-            if token in self.tokenizer.stop_ids or len(tokens) >= max_new_tokens:
+            at_limit = self.tokenizer.max_length is not None and total + 1 >= self.tokenizer.max_length
+            if token in self.tokenizer.stop_ids or len(tokens) >= max_new_tokens or at_limit:
                 break
             embeds = self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
             total += 1

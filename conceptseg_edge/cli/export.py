@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
     concept.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     concept.add_argument("--out", required=True, help="bundle directory to write")
-    concept.add_argument("--policy-precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    concept.add_argument("--policy-precision", default="fp32", choices=["fp32", "int8", "int4"],
+                         help="policy decoder weights: fp32, int8 (dynamic) or int4 (MatMulNBits, weight-only)")
     concept.add_argument("--opset", type=int, default=17)
     concept.set_defaults(func=_export_concept)
 
