@@ -33,6 +33,24 @@ SAM2_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sam2.1_hiera_s": ("configs/sam2.1/sam2.1_hiera_s.yaml", ()),
     "sam2.1_hiera_b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", ()),
     "sam2.1_hiera_l": ("configs/sam2.1/sam2.1_hiera_l.yaml", ()),
+    # ConceptSeg-Tiny's backbone (train/backbone.py pretrains it on ConceptWorld at 128 px): a
+    # 6-block Hiera, widths 32/64/128/256, global attention in the third stage; the memory modules
+    # (unused on images) are cut to one layer. The prompt encoder / mask decoder keep SAM2's 256 width.
+    "conceptseg_tiny": (
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        (
+            "++model.image_encoder.trunk.embed_dim=32",
+            "++model.image_encoder.trunk.num_heads=1",
+            "++model.image_encoder.trunk.stages=[1,1,3,1]",
+            "++model.image_encoder.trunk.global_att_blocks=[3,4]",
+            "++model.image_encoder.trunk.window_spec=[8,4,8,4]",
+            "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[8,8]",
+            "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+            "++model.memory_attention.num_layers=1",
+            "++model.memory_attention.layer.dim_feedforward=256",
+            "++model.memory_encoder.fuser.num_layers=1",
+        ),
+    ),
 }
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)

@@ -1,0 +1,97 @@
+"""``conceptseg-edge train``: backbone, stage1, stage2, calibrate-router, tiny-default.
+
+Each leaf reads a typed YAML config (``--config``; unknown keys and bad values are clean errors),
+runs the stage with progress bars, and prints a one-object JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train the backbone, the CTM (stage 1), Meta-GRPO (stage 2), the router")
+    sub = parser.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+
+    backbone = sub.add_parser("backbone", help="pretrain a small SAM2 on ConceptWorld (the offline default's backbone)")
+    backbone.add_argument("--config", type=Path, required=True, help="YAML (train/configs/backbone.yaml)")
+    backbone.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    backbone.set_defaults(func=_backbone)
+
+    stage1 = sub.add_parser("stage1", help="train the CTM through the frozen SAM2 on teacher-forced completions")
+    stage1.add_argument("--config", type=Path, required=True, help="YAML (train/configs/stage1.yaml)")
+    stage1.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    stage1.set_defaults(func=_stage1)
+
+    stage2 = sub.add_parser("stage2", help="Meta-GRPO on TRL's GRPOTrainer (policy + CTM)")
+    stage2.add_argument("--config", type=Path, required=True, help="YAML (train/configs/stage2.yaml)")
+    stage2.set_defaults(func=_stage2)
+
+    calib = sub.add_parser("calibrate-router", help="fit the shortcut threshold per word count; write it into the checkpoint")
+    calib.add_argument("--config", type=Path, required=True, help="YAML (train/configs/calibrate.yaml)")
+    calib.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the config's)")
+    calib.set_defaults(func=_calibrate)
+
+    tiny = sub.add_parser("tiny-default", help="train ConceptSeg-Tiny on ConceptWorld end to end and export its bundle")
+    tiny.add_argument("--out", type=Path, required=True, help="run directory (stages, checkpoint, bundle, report)")
+    tiny.add_argument("--configs", type=Path, default=None, help="directory of the stage YAMLs (default: train/configs/tiny)")
+    tiny.add_argument("--bundle", type=Path, default=None, help="also copy the exported bundle here")
+    tiny.add_argument("--skip-stage2", action="store_true", help="leave Meta-GRPO out (stage 1 checkpoint is calibrated)")
+    tiny.add_argument("--no-export", action="store_true", help="stop at the calibrated checkpoint")
+    tiny.set_defaults(func=_tiny)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _backbone(args: argparse.Namespace) -> int:
+    from conceptseg_edge.train.backbone import BackboneConfig, train_backbone
+    from conceptseg_edge.train.config import load_config
+
+    result = train_backbone(load_config(args.config, BackboneConfig), args.out)
+    _print({"out_dir": result.out_dir, "checkpoint": result.checkpoint, "heldout": result.summary.get("heldout"),
+            "time": result.summary.get("time")})
+    return 0
+
+
+def _stage1(args: argparse.Namespace) -> int:
+    from conceptseg_edge.train.config import load_config
+    from conceptseg_edge.train.stage1 import Stage1Config, train_stage1
+
+    result = train_stage1(load_config(args.config, Stage1Config), args.out)
+    s = result.summary
+    _print({"checkpoint": result.checkpoint, "loss_first": s.get("loss_first"), "loss_last": s.get("loss_last"),
+            "heldout": s.get("heldout"), "time": s.get("time")})
+    return 0
+
+
+def _stage2(args: argparse.Namespace) -> int:
+    try:
+        from conceptseg_edge.train.stage2 import run_stage2
+    except ModuleNotFoundError as exc:
+        if exc.name != "conceptseg_edge.train.stage2":
+            raise
+        from conceptseg_edge.errors import DependencyError
+
+        raise DependencyError("train stage2: conceptseg_edge.train.stage2 is not in this install") from exc
+    _print({"checkpoint": run_stage2(args.config)})
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from conceptseg_edge.train.calibrate import run_calibrate
+
+    _print(run_calibrate(args.config, args.checkpoint))
+    return 0
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from conceptseg_edge.train.tiny_default import run_tiny_default
+
+    report = run_tiny_default(args.out, configs=args.configs, bundle=args.bundle,
+                              stage2=not args.skip_stage2, export=not args.no_export)
+    _print(report)
+    return 0

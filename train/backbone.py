@@ -1,0 +1,550 @@
+"""``train backbone``: pretrain a small SAM2 on ConceptWorld so the embedded default truly segments.
+
+Only the offline default needs this (the paper uses SAM 3 / official SAM2 weights). The model is a
+registered variant of the sam2 package's own modules (``conceptseg_tiny``: a 6-block Hiera at a
+small input size) trained from scratch, SAM-style:
+
+- prompts from the ground truth: a jittered box, or 1-3 clicks (positives inside the mask, some
+  negatives outside); one click is ambiguous, so its loss is taken on the best of the three
+  multimask outputs, every other prompt trains the single-mask output (token 0), as at inference;
+- concept prompts: a learned table of K x 256 tokens per ConceptWorld concept (CI class names, CD
+  canonical queries) given to the decoder the way the CTM's tokens are. It stands in for SAM 3's
+  text prompt, so the decoder learns to find concepts from prompt tokens alone (the shortcut route);
+  the table itself is not part of the exported backbone (stage 1 trains the CTM to produce tokens);
+- negatives: concepts that are certainly absent from the image (a CI shape on a lesion, a polyp
+  query on a shape scene) with an empty target; they train only the object-score head, the
+  presence score the router thresholds (mask losses are skipped on them, as SAM2 does).
+
+Loss: BCE + Dice on the chosen mask (upsampled to the ground-truth size) + MSE of the IoU head
+against the mask's real IoU + BCE of the object score against "target present".
+
+Data: episode ``i < data.train_episodes`` of ``ConceptWorld(data.seed)`` for training (targets and
+their supports), episodes from ``VAL_OFFSET`` on for the held-out report, so they never overlap.
+Step ``s`` draws from ``default_rng([seed, s])`` only: training is resumable exactly.
+
+Outputs in ``out_dir``: ``backbone.pt`` (official format ``{"model": state_dict}``, what
+``build_sam2_model`` and ``export sam2`` load), ``concepts.safetensors`` (the concept table),
+``backbone.json`` (held-out IoU per prompt and level vs empty / whole-image baselines, presence
+accuracy, timings), ``metrics.csv`` + ``curves.png``, ``config.yaml``, ``state/`` (resume).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from conceptseg_edge.data.meta import task_info
+from conceptseg_edge.data.world import CD_CLASSES, CI_CLASSES, ConceptWorld
+from conceptseg_edge.episodes import box_from_mask
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.fileio import sha256_file
+from conceptseg_edge.models.sam2 import SAM2_CONFIGS
+from conceptseg_edge.train.common import (
+    check_types,
+    ParamBank,
+    StageClock,
+    bce_dice,
+    box_prompt,
+    empty_mask_prompt,
+    gather_features,
+    has_state,
+    load_state,
+    lr_at,
+    mask_iou,
+    require_fraction,
+    require_positive,
+    sam_input,
+    save_state,
+    seed_everything,
+    set_lr,
+    set_threads,
+    upsample,
+    write_summary,
+)
+from conceptseg_edge.train.config import load_config, save_config
+from conceptseg_edge.train.log import MetricsLogger
+
+#: Held-out episodes start at this index of the same world, far past any training index.
+VAL_OFFSET = 1_000_000
+#: Concept tokens per prompt, as the CTM's N = 8 queries.
+CONCEPT_TOKENS = 8
+
+CI_CONCEPTS: tuple[str, ...] = tuple(c.name for c in CI_CLASSES)
+CD_QUERIES: dict[str, str] = {task: task_info(task)[1] for task in CD_CLASSES}
+#: ConceptWorld's concept vocabulary: CI class names, then the CD canonical queries.
+CONCEPTS: tuple[str, ...] = CI_CONCEPTS + tuple(CD_QUERIES.values())
+_SHAPE_FREE = ("camouflage", "anomaly", "polyp", "skin lesion")  # CD scenes with no CI shapes in them
+
+
+def absent_concepts(task: str) -> tuple[str, ...]:
+    """Concepts certainly absent from an image of ``task`` (negatives for the presence head).
+
+    A shape scene may hold any CI look among its distractors, and a salient object is a shape, so
+    only cross-family pairs are used: CD queries on shape scenes (saliency excluded), anything but
+    the image's own query on a shape-free CD scene.
+    """
+    own = CD_QUERIES.get(task)
+    if task in _SHAPE_FREE:
+        return tuple(c for c in CONCEPTS if c not in (own, CD_QUERIES["saliency"]))
+    if task == "saliency":
+        return tuple(CD_QUERIES[t] for t in _SHAPE_FREE)
+    return tuple(CD_QUERIES[t] for t in _SHAPE_FREE)  # CI and CR scenes are shape scenes
+
+
+@dataclass
+class BackboneDataConfig:
+    seed: int = field(default=0, metadata={"help": "ConceptWorld seed"})
+    image_size: int = field(default=128, metadata={"help": "ConceptWorld image side, px (ground-truth size)"})
+    train_episodes: int = field(default=4000, metadata={"help": "training episodes: indices [0, n)"})
+    val_episodes: int = field(default=60, metadata={"help": "held-out episodes from VAL_OFFSET"})
+    support_views: float = field(default=0.5, metadata={"help": "share of images drawn from an episode's supports"})
+
+
+@dataclass
+class BackboneConfig:
+    """``train backbone`` settings. Not from the paper (it starts from released SAM weights):
+    values here are this repo's CPU-sized choices for ConceptSeg-Tiny."""
+
+    out_dir: str = "runs/backbone"
+    sam2_config: str = field(default="conceptseg_tiny", metadata={"help": "a name in SAM2_CONFIGS"})
+    image_size: int = field(default=128, metadata={"help": "SAM2 input side (multiple of 64)"})
+    init_checkpoint: str | None = field(default=None, metadata={"help": "start from these SAM2 weights (.pt)"})
+    data: BackboneDataConfig = field(default_factory=BackboneDataConfig)
+    steps: int = 300
+    images_per_step: int = 8
+    prompts_per_image: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    box_prob: float = field(default=0.35, metadata={"help": "prompt mix: box"})
+    point_prob: float = field(default=0.35, metadata={"help": "prompt mix: clicks (the rest: concept prompts)"})
+    negative_prob: float = field(default=0.3, metadata={"help": "share of concept prompts naming an absent concept"})
+    max_clicks: int = 3
+    box_noise: float = field(default=0.08, metadata={"help": "box corner jitter, std as a share of the box side"})
+    concept_init_std: float = 1.0
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    iou_weight: float = 1.0
+    presence_weight: float = 1.0
+    save_every: int = 50
+    eval_every: int = 50
+    eval_images: int = 24
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    resume: bool = True
+
+    def validate(self) -> None:
+        where = "backbone"
+        check_types(self, where)
+        if self.sam2_config not in SAM2_CONFIGS:
+            raise InputError(f"{where}.sam2_config: {self.sam2_config!r} is not one of {sorted(SAM2_CONFIGS)}")
+        if not isinstance(self.image_size, int) or self.image_size % 64 or self.image_size <= 0:
+            raise InputError(f"{where}.image_size: a positive multiple of 64, got {self.image_size!r}")
+        require_positive(where, steps=self.steps, images_per_step=self.images_per_step,
+                         prompts_per_image=self.prompts_per_image, lr=self.lr, max_clicks=self.max_clicks,
+                         save_every=self.save_every, eval_every=self.eval_every, eval_images=self.eval_images)
+        require_positive(f"{where}.data", image_size=self.data.image_size,
+                         train_episodes=self.data.train_episodes, val_episodes=self.data.val_episodes)
+        require_fraction(where, box_prob=self.box_prob, point_prob=self.point_prob, negative_prob=self.negative_prob,
+                         support_views=self.data.support_views)
+        if self.box_prob + self.point_prob > 1.0:
+            raise InputError(f"{where}: box_prob + point_prob must be <= 1, got {self.box_prob + self.point_prob}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _View:
+    image: np.ndarray
+    mask: np.ndarray
+    task: str
+    concept: str | None  # None: no concept prompt makes sense (a CR view)
+
+
+def _views(world: ConceptWorld, index: int) -> list[_View]:
+    ep = world.episode(index)
+    concept = ep.query if ep.level != "CR" else None
+    views = [_View(ep.image, ep.mask, ep.task_name, concept)]
+    views += [_View(s.image, s.mask, ep.task_name, concept) for s in ep.supports if s.mask is not None]
+    return views
+
+
+@dataclass
+class _Group:
+    """One decoder call's worth of prompts (same number of points)."""
+
+    image_index: list[int] = field(default_factory=list)
+    coords: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    concepts: list[int] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+    multimask: bool = False
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+
+def _jittered_box(mask: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    x0, y0, x1, y1 = box_from_mask(mask)
+    x1, y1 = x1 + 1, y1 + 1  # exclusive corners, as box_to_image gives at inference
+    w, h = x1 - x0, y1 - y0
+    box = np.array([x0, y0, x1, y1], np.float32) + rng.normal(0, noise, 4) * np.array([w, h, w, h])
+    size = mask.shape[::-1]
+    box[[0, 2]] = np.clip(box[[0, 2]], 0, size[0])
+    box[[1, 3]] = np.clip(box[[1, 3]], 0, size[1])
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        return np.array([x0, y0, x1, y1], np.float32)
+    return box
+
+
+def _click(mask: np.ndarray, rng: np.random.Generator, inside: bool) -> np.ndarray:
+    ys, xs = np.nonzero(mask if inside else ~mask)
+    k = int(rng.integers(len(xs)))
+    return np.array([xs[k], ys[k]], np.float32)
+
+
+def sample_batch(cfg: BackboneConfig, world: ConceptWorld, step: int) -> tuple[np.ndarray, list[_Group]]:
+    """Images (N, H, W, 3) and prompt groups of step ``step``; a pure function of (config, step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    n_clicks = int(rng.integers(1, cfg.max_clicks + 1))
+    scale = cfg.image_size / cfg.data.image_size
+    box_g, click_g, concept_g = _Group(), _Group(multimask=n_clicks == 1), _Group()
+    images = []
+    for j in range(cfg.images_per_step):
+        views = _views(world, int(rng.integers(cfg.data.train_episodes)))
+        view = views[int(rng.integers(1, len(views)))] if len(views) > 1 and rng.random() < cfg.data.support_views else views[0]
+        images.append(view.image)
+        has_fg = bool(view.mask.any())
+        for _ in range(cfg.prompts_per_image):
+            u = rng.random()
+            kind = "box" if u < cfg.box_prob else "click" if u < cfg.box_prob + cfg.point_prob else "concept"
+            if kind != "concept" and not has_fg:
+                kind = "concept"
+            if kind == "concept" and view.concept is None:
+                kind = "box" if rng.random() < 0.5 else "click"
+            if kind == "box":
+                box = _jittered_box(view.mask, rng, cfg.box_noise)
+                coords, labels = box_prompt(box[None], view.mask.shape, cfg.image_size)
+                box_g.image_index.append(j)
+                box_g.coords.append(coords[0].numpy())
+                box_g.labels.append(labels[0].numpy())
+                box_g.targets.append(view.mask)
+            elif kind == "click":
+                pts, labs = [_click(view.mask, rng, True)], [1]
+                for _ in range(n_clicks - 1):
+                    positive = rng.random() < 0.7 or view.mask.all()
+                    pts.append(_click(view.mask, rng, positive))
+                    labs.append(1 if positive else 0)
+                pts.append(np.zeros(2, np.float32))  # SAM2's padding point
+                labs.append(-1)
+                coords = np.stack(pts) * np.float32(scale)
+                coords[-1] = 0.0
+                click_g.image_index.append(j)
+                click_g.coords.append(coords)
+                click_g.labels.append(np.array(labs, np.int32))
+                click_g.targets.append(view.mask)
+            else:
+                negative = rng.random() < cfg.negative_prob or not has_fg
+                if negative:
+                    pool = absent_concepts(view.task)
+                    concept = pool[int(rng.integers(len(pool)))]
+                    target = np.zeros_like(view.mask)
+                else:
+                    concept, target = view.concept, view.mask
+                concept_g.image_index.append(j)
+                concept_g.concepts.append(CONCEPTS.index(concept))
+                concept_g.targets.append(target)
+    return np.stack(images), [g for g in (box_g, click_g, concept_g) if len(g)]
+
+
+# --------------------------------------------------------------------------- model step
+
+
+class BackboneModel(torch.nn.Module):
+    """The SAM2 halves under training plus the concept table."""
+
+    def __init__(self, sam: torch.nn.Module, concepts: ParamBank) -> None:
+        super().__init__()
+        from conceptseg_edge.models.sam2 import SAM2ImageEncoder, SAM2PromptDecoder
+
+        self.sam = sam
+        self.concepts = concepts
+        self.encoder = SAM2ImageEncoder(sam)
+        self.decoder = SAM2PromptDecoder(sam)
+
+    def decode(self, feats, group: _Group, image_size: int):
+        index = torch.tensor(group.image_index)
+        f = gather_features(feats, index)
+        b = len(group)
+        if group.concepts:
+            coords, labels = torch.zeros(b, 0, 2), torch.zeros(b, 0, dtype=torch.int32)
+            tokens = self.concepts.table[torch.tensor(group.concepts)]
+        else:
+            coords = torch.from_numpy(np.stack(group.coords))
+            labels = torch.from_numpy(np.stack(group.labels))
+            tokens = torch.zeros(b, 0, 256)
+        mask_in, has_mask = empty_mask_prompt(b, image_size)
+        return self.decoder(*f, coords, labels, tokens, mask_in, has_mask)
+
+
+def group_losses(cfg: BackboneConfig, group: _Group, masks, iou_pred, obj_logits) -> dict[str, torch.Tensor]:
+    """Per-sample losses of one decoder call (sums, to be divided by the step's counts)."""
+    target = torch.from_numpy(np.stack(group.targets)).float()
+    present = target.flatten(1).amax(1) > 0
+    up = upsample(masks, tuple(target.shape[-2:]))
+    if group.multimask:
+        cand = up[:, 1:]
+        k = cand.shape[1]
+        bce, dice = bce_dice(cand.flatten(0, 1), target.repeat_interleave(k, 0))
+        per = (cfg.bce_weight * bce + cfg.dice_weight * dice).view(-1, k)
+        best = per.argmin(1, keepdim=True)
+        mask_loss = per.gather(1, best)[:, 0]
+        with torch.no_grad():
+            real = mask_iou(cand.flatten(0, 1) > 0, target.bool().repeat_interleave(k, 0)).view(-1, k)
+        iou_loss = ((iou_pred[:, 1:] - real) ** 2).mean(1)
+        chosen = real.gather(1, best)[:, 0]
+    else:
+        bce, dice = bce_dice(up[:, 0], target)
+        mask_loss = cfg.bce_weight * bce + cfg.dice_weight * dice
+        with torch.no_grad():
+            chosen = mask_iou(up[:, 0] > 0, target.bool())
+        iou_loss = (iou_pred[:, 0] - chosen) ** 2
+    obj = torch.nn.functional.binary_cross_entropy_with_logits(obj_logits[:, 0], present.float(), reduction="none")
+    pf = present.float()
+    return {
+        "mask": (mask_loss * pf).sum(),
+        "iou_head": (iou_loss * pf).sum(),
+        "presence": obj.sum(),
+        "train_iou": (chosen * pf).sum(),
+        "n_present": pf.sum(),
+        "n": torch.tensor(float(len(group))),
+    }
+
+
+def step_loss(cfg: BackboneConfig, model: BackboneModel, images: np.ndarray, groups: list[_Group]):
+    """Total loss and logged values of one training step."""
+    feats = model.encoder(sam_input(images, cfg.image_size))
+    sums: dict[str, torch.Tensor] = {}
+    for group in groups:
+        for k, v in group_losses(cfg, group, *model.decode(feats, group, cfg.image_size)).items():
+            sums[k] = sums.get(k, 0) + v
+    n_present = sums["n_present"].clamp(min=1)
+    mask = sums["mask"] / n_present
+    iou_head = sums["iou_head"] / n_present
+    presence = sums["presence"] / sums["n"]
+    loss = mask + cfg.iou_weight * iou_head + cfg.presence_weight * presence
+    logs = {"loss": loss.item(), "mask_loss": mask.item(), "iou_head_loss": iou_head.item(),
+            "presence_loss": presence.item(), "train_iou": (sums["train_iou"] / n_present).item()}
+    return loss, logs
+
+
+def build_model(cfg: BackboneConfig) -> BackboneModel:
+    from conceptseg_edge.models.sam2 import build_sam2_model
+
+    seed_everything(cfg.seed)
+    sam = build_sam2_model(cfg.sam2_config, cfg.init_checkpoint, cfg.image_size).model.train()
+    table = torch.randn(len(CONCEPTS), CONCEPT_TOKENS, 256) * cfg.concept_init_std
+    return BackboneModel(sam, ParamBank(table=table))
+
+
+def make_optimizer(cfg: BackboneConfig, model: BackboneModel) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_step(cfg: BackboneConfig, model, optimizer, world, step: int) -> dict[str, float]:
+    """One optimisation step (``step`` counts from 0); returns the logged values."""
+    set_lr(optimizer, lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps))
+    images, groups = sample_batch(cfg, world, step)
+    loss, logs = step_loss(cfg, model, images, groups)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    logs.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
+    return logs
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _center_click(mask: np.ndarray) -> np.ndarray:
+    """The mask pixel nearest its centroid: a deterministic, usually interior click."""
+    ys, xs = np.nonzero(mask)
+    k = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return np.array([[xs[k], ys[k]]], np.float32)
+
+
+def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def quick_val_iou(cfg: BackboneConfig, model: BackboneModel, world: ConceptWorld) -> float:
+    """Mean box-prompt IoU on the first ``eval_images`` held-out targets (the training curve's check)."""
+    from conceptseg_edge.train.common import eval_mode
+
+    eps = [world.episode(VAL_OFFSET + i, with_supports=False) for i in range(cfg.eval_images)]
+    with eval_mode(model):
+        feats = model.encoder(sam_input([e.image for e in eps], cfg.image_size))
+        group = _Group(targets=[e.mask for e in eps])
+        for j, e in enumerate(eps):
+            coords, labels = box_prompt(_jittered_box(e.mask, np.random.default_rng(0), 0.0)[None], e.mask.shape, cfg.image_size)
+            group.image_index.append(j)
+            group.coords.append(coords[0].numpy())
+            group.labels.append(labels[0].numpy())
+        masks, _, _ = model.decode(feats, group, cfg.image_size)
+        target = torch.from_numpy(np.stack(group.targets))
+        return float(mask_iou(upsample(masks, tuple(target.shape[-2:]))[:, 0] > 0, target).mean())
+
+
+def evaluate_backbone(
+    checkpoint: str | os.PathLike[str], sam2_config: str, image_size: int, concept_table: torch.Tensor | None,
+    world: ConceptWorld, n: int,
+) -> dict[str, Any]:
+    """Held-out report through the eager inference path (``SAM2Reference`` on the saved ``.pt``).
+
+    Per level (CI/CD/CR) and overall: foreground IoU of a tight box, of one centre click (best of the
+    multimask outputs, SAM's convention) and, for CI/CD, of the concept prompt; the empty-mask and
+    whole-image baselines; and presence (sigmoid object score) on present vs absent concepts.
+    """
+    from conceptseg_edge.models.sam2 import SAM2Reference, build_sam2_model
+
+    ref = SAM2Reference(build_sam2_model(sam2_config, checkpoint, image_size).model)
+    rows: dict[str, dict[str, list[float]]] = {}
+    presence_pos, presence_neg = [], []
+    for i in range(n):
+        ep = world.episode(VAL_OFFSET + i, with_supports=False)
+        if not ep.mask.any():
+            continue
+        r = rows.setdefault(ep.level, {})
+        ref.set_image(ep.image)
+        x0, y0, x1, y1 = box_from_mask(ep.mask)
+        pred = ref.predict(box=np.array([x0, y0, x1 + 1, y1 + 1], np.float32), multimask_output=False)
+        r.setdefault("box", []).append(_fg_iou(pred.masks[int(np.argmax(pred.scores))], ep.mask))
+        pred = ref.predict(point_coords=_center_click(ep.mask), point_labels=np.array([1]), multimask_output=True)
+        r.setdefault("click", []).append(_fg_iou(pred.masks[int(np.argmax(pred.scores))], ep.mask))
+        r.setdefault("empty", []).append(_fg_iou(np.zeros_like(ep.mask), ep.mask))
+        r.setdefault("whole", []).append(_fg_iou(np.ones_like(ep.mask), ep.mask))
+        if concept_table is not None and ep.level != "CR":
+            tokens = concept_table[CONCEPTS.index(ep.query)].numpy()
+            pred = ref.predict(concept_tokens=tokens, multimask_output=False)
+            r.setdefault("concept", []).append(_fg_iou(pred.masks[0], ep.mask))
+            presence_pos.append(1 / (1 + np.exp(-pred.object_score_logit)))
+            pool = absent_concepts(ep.task_name)
+            neg = concept_table[CONCEPTS.index(pool[i % len(pool)])].numpy()
+            presence_neg.append(1 / (1 + np.exp(-ref.predict(concept_tokens=neg, multimask_output=False).object_score_logit)))
+    report: dict[str, Any] = {"images": sum(len(r["box"]) for r in rows.values()), "fg_iou": {}}
+    keys = ("box", "click", "concept", "empty", "whole")
+    for level in ("CI", "CD", "CR"):
+        if level in rows:
+            report["fg_iou"][level] = {k: round(float(np.mean(v)), 4) for k, v in rows[level].items() if k in keys}
+            report["fg_iou"][level]["n"] = len(rows[level]["box"])
+    report["fg_iou"]["all"] = {
+        k: round(float(np.mean([x for r in rows.values() for x in r.get(k, [])])), 4)
+        for k in keys if any(k in r for r in rows.values())
+    }
+    if presence_pos:
+        pos, neg = np.array(presence_pos), np.array(presence_neg)
+        report["presence"] = {
+            "mean_present": round(float(pos.mean()), 4),
+            "mean_absent": round(float(neg.mean()), 4),
+            "accuracy_at_0.5": round(float(((pos >= 0.5).sum() + (neg < 0.5).sum()) / (len(pos) + len(neg))), 4),
+        }
+    return report
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class BackboneResult:
+    out_dir: Path
+    checkpoint: Path
+    summary: dict[str, Any]
+
+
+def train_backbone(
+    cfg: BackboneConfig, out_dir: str | os.PathLike[str] | None = None, *, stop_after: int | None = None,
+) -> BackboneResult:
+    """Train (or resume) the backbone; ``stop_after`` ends the run early after that many total steps
+    (an interruption: the state is saved, no final export), which is how resume is tested."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    out = Path(out_dir or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.threads)
+    clock = StageClock()
+    save_config(out / "config.yaml", cfg)
+    world = ConceptWorld(cfg.data.seed, cfg.data.image_size)
+    model = build_model(cfg)
+    optimizer = make_optimizer(cfg, model)
+    modules = {"backbone": model}
+    start = 0
+    if cfg.resume and has_state(out):
+        start, _ = load_state(out, modules, optimizer)
+    logger = MetricsLogger(out)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    last: dict[str, float] = {}
+    with tqdm(total=cfg.steps, initial=start, desc="backbone", unit="step", disable=not cfg.progress) as bar:
+        for step in range(start, end):
+            last = train_step(cfg, model, optimizer, world, step)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                last["val_box_iou"] = quick_val_iou(cfg, model, world)
+            logger.log(step + 1, **last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", iou=f"{last['train_iou']:.2f}")
+            bar.update()
+            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+                save_state(out, step + 1, modules, optimizer)
+    logger.plot(out / "curves.png", title="backbone pretraining")
+    if end < cfg.steps:
+        return BackboneResult(out, out / "backbone.pt", {"stopped_at": end})
+    ckpt = out / "backbone.pt"
+    write_backbone(ckpt, model.sam)
+    from safetensors.torch import save_file
+
+    save_file({"table": model.concepts.table.detach().contiguous()}, out / "concepts.safetensors",
+              metadata={"concepts": "\n".join(CONCEPTS)})
+    train_time = clock.elapsed()
+    report = evaluate_backbone(ckpt, cfg.sam2_config, cfg.image_size, model.concepts.table.detach(),
+                               world, cfg.data.val_episodes)
+    summary = {
+        "sam2_config": cfg.sam2_config,
+        "image_size": cfg.image_size,
+        "checkpoint": ckpt.name,
+        "sha256": sha256_file(ckpt),
+        "steps": cfg.steps,
+        "final": last,
+        "heldout": report,
+        "time": {"train": train_time, "total": clock.elapsed()},
+    }
+    write_summary(out / "backbone.json", summary)
+    return BackboneResult(out, ckpt, summary)
+
+
+def write_backbone(path: Path, sam: torch.nn.Module) -> None:
+    """Save SAM2 weights in the official ``{"model": state_dict}`` format, atomically.
+
+    ``build_sam2_model`` (export, reference pipeline) reads only that format, with
+    ``torch.load(weights_only=True)``; the file holds tensors only.
+    """
+    from conceptseg_edge.fileio import atomic_path
+
+    state = {k: v.detach().clone().contiguous() for k, v in sam.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"model": state}, tmp)
+
+
+def run_backbone(config_path: str | os.PathLike[str], out_dir: str | None = None) -> Path:
+    """CLI entry: load the YAML config, train, return the output directory."""
+    cfg = load_config(config_path, BackboneConfig)
+    return train_backbone(cfg, out_dir).out_dir

@@ -1,0 +1,656 @@
+"""``train stage1``: the CTM learns to prompt the frozen SAM2 from the frozen policy's hidden states.
+
+What a step does (the paper's stage 1, plus the shortcut this repo serves with the CTM):
+
+- reason samples: the episode as the policy sees it (``build_meta_episode``: target, support mosaic,
+  prompt) and a teacher-forced completion from the tag template whose ``<bbox>`` (and ``<check>``, when
+  a support box is hidden) holds the ground truth; ``teacher_forced_hidden_states`` gives the rows
+  generation would produce (the final ``<|im_end|>`` included); CTM → 8 tokens → SAM2's decoder
+  with the ground-truth box as box prompt, exactly as the pipeline passes the parsed ``<bbox>``;
+- shortcut samples (``shortcut_fraction``, concepts of at most ``max_shortcut_words`` words): the
+  text-only prefill of the concept phrase (``prompt_hidden_states``), CTM → tokens alone. SAM 3 reads
+  text itself, SAM2 cannot, so this is not in the paper; it is how the shortcut route runs here.
+  With ``negative_fraction`` some name a concept absent from the image (target empty);
+- ``drop_box_fraction`` of reason samples go without the box prompt (tokens alone), as the pipeline
+  runs when the policy writes no parsable box.
+
+Loss: sigmoid BCE + Dice, 1:1, on the decoder's single-mask output (token 0, what the concept routes
+use at inference) upsampled bilinearly to the ground-truth size; plus ``presence_weight`` x BCE of the
+object score against "target present" (0 in the paper; the router reads that score). Negatives, like
+SAM2's absent objects, skip the mask loss.
+
+Both models are frozen, so the SAM2 image features and the policy's hidden states are computed once
+per training item and cached (``cache: true``); a step then runs only the CTM and the mask decoder.
+The policy and processor are written to ``out_dir/init_policy`` on the first run, so a resumed run
+uses the very same weights. Step ``s`` reads ``default_rng([seed, s])`` only: resume is exact.
+
+Outputs in ``out_dir``: ``checkpoint/`` (policy + trained CTM + processor + default router + the
+backbone it was trained against), ``stage1.json`` (held-out IoU per level and route vs baselines,
+loss start/end, timings), ``metrics.csv`` + ``curves.png``, ``config.yaml``, ``state/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from conceptseg_edge.episodes import MetaEpisode, box_to_image, build_meta_episode
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.router import RouterConfig, count_words
+from conceptseg_edge.tags import format_output
+from conceptseg_edge.train.common import (
+    check_types,
+    StageClock,
+    bce_dice,
+    box_prompt,
+    empty_mask_prompt,
+    eval_mode,
+    has_state,
+    load_state,
+    lr_at,
+    mask_iou,
+    require_fraction,
+    require_positive,
+    sam_input,
+    save_state,
+    seed_everything,
+    set_lr,
+    set_threads,
+    upsample,
+    write_summary,
+)
+from conceptseg_edge.train.config import load_config, save_config
+from conceptseg_edge.train.log import MetricsLogger
+
+VAL_OFFSET = 1_000_000  # held-out ConceptWorld episodes start here (as in train/backbone.py)
+
+
+@dataclass
+class TinyPolicyConfig:
+    """A random-init Qwen2.5-VL for the offline default and tests (used when no policy is named)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vision_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class CTMSettings:
+    """CTM shape; hidden_size comes from the policy. Paper: 8 queries, 4 blocks, 16 heads, MLP x4."""
+
+    num_queries: int = 8
+    depth: int = 4
+    num_heads: int = 16
+    mlp_ratio: int = 4
+
+
+@dataclass
+class Stage1DataConfig:
+    source: str = field(default="world", metadata={"help": "'world' (ConceptWorld) or 'meta' (an all_meta.json root)"})
+    root: str | None = field(default=None, metadata={"help": "dataset root for source 'meta'"})
+    seed: int = 0
+    image_size: int = field(default=128, metadata={"help": "ConceptWorld image side, px"})
+    train_episodes: int = field(default=400, metadata={"help": "world: indices [0, n); meta: at most n train items"})
+    val_episodes: int = field(default=40, metadata={"help": "world: from VAL_OFFSET; meta: the test split"})
+    support_prob: float = field(default=0.5, metadata={"help": "CI/CD items shown with their supports (CR always)"})
+
+
+@dataclass
+class Stage1Config:
+    """``train stage1`` settings; defaults are the paper's where it has one (see comments)."""
+
+    out_dir: str = "runs/stage1"
+    # the frozen SAM2 (paper: SAM 3; the checkpoint records which backbone the CTM was trained for)
+    backbone_config: str = "sam2.1_hiera_t"
+    backbone_checkpoint: str | None = None
+    backbone_image_size: int = 1024
+    # the frozen policy: a ConceptSeg checkpoint (policy + CTM to continue), a released Qwen2.5-VL
+    # directory (paper: Qwen2.5-VL-3B-Instruct), or else a random-init tiny policy
+    init_checkpoint: str | None = None
+    policy_path: str | None = None
+    tiny_policy: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
+    max_pixels: int = field(default=600 * 600, metadata={"help": "policy image cap (paper: 360000)"})
+    ctm: CTMSettings = field(default_factory=CTMSettings)
+    data: Stage1DataConfig = field(default_factory=Stage1DataConfig)
+    lr: float = 3e-5  # paper
+    batch_size: int = 16  # paper: 16 per GPU ...
+    grad_accum: int = 2  # ... x 2 ("16x2"; read as gradient accumulation)
+    epochs: int = 20  # paper
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs when set"})
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    bce_weight: float = 1.0  # paper: BCE + Dice, 1:1
+    dice_weight: float = 1.0
+    presence_weight: float = 0.0  # not in the paper
+    shortcut_fraction: float = 0.25  # not in the paper (SAM 3 reads text); 0 trains the reason route only
+    negative_fraction: float = 0.0  # share of shortcut samples naming an absent concept (world only)
+    drop_box_fraction: float = 0.0  # paper: the box is always given
+    max_shortcut_words: int = 4  # paper: longer concepts never take the shortcut
+    cache: bool = True
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    resume: bool = True
+
+    def validate(self) -> None:
+        where = "stage1"
+        check_types(self, where)
+        require_positive(where, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                         epochs=self.epochs, eval_every=self.eval_every, save_every=self.save_every,
+                         backbone_image_size=self.backbone_image_size, max_pixels=self.max_pixels)
+        if self.steps is not None:
+            require_positive(where, steps=self.steps)
+        require_fraction(where, shortcut_fraction=self.shortcut_fraction, negative_fraction=self.negative_fraction,
+                         drop_box_fraction=self.drop_box_fraction, support_prob=self.data.support_prob)
+        if self.data.source not in ("world", "meta"):
+            raise InputError(f"{where}.data.source: expected 'world' or 'meta', got {self.data.source!r}")
+        if self.data.source == "meta" and not self.data.root:
+            raise InputError(f"{where}.data.root: required when data.source is 'meta'")
+        if self.data.source == "meta" and self.negative_fraction:
+            raise InputError(f"{where}.negative_fraction: needs data.source 'world' (absence must be certain)")
+        if self.init_checkpoint and self.policy_path:
+            raise InputError(f"{where}: give init_checkpoint or policy_path, not both")
+        require_positive(f"{where}.data", train_episodes=self.data.train_episodes, val_episodes=self.data.val_episodes)
+
+    def total_steps(self, n_items: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(n_items / (self.batch_size * self.grad_accum))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Item:
+    """One training/eval target with what stage 1 needs from it."""
+
+    image: np.ndarray  # (H, W, 3) uint8, the target
+    mask: np.ndarray  # (H, W) bool
+    query: str
+    level: str
+    task: str
+    meta: MetaEpisode  # the policy's view, ground truth in the 600x600 frame
+
+    @property
+    def box_px(self) -> tuple[float, float, float, float] | None:
+        """The ground-truth ``<bbox>`` as the pipeline would pass it to SAM2 (image pixels)."""
+        return box_to_image(self.meta.gt_box, self.image.shape[:2])
+
+    @property
+    def shortcut_ok(self) -> bool:
+        return self.level != "CR"
+
+
+def think_rule(query: str) -> tuple[str, str]:
+    """The template's reasoning text: fixed, so the CTM learns from the box and the phrase."""
+    return (f"The query asks for {query}. I find it in the target image.",
+            f"The target is the {query}.")
+
+
+def completion_text(item: Item) -> str:
+    """The teacher-forced completion: the tag template with the ground-truth boxes."""
+    think, rule = think_rule(item.query)
+    return format_output(think=think, rule=rule, bbox=item.meta.gt_box, answer=item.query, check=item.meta.hidden_box)
+
+
+def world_items(cfg: Stage1Config, split: str) -> list[Item]:
+    from conceptseg_edge.data.world import ConceptWorld
+
+    world = ConceptWorld(cfg.data.seed, cfg.data.image_size)
+    if split == "train":
+        indices = range(cfg.data.train_episodes)
+    else:
+        indices = range(VAL_OFFSET, VAL_OFFSET + cfg.data.val_episodes)
+    items = []
+    for i in indices:
+        ep = world.episode(i)
+        if not ep.mask.any():
+            continue
+        rng = np.random.default_rng([cfg.data.seed, i, 7])
+        supports = ep.supports if (ep.level == "CR" or rng.random() < cfg.data.support_prob) else ()
+        meta = build_meta_episode(ep.image, ep.mask, ep.query, supports)
+        items.append(Item(ep.image, ep.mask, ep.query, ep.level, ep.task_name, meta))
+    return items
+
+
+def meta_items(cfg: Stage1Config, split: str) -> list[Item]:
+    from conceptseg_edge.data.meta import ConceptSegDataset
+
+    dataset = ConceptSegDataset.open(cfg.data.root)
+    name = "train" if split == "train" else "test"
+    if name not in dataset.splits:
+        raise InputError(f"{cfg.data.root}: no {name!r} split in all_meta.json")
+    limit = cfg.data.train_episodes if split == "train" else cfg.data.val_episodes
+    items = []
+    for k, (_, cls_name, index, meta_item) in enumerate(dataset.items(name)):
+        if k >= limit:
+            break
+        rng = np.random.default_rng([cfg.data.seed, k, 7])
+        ep = dataset.load(meta_item)
+        if not ep.mask.any():
+            continue
+        if ep.level != "CR" and rng.random() >= cfg.data.support_prob:
+            meta = build_meta_episode(ep.image, ep.mask, ep.query, ())
+        else:
+            meta = dataset.meta_episode(name, cls_name, index, rng)
+        items.append(Item(ep.image, ep.mask, ep.query, ep.level, ep.task_name, meta))
+    return items
+
+
+def load_items(cfg: Stage1Config, split: str) -> list[Item]:
+    items = world_items(cfg, split) if cfg.data.source == "world" else meta_items(cfg, split)
+    if not items:
+        raise InputError(f"stage1.data: no {split} items with a non-empty mask")
+    return items
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Frozen:
+    """The frozen halves: policy wrapper and SAM2 encoder/decoder."""
+
+    policy: Any  # PolicyWrapper
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    image_size: int
+    backbone: Any  # BackboneSpec
+
+
+def tiny_tokenizer_corpus() -> list[str]:
+    """The tiny tokenizer's corpus: the package's default lines plus ConceptWorld's concepts,
+    problems, prompts and completions, so the tiny policy reads them in few tokens."""
+    from conceptseg_edge.data.world import ConceptWorld
+    from conceptseg_edge.models.tokenizer import tiny_corpus
+
+    lines = tiny_corpus()
+    world = ConceptWorld(12345, 64)
+    for i in range(60):
+        ep = world.episode(i)
+        for supports in (ep.supports, ()):
+            meta = build_meta_episode(ep.image, ep.mask, ep.query, supports)
+            lines.append(meta.prompt)
+            if meta.gt_box is not None:
+                think, rule = think_rule(ep.query)
+                lines.append(format_output(think=think, rule=rule, bbox=meta.gt_box, answer=ep.query, check=meta.hidden_box))
+    return lines
+
+
+def build_initial_policy(cfg: Stage1Config):
+    """(policy model, processor, CTM or None) as the config names them; nothing trained yet."""
+    from conceptseg_edge.models.policy import build_policy, build_processor, load_processor, tiny_policy_config
+    from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
+
+    if cfg.init_checkpoint:
+        from conceptseg_edge.models.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(cfg.init_checkpoint)
+        return ckpt.policy, ckpt.processor, ckpt.ctm
+    if cfg.policy_path:
+        from transformers import AutoModelForImageTextToText
+
+        from conceptseg_edge.errors import CheckpointError
+
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(cfg.policy_path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cfg.policy_path}: cannot load the policy: {exc}") from exc
+        return model.eval(), load_processor(cfg.policy_path, max_pixels=cfg.max_pixels), None
+    tp = cfg.tiny_policy
+    tokenizer = train_tiny_tokenizer(tp.vocab_size, tiny_tokenizer_corpus())
+    processor = build_processor(tokenizer, max_pixels=cfg.max_pixels)
+    config = tiny_policy_config(
+        tokenizer, hidden_size=tp.hidden_size, num_layers=tp.num_layers, num_heads=tp.num_heads,
+        num_kv_heads=tp.num_kv_heads, intermediate_size=tp.intermediate_size, vision_depth=tp.vision_depth,
+        vision_hidden_size=tp.vision_hidden_size, vision_heads=tp.vision_heads,
+    )
+    return build_policy(config, seed=tp.seed), processor, None
+
+
+def new_ctm(cfg: Stage1Config, hidden_size: int):
+    from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
+
+    c = cfg.ctm
+    return ConceptTranslationModule(CTMConfig(hidden_size=hidden_size, num_queries=c.num_queries, depth=c.depth,
+                                              num_heads=c.num_heads, mlp_ratio=c.mlp_ratio))
+
+
+def load_frozen(cfg: Stage1Config, out: Path):
+    """Frozen policy + SAM2, and the CTM to train (restored from ``init_policy`` on a resumed run)."""
+    from conceptseg_edge.fileio import sha256_file
+    from conceptseg_edge.models.checkpoint import BackboneSpec, load_checkpoint, save_checkpoint
+    from conceptseg_edge.models.policy import PolicyWrapper
+    from conceptseg_edge.models.sam2 import SAM2ImageEncoder, SAM2PromptDecoder, build_sam2_model
+
+    seed_everything(cfg.seed)
+    ckpt_path = cfg.backbone_checkpoint
+    backbone = BackboneSpec(
+        cfg.backbone_config,
+        str(Path(ckpt_path).resolve()) if ckpt_path else None,
+        sha256_file(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None,
+        cfg.backbone_image_size,
+    )
+    sam = build_sam2_model(cfg.backbone_config, ckpt_path, cfg.backbone_image_size).model.eval()
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    init_dir = out / "init_policy"
+    if init_dir.is_dir():
+        ckpt = load_checkpoint(init_dir)
+        policy, processor, ctm = ckpt.policy, ckpt.processor, ckpt.ctm
+    else:
+        policy, processor, ctm = build_initial_policy(cfg)
+        torch.manual_seed(cfg.seed)
+        ctm = ctm if ctm is not None else new_ctm(cfg, policy.config.text_config.hidden_size)
+        save_checkpoint(init_dir, policy, ctm, processor, RouterConfig(), backbone)
+    policy.eval()
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    frozen = Frozen(PolicyWrapper(policy, processor), SAM2ImageEncoder(sam).eval(), SAM2PromptDecoder(sam).eval(),
+                    cfg.backbone_image_size, backbone)
+    return frozen, ctm.float().train()
+
+
+# --------------------------------------------------------------------------- caches
+
+
+@dataclass
+class Cached:
+    feats: tuple[torch.Tensor, ...]  # (1, ...) x 3
+    reason: torch.Tensor  # (T, d)
+
+
+class FeatureCache:
+    """Frozen-model outputs per item (SAM2 features, teacher-forced states) and per phrase (prefill)."""
+
+    def __init__(self, frozen: Frozen, items: list[Item], enabled: bool, progress: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.frozen = frozen
+        self.items = items
+        self.enabled = enabled
+        self._items: dict[int, Cached] = {}
+        self._phrases: dict[str, torch.Tensor] = {}
+        if enabled:
+            for i in tqdm(range(len(items)), desc=desc, unit="item", disable=not progress):
+                self._items[i] = self._compute(i)
+
+    @torch.no_grad()
+    def _compute(self, i: int) -> Cached:
+        item, f = self.items[i], self.frozen
+        feats = f.encoder(sam_input([item.image], f.image_size))
+        inputs = f.policy.build_inputs(item.meta.images(), item.meta.prompt)
+        tok = f.policy.processor.tokenizer
+        ids = tok(completion_text(item), add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        states = f.policy.teacher_forced_hidden_states(inputs, ids).float()
+        return Cached(tuple(x.clone() for x in feats), states.clone())
+
+    def get(self, i: int) -> Cached:
+        if i in self._items:
+            return self._items[i]
+        return self._compute(i)
+
+    @torch.no_grad()
+    def phrase(self, query: str) -> torch.Tensor:
+        """(P, d) prefill states of the text-only prompt, as ``concept_tokens_from_text`` computes them."""
+        if query not in self._phrases:
+            p = self.frozen.policy
+            self._phrases[query] = p.prompt_hidden_states(p.build_inputs([], query)).float().clone()
+        return self._phrases[query]
+
+
+# --------------------------------------------------------------------------- a step
+
+
+@dataclass
+class Sample:
+    index: int
+    route: str  # "reason" | "shortcut"
+    with_box: bool
+    query: str
+    target: np.ndarray  # (H, W) bool; empty for a negative
+
+
+def plan_batch(cfg: Stage1Config, items: list[Item], step: int, micro: int) -> list[Sample]:
+    """The samples of micro-batch ``micro`` of step ``step``: a pure function of (config, step)."""
+    from conceptseg_edge.train.backbone import CONCEPTS, absent_concepts
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    n = len(items)
+    steps_per_epoch = max(1, math.ceil(n / per_step))
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+    start = k * per_step + micro * cfg.batch_size
+    picks = [int(order[(start + j) % n]) for j in range(cfg.batch_size)]
+    rng = np.random.default_rng([cfg.seed, step, micro, 1])
+    samples = []
+    for i in picks:
+        item = items[i]
+        u, v, w = rng.random(3)
+        short = item.shortcut_ok and count_words(item.query) <= cfg.max_shortcut_words and u < cfg.shortcut_fraction
+        if short:
+            if v < cfg.negative_fraction:
+                pool = [c for c in absent_concepts(item.task) if c in CONCEPTS]
+                query = pool[int(rng.integers(len(pool)))]
+                samples.append(Sample(i, "shortcut", False, query, np.zeros_like(item.mask)))
+            else:
+                samples.append(Sample(i, "shortcut", False, item.query, item.mask))
+        else:
+            with_box = w >= cfg.drop_box_fraction and item.box_px is not None
+            samples.append(Sample(i, "reason", with_box, item.query, item.mask))
+    return samples
+
+
+def forward_samples(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm, samples: list[Sample]):
+    """Decoder outputs per sample, in order: list of (low-res masks (4, s, s), iou (4,), obj logit ())."""
+    tokens = []
+    for s in samples:
+        states = cache.get(s.index).reason if s.route == "reason" else cache.phrase(s.query)
+        tokens.append(ctm(states[None])[0])
+    outputs: list[Any] = [None] * len(samples)
+    for with_box in (True, False):
+        idx = [j for j, s in enumerate(samples) if s.with_box == with_box]
+        if not idx:
+            continue
+        feats = tuple(torch.cat([cache.get(samples[j].index).feats[k] for j in idx]) for k in range(3))
+        if with_box:
+            boxes = np.array([cache.items[samples[j].index].box_px for j in idx], np.float32)
+            coords, labels = _boxes(boxes, [cache.items[samples[j].index].image.shape[:2] for j in idx], frozen.image_size)
+        else:
+            coords, labels = torch.zeros(len(idx), 0, 2), torch.zeros(len(idx), 0, dtype=torch.int32)
+        mask_in, has_mask = empty_mask_prompt(len(idx), frozen.image_size)
+        masks, iou, obj = frozen.decoder(*feats, coords, labels, torch.stack([tokens[j] for j in idx]), mask_in, has_mask)
+        for r, j in enumerate(idx):
+            outputs[j] = (masks[r], iou[r], obj[r, 0])
+    return outputs
+
+
+def _boxes(boxes: np.ndarray, hws: list[tuple[int, int]], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    coords, labels = zip(*(box_prompt(b[None], hw, image_size) for b, hw in zip(boxes, hws)))
+    return torch.cat(coords), torch.cat(labels)
+
+
+def sample_losses(cfg: Stage1Config, samples: list[Sample], outputs) -> dict[str, torch.Tensor]:
+    """Per-sample loss terms: BCE, Dice (present targets only), presence BCE, IoU of the mask."""
+    bce_l, dice_l, pres_l, ious, present = [], [], [], [], []
+    for s, (masks, _, obj) in zip(samples, outputs):
+        target = torch.from_numpy(s.target).float()
+        logit = upsample(masks[None, :1], tuple(target.shape))[0, 0]
+        bce, dice = bce_dice(logit[None], target[None])
+        has = bool(s.target.any())
+        bce_l.append(bce[0])
+        dice_l.append(dice[0])
+        present.append(float(has))
+        pres_l.append(torch.nn.functional.binary_cross_entropy_with_logits(obj, torch.tensor(float(has))))
+        with torch.no_grad():
+            ious.append(mask_iou((logit > 0)[None], target.bool()[None])[0])
+    return {"bce": torch.stack(bce_l), "dice": torch.stack(dice_l), "presence": torch.stack(pres_l),
+            "iou": torch.stack(ious), "present": torch.tensor(present)}
+
+
+def batch_loss(cfg: Stage1Config, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    pf = losses["present"]
+    seg = ((cfg.bce_weight * losses["bce"] + cfg.dice_weight * losses["dice"]) * pf).sum() / pf.sum().clamp(min=1)
+    return seg + cfg.presence_weight * losses["presence"].mean()
+
+
+def train_step(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm, optimizer, step: int, total: int) -> dict[str, float]:
+    set_lr(optimizer, lr_at(step, cfg.lr, total, cfg.warmup_steps, min_ratio=1.0 if cfg.warmup_steps == 0 else 0.05))
+    optimizer.zero_grad(set_to_none=True)
+    logs: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        samples = plan_batch(cfg, cache.items, step, micro)
+        losses = sample_losses(cfg, samples, forward_samples(cfg, frozen, cache, ctm, samples))
+        loss = batch_loss(cfg, losses)
+        (loss / cfg.grad_accum).backward()
+        for key, value in _summarise(samples, losses, loss).items():
+            logs[key] = logs.get(key, 0.0) + value / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctm.parameters(), cfg.grad_clip)
+    optimizer.step()
+    logs.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
+    return logs
+
+
+def _summarise(samples: list[Sample], losses: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
+    out = {"loss": loss.item(), "bce": losses["bce"].mean().item(), "dice": losses["dice"].mean().item(),
+           "presence_loss": losses["presence"].mean().item()}
+    for route in ("reason", "shortcut"):
+        sel = [j for j, s in enumerate(samples) if s.route == route and s.target.any()]
+        if sel:
+            out[f"train_iou_{route}"] = float(losses["iou"][sel].mean())
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm) -> dict[str, Any]:
+    """Held-out foreground IoU per level of the teacher-forced reason route (with and without the
+    ground-truth box) and of the shortcut, against the empty and whole-image masks; the mean loss."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    losses_all = []
+    pres_pos = []
+    with eval_mode(ctm):
+        for i, item in enumerate(cache.items):
+            plans = [Sample(i, "reason", item.box_px is not None, item.query, item.mask),
+                     Sample(i, "reason", False, item.query, item.mask)]
+            names = ["reason_box", "reason_nobox"]
+            if item.shortcut_ok and count_words(item.query) <= cfg.max_shortcut_words:
+                plans.append(Sample(i, "shortcut", False, item.query, item.mask))
+                names.append("shortcut")
+            outputs = forward_samples(cfg, frozen, cache, ctm, plans)
+            losses = sample_losses(cfg, plans, outputs)
+            losses_all.append(float(batch_loss(cfg, {k: v[:1] for k, v in losses.items()})))
+            r = rows.setdefault(item.level, {})
+            for name, iou in zip(names, losses["iou"].tolist()):
+                r.setdefault(name, []).append(iou)
+            if "shortcut" in names:
+                pres_pos.append(float(torch.sigmoid(outputs[-1][2])))
+            area = item.mask.mean()
+            r.setdefault("empty", []).append(0.0)
+            r.setdefault("whole", []).append(float(area))
+    report: dict[str, Any] = {"items": len(cache.items), "loss_reason_box": round(float(np.mean(losses_all)), 4), "fg_iou": {}}
+    for level in ("CI", "CD", "CR"):
+        if level in rows:
+            report["fg_iou"][level] = {k: round(float(np.mean(v)), 4) for k, v in rows[level].items()}
+            report["fg_iou"][level]["n"] = len(rows[level]["empty"])
+    if pres_pos:
+        report["shortcut_presence_mean"] = round(float(np.mean(pres_pos)), 4)
+    return report
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class Stage1Result:
+    out_dir: Path
+    checkpoint: Path
+    summary: dict[str, Any]
+
+
+def train_stage1(
+    cfg: Stage1Config, out_dir: str | os.PathLike[str] | None = None, *, stop_after: int | None = None,
+) -> Stage1Result:
+    """Train (or resume) the CTM; ``stop_after`` interrupts after that many total steps (tests)."""
+    from tqdm import tqdm
+
+    from conceptseg_edge.models.checkpoint import save_checkpoint
+
+    cfg.validate()
+    out = Path(out_dir or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.threads)
+    clock = StageClock()
+    save_config(out / "config.yaml", cfg)
+    frozen, ctm = load_frozen(cfg, out)
+    items = load_items(cfg, "train")
+    cache = FeatureCache(frozen, items, cfg.cache, cfg.progress, "stage1 cache")
+    total = cfg.total_steps(len(items))
+    optimizer = torch.optim.AdamW(ctm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules = {"ctm": ctm}
+    start = 0
+    if cfg.resume and has_state(out):
+        start, _ = load_state(out, modules, optimizer)
+    logger = MetricsLogger(out)
+    end = total if stop_after is None else min(total, stop_after)
+    val_cache = None
+    last: dict[str, float] = {}
+    with tqdm(total=total, initial=start, desc="stage1", unit="step", disable=not cfg.progress) as bar:
+        for step in range(start, end):
+            last = train_step(cfg, frozen, cache, ctm, optimizer, step, total)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+                if val_cache is None:
+                    val_cache = FeatureCache(frozen, load_items(cfg, "val"), cfg.cache, False, "stage1 val cache")
+                report = evaluate(cfg, frozen, val_cache, ctm)
+                last["val_loss"] = report["loss_reason_box"]
+            logger.log(step + 1, **last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            bar.update()
+            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+                save_state(out, step + 1, modules, optimizer)
+    logger.plot(out / "curves.png", title="stage 1 (CTM)")
+    if end < total:
+        return Stage1Result(out, out / "checkpoint", {"stopped_at": end})
+    ckpt = save_checkpoint(out / "checkpoint", frozen.policy.model, ctm.eval(), frozen.policy.processor,
+                           RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
+    train_time = clock.elapsed()
+    if val_cache is None:
+        val_cache = FeatureCache(frozen, load_items(cfg, "val"), cfg.cache, False, "stage1 val cache")
+    losses = [r["loss"] for r in logger.rows if "loss" in r]
+    summary = {
+        "checkpoint": str(ckpt),
+        "steps": total,
+        "train_items": len(items),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,
+        "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
+        "heldout": evaluate(cfg, frozen, val_cache, ctm),
+        "time": {"train": train_time, "total": clock.elapsed()},
+    }
+    write_summary(out / "stage1.json", summary)
+    return Stage1Result(out, ckpt, summary)
+
+
+def run_stage1(config_path: str | os.PathLike[str], out_dir: str | None = None) -> Path:
+    """CLI entry: load the YAML config, train, return the checkpoint directory."""
+    cfg = load_config(config_path, Stage1Config)
+    return train_stage1(cfg, out_dir).checkpoint
