@@ -8,11 +8,14 @@ the runtime's per-image cache never hits) plus one click, end to end as a caller
   (decode, preprocess, encoder, decoder, postprocess), and the mask coming back.
 - **in-process**: ``ConceptSegmenter.segment`` wall time, including the wait for a free segmenter.
   The in-process side holds as many segmenters as the served model has instances (read from the
-  server's model config), shared by the client threads through a queue — the same scheduling Triton
-  does — so the two series differ by the serving layer only.
+  server's model config), handed to the client threads first come, first served — the scheduling
+  Triton does — so the two series differ by the serving layer only. At concurrency c > instances
+  both sides queue, so latency grows ~c-fold on both and throughput is the figure to compare.
 
-Each concurrency level runs the two sides back to back, alternating which goes first (ABBA), with
-separate untimed warm-up requests. Throughput is completed requests / wall time of the timed phase.
+At concurrency 1 the two sides alternate request by request (ABBA), so both see the same machine
+load; at higher concurrency each level runs the two sides as series back to back, alternating which
+goes first, with separate untimed warm-up requests. Throughput is completed requests / wall time of
+the timed phase (at concurrency 1: / summed latency).
 A series whose first and last five samples differ by > 5 % in median is flagged unstable.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +44,7 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8)
 class TritonBenchConfig:
     concurrency: tuple[int, ...] = field(default=DEFAULT_CONCURRENCY, metadata={"help": "client threads per level"})
     runs: int = field(default=24, metadata={"help": "timed requests per level and side"})
-    warmup: int = field(default=2, metadata={"help": "untimed requests per level and side"})
+    warmup: int = field(default=2, metadata={"help": "untimed requests per level and side (at least one per client)"})
     image_hw: tuple[int, int] = field(default=(480, 640), metadata={"help": "request image size"})
     provider: str = field(default="cpu", metadata={"help": "in-process ONNX Runtime provider"})
     instances: int | None = field(default=None, metadata={"help": "in-process segmenters (default: the served model's instance count)"})
@@ -53,6 +57,34 @@ class TritonBenchConfig:
             raise InputError(f"runs {self.runs} / warmup {self.warmup}: need runs >= 1 and warmup >= 0")
         if self.instances is not None and self.instances < 1:
             raise InputError(f"instances {self.instances}: expected >= 1")
+
+
+class FairPool:
+    """Segmenters handed out first come, first served (a plain ``Queue`` lets a returning thread barge in
+    and starve the others, which would flatter the in-process p50 and hide its tail)."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self._free = list(items)
+        self._waiters: deque[list[Any]] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Any:
+        with self._lock:
+            if self._free and not self._waiters:
+                return self._free.pop()
+            slot: list[Any] = [threading.Event(), None]
+            self._waiters.append(slot)
+        slot[0].wait()
+        return slot[1]
+
+    def release(self, item: Any) -> None:
+        with self._lock:
+            if self._waiters:
+                slot = self._waiters.popleft()
+                slot[1] = item
+                slot[0].set()
+            else:
+                self._free.append(item)
 
 
 def request_images(n: int, hw: tuple[int, int], seed: int) -> list[np.ndarray]:
@@ -130,7 +162,10 @@ def _run_level(
     for t in threads:
         t.join()
     wall_s = (time.perf_counter_ns() - t0) / 1e9
-    samples = [ms for _, ms in sorted(latencies)]  # request order, for the stability check
+    return _summary([ms for _, ms in sorted(latencies)], server_ms, errors, wall_s)  # request order: stability check
+
+
+def _summary(samples: list[float], server_ms: list[float], errors: list[str], wall_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "completed": len(samples),
         "errors": len(errors),
@@ -143,6 +178,37 @@ def _run_level(
     if server_ms:
         out["server_total_ms"] = LatencyStats.from_samples(server_ms).to_dict()
     return out
+
+
+def _interleaved(sides: dict[str, Callable], hooks: dict[str, tuple[Callable, Callable]], cfg: TritonBenchConfig,
+                 seed: int) -> dict[str, dict[str, Any]]:
+    """Concurrency 1: the two sides request by request, alternating which goes first (ABBA), so both
+    see the same machine load; throughput = requests / summed latency (one request at a time)."""
+    ctx = {side: hooks[side][0]() for side in sides}
+    record: dict[str, tuple[list[float], list[float], list[str]]] = {side: ([], [], []) for side in sides}
+    try:
+        warm = request_images(cfg.warmup, cfg.image_hw, seed + 500)
+        for image in warm:
+            for side in sides:
+                sides[side](ctx[side], image)
+        images = {side: request_images(cfg.runs, cfg.image_hw, seed + k) for k, side in enumerate(sides)}
+        names = list(sides)
+        for i in range(cfg.runs):
+            for side in names if i % 2 == 0 else names[::-1]:
+                lat, server, errs = record[side]
+                t0 = time.perf_counter_ns()
+                try:
+                    extra = sides[side](ctx[side], images[side][i])
+                except Exception as exc:  # noqa: BLE001 - a failed request is a counted error
+                    errs.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                lat.append((time.perf_counter_ns() - t0) / 1e6)
+                if extra and "server_total" in extra:
+                    server.append(extra["server_total"])
+    finally:
+        for side in sides:
+            hooks[side][1](ctx[side])
+    return {side: _summary(lat, server, errs, sum(lat) / 1e3) for side, (lat, server, errs) in record.items()}
 
 
 def bench_triton(
@@ -173,9 +239,7 @@ def bench_triton(
     groups = served.get("instance_group") or [{}]
     served_instances = int(groups[0].get("count", 1))
     instances = cfg.instances or served_instances
-    segmenters: queue.Queue = queue.Queue()
-    for _ in range(instances):
-        segmenters.put(ConceptSegmenter.from_bundle(bundle, provider=cfg.provider))
+    segmenters = FairPool([ConceptSegmenter.from_bundle(bundle, provider=cfg.provider) for _ in range(instances)])
     h, w = cfg.image_hw
     point = [[w * 0.45, h * 0.55]]
 
@@ -186,11 +250,11 @@ def bench_triton(
         return result.timings
 
     def in_process(_ctx: None, image: np.ndarray) -> None:
-        segmenter = segmenters.get()
+        segmenter = segmenters.acquire()
         try:
             segmenter.segment(image, points=point)
         finally:
-            segmenters.put(segmenter)
+            segmenters.release(segmenter)
 
     sides = {"triton": via_triton, "inprocess": in_process}
     hooks = {"triton": (lambda: TritonSegClient(url, timeout=cfg.timeout), lambda c: c.close()),
@@ -199,12 +263,18 @@ def bench_triton(
     bar = tqdm(total=len(cfg.concurrency) * 2, desc="bench triton", disable=not progress, unit="series")
     try:
         for li, c in enumerate(cfg.concurrency):
-            order = ("triton", "inprocess") if li % 2 == 0 else ("inprocess", "triton")
-            level: dict[str, Any] = {"concurrency": c, "order": list(order)}
+            if c == 1:
+                level: dict[str, Any] = {"concurrency": 1, "order": "interleaved request by request (ABBA)"}
+                level.update(_interleaved(sides, hooks, cfg, 1000 * (li + 1)))
+                bar.update(2)
+                order: tuple[str, ...] = ()
+            else:
+                order = ("triton", "inprocess") if li % 2 == 0 else ("inprocess", "triton")
+                level = {"concurrency": c, "order": "series back to back: " + " then ".join(order)}
             for si, side in enumerate(order):
                 seed = 1000 * (li + 1) + si
-                if cfg.warmup:
-                    _run_level(sides[side], request_images(cfg.warmup * c, cfg.image_hw, seed + 500), c, *hooks[side])
+                if cfg.warmup:  # at least one per client thread, so every connection is warm
+                    _run_level(sides[side], request_images(max(cfg.warmup, c), cfg.image_hw, seed + 500), c, *hooks[side])
                 level[side] = _run_level(sides[side], request_images(cfg.runs, cfg.image_hw, seed), c, *hooks[side])
                 bar.update()
             t, p = level["triton"], level["inprocess"]

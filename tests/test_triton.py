@@ -526,3 +526,20 @@ def test_concept_routes_through_triton_equal_the_runtime(concept_bundle, tmp_pat
                         supports=[(png_bytes(support.image), png_bytes((support.mask * 255).astype(np.uint8)))])
         assert got.completion == expected.completion and np.array_equal(got.mask, expected.mask)
         assert got.box == (None if expected.box is None else tuple(float(v) for v in expected.box))
+
+
+@needs_server
+def test_benchmark_reports_both_sides_per_concurrency(server, tiny_bundle):
+    from conceptseg_edge.benchmarks.triton import bench_triton, render_triton_table
+
+    report = bench_triton(server.grpc_url, tiny_bundle, concurrency=(1, 2), runs=2, warmup=0, progress=False)
+    assert report["errors"] == 0 and report["served_instances"] == report["inprocess_instances"] == 1
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        for side in ("triton", "inprocess"):
+            assert level[side]["completed"] == 2 and level[side]["latency_ms"]["n"] == 2
+        assert level["ratio_p50_triton_over_inprocess"] > 0
+    assert "server_total_ms" in report["levels"][0]["triton"]
+    table = render_triton_table(report)
+    assert table.count("\n| ") == 3 and "p50 Triton/in-process" in table  # header + one row per level
+    json.dumps(report)  # results are data

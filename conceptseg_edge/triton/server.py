@@ -302,7 +302,7 @@ class TritonServer:
                 self.wait_ready(self.startup_timeout)
                 return self
             except ServerStartError:
-                clash = "address already in use" in self.log_tail(40).lower()
+                clash = "already in use" in self.log_tail(40).lower()
                 self.stop()
                 if not clash or attempt == attempts - 1:
                     raise
