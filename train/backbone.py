@@ -280,6 +280,15 @@ class BackboneModel(torch.nn.Module):
         self.encoder = SAM2ImageEncoder(sam)
         self.decoder = SAM2PromptDecoder(sam)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights, then recompute the decoder's dense positional encoding: a non-persistent
+        buffer ``SAM2PromptDecoder`` derives from the prompt encoder's (persistent) Gaussian matrix
+        when it is built, which would otherwise keep the pre-load value."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        with torch.no_grad():
+            self.decoder.image_pe.copy_(self.sam.sam_prompt_encoder.get_dense_pe())
+        return result
+
     def decode(self, feats, group: _Group, image_size: int):
         index = torch.tensor(group.image_index)
         f = gather_features(feats, index)

@@ -38,7 +38,7 @@ from conceptseg_edge.train.config import load_config, save_config
 #: Calibration episodes of ConceptWorld start here: apart from training ([0, n)) and from the
 #: held-out report (1_000_000 on), so τ is never fitted on the data it is judged on.
 CALIB_OFFSET = 2_000_000
-DEFAULT_GRID: tuple[float, ...] = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21)) + (1.01,)
+DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(21)) + (1.01,)
 
 
 @dataclass

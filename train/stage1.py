@@ -85,6 +85,7 @@ class TinyPolicyConfig:
     vision_hidden_size: int = 64
     vision_heads: int = 2
     seed: int = 0
+    corpus: str = field(default="conceptworld", metadata={"help": "tokenizer corpus: 'conceptworld' or 'default'"})
 
 
 @dataclass
@@ -282,8 +283,8 @@ def tiny_tokenizer_corpus() -> list[str]:
     from conceptseg_edge.models.tokenizer import tiny_corpus
 
     lines = tiny_corpus()
-    world = ConceptWorld(12345, 64)
-    for i in range(60):
+    world = ConceptWorld(12345, 32)
+    for i in range(20):
         ep = world.episode(i)
         for supports in (ep.supports, ()):
             meta = build_meta_episode(ep.image, ep.mask, ep.query, supports)
@@ -315,7 +316,9 @@ def build_initial_policy(cfg: Stage1Config):
             raise CheckpointError(f"{cfg.policy_path}: cannot load the policy: {exc}") from exc
         return model.eval(), load_processor(cfg.policy_path, max_pixels=cfg.max_pixels), None
     tp = cfg.tiny_policy
-    tokenizer = train_tiny_tokenizer(tp.vocab_size, tiny_tokenizer_corpus())
+    if tp.corpus not in ("conceptworld", "default"):
+        raise InputError(f"stage1.tiny_policy.corpus: expected 'conceptworld' or 'default', got {tp.corpus!r}")
+    tokenizer = train_tiny_tokenizer(tp.vocab_size, tiny_tokenizer_corpus() if tp.corpus == "conceptworld" else None)
     processor = build_processor(tokenizer, max_pixels=cfg.max_pixels)
     config = tiny_policy_config(
         tokenizer, hidden_size=tp.hidden_size, num_layers=tp.num_layers, num_heads=tp.num_heads,

@@ -1,0 +1,270 @@
+"""ConceptSeg-Tiny, the embedded default: this repo's whole training recipe on ConceptWorld, on CPU.
+
+One command::
+
+    conceptseg-edge train tiny-default --out runs/tiny [--bundle conceptseg_edge/assets/conceptseg_tiny]
+
+runs, with the YAMLs in ``train/configs/tiny/``:
+
+1. ``backbone``  pretrain the ``conceptseg_tiny`` SAM2 (128 px) on ConceptWorld prompts;
+2. ``stage1``    train the CTM of a random-init tiny Qwen2.5-VL through that frozen SAM2;
+3. ``stage2``    Meta-GRPO (``conceptseg_edge.train.stage2.run_stage2``), policy + CTM;
+4. ``calibrate`` fit the router's τ per word count, written into ``OUT/checkpoint``;
+5. ``export``    ``export_concept`` → ``OUT/bundle`` (ONNX graphs, parity-checked route by route);
+6. ``report``    held-out foreground IoU per level (CI/CD/CR) and per route the router took, against
+   the empty-mask and whole-image baselines, run through the exported torch-free bundle (through the
+   torch pipeline with ``--no-export``); stage 2's held-out reward next to stage 1's; the route mix;
+   wall and CPU seconds per stage. Written to ``OUT/report.json`` and ``OUT/report.md``.
+
+Each stage writes its own directory (metrics.csv, curves.png, a JSON summary); a rerun with the same
+``--out`` resumes the stage that was interrupted and skips the finished ones (their summaries are
+kept). Stage paths inside the YAMLs are placeholders the run replaces with ``OUT/<stage>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.fileio import write_text
+from conceptseg_edge.train.common import StageClock, write_summary
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
+#: Held-out episodes of the report: the same world index range the stages keep out of training.
+REPORT_OFFSET = 1_000_000
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _config(configs: Path, name: str) -> Path:
+    path = configs / name
+    if not path.is_file():
+        raise InputError(f"{path}: missing (tiny-default reads backbone/stage1/stage2/calibrate/report .yaml from {configs})")
+    return path
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """The final held-out report (``report.yaml``)."""
+
+    seed: int = 0
+    image_size: int = 128
+    episodes: int = 60
+    with_supports: bool = True
+    max_new_tokens: int = 96
+
+
+def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[str, Any]:
+    """Held-out foreground IoU of ``segment(image, query, supports) -> (mask, route)`` per level and per
+    route taken, with the empty-mask and whole-image baselines on the same items."""
+    from tqdm import tqdm
+
+    from conceptseg_edge.data.world import ConceptWorld
+
+    world = ConceptWorld(cfg.seed, cfg.image_size)
+    rows: list[dict[str, Any]] = []
+    for i in tqdm(range(REPORT_OFFSET, REPORT_OFFSET + cfg.episodes), desc="report", unit="episode", disable=not progress):
+        ep = world.episode(i)
+        if not ep.mask.any():
+            continue
+        mask, route = segment(ep.image, ep.query, ep.supports if cfg.with_supports else ())
+        rows.append({"level": ep.level, "route": route, "iou": _iou(mask, ep.mask),
+                     "whole": _iou(np.ones_like(ep.mask), ep.mask), "empty": 0.0})
+
+    def summary(sel: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"n": len(sel), "fg_iou": round(float(np.mean([r["iou"] for r in sel])), 4),
+                "empty_mask": round(float(np.mean([r["empty"] for r in sel])), 4),
+                "whole_image": round(float(np.mean([r["whole"] for r in sel])), 4)}
+
+    by_level = {lv: summary([r for r in rows if r["level"] == lv]) for lv in ("CI", "CD", "CR") if any(r["level"] == lv for r in rows)}
+    by_route = {rt: summary([r for r in rows if r["route"] == rt]) for rt in sorted({r["route"] for r in rows})}
+    by_level_route = {
+        f"{lv}/{rt}": summary(sel)
+        for lv in ("CI", "CD", "CR") for rt in ("shortcut", "reason")
+        if (sel := [r for r in rows if r["level"] == lv and r["route"] == rt])
+    }
+    return {"all": summary(rows), "by_level": by_level, "by_route": by_route, "by_level_route": by_level_route}
+
+
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def _stage_time(summary: dict[str, Any] | None) -> dict[str, float] | None:
+    if not summary:
+        return None
+    t = summary.get("time", {})
+    return t.get("total", t) if isinstance(t, dict) else None
+
+
+def run_tiny_default(
+    out: str | os.PathLike[str],
+    *,
+    configs: str | os.PathLike[str] | None = None,
+    bundle: str | os.PathLike[str] | None = None,
+    stage2: bool = True,
+    export: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ConceptSeg-Tiny under ``out``; returns the report (also ``out/report.json``)."""
+    from conceptseg_edge.train.backbone import BackboneConfig, train_backbone
+    from conceptseg_edge.train.calibrate import CalibrateConfig, calibrate_router
+    from conceptseg_edge.train.config import load_config, save_config
+    from conceptseg_edge.train.stage1 import Stage1Config, train_stage1
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    configs = Path(configs) if configs else CONFIG_DIR
+    times: dict[str, Any] = {}
+
+    # 1. backbone
+    bb_dir = out / "backbone"
+    bb_cfg = load_config(_config(configs, "backbone.yaml"), BackboneConfig)
+    bb_cfg = dataclasses.replace(bb_cfg, out_dir=str(bb_dir), progress=progress)
+    bb_summary = _read_json(bb_dir / "backbone.json")
+    if bb_summary is None:
+        bb_summary = train_backbone(bb_cfg).summary
+    times["backbone"] = _stage_time(bb_summary)
+
+    # 2. stage 1
+    s1_dir = out / "stage1"
+    s1_cfg = load_config(_config(configs, "stage1.yaml"), Stage1Config)
+    s1_cfg = dataclasses.replace(
+        s1_cfg, out_dir=str(s1_dir), backbone_config=bb_cfg.sam2_config,
+        backbone_checkpoint=str(bb_dir / "backbone.pt"), backbone_image_size=bb_cfg.image_size, progress=progress,
+    )
+    s1_summary = _read_json(s1_dir / "stage1.json")
+    if s1_summary is None:
+        s1_summary = train_stage1(s1_cfg).summary
+    times["stage1"] = _stage_time(s1_summary)
+    policy_ckpt = s1_dir / "checkpoint"
+
+    # 3. stage 2
+    s2_report = None
+    if stage2:
+        import yaml
+
+        from conceptseg_edge.train.stage2 import run_stage2
+
+        s2_dir = out / "stage2"
+        raw = yaml.safe_load(_config(configs, "stage2.yaml").read_text(encoding="utf-8")) or {}
+        raw.update(stage1_checkpoint=str(policy_ckpt), out_dir=str(s2_dir), progress=progress)
+        s2_yaml = out / "stage2.yaml"
+        write_text(s2_yaml, yaml.safe_dump(raw, sort_keys=False))
+        done = _read_json(s2_dir / "tiny_default_stage2.json")
+        if done is None:
+            clock = StageClock()
+            policy_ckpt = Path(run_stage2(s2_yaml))
+            done = {"checkpoint": str(policy_ckpt), "time": {"total": clock.elapsed()}}
+            write_summary(s2_dir / "tiny_default_stage2.json", done)
+        policy_ckpt = Path(done["checkpoint"])
+        times["stage2"] = _stage_time(done)
+        s2_report = _read_json(s2_dir / "eval.json")
+
+    # 4. calibrate the router into OUT/checkpoint
+    final_ckpt = out / "checkpoint"
+    cal_dir = out / "calibrate"
+    cal_cfg = load_config(_config(configs, "calibrate.yaml"), CalibrateConfig)
+    cal_cfg = dataclasses.replace(cal_cfg, checkpoint=str(policy_ckpt), out_checkpoint=str(final_ckpt),
+                                  out_dir=str(cal_dir), progress=progress)
+    cal_summary = _read_json(cal_dir / "calibrate.json")
+    if cal_summary is None or not final_ckpt.is_dir():
+        cal_summary = calibrate_router(cal_cfg)
+    times["calibrate"] = _stage_time(cal_summary)
+
+    # 5. export
+    bundle_dir = out / "bundle"
+    export_info: dict[str, Any] | None = None
+    if export:
+        from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
+
+        if not (bundle_dir / "manifest.json").is_file():
+            clock = StageClock()
+            export_concept(ConceptExportConfig(str(final_ckpt)), bundle_dir, progress=progress)
+            write_summary(out / "export.json", {"time": {"total": clock.elapsed()}})
+        times["export"] = _stage_time(_read_json(out / "export.json"))
+        size = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
+        export_info = {"bundle": str(bundle_dir), "bytes": size, "mb": round(size / 2**20, 2)}
+        if bundle is not None:
+            bundle = Path(bundle)
+            if bundle.exists():
+                shutil.rmtree(bundle)
+            shutil.copytree(bundle_dir, bundle)
+            export_info["copied_to"] = str(bundle)
+
+    # 6. held-out report
+    rep_cfg = load_config(_config(configs, "report.yaml"), ReportConfig)
+    save_config(out / "report.yaml", rep_cfg)
+    clock = StageClock()
+    if export:
+        from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+
+        runtime = ConceptSegmenter.from_bundle(bundle_dir)
+        runtime.concepts.max_new_tokens = rep_cfg.max_new_tokens
+
+        def segment(image, query, supports):
+            r = runtime.segment(image, query=query, supports=supports)
+            return r.mask, r.route
+
+        evaluated_with = "exported bundle, torch-free runtime (ConceptSegmenter)"
+    else:
+        from conceptseg_edge.models.pipeline import ConceptSegPipeline
+
+        pipeline = ConceptSegPipeline.from_checkpoint(final_ckpt, max_new_tokens=rep_cfg.max_new_tokens)
+
+        def segment(image, query, supports):
+            r = pipeline(image, query, supports=supports)
+            return r.mask, r.route
+
+        evaluated_with = "torch pipeline (ConceptSegPipeline)"
+    heldout = evaluate_default(segment, rep_cfg, progress)
+    times["report"] = clock.elapsed()
+    train_stages = [t for k, t in times.items() if k in ("backbone", "stage1", "stage2", "calibrate") and t]
+    report = {
+        "checkpoint": str(final_ckpt),
+        "export": export_info,
+        "heldout": {"evaluated_with": evaluated_with, "episodes": rep_cfg.episodes, **heldout},
+        "backbone_heldout": bb_summary.get("heldout"),
+        "stage1": {k: s1_summary.get(k) for k in ("loss_first", "loss_last", "loss_first10_mean", "loss_last10_mean", "steps")},
+        "stage2_heldout_reward": s2_report,
+        "router": {"taus": cal_summary.get("taus"), "route_mix_calibration_split": cal_summary.get("route_mix"),
+                   "short_query_fg_iou": cal_summary.get("short_query_fg_iou")},
+        "time": times,
+        "train_cpu_s": round(sum(t["cpu_s"] for t in train_stages), 1),
+        "train_wall_s": round(sum(t["wall_s"] for t in train_stages), 1),
+    }
+    write_summary(out / "report.json", report)
+    write_text(out / "report.md", render_report(report))
+    return report
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The report as a short Markdown page."""
+    h = report["heldout"]
+    lines = ["# ConceptSeg-Tiny: held-out report", "",
+             f"Evaluated with: {h['evaluated_with']}; {h['all']['n']} ConceptWorld episodes never trained on.", "",
+             "| split | n | fg IoU | empty mask | whole image |", "|---|---|---|---|---|"]
+    for name, row in [("all", h["all"]), *h["by_level"].items(), *[(f"route {k}", v) for k, v in h["by_route"].items()],
+                      *h["by_level_route"].items()]:
+        lines.append(f"| {name} | {row['n']} | {row['fg_iou']:.3f} | {row['empty_mask']:.3f} | {row['whole_image']:.3f} |")
+    lines += ["", f"Router taus: {report['router']['taus']}", "",
+              f"Stage 2 held-out reward: {json.dumps(report['stage2_heldout_reward'], default=str)}", "",
+              "| stage | wall s | CPU s |", "|---|---|---|"]
+    for stage, t in report["time"].items():
+        if t:
+            lines.append(f"| {stage} | {t['wall_s']} | {t['cpu_s']} |")
+    lines += ["", f"Training total: {report['train_wall_s']} s wall, {report['train_cpu_s']} s CPU."]
+    return "\n".join(lines) + "\n"
