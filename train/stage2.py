@@ -39,14 +39,14 @@ write a ``save_checkpoint`` directory. Outputs under ``out_dir``::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import zlib
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,14 +252,15 @@ class Stage2Config:
 class EpisodeStore:
     """Meta episodes by id, built on demand and kept in a small LRU cache.
 
-    Ids: ``world/<i>`` (ConceptWorld episode i) or ``<split>/<index>/<cls_name>`` (an all_meta item).
+    Ids: ``world/<i>`` (ConceptWorld episode i) or ``<split>/<index>/<cls_name>`` (an all_meta item);
+    ``get(id)`` returns the episode.
     An id always yields the same episode: ConceptWorld episodes are pure functions of (seed, i), and
     all_meta supports are drawn from a generator seeded by (support_seed, crc32(id)).
     """
 
     def __init__(self, data: Stage2Data) -> None:
         self.data = data
-        self._cache: OrderedDict[str, MetaEpisode] = OrderedDict()
+        self.get: Callable[[str], MetaEpisode] = functools.lru_cache(maxsize=data.cache_size)(self._build)
         if data.source == "conceptworld":
             self._world = ConceptWorld(data.world_seed, data.world_image_size)
             self._dataset = None
@@ -277,16 +278,6 @@ class EpisodeStore:
         if self._world is not None:
             return [f"world/{i}" for i in range(n, n + m)]
         return [f"test/{i}/{cls}" for _, cls, i, _ in self._dataset.items("test")][:m]
-
-    def get(self, episode_id: str) -> MetaEpisode:
-        if episode_id in self._cache:
-            self._cache.move_to_end(episode_id)
-            return self._cache[episode_id]
-        episode = self._build(episode_id)
-        self._cache[episode_id] = episode
-        while len(self._cache) > self.data.cache_size:
-            self._cache.popitem(last=False)
-        return episode
 
     def _build(self, episode_id: str) -> MetaEpisode:
         kind, _, rest = episode_id.partition("/")
