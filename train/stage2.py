@@ -595,11 +595,12 @@ def build_trainer(cfg: Stage2Config) -> tuple[MetaGRPOTrainer, ConceptCheckpoint
     policy = stage1.policy
     if cfg.beta > 0 and not cfg.lora.enabled:
         reference = out / "reference_policy"
-        if not (reference / "config.json").is_file():  # else written by the run being resumed
-            tmp = out / f"{_STAGING}{reference.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            policy.save_pretrained(tmp)
-            os.replace(tmp, reference)
+        with args.main_process_first(desc="KL reference"):  # the others then find it written
+            if not (reference / "config.json").is_file():  # else written by the run being resumed
+                tmp = out / f"{_STAGING}{reference.name}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                policy.save_pretrained(tmp)
+                os.replace(tmp, reference)
         policy.config._name_or_path = str(reference)
     trainer = MetaGRPOTrainer(
         attach_ctm(policy, stage1.ctm),
