@@ -38,7 +38,7 @@ from conceptseg_edge.train.stage2 import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "train" / "configs" / "stage2_tiny.yaml"
+TINY = REPO / "train" / "configs" / "tiny" / "stage2.yaml"
 # The tiny config, shrunk further for tests: two completions of 16 tokens per prompt, 2 steps.
 TEST_OVERRIDES = {
     "data": {"world_image_size": 64, "train_episodes": 6, "eval_episodes": 1},
