@@ -451,9 +451,12 @@ def test_serve_cli_runs_until_sigterm(py_repo, tmp_path):
     from conceptseg_edge.triton.server import free_port
 
     ports: list[int] = []
-    while len(ports) < 3:  # bounded in practice: the OS rarely hands out the same free port twice in a row
+    for _ in range(50):
+        if len(ports) == 3:
+            break
         if (p := free_port()) not in ports:
             ports.append(p)
+    assert len(ports) == 3, "the OS kept handing out the same free port"
     http, grpc, metrics = ports
     proc = subprocess.Popen([sys.executable, "-m", "conceptseg_edge", "triton", "serve", str(py_repo),
                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),

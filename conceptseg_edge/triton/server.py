@@ -188,11 +188,13 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def _distinct_ports(n: int, host: str) -> list[int]:
     ports: list[int] = []
-    while len(ports) < n:
+    for _ in range(20 * n):
+        if len(ports) == n:
+            return ports
         p = free_port(host)
         if p not in ports:
             ports.append(p)
-    return ports
+    raise ServerStartError(f"could not draw {n} distinct free ports on {host}")
 
 
 def _check_port(port: int | None, flag: str) -> None:
