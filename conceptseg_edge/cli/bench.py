@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="reason-route generation budget (--route all)")
     parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
                         help="the same checkpoint exported at another --policy-precision (repeatable; --route all)")
+    parser.add_argument("--triton", default=None, metavar="URL",
+                        help="benchmark a running Triton server (http://… or grpc://…) next to the in-process runtime")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="client concurrency levels for --triton")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT.json", help="write the report here")
     parser.add_argument("--png", default=None, metavar="OUT.png", help="latency chart per route and stage (--route all)")
     parser.set_defaults(func=_bench)
@@ -28,7 +31,16 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs {args.runs} / --warmup {args.warmup}: need runs >= 1 and warmup >= 0")
-    if args.route == "all":
+    if args.triton:
+        from conceptseg_edge.benchmarks.triton import bench_triton, render_triton_table
+
+        try:
+            levels = tuple(int(c) for c in args.concurrency.split(","))
+        except ValueError:
+            raise InputError(f"--concurrency {args.concurrency}: expected comma-separated integers") from None
+        report = bench_triton(args.triton, args.bundle, concurrency=levels, runs=args.runs, warmup=args.warmup)
+        table = render_triton_table(report)
+    elif args.route == "all":
         from conceptseg_edge.benchmarks.routes import RoutesBenchConfig, bench_routes, plot_routes, render_routes_table
 
         cfg = RoutesBenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
@@ -47,4 +59,4 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json_out:
         write_json(args.json_out, report)
     print(table)
-    return 0
+    return 1 if report.get("errors") else 0
