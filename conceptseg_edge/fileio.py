@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +62,32 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike[str], marker: str, what: str) -> Iterator[Path]:
+    """Build a directory atomically: yield a staging directory beside ``out``, swap it in on success.
+
+    ``out`` must be absent, empty, or a directory of this kind (it holds ``marker``): anything else is
+    refused rather than replaced. On failure the staging directory is deleted, so nothing
+    half-written is left; on success an older ``out`` is swapped out, then removed.
+    """
+    from conceptseg_edge.errors import InputError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise InputError(f"--out {out}: exists and is not a {what}; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    make_dir_like_mkdir(staging)
+    try:
+        yield staging
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{staging.name[-8:]}")
+            out.rename(old)
+        staging.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -19,12 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from conceptseg_edge.errors import ExportParityError, InputError
-from conceptseg_edge.export.bundle import staged_bundle
 from conceptseg_edge.export.onnx_export import export_and_validate
 from conceptseg_edge.export.parts import ctm_spec
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
-from conceptseg_edge.fileio import sha256_file
-from conceptseg_edge.manifest import BundleManifest, PartManifest, read_manifest, write_manifest
+from conceptseg_edge.fileio import sha256_file, staged_dir
+from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, read_manifest, write_manifest
 
 # fp16 is a TensorRT build precision on GPU (strongly typed, per part), not an ONNX variant that ONNX
 # Runtime's CPU provider can run and validate here; the policy is exported fp32, int8 or int4.
@@ -113,7 +112,7 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
 
     ckpt = load_checkpoint(cfg.checkpoint)
     backbone = ckpt.backbone
-    with tqdm(total=5, desc="export concept", disable=not progress, unit="step") as steps, staged_bundle(out) as staging:
+    with tqdm(total=5, desc="export concept", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         sam_parts, sam_source, preprocessing = export_sam2_parts(
             SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size), staging, steps
         )

@@ -1,7 +1,7 @@
 """``export sam2``: a SAM 2.1 checkpoint → a bundle with the encoder and decoder graphs.
 
 The bundle is assembled in a staging directory and renamed into place only once every part has
-passed parity (``export.bundle.staged_bundle``).
+passed parity (``fileio.staged_dir``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.export.bundle import staged_bundle
+from conceptseg_edge.fileio import staged_dir
 from conceptseg_edge.manifest import (
+    MANIFEST_NAME,
     BundleManifest,
     Preprocessing,
     SourceInfo,
@@ -127,7 +128,7 @@ def export_sam2_parts(cfg: SAM2ExportConfig, staging: Path, steps: tqdm | None =
 
 def export_sam2(cfg: SAM2ExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
     """Export SAM2 to ``out`` as a validated bundle (prompt route) and return its manifest."""
-    with tqdm(total=3, desc=f"export {cfg.config}", disable=not progress, unit="step") as steps, staged_bundle(out) as staging:
+    with tqdm(total=3, desc=f"export {cfg.config}", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         parts, source, preprocessing = export_sam2_parts(cfg, staging, steps)
         write_manifest(staging, BundleManifest(source=source, preprocessing=preprocessing, parts=parts, routes=("prompt",)))
         steps.update()

@@ -77,6 +77,20 @@ def load_supports(pairs: list[tuple[str, str]]):
     return supports
 
 
+def mask_report(result, mask_path: str) -> dict:
+    """What ``--json`` prints about a mask, for in-process and served results alike."""
+    return {
+        "route": result.route,
+        "reason": result.reason,
+        "mask": mask_path,
+        "score": round(result.score, 4),
+        "object_score": round(result.object_score, 4),
+        "area_fraction": round(float(result.mask.mean()), 4),
+        "box": result.box,
+        "completion": result.completion,
+    }
+
+
 def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.preprocess import load_image, make_prompts
@@ -98,15 +112,7 @@ def _segment(args: argparse.Namespace) -> int:
     if args.overlay:
         shown = prompts if result.box is None else make_prompts(None, None, result.box, image.shape[:2])
         save_png(args.overlay, overlay(image, result.mask, shown))
-    report = {
-        "route": result.route,
-        "reason": result.reason,
-        "mask": args.out,
-        "score": round(result.score, 4),
-        "object_score": round(result.object_score, 4),
-        "area_fraction": round(float(result.mask.mean()), 4),
-        "box": result.box,
-        "completion": result.completion,
+    report = mask_report(result, args.out) | {
         "bank_hit": result.bank_hit,
         "timings_ms": {k: round(v, 2) for k, v in result.timings.items()} | {"total": round(sum(result.timings.values()), 2)},
     }

@@ -99,6 +99,7 @@ def _client(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.preprocess import load_image
     from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.cli.segment import mask_report
     from conceptseg_edge.visualize import save_png
 
     path = Path(args.image)
@@ -119,17 +120,7 @@ def _client(args: argparse.Namespace) -> int:
         result = client.segment(image, query=args.concept, points=points, labels=labels, box=args.box,
                                 supports=supports, route=args.route)
     save_png(args.out, result.mask)
-    report = {
-        "route": result.route,
-        "reason": result.reason,
-        "mask": args.out,
-        "score": round(result.score, 4),
-        "object_score": round(result.object_score, 4),
-        "area_fraction": round(float(result.mask.mean()), 4),
-        "box": result.box,
-        "completion": result.completion,
-        "server_timings_ms": result.timings,
-    }
+    report = mask_report(result, args.out) | {"server_timings_ms": result.timings}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptseg_edge.errors import InputError, ManifestError
-from conceptseg_edge.fileio import make_dir_like_mkdir, sha256_file, write_json, write_text
+from conceptseg_edge.fileio import sha256_file, staged_dir, write_json, write_text
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, load_bundle, tool_versions
 from conceptseg_edge.triton.model_config import (
     TRITON_TYPES,
@@ -332,12 +331,7 @@ def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig 
     bundle = Path(bundle).resolve()
     manifest = load_bundle(bundle)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPOSITORY_MANIFEST).is_file())):
-        raise InputError(f"--out {out}: exists and is not a conceptseg-edge Triton repository; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    make_dir_like_mkdir(staging)
-    try:
+    with staged_dir(out, REPOSITORY_MANIFEST, "conceptseg-edge Triton repository") as staging:
         staged = _Staged()
         if MODEL_NAME in manifest.parts:
             raise ManifestError(f"parts.{MODEL_NAME}: a part may not take the router model's name")
@@ -362,20 +356,7 @@ def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig 
             versions=tool_versions(),
         )
         write_json(staging / REPOSITORY_MANIFEST, result.to_dict())
-        _swap(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return read_repository(out)
-
-
-def _swap(src: Path, dst: Path) -> None:
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{src.name[-8:]}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _router_parameters(cfg: RepositoryConfig, engines: str, bundle_param: str, extra: Mapping[str, str] = ()) -> dict[str, str]:
