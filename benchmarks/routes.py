@@ -45,10 +45,17 @@ def _series(samples: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def _timed(fn: Callable[[], dict[str, float]], warmup: int, runs: int) -> list[dict[str, float]]:
-    for _ in range(warmup):
-        fn()
-    return [fn() for _ in range(runs)]
+def _timed(fns: dict[str, Callable[[], dict[str, float]]], warmup: int, runs: int,
+           progress: bool = False) -> dict[str, list[dict[str, float]]]:
+    """Run the series round-robin, one call of each per round, so the ratios between them see the
+    same machine load (a busy minute hits every series alike instead of skewing one)."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    for i in tqdm(range(warmup + runs), desc="bench rounds", disable=not progress, unit="round"):
+        for name, fn in fns.items():
+            t = fn()
+            if i >= warmup:
+                samples[name].append(t)
+    return samples
 
 
 def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -87,10 +94,6 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
             "shortcut_bank_miss": shortcut_miss,
             "reason": fresh(lambda: seg.segment(image, query=CONCEPTS[0], route="reason")),
         }
-        results: dict[str, Any] = {}
-        for name, fn in tqdm(series.items(), desc="bench routes", disable=not progress, unit="route"):
-            results[name] = _series(_timed(fn, cfg.warmup, cfg.runs))
-
         for q in CONCEPTS:
             seg.segment(image, query=q, route="shortcut")  # every concept in the bank
 
@@ -102,8 +105,9 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
                     r.timings.get("postprocess", 0.0) for r in out[1:])}
             return run
 
-        multi = {n: LatencyStats.from_samples([t["total_ms"] for t in _timed(concepts(n), cfg.warmup, cfg.runs)]).to_dict()
-                 for n in (1, 4)}
+        timed = _timed({**series, "concepts_1": concepts(1), "concepts_4": concepts(4)}, cfg.warmup, cfg.runs, progress)
+        results: dict[str, Any] = {name: _series(timed[name]) for name in series}
+        multi = {n: LatencyStats.from_samples([t["total_ms"] for t in timed[f"concepts_{n}"]]).to_dict() for n in (1, 4)}
         generations = [seg.segment(image, query=CONCEPTS[0], route="reason") for _ in range(max(2, cfg.runs // 2))]
 
     decode_ms = [g.timings.get("policy_decode", 0.0) for g in generations]
@@ -152,7 +156,7 @@ def _torch_routes(checkpoint: str, image: np.ndarray, point, cfg: RoutesBenchCon
         "shortcut": lambda: pipe(image, query=CONCEPTS[0], route="shortcut").timings,
         "reason": lambda: pipe(image, query=CONCEPTS[0], route="reason").timings,
     }
-    return {name: _series(_timed(fn, cfg.warmup, cfg.runs)) for name, fn in calls.items()}
+    return {name: _series(samples) for name, samples in _timed(calls, cfg.warmup, cfg.runs).items()}
 
 
 def render_routes_table(report: dict[str, Any]) -> str:
