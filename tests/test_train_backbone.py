@@ -39,6 +39,7 @@ def _one_thread():
 def tiny_cfg(**kw) -> BackboneConfig:
     base = BackboneConfig(
         image_size=64, steps=4, images_per_step=2, prompts_per_image=2, warmup_steps=0, lr=1e-3,
+        fill_steps=1, localize_steps=1,  # steps 0 / 1 / 2+: box-fill pretext, instance scenes, full mix
         eval_every=100, save_every=100, eval_images=2, progress=False,
         data=BackboneDataConfig(image_size=64, train_episodes=6, val_episodes=3),
     )
@@ -57,6 +58,36 @@ def test_batches_are_a_pure_function_of_the_step():
     assert not np.array_equal(a_images, c_images)
 
 
+def test_curriculum_phases():
+    cfg = tiny_cfg()
+    world = ConceptWorld(0, 64)
+    _, fill = sample_batch(cfg, world, 0)
+    assert len(fill) == 1 and all(t.sum() == (t.any(0).sum() * t.any(1).sum()) for t in fill[0].targets)  # filled boxes
+    _, local = sample_batch(cfg, world, 1)
+    assert all(not g.concepts for g in local)  # geometric prompts only
+    kinds = set()
+    for step in range(2, 12):
+        kinds |= {"concept" if g.concepts else "geometry" for g in sample_batch(cfg, world, step)[1]}
+    assert kinds == {"concept", "geometry"}
+
+
+def test_instance_scene_concepts_are_exact():
+    from conceptseg_edge.data.world import CI_CLASSES
+    from conceptseg_edge.train.backbone import instance_scene
+
+    view = instance_scene(np.random.default_rng(3), 64)
+    assert len(view.instances) == len(view.looks) >= 3
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        name, target = view.concept_prompt(rng, negative_prob=0.5)
+        cls = next(c for c in CI_CLASSES if c.name == name)
+        expected = np.zeros_like(target)
+        for look, mask in zip(view.looks, view.instances):
+            if cls.matches(look):
+                expected |= mask
+        assert np.array_equal(target, expected)
+
+
 def test_negative_concepts_are_really_absent():
     # a CI shape never appears in a shape-free CD scene; a lesion query never names a shape scene
     assert "circle" in absent_concepts("polyp")
@@ -69,7 +100,10 @@ def test_loss_falls_on_a_fixed_batch_and_weights_change():
     cfg = tiny_cfg()
     model = build_model(cfg)
     optimizer = make_optimizer(cfg, model)
-    images, groups = sample_batch(cfg, ConceptWorld(0, 64), 0)
+    world = ConceptWorld(0, 64)
+    # a full-mix batch holding both geometric and concept prompts
+    images, groups = next(b for b in (sample_batch(cfg, world, k) for k in range(2, 40))
+                          if any(g.concepts for g in b[1]) and any(not g.concepts for g in b[1]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
     for _ in range(5):
@@ -135,6 +169,7 @@ def test_cli_runs_a_tiny_yaml_and_rejects_bad_configs(tmp_path, capsys):
     cfg = tmp_path / "bb.yaml"
     cfg.write_text(
         f"out_dir: {tmp_path / 'run'}\nimage_size: 64\nsteps: 1\nimages_per_step: 1\nprompts_per_image: 2\n"
+        "fill_steps: 0\nlocalize_steps: 0\n"
         "progress: false\neval_images: 1\ndata: {image_size: 64, train_episodes: 2, val_episodes: 1}\n"
     )
     assert main(["train", "backbone", "--config", str(cfg)]) == 0

@@ -162,6 +162,13 @@ def run_tiny_default(
         s2_dir = out / "stage2"
         raw = yaml.safe_load(_config(configs, "stage2.yaml").read_text(encoding="utf-8")) or {}
         raw.update(stage1_checkpoint=str(policy_ckpt), out_dir=str(s2_dir), progress=progress)
+        # Stage 1 trains on world seed 0, episodes [0, n): stage 2's held-out episodes ([m, m + k) of
+        # its own world) must come from another world, or "stage 1 vs stage 2" is scored on stage-1
+        # training data.
+        data = dict(raw.get("data") or {})
+        if data.get("source", "conceptworld") == "conceptworld" and data.get("world_seed", 0) == s1_cfg.data.seed:
+            data["world_seed"] = s1_cfg.data.seed + 1
+        raw["data"] = data
         s2_yaml = out / "stage2.yaml"
         write_text(s2_yaml, yaml.safe_dump(raw, sort_keys=False))
         done = _read_json(s2_dir / "tiny_default_stage2.json")
