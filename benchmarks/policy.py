@@ -22,13 +22,21 @@ import numpy as np
 
 from conceptseg_edge.manifest import load_bundle
 
+#: The issue's target for decoding with capture vs. "generate, then forward again" (same engines).
+CAPTURE_TARGET = 0.6
+#: Capture settings: the reason-route prompt alone, and the paper's meta-episode (support mosaic + target).
+CAPTURE_SETTINGS = {
+    "no_supports": "reason prompt, target image only",
+    "with_supports": "meta-episode: support mosaic + target (paper setting)",
+}
 
-def _prompt(seed: int = 11):
+
+def _prompt(with_supports: bool, seed: int = 11) -> tuple[list[np.ndarray], str]:
     from conceptseg_edge.data.world import ConceptWorld
     from conceptseg_edge.episodes import build_meta_episode
 
-    ep = ConceptWorld(seed=seed, image_size=256).episode(0, with_supports=False)
-    meta = build_meta_episode(ep.image, None, ep.query, ())
+    ep = ConceptWorld(seed=seed, image_size=256).episode(0, with_supports=with_supports)
+    meta = build_meta_episode(ep.image, None, ep.query, ep.supports if with_supports else ())
     return meta.images(), meta.prompt
 
 
@@ -36,29 +44,60 @@ def _ms(t0: int) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
+def capture_entry(engines: str, setting: str, capture_ms: Sequence[float], baseline_ms: Sequence[float], **extra: Any) -> dict[str, Any]:
+    """One named capture comparison: medians, their ratio, the target verdict and the raw samples."""
+    c, b = statistics.median(capture_ms), statistics.median(baseline_ms)
+    return {"engines": engines, "setting": CAPTURE_SETTINGS[setting], **extra,
+            "generate_with_capture_ms": round(c, 2), "generate_then_forward_ms": round(b, 2),
+            "ratio": round(c / b, 3), "target": CAPTURE_TARGET, "meets_target": c / b <= CAPTURE_TARGET,
+            "samples_ms": {"capture": [round(v, 2) for v in capture_ms], "baseline": [round(v, 2) for v in baseline_ms]}}
+
+
+def _runtime_capture(policy, runs: int, max_new_tokens: int) -> dict[str, dict[str, Any]]:
+    """Same-engine capture per setting, settings interleaved so they see the same machine load.
+
+    Baseline = our generate + the official second forward (prefill with the completion appended).
+    """
+    prompts = {name: _prompt(name == "with_supports") for name in CAPTURE_SETTINGS}
+    gen_ms: dict[str, list[float]] = {name: [] for name in prompts}
+    refeed_ms: dict[str, list[float]] = {name: [] for name in prompts}
+    last: dict[str, Any] = {}
+    for _ in range(runs):
+        for name, (images, text) in prompts.items():
+            t0 = time.perf_counter_ns()
+            gen = policy.generate(images, text, max_new_tokens)
+            gen_ms[name].append(_ms(t0))
+            t1 = time.perf_counter_ns()
+            state = policy.prefill(images, text, append_ids=gen.token_ids[:-1])  # the official second forward
+            refeed_ms[name].append(_ms(t1))
+            last[name] = (gen, state.length)
+    entries = {}
+    for name in prompts:
+        gen, length = last[name]
+        g, r = gen_ms[name], refeed_ms[name]
+        entries[f"runtime_{name}"] = capture_entry(
+            "runtime (same engines)", name, g, [a + b for a, b in zip(g, r)],
+            prompt_tokens=length - len(gen.token_ids) + 1, new_tokens=int(len(gen.token_ids)))
+    return entries
+
+
 def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: int = 3, max_new_tokens: int = 32) -> dict[str, Any]:
-    """Decode rate and agreement per precision, and the capture-vs-refeed ratio."""
+    """Decode rate and agreement per precision; capture-vs-refeed ratios (both settings) on the first bundle."""
     from conceptseg_edge.runtime.policy import OnnxPolicy
 
-    images, text = _prompt()
+    images, text = _prompt(with_supports=False)
     rows: list[dict[str, Any]] = []
     reference_tokens: np.ndarray | None = None
     capture: dict[str, Any] = {}
     for path in (bundle, *compare):
         manifest = load_bundle(path)
         policy = OnnxPolicy.from_bundle(path, manifest)
-        gens, decode_rates, prefill_ms, gen_ms, refeed_ms = [], [], [], [], []
+        gens, decode_rates, prefill_ms = [], [], []
         for _ in range(runs):
-            t0 = time.perf_counter_ns()
-            gen = policy.generate(images, text, max_new_tokens)
-            gen_ms.append(_ms(t0))
-            gens.append(gen)
+            gens.append(policy.generate(images, text, max_new_tokens))
             prefill_ms.append(policy.timings["policy_prefill"])
             if "policy_decode_tokens_per_s" in policy.timings:
                 decode_rates.append(policy.timings["policy_decode_tokens_per_s"])
-            t1 = time.perf_counter_ns()
-            policy.prefill(images, text, append_ids=gen.token_ids[:-1])  # the official second forward
-            refeed_ms.append(_ms(t1))
         tokens = gens[0].token_ids
         row: dict[str, Any] = {
             "bundle": str(path),
@@ -69,9 +108,7 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
         }
         if reference_tokens is None:
             reference_tokens = tokens
-            g, r = statistics.median(gen_ms), statistics.median(refeed_ms)
-            capture["runtime"] = {"generate_with_capture_ms": round(g, 2), "generate_then_forward_ms": round(g + r, 2),
-                                  "ratio": round(g / (g + r), 3)}
+            capture = _runtime_capture(policy, runs, max_new_tokens)
         else:
             state = policy.prefill(images, text, append_ids=reference_tokens[:-1])
             predicted = state.predicted_ids[-len(reference_tokens):]
@@ -84,8 +121,9 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
     return {"precisions": rows, "capture": capture, "max_new_tokens": max_new_tokens, "runs": runs}
 
 
-def bench_torch_capture(checkpoint: str | Path, runs: int = 3, max_new_tokens: int = 32) -> dict[str, float]:
-    """Torch: forward-hook capture during ``generate`` vs. ``generate`` then a teacher-forced forward."""
+def bench_torch_capture(checkpoint: str | Path, runs: int = 3, max_new_tokens: int = 32) -> dict[str, dict[str, Any]]:
+    """Torch, per setting (``torch_<setting>``): forward-hook capture during ``generate`` vs. HF
+    ``generate`` then a teacher-forced forward, settings interleaved."""
     import torch
 
     from conceptseg_edge.models.checkpoint import load_checkpoint
@@ -93,19 +131,33 @@ def bench_torch_capture(checkpoint: str | Path, runs: int = 3, max_new_tokens: i
 
     ckpt = load_checkpoint(checkpoint)
     policy = PolicyWrapper(ckpt.policy, ckpt.processor)
-    images, text = _prompt()
-    inputs = policy.build_inputs(images, text)
-    capture, baseline = [], []
+    inputs = {name: policy.build_inputs(*_prompt(name == "with_supports")) for name in CAPTURE_SETTINGS}
+    capture: dict[str, list[float]] = {name: [] for name in inputs}
+    baseline: dict[str, list[float]] = {name: [] for name in inputs}
+    new_tokens: dict[str, int] = {}
     for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        out = policy.generate_from_inputs(inputs, max_new_tokens)
-        capture.append(_ms(t0))
-        t1 = time.perf_counter_ns()
-        with torch.no_grad():
-            seq = ckpt.policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                       eos_token_id=policy._eos_ids, pad_token_id=policy._pad_id)
-            policy.teacher_forced_hidden_states(inputs, seq[0, inputs["input_ids"].shape[1]:])
-        baseline.append(_ms(t1))
-    c, b = statistics.median(capture), statistics.median(baseline)
-    return {"generate_with_capture_ms": round(c, 2), "generate_then_forward_ms": round(b, 2), "ratio": round(c / b, 3),
-            "new_tokens": int(len(out.token_ids))}
+        for name, batch in inputs.items():
+            t0 = time.perf_counter_ns()
+            out = policy.generate_from_inputs(batch, max_new_tokens)
+            capture[name].append(_ms(t0))
+            new_tokens[name] = int(len(out.token_ids))
+            t1 = time.perf_counter_ns()
+            with torch.no_grad():
+                seq = ckpt.policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                           eos_token_id=policy._eos_ids, pad_token_id=policy._pad_id)
+                policy.teacher_forced_hidden_states(batch, seq[0, batch["input_ids"].shape[1]:])
+            baseline[name].append(_ms(t1))
+    return {f"torch_{name}": capture_entry("torch: hook vs HF generate + forward", name, capture[name], baseline[name],
+                                           prompt_tokens=int(inputs[name]["input_ids"].shape[1]), new_tokens=new_tokens[name])
+            for name in inputs}
+
+
+def cross_capture(capture: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``runtime_vs_torch_<setting>``: our generate-with-capture vs. torch's HF generate + forward.
+
+    The two sides ran one after the other, not interleaved: read it with the load caveat.
+    """
+    return {f"runtime_vs_torch_{name}": capture_entry(
+                "runtime capture vs torch HF generate + forward", name,
+                capture[f"runtime_{name}"]["samples_ms"]["capture"], capture[f"torch_{name}"]["samples_ms"]["baseline"])
+            for name in CAPTURE_SETTINGS if f"runtime_{name}" in capture and f"torch_{name}" in capture}

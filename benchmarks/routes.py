@@ -132,11 +132,13 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "environment": environment(),
     }
-    from conceptseg_edge.benchmarks.policy import bench_policy, bench_torch_capture
+    from conceptseg_edge.benchmarks.policy import bench_policy, bench_torch_capture, cross_capture
 
     report["policy"].update(bench_policy(bundle, cfg.compare_bundles, runs=max(2, cfg.runs // 2), max_new_tokens=cfg.max_new_tokens))
     if cfg.compare_torch and manifest.source.checkpoint and Path(manifest.source.checkpoint).is_dir():
-        report["policy"]["capture"]["torch"] = bench_torch_capture(manifest.source.checkpoint, max(2, cfg.runs // 2), cfg.max_new_tokens)
+        capture = report["policy"]["capture"]
+        capture.update(bench_torch_capture(manifest.source.checkpoint, max(2, cfg.runs // 2), cfg.max_new_tokens))
+        capture.update(cross_capture(capture))
         report["torch"] = _torch_routes(manifest.source.checkpoint, image, point, cfg)
         report["ratio_runtime_over_torch_p50"] = {
             r: round(report["routes"][k]["total"]["p50"] / report["torch"][r]["total"]["p50"], 3)
@@ -182,9 +184,12 @@ def render_routes_table(report: dict[str, Any]) -> str:
     for row in report["policy"].get("precisions", []):
         head.append(f"| {row['precision']} | {row['prefill_ms_p50']} | {row['decode_tokens_per_s']} | "
                     f"{row.get('decode_speedup_vs_first', '–')} | {row.get('greedy_agreement_vs_first', 'reference')} |")
-    for side, c in report["policy"].get("capture", {}).items():
-        head.append(f"\nhidden-state capture ({side}): {c['generate_with_capture_ms']} ms vs generate+forward "
-                    f"{c['generate_then_forward_ms']} ms → ratio {c['ratio']}")
+    head += ["", "| hidden-state capture | engines | setting | prompt / new tokens | with capture ms | generate + forward ms "
+                 "| ratio | target |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for name, c in report["policy"].get("capture", {}).items():
+        tokens = f"{c['prompt_tokens']} / {c['new_tokens']}" if "prompt_tokens" in c else "–"
+        head.append(f"| {name} | {c['engines']} | {c['setting']} | {tokens} | {c['generate_with_capture_ms']} | "
+                    f"{c['generate_then_forward_ms']} | {c['ratio']} | {'met' if c['meets_target'] else 'NOT met'} (≤ {c['target']}) |")
     return "\n".join(head)
 
 

@@ -3,6 +3,10 @@
 An engine checks feed names and ranks against the graph's declared inputs, casts dtypes, and raises
 ``EngineIOError`` with expected vs. received; it does no pre/post-processing. ONNX Runtime and
 TensorRT implement the same ``Engine`` protocol, so predictors never know which one they hold.
+
+Decode loops can also hold an ``OrtBinding`` (``OrtEngine.binding()``): inputs and outputs bound to
+the session's device as ORT values, so a KV cache returned by one call is fed to the next without a
+round trip through numpy (on CUDA: without leaving the GPU). Engines without it keep ``run``.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from conceptseg_edge.errors import EngineIOError, InputError
 from conceptseg_edge.manifest import TensorSpec
+
+if TYPE_CHECKING:
+    from onnxruntime import OrtValue
 
 # Provider names users type → ONNX Runtime execution providers, in fallback order.
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -35,6 +42,9 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
 }
 
+# ORT providers whose tensors live in CUDA memory: IO bindings allocate there.
+_CUDA_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
 
 class Engine(Protocol):
     """What a predictor needs from a compiled graph."""
@@ -46,6 +56,13 @@ class Engine(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+@runtime_checkable
+class BindableEngine(Engine, Protocol):
+    """An engine that can also bind device-resident inputs and outputs (``OrtEngine``)."""
+
+    def binding(self) -> OrtBinding: ...
+
+
 def check_feeds(name: str, inputs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Validate names and ranks, cast dtypes; shared by every engine implementation."""
     expected = {t.name for t in inputs}
@@ -53,18 +70,18 @@ def check_feeds(name: str, inputs: Sequence[TensorSpec], feeds: Mapping[str, np.
     extra = sorted(set(feeds) - expected)
     if missing or extra:
         raise EngineIOError(f"{name}: inputs expected {sorted(expected)}, missing {missing}, unexpected {extra}")
-    out: dict[str, np.ndarray] = {}
-    for spec in inputs:
-        value = np.asarray(feeds[spec.name])
-        if value.ndim != len(spec.shape):
-            raise EngineIOError(
-                f"{name}.{spec.name}: rank {value.ndim} (shape {value.shape}), expected shape {list(spec.shape)}"
-            )
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int) and value.shape[axis] != dim:
-                raise EngineIOError(f"{name}.{spec.name}: shape {value.shape}, expected {list(spec.shape)}")
-        out[spec.name] = np.ascontiguousarray(value, dtype=spec.dtype)
-    return out
+    return {spec.name: check_feed(name, spec, feeds[spec.name]) for spec in inputs}
+
+
+def check_feed(name: str, spec: TensorSpec, value: np.ndarray) -> np.ndarray:
+    """One feed: rank and fixed dims checked, cast to the declared dtype (no copy when it already is)."""
+    value = np.asarray(value)
+    if value.ndim != len(spec.shape):
+        raise EngineIOError(f"{name}.{spec.name}: rank {value.ndim} (shape {value.shape}), expected shape {list(spec.shape)}")
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and value.shape[axis] != dim:
+            raise EngineIOError(f"{name}.{spec.name}: shape {value.shape}, expected {list(spec.shape)}")
+    return np.ascontiguousarray(value, dtype=spec.dtype)
 
 
 def resolve_providers(provider: str, available: Sequence[str]) -> list[str]:
@@ -103,6 +120,7 @@ class OrtEngine:
         self.inputs = tuple(self._spec(t) for t in self._session.get_inputs())
         self.outputs = tuple(self._spec(t) for t in self._session.get_outputs())
         self._output_names = [t.name for t in self.outputs]
+        self.device = "cuda" if self.provider in _CUDA_PROVIDERS else "cpu"
 
     @staticmethod
     def _spec(arg) -> TensorSpec:
@@ -112,3 +130,53 @@ class OrtEngine:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = check_feeds(self.name, self.inputs, feeds)
         return dict(zip(self._output_names, self._session.run(self._output_names, checked)))
+
+    def binding(self) -> OrtBinding:
+        """A fresh IO binding on this session, for loops that feed outputs back as inputs."""
+        return OrtBinding(self)
+
+
+class OrtBinding:
+    """One session's inputs and outputs bound as ORT values on its device, reused call after call.
+
+    ``session.run`` copies every output into a new numpy array and wraps every input again; in a
+    decode loop that is the whole KV cache twice per token. Here an output (an ``OrtValue``) can be
+    bound straight back as the next call's input, and ORT allocates each call's outputs afresh on
+    the device, so values from earlier calls stay valid while the caller holds them.
+    """
+
+    def __init__(self, engine: OrtEngine) -> None:
+        self._engine = engine
+        self._session = engine._session
+        self._binding = engine._session.io_binding()
+        self._specs = {t.name: t for t in engine.inputs}
+        self._bound: set[str] = set()
+        self._keep: dict[str, np.ndarray] = {}  # host arrays ORT reads at run time (CPU binds in place)
+
+    def bind(self, name: str, value: np.ndarray | OrtValue) -> None:
+        """Bind one input: a numpy array (checked like ``run``'s feeds) or an ``OrtValue`` (as is)."""
+        from onnxruntime import OrtValue
+
+        if name not in self._specs:
+            raise EngineIOError(f"{self._engine.name}: no input {name!r} (has {sorted(self._specs)})")
+        if isinstance(value, OrtValue):
+            self._binding.bind_ortvalue_input(name, value)
+            self._keep.pop(name, None)
+        else:
+            array = check_feed(self._engine.name, self._specs[name], value)
+            if self._engine.device == "cpu":
+                self._binding.bind_cpu_input(name, array)
+                self._keep[name] = array
+            else:
+                self._binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(array, self._engine.device, 0))
+        self._bound.add(name)
+
+    def run(self) -> dict[str, OrtValue]:
+        """Run on the bound inputs; every output comes back as a new ``OrtValue`` on the device."""
+        missing = sorted(set(self._specs) - self._bound)
+        if missing:
+            raise EngineIOError(f"{self._engine.name}: inputs not bound: {missing}")
+        for name in self._engine._output_names:
+            self._binding.bind_output(name, self._engine.device, 0)
+        self._session.run_with_iobinding(self._binding)
+        return dict(zip(self._engine._output_names, self._binding.get_outputs()))

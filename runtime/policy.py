@@ -39,7 +39,7 @@ import numpy as np
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
 from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.preprocess import as_rgb_array
-from conceptseg_edge.runtime.engine import Engine, OrtEngine
+from conceptseg_edge.runtime.engine import BindableEngine, Engine, OrtEngine
 
 POLICY_PARTS = ("policy_vision", "policy_embed", "policy_decoder")
 #: Where bundles keep the processor files (tokenizer.json, processor_config.json).
@@ -56,6 +56,10 @@ STOP_TOKENS = (IM_END, END_OF_TEXT)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3
+
+#: Token ids whose embedding ``OnnxPolicy`` keeps for decoding (4 MiB per 1k ids at d=1024, fp32);
+#: a completion's vocabulary is small, the cap only bounds a long-lived server.
+EMBED_CACHE_TOKENS = 8192
 
 
 def _ms(start_ns: int) -> float:
@@ -321,6 +325,44 @@ class PrefillState:
         return int(self.input_ids.shape[0])
 
 
+class _CachedDecoder:
+    """One sequence's decoding steps over the KV-cache decoder, the cache carried between steps.
+
+    With an ORT engine the cache stays in the ``OrtValue``s the decoder returned (on its device) and
+    is bound straight back as the next step's past; other engines (TensorRT, Triton BLS) get numpy
+    feeds through ``run``. The first step binds the prefill's numpy cache (no copy on CPU, one upload
+    on CUDA). Either way each step reads back only the last position's logits and hidden state.
+    """
+
+    def __init__(self, decoder: Engine, past_names: list[str], present_names: list[str], cache: list[np.ndarray]) -> None:
+        self._decoder = decoder
+        self._pairs = list(zip(past_names, present_names))
+        self._binding = decoder.binding() if isinstance(decoder, BindableEngine) else None
+        self._cache: dict[str, Any] = dict(zip(past_names, cache))
+        if self._binding is not None:
+            for name, value in self._cache.items():
+                self._binding.bind(name, value)
+
+    def step(self, embeds: np.ndarray, position: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token's (1, 1, d) embedding; return its (V,) logits and (d,) post-norm state."""
+        feeds = {
+            "inputs_embeds": embeds,
+            "position_ids": np.full((3, 1, 1), position, np.int64),
+            "attention_mask": np.ones((1, total), np.int64),
+        }
+        if self._binding is None:
+            out = self._decoder.run({**feeds, **self._cache})
+            self._cache = {past: out[present] for past, present in self._pairs}
+            return out["logits"][0, -1], out["last_hidden_state"][0, -1]
+        for name, value in feeds.items():
+            self._binding.bind(name, value)
+        out = self._binding.run()
+        for past, present in self._pairs:
+            self._binding.bind(past, out[present])
+        # numpy() is a view of the ORT buffer on CPU (a download on CUDA); keep a copy of one row only
+        return out["logits"].numpy()[0, -1], np.array(out["last_hidden_state"].numpy()[0, -1])
+
+
 def _as_image_list(image: np.ndarray | Sequence[np.ndarray] | None) -> list[np.ndarray]:
     if image is None:
         return []
@@ -362,6 +404,7 @@ class OnnxPolicy:
             n: np.zeros((1, first.shape[1], 0, first.shape[3]), self._cache_dtype) for n in self._past_names
         }
         self.hidden_size = int(names["inputs_embeds"].shape[2])
+        self._token_embeds: dict[int, np.ndarray] = {}
 
     @classmethod
     def from_bundle(
@@ -502,7 +545,7 @@ class OnnxPolicy:
         tokens: list[int] = []
         rows: list[np.ndarray] = [state.hidden_states[-1]]
         logits = state.last_logits
-        cache = dict(zip(self._past_names, state.cache))
+        decoder = _CachedDecoder(self.decoder, self._past_names, self._present_names, state.cache)
         position, total = state.next_position, state.length
         t0 = time.perf_counter_ns()
         steps = 0
@@ -512,14 +555,11 @@ class OnnxPolicy:
             at_limit = self.tokenizer.max_length is not None and total + 1 >= self.tokenizer.max_length
             if token in self.tokenizer.stop_ids or len(tokens) >= max_new_tokens or at_limit:
                 break
-            embeds = self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
             total += 1
-            out = self._run_decoder(embeds, np.full((3, 1), position, np.int64), total, cache)
+            logits, row = decoder.step(self._token_embedding(token), position, total)
             position += 1
             steps += 1
-            logits = out["logits"][0, -1]
-            rows.append(out["last_hidden_state"][0, -1])
-            cache = {p: out[n] for p, n in zip(self._past_names, self._present_names)}
+            rows.append(row)
         decode_ms = _ms(t0)
         timings["policy_decode"] = decode_ms
         timings["policy_new_tokens"] = float(len(tokens))
@@ -529,6 +569,19 @@ class OnnxPolicy:
         token_ids = np.asarray(tokens, dtype=np.int64)
         hidden = np.stack(rows[: len(tokens)]).astype(np.float32, copy=False)
         return PolicyGeneration(self.tokenizer.decode(token_ids), token_ids, hidden)
+
+    def _token_embedding(self, token: int) -> np.ndarray:
+        """(1, 1, d) embedding of one generated token, from the embed graph once per token id.
+
+        Decoding feeds one token per step; the embed graph is a table lookup, so its answer for an
+        id never changes and a dict spares one engine call per step after the first use of an id.
+        """
+        row = self._token_embeds.get(token)
+        if row is None:
+            row = self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
+            if len(self._token_embeds) < EMBED_CACHE_TOKENS:
+                self._token_embeds[token] = row
+        return row
 
     def prefill_hidden_states(self, text: str) -> np.ndarray:
         """(P, d) float32 states of the text-only chat prompt for ``text`` (the shortcut route)."""
