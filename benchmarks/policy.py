@@ -6,8 +6,13 @@
   the reference completion is fed to the other policy and its argmax at each completion position is
   compared, so one early divergence does not count against every later token.
 - **Capture**: our decoding keeps each step's last hidden state as it goes; the official code
-  generates, then runs a full forward over prompt + completion to get them. Both are timed on the
-  same engines (and, with a checkpoint, in torch: forward hook vs. ``generate`` + forward).
+  generates, then runs a full forward over prompt + completion to get them. Every comparison is a
+  named entry, favourable or not, for two prompts: ``no_supports`` (the reason prompt, target only)
+  and ``with_supports`` (the paper's meta-episode, support mosaic + target, about twice the prompt):
+  ``runtime_<setting>`` (same engines), ``torch_<setting>`` (forward hook vs. HF ``generate`` +
+  forward) and ``runtime_vs_torch_<setting>`` (our capture vs. the torch recipe). With a prompt of P
+  tokens and T new ones, generate+forward adds about one prefill, so the same-engine ratio falls
+  as P grows and rises with T and with the cost of a decoding step.
 """
 
 from __future__ import annotations
@@ -157,7 +162,11 @@ def cross_capture(capture: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
     The two sides ran one after the other, not interleaved: read it with the load caveat.
     """
-    return {f"runtime_vs_torch_{name}": capture_entry(
-                "runtime capture vs torch HF generate + forward", name,
-                capture[f"runtime_{name}"]["samples_ms"]["capture"], capture[f"torch_{name}"]["samples_ms"]["baseline"])
-            for name in CAPTURE_SETTINGS if f"runtime_{name}" in capture and f"torch_{name}" in capture}
+    out = {}
+    for name in CAPTURE_SETTINGS:
+        runtime, hf = capture.get(f"runtime_{name}"), capture.get(f"torch_{name}")
+        if runtime and hf:
+            out[f"runtime_vs_torch_{name}"] = capture_entry(
+                "runtime capture vs torch HF generate + forward", name, runtime["samples_ms"]["capture"],
+                hf["samples_ms"]["baseline"], prompt_tokens=runtime["prompt_tokens"], new_tokens=runtime["new_tokens"])
+    return out

@@ -35,6 +35,7 @@ def test_every_setting_is_reported_on_each_side(capture):
     cross = entries["runtime_vs_torch_no_supports"]
     assert cross["generate_with_capture_ms"] == entries["runtime_no_supports"]["generate_with_capture_ms"]
     assert cross["generate_then_forward_ms"] == entries["torch_no_supports"]["generate_then_forward_ms"]
+    assert cross["prompt_tokens"] == entries["torch_no_supports"]["prompt_tokens"]  # the same prompt on both sides
 
 
 def test_table_lists_every_capture_row(capture):
