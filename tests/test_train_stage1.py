@@ -13,17 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from conceptseg_edge.train.common import EpisodeData, load_items, template_completion
 from conceptseg_edge.train.stage1 import (
     CTMSettings,
     FeatureCache,
     Stage1Config,
-    Stage1DataConfig,
     TinyPolicyConfig,
     batch_loss,
-    completion_text,
     forward_samples,
     load_frozen,
-    load_items,
     plan_batch,
     sample_losses,
     train_step,
@@ -57,7 +55,7 @@ def tiny_cfg(backbone_pt: Path, out: Path, **kw) -> Stage1Config:
                                      intermediate_size=64, vision_depth=1, vision_hidden_size=32, vision_heads=1,
                                      corpus="default"),
         ctm=CTMSettings(depth=1, num_heads=2),
-        data=Stage1DataConfig(image_size=64, train_episodes=6, val_episodes=3),
+        data=EpisodeData(image_size=64, train_episodes=6, val_episodes=3),
         lr=1e-3, batch_size=4, grad_accum=2, steps=3, shortcut_fraction=0.5, negative_fraction=0.5,
         drop_box_fraction=0.25, presence_weight=0.5, eval_every=100, save_every=100, progress=False,
     )
@@ -68,7 +66,7 @@ def tiny_cfg(backbone_pt: Path, out: Path, **kw) -> Stage1Config:
 def setup(backbone_pt, tmp_path_factory):
     cfg = tiny_cfg(backbone_pt, tmp_path_factory.mktemp("stage1"))
     frozen, ctm = load_frozen(cfg, Path(cfg.out_dir))
-    cache = FeatureCache(frozen, load_items(cfg, "train"), True, False, "")
+    cache = FeatureCache(frozen, load_items(cfg.data, "train"), True, False, "")
     return cfg, frozen, ctm, cache
 
 
@@ -77,7 +75,7 @@ def test_template_holds_the_ground_truth_boxes(setup):
     from conceptseg_edge.tags import parse_output
 
     for item in cache.items:
-        parsed = parse_output(completion_text(item), has_hidden_box=item.meta.has_hidden_box)
+        parsed = parse_output(template_completion(item.meta), has_hidden_box=item.meta.has_hidden_box)
         assert parsed.well_formed
         assert parsed.bbox == item.meta.gt_box and parsed.check == item.meta.hidden_box
         assert parsed.answer == item.query
@@ -175,7 +173,8 @@ def test_cli_stage1_and_bad_configs(backbone_pt, tmp_path, capsys):
     capsys.readouterr()
     for patch, needle in [({"batch_size": 0}, "batch_size"), ({"data": {"source": "web"}}, "source"),
                           ({"shortcut_fraction": 1.5}, "shortcut_fraction"), ({"ctm": {"heads": 2}}, "unknown key"),
-                          ({"data": {"source": "meta"}}, "root")]:
+                          ({"data": {"source": "meta"}}, "root"),
+                          ({"policy_checkpoint": "w", "init_checkpoint": "s"}, "give one of")]:
         bad = {**cfg, **patch}
         if "data" in patch:
             bad["data"] = {**cfg["data"], **patch["data"]}

@@ -19,6 +19,10 @@ use at inference) upsampled bilinearly to the ground-truth size; plus ``presence
 object score against "target present" (0 in the paper; the router reads that score). Negatives, like
 SAM2's absent objects, skip the mask loss.
 
+The policy is normally ``train warmstart``'s (``policy_checkpoint``): a tiny Qwen2.5-VL taught the
+tag format, standing in for an instruction-tuned one; the template here is the one it learnt
+(``train.common.template_completion``).
+
 Both models are frozen, so the SAM2 image features and the policy's hidden states are computed once
 per training item and cached (``cache: true``); a step then runs only the CTM and the mask decoder.
 The policy and processor are written to ``out_dir/init_policy`` on the first run, so a resumed run
@@ -40,18 +44,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from conceptseg_edge.episodes import MetaEpisode, box_to_image, build_meta_episode
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.router import RouterConfig, count_words
-from conceptseg_edge.tags import format_output
 from conceptseg_edge.train.common import (
+    EpisodeData,
+    Item,
     check_types,
     StageClock,
     bce_dice,
     box_prompt,
     empty_mask_prompt,
+    epoch_picks,
     eval_mode,
     has_state,
+    load_items,
     load_state,
     lr_at,
     mask_iou,
@@ -62,30 +68,13 @@ from conceptseg_edge.train.common import (
     seed_everything,
     set_lr,
     set_threads,
+    template_completion,
     upsample,
     write_summary,
 )
 from conceptseg_edge.train.config import load_config, save_config
 from conceptseg_edge.train.log import MetricsLogger
-
-VAL_OFFSET = 1_000_000  # held-out ConceptWorld episodes start here (as in train/backbone.py)
-
-
-@dataclass
-class TinyPolicyConfig:
-    """A random-init Qwen2.5-VL for the offline default and tests (used when no policy is named)."""
-
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    vision_depth: int = 2
-    vision_hidden_size: int = 64
-    vision_heads: int = 2
-    seed: int = 0
-    corpus: str = field(default="conceptworld", metadata={"help": "tokenizer corpus: 'conceptworld' or 'default'"})
+from conceptseg_edge.train.warmstart import TinyPolicyConfig, build_tiny_policy
 
 
 @dataclass
@@ -99,17 +88,6 @@ class CTMSettings:
 
 
 @dataclass
-class Stage1DataConfig:
-    source: str = field(default="world", metadata={"help": "'world' (ConceptWorld) or 'meta' (an all_meta.json root)"})
-    root: str | None = field(default=None, metadata={"help": "dataset root for source 'meta'"})
-    seed: int = 0
-    image_size: int = field(default=128, metadata={"help": "ConceptWorld image side, px"})
-    train_episodes: int = field(default=400, metadata={"help": "world: indices [0, n); meta: at most n train items"})
-    val_episodes: int = field(default=40, metadata={"help": "world: from VAL_OFFSET; meta: the test split"})
-    support_prob: float = field(default=0.5, metadata={"help": "CI/CD items shown with their supports (CR always)"})
-
-
-@dataclass
 class Stage1Config:
     """``train stage1`` settings; defaults are the paper's where it has one (see comments)."""
 
@@ -118,14 +96,18 @@ class Stage1Config:
     backbone_config: str = "sam2.1_hiera_t"
     backbone_checkpoint: str | None = None
     backbone_image_size: int = 1024
-    # the frozen policy: a ConceptSeg checkpoint (policy + CTM to continue), a released Qwen2.5-VL
-    # directory (paper: Qwen2.5-VL-3B-Instruct), or else a random-init tiny policy
+    # the frozen policy, one of: a ConceptSeg checkpoint to continue (policy + CTM), a checkpoint whose
+    # policy + processor start a fresh CTM (``train warmstart``'s output), a released Qwen2.5-VL
+    # directory (paper: Qwen2.5-VL-3B-Instruct); with none, a random-init tiny policy (tests)
     init_checkpoint: str | None = None
+    policy_checkpoint: str | None = field(
+        default=None, metadata={"help": "models.checkpoint directory: its policy + processor, a new CTM"})
     policy_path: str | None = None
     tiny_policy: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
-    max_pixels: int = field(default=600 * 600, metadata={"help": "policy image cap (paper: 360000)"})
+    max_pixels: int = field(default=600 * 600, metadata={
+        "help": "policy image cap (paper: 360000); checkpoints keep their processor's own"})
     ctm: CTMSettings = field(default_factory=CTMSettings)
-    data: Stage1DataConfig = field(default_factory=Stage1DataConfig)
+    data: EpisodeData = field(default_factory=EpisodeData)
     lr: float = 3e-5  # paper
     batch_size: int = 16  # paper: 16 per GPU ...
     grad_accum: int = 2  # ... x 2 ("16x2"; read as gradient accumulation)
@@ -158,108 +140,18 @@ class Stage1Config:
         if self.steps is not None:
             require_positive(where, steps=self.steps)
         require_fraction(where, shortcut_fraction=self.shortcut_fraction, negative_fraction=self.negative_fraction,
-                         drop_box_fraction=self.drop_box_fraction, support_prob=self.data.support_prob)
-        if self.data.source not in ("world", "meta"):
-            raise InputError(f"{where}.data.source: expected 'world' or 'meta', got {self.data.source!r}")
-        if self.data.source == "meta" and not self.data.root:
-            raise InputError(f"{where}.data.root: required when data.source is 'meta'")
+                         drop_box_fraction=self.drop_box_fraction)
+        self.data.validate(f"{where}.data")
         if self.data.source == "meta" and self.negative_fraction:
             raise InputError(f"{where}.negative_fraction: needs data.source 'world' (absence must be certain)")
-        if self.init_checkpoint and self.policy_path:
-            raise InputError(f"{where}: give init_checkpoint or policy_path, not both")
-        require_positive(f"{where}.data", train_episodes=self.data.train_episodes, val_episodes=self.data.val_episodes)
+        sources = [n for n in ("init_checkpoint", "policy_checkpoint", "policy_path") if getattr(self, n)]
+        if len(sources) > 1:
+            raise InputError(f"{where}: give one of init_checkpoint, policy_checkpoint, policy_path; got {sources}")
 
     def total_steps(self, n_items: int) -> int:
         if self.steps is not None:
             return self.steps
         return self.epochs * math.ceil(n_items / (self.batch_size * self.grad_accum))
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Item:
-    """One training/eval target with what stage 1 needs from it."""
-
-    image: np.ndarray  # (H, W, 3) uint8, the target
-    mask: np.ndarray  # (H, W) bool
-    query: str
-    level: str
-    task: str
-    meta: MetaEpisode  # the policy's view, ground truth in the 600x600 frame
-
-    @property
-    def box_px(self) -> tuple[float, float, float, float] | None:
-        """The ground-truth ``<bbox>`` as the pipeline would pass it to SAM2 (image pixels)."""
-        return box_to_image(self.meta.gt_box, self.image.shape[:2])
-
-    @property
-    def shortcut_ok(self) -> bool:
-        return self.level != "CR"
-
-
-def think_rule(query: str) -> tuple[str, str]:
-    """The template's reasoning text: fixed, so the CTM learns from the box and the phrase."""
-    return (f"The query asks for {query}. I find it in the target image.",
-            f"The target is the {query}.")
-
-
-def completion_text(item: Item) -> str:
-    """The teacher-forced completion: the tag template with the ground-truth boxes."""
-    think, rule = think_rule(item.query)
-    return format_output(think=think, rule=rule, bbox=item.meta.gt_box, answer=item.query, check=item.meta.hidden_box)
-
-
-def world_items(cfg: Stage1Config, split: str) -> list[Item]:
-    from conceptseg_edge.data.world import ConceptWorld
-
-    world = ConceptWorld(cfg.data.seed, cfg.data.image_size)
-    if split == "train":
-        indices = range(cfg.data.train_episodes)
-    else:
-        indices = range(VAL_OFFSET, VAL_OFFSET + cfg.data.val_episodes)
-    items = []
-    for i in indices:
-        ep = world.episode(i)
-        if not ep.mask.any():
-            continue
-        rng = np.random.default_rng([cfg.data.seed, i, 7])
-        supports = ep.supports if (ep.level == "CR" or rng.random() < cfg.data.support_prob) else ()
-        meta = build_meta_episode(ep.image, ep.mask, ep.query, supports)
-        items.append(Item(ep.image, ep.mask, ep.query, ep.level, ep.task_name, meta))
-    return items
-
-
-def meta_items(cfg: Stage1Config, split: str) -> list[Item]:
-    from conceptseg_edge.data.meta import ConceptSegDataset
-
-    dataset = ConceptSegDataset.open(cfg.data.root)
-    name = "train" if split == "train" else "test"
-    if name not in dataset.splits:
-        raise InputError(f"{cfg.data.root}: no {name!r} split in all_meta.json")
-    limit = cfg.data.train_episodes if split == "train" else cfg.data.val_episodes
-    items = []
-    for k, (_, cls_name, index, meta_item) in enumerate(dataset.items(name)):
-        if k >= limit:
-            break
-        rng = np.random.default_rng([cfg.data.seed, k, 7])
-        ep = dataset.load(meta_item)
-        if not ep.mask.any():
-            continue
-        if ep.level != "CR" and rng.random() >= cfg.data.support_prob:
-            meta = build_meta_episode(ep.image, ep.mask, ep.query, ())
-        else:
-            meta = dataset.meta_episode(name, cls_name, index, rng)
-        items.append(Item(ep.image, ep.mask, ep.query, ep.level, ep.task_name, meta))
-    return items
-
-
-def load_items(cfg: Stage1Config, split: str) -> list[Item]:
-    items = world_items(cfg, split) if cfg.data.source == "world" else meta_items(cfg, split)
-    if not items:
-        raise InputError(f"stage1.data: no {split} items with a non-empty mask")
-    return items
 
 
 # --------------------------------------------------------------------------- models
@@ -276,56 +168,26 @@ class Frozen:
     backbone: Any  # BackboneSpec
 
 
-def tiny_tokenizer_corpus() -> list[str]:
-    """The tiny tokenizer's corpus: the package's default lines plus ConceptWorld's concepts,
-    problems, prompts and completions, so the tiny policy reads them in few tokens."""
-    from conceptseg_edge.data.world import ConceptWorld
-    from conceptseg_edge.models.tokenizer import tiny_corpus
-
-    lines = tiny_corpus()
-    world = ConceptWorld(12345, 32)
-    for i in range(20):
-        ep = world.episode(i)
-        for supports in (ep.supports, ()):
-            meta = build_meta_episode(ep.image, ep.mask, ep.query, supports)
-            lines.append(meta.prompt)
-            if meta.gt_box is not None:
-                think, rule = think_rule(ep.query)
-                lines.append(format_output(think=think, rule=rule, bbox=meta.gt_box, answer=ep.query, check=meta.hidden_box))
-    return lines
-
-
 def build_initial_policy(cfg: Stage1Config):
     """(policy model, processor, CTM or None) as the config names them; nothing trained yet."""
-    from conceptseg_edge.models.policy import build_policy, build_processor, load_processor, tiny_policy_config
-    from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
-
-    if cfg.init_checkpoint:
+    if cfg.init_checkpoint or cfg.policy_checkpoint:
         from conceptseg_edge.models.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(cfg.init_checkpoint)
-        return ckpt.policy, ckpt.processor, ckpt.ctm
+        ckpt = load_checkpoint(cfg.init_checkpoint or cfg.policy_checkpoint)
+        return ckpt.policy, ckpt.processor, ckpt.ctm if cfg.init_checkpoint else None
     if cfg.policy_path:
         from transformers import AutoModelForImageTextToText
 
         from conceptseg_edge.errors import CheckpointError
+        from conceptseg_edge.models.policy import load_processor
 
         try:
             model = AutoModelForImageTextToText.from_pretrained(cfg.policy_path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cfg.policy_path}: cannot load the policy: {exc}") from exc
         return model.eval(), load_processor(cfg.policy_path, max_pixels=cfg.max_pixels), None
-    tp = cfg.tiny_policy
-    if tp.corpus not in ("conceptworld", "default"):
-        raise InputError(f"stage1.tiny_policy.corpus: expected 'conceptworld' or 'default', got {tp.corpus!r}")
-    tokenizer = train_tiny_tokenizer(tp.vocab_size, tiny_tokenizer_corpus() if tp.corpus == "conceptworld" else None)
-    processor = build_processor(tokenizer, max_pixels=cfg.max_pixels)
-    config = tiny_policy_config(
-        tokenizer, hidden_size=tp.hidden_size, num_layers=tp.num_layers, num_heads=tp.num_heads,
-        num_kv_heads=tp.num_kv_heads, intermediate_size=tp.intermediate_size, vision_depth=tp.vision_depth,
-        vision_hidden_size=tp.vision_hidden_size, vision_heads=tp.vision_heads,
-    )
-    return build_policy(config, seed=tp.seed), processor, None
+    policy, processor = build_tiny_policy(cfg.tiny_policy, cfg.max_pixels, "stage1.tiny_policy")
+    return policy, processor, None
 
 
 def new_ctm(cfg: Stage1Config, hidden_size: int):
@@ -401,7 +263,7 @@ class FeatureCache:
         feats = f.encoder(sam_input([item.image], f.image_size))
         inputs = f.policy.build_inputs(item.meta.images(), item.meta.prompt)
         tok = f.policy.processor.tokenizer
-        ids = tok(completion_text(item), add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        ids = tok(template_completion(item.meta), add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         states = f.policy.teacher_forced_hidden_states(inputs, ids).float()
         return Cached(tuple(x.clone() for x in feats), states.clone())
 
@@ -435,13 +297,8 @@ def plan_batch(cfg: Stage1Config, items: list[Item], step: int, micro: int) -> l
     """The samples of micro-batch ``micro`` of step ``step``: a pure function of (config, step)."""
     from conceptseg_edge.train.backbone import CONCEPTS, absent_concepts
 
-    per_step = cfg.batch_size * cfg.grad_accum
-    n = len(items)
-    steps_per_epoch = max(1, math.ceil(n / per_step))
-    epoch, k = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-    start = k * per_step + micro * cfg.batch_size
-    picks = [int(order[(start + j) % n]) for j in range(cfg.batch_size)]
+    picks = epoch_picks(cfg.seed, len(items), step, cfg.batch_size * cfg.grad_accum, micro * cfg.batch_size,
+                        cfg.batch_size)
     rng = np.random.default_rng([cfg.seed, step, micro, 1])
     samples = []
     for i in picks:
@@ -604,7 +461,7 @@ def train_stage1(
     clock = StageClock()
     save_config(out / "config.yaml", cfg)
     frozen, ctm = load_frozen(cfg, out)
-    items = load_items(cfg, "train")
+    items = load_items(cfg.data, "train", "stage1.data")
     cache = FeatureCache(frozen, items, cfg.cache, cfg.progress, "stage1 cache")
     total = cfg.total_steps(len(items))
     optimizer = torch.optim.AdamW(ctm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -621,7 +478,7 @@ def train_stage1(
             last = train_step(cfg, frozen, cache, ctm, optimizer, step, total)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
                 if val_cache is None:
-                    val_cache = FeatureCache(frozen, load_items(cfg, "val"), cfg.cache, False, "stage1 val cache")
+                    val_cache = FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache")
                 report = evaluate(cfg, frozen, val_cache, ctm)
                 last["val_loss"] = report["loss_reason_box"]
             logger.log(step + 1, **last)
@@ -636,7 +493,7 @@ def train_stage1(
                            RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
     train_time = clock.elapsed()
     if val_cache is None:
-        val_cache = FeatureCache(frozen, load_items(cfg, "val"), cfg.cache, False, "stage1 val cache")
+        val_cache = FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache")
     losses = [r["loss"] for r in logger.rows if "loss" in r]
     summary = {
         "checkpoint": str(ckpt),

@@ -7,14 +7,17 @@ One command::
 runs, with the YAMLs in ``train/configs/tiny/``:
 
 1. ``backbone``  pretrain the ``conceptseg_tiny`` SAM2 (128 px) on ConceptWorld prompts;
-2. ``stage1``    train the CTM of a random-init tiny Qwen2.5-VL through that frozen SAM2;
-3. ``stage2``    Meta-GRPO (``conceptseg_edge.train.stage2.run_stage2``), policy + CTM;
-4. ``calibrate`` fit the router's τ per word count, written into ``OUT/checkpoint``;
-5. ``export``    ``export_concept`` → ``OUT/bundle`` (ONNX graphs, parity-checked route by route);
-6. ``report``    held-out foreground IoU per level (CI/CD/CR) and per route the router took, against
+2. ``warmstart`` build a random-init tiny Qwen2.5-VL and teach it the tag format (supervised
+   fine-tuning on template completions), the stand-in for an instruction-tuned policy;
+3. ``stage1``    train the CTM of that frozen policy through the frozen SAM2;
+4. ``stage2``    Meta-GRPO (``conceptseg_edge.train.stage2.run_stage2``), policy + CTM;
+5. ``calibrate`` fit the router's τ per word count, written into ``OUT/checkpoint``;
+6. ``export``    ``export_concept`` → ``OUT/bundle`` (ONNX graphs, parity-checked route by route);
+7. ``report``    held-out foreground IoU per level (CI/CD/CR) and per route the router took, against
    the empty-mask and whole-image baselines, run through the exported torch-free bundle (through the
-   torch pipeline with ``--no-export``); stage 2's held-out reward next to stage 1's; the route mix;
-   wall and CPU seconds per stage. Written to ``OUT/report.json`` and ``OUT/report.md``.
+   torch pipeline with ``--no-export``); warmstart's held-out format rate; stage 2's held-out reward
+   next to stage 1's; the route mix; wall and CPU seconds per stage. Written to ``OUT/report.json``
+   and ``OUT/report.md``.
 
 Each stage writes its own directory (metrics.csv, curves.png, a JSON summary); a rerun with the same
 ``--out`` resumes the stage that was interrupted and skips the finished ones (their summaries are
@@ -51,7 +54,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _config(configs: Path, name: str) -> Path:
     path = configs / name
     if not path.is_file():
-        raise InputError(f"{path}: missing (tiny-default reads backbone/stage1/stage2/calibrate/report .yaml from {configs})")
+        raise InputError(f"{path}: missing (tiny-default reads backbone/warmstart/stage1/stage2/calibrate/report "
+                         f".yaml from {configs})")
     return path
 
 
@@ -124,6 +128,7 @@ def run_tiny_default(
     from conceptseg_edge.train.calibrate import CalibrateConfig, calibrate_router
     from conceptseg_edge.train.config import load_config, save_config
     from conceptseg_edge.train.stage1 import Stage1Config, train_stage1
+    from conceptseg_edge.train.warmstart import WarmstartConfig, train_warmstart
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -139,12 +144,22 @@ def run_tiny_default(
         bb_summary = train_backbone(bb_cfg).summary
     times["backbone"] = _stage_time(bb_summary)
 
-    # 2. stage 1
+    # 2. policy warm start
+    ws_dir = out / "warmstart"
+    ws_cfg = load_config(_config(configs, "warmstart.yaml"), WarmstartConfig)
+    ws_cfg = dataclasses.replace(ws_cfg, out_dir=str(ws_dir), progress=progress)
+    ws_summary = _read_json(ws_dir / "warmstart.json")
+    if ws_summary is None:
+        ws_summary = train_warmstart(ws_cfg).summary
+    times["warmstart"] = _stage_time(ws_summary)
+
+    # 3. stage 1
     s1_dir = out / "stage1"
     s1_cfg = load_config(_config(configs, "stage1.yaml"), Stage1Config)
     s1_cfg = dataclasses.replace(
         s1_cfg, out_dir=str(s1_dir), backbone_config=bb_cfg.sam2_config,
-        backbone_checkpoint=str(bb_dir / "backbone.pt"), backbone_image_size=bb_cfg.image_size, progress=progress,
+        backbone_checkpoint=str(bb_dir / "backbone.pt"), backbone_image_size=bb_cfg.image_size,
+        init_checkpoint=None, policy_path=None, policy_checkpoint=str(ws_dir / "checkpoint"), progress=progress,
     )
     s1_summary = _read_json(s1_dir / "stage1.json")
     if s1_summary is None:
@@ -152,7 +167,7 @@ def run_tiny_default(
     times["stage1"] = _stage_time(s1_summary)
     policy_ckpt = s1_dir / "checkpoint"
 
-    # 3. stage 2
+    # 4. stage 2
     s2_report = None
     if stage2:
         import yaml
@@ -181,7 +196,7 @@ def run_tiny_default(
         times["stage2"] = _stage_time(done)
         s2_report = _read_json(s2_dir / "eval.json")
 
-    # 4. calibrate the router into OUT/checkpoint
+    # 5. calibrate the router into OUT/checkpoint
     final_ckpt = out / "checkpoint"
     cal_dir = out / "calibrate"
     cal_cfg = load_config(_config(configs, "calibrate.yaml"), CalibrateConfig)
@@ -192,7 +207,7 @@ def run_tiny_default(
         cal_summary = calibrate_router(cal_cfg)
     times["calibrate"] = _stage_time(cal_summary)
 
-    # 5. export
+    # 6. export
     bundle_dir = out / "bundle"
     export_info: dict[str, Any] | None = None
     if export:
@@ -212,7 +227,7 @@ def run_tiny_default(
             shutil.copytree(bundle_dir, bundle)
             export_info["copied_to"] = str(bundle)
 
-    # 6. held-out report
+    # 7. held-out report
     rep_cfg = load_config(_config(configs, "report.yaml"), ReportConfig)
     save_config(out / "report.yaml", rep_cfg)
     clock = StageClock()
@@ -239,12 +254,13 @@ def run_tiny_default(
         evaluated_with = "torch pipeline (ConceptSegPipeline)"
     heldout = evaluate_default(segment, rep_cfg, progress)
     times["report"] = clock.elapsed()
-    train_stages = [t for k, t in times.items() if k in ("backbone", "stage1", "stage2", "calibrate") and t]
+    train_stages = [t for k, t in times.items() if k in ("backbone", "warmstart", "stage1", "stage2", "calibrate") and t]
     report = {
         "checkpoint": str(final_ckpt),
         "export": export_info,
         "heldout": {"evaluated_with": evaluated_with, "episodes": rep_cfg.episodes, **heldout},
         "backbone_heldout": bb_summary.get("heldout"),
+        "warmstart_heldout": _warmstart_heldout(ws_summary),
         "stage1": {k: s1_summary.get(k) for k in ("loss_first", "loss_last", "loss_first10_mean", "loss_last10_mean", "steps")},
         "stage2_heldout_reward": s2_report,
         "router": {"taus": cal_summary.get("taus"), "route_mix_calibration_split": cal_summary.get("route_mix"),
@@ -258,6 +274,12 @@ def run_tiny_default(
     return report
 
 
+def _warmstart_heldout(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Warmstart's held-out greedy completions: rates overall and per level (samples left out)."""
+    heldout = summary.get("heldout")
+    return {k: v for k, v in heldout.items() if k != "samples"} if isinstance(heldout, dict) else None
+
+
 def render_report(report: dict[str, Any]) -> str:
     """The report as a short Markdown page."""
     h = report["heldout"]
@@ -267,9 +289,23 @@ def render_report(report: dict[str, Any]) -> str:
     for name, row in [("all", h["all"]), *h["by_level"].items(), *[(f"route {k}", v) for k, v in h["by_route"].items()],
                       *h["by_level_route"].items()]:
         lines.append(f"| {name} | {row['n']} | {row['fg_iou']:.3f} | {row['empty_mask']:.3f} | {row['whole_image']:.3f} |")
-    lines += ["", f"Router taus: {report['router']['taus']}", "",
-              f"Stage 2 held-out reward: {json.dumps(report['stage2_heldout_reward'], default=str)}", "",
-              "| stage | wall s | CPU s |", "|---|---|---|"]
+    ws = report.get("warmstart_heldout")
+    if ws:
+        lines += ["", f"Warmstart, held-out greedy completions ({ws['n']} episodes, at most {ws['max_new_tokens']} tokens):", "",
+                  "| split | n | format rate | box reward | answer = query | stopped | tokens |", "|---|---|---|---|---|---|---|"]
+        for name, row in [("all", ws), *ws.get("by_level", {}).items()]:
+            lines.append(f"| {name} | {row['n']} | {row['format_rate']:.3f} | {row['box_reward']:.3f} | "
+                         f"{row['answer_is_query']:.3f} | {row['stopped']:.3f} | {row['tokens']:.1f} |")
+    lines += ["", f"Router taus: {report['router']['taus']}", ""]
+    s2 = report.get("stage2_heldout_reward") or {}
+    if isinstance(s2.get("stage1"), dict):
+        cols = [c for c in ("stage1", "stage2") if isinstance(s2.get(c), dict)]
+        lines += [f"Held-out rewards, greedy ({s2['stage1'].get('episodes')} stage-2 episodes of another world):", "",
+                  "| reward | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for key in ("format_reward", "box_reward", "mask_iou", "total"):
+            lines.append(f"| {key} | " + " | ".join(f"{s2[c].get(key, float('nan')):.4f}" for c in cols) + " |")
+        lines.append("")
+    lines += ["| stage | wall s | CPU s |", "|---|---|---|"]
     for stage, t in report["time"].items():
         if t:
             lines.append(f"| {stage} | {t['wall_s']} | {t['cpu_s']} |")

@@ -1,4 +1,4 @@
-"""``conceptseg-edge train``: backbone, stage1, stage2, calibrate-router, tiny-default.
+"""``conceptseg-edge train``: backbone, warmstart, stage1, stage2, calibrate-router, tiny-default.
 
 Each leaf reads a typed YAML config (``--config``; unknown keys and bad values are clean errors),
 runs the stage with progress bars, and prints a one-object JSON summary on stdout.
@@ -12,13 +12,18 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train the backbone, the CTM (stage 1), Meta-GRPO (stage 2), the router")
+    parser = subparsers.add_parser("train", help="train the backbone, the policy warm start, the CTM (stage 1), Meta-GRPO (stage 2), the router")
     sub = parser.add_subparsers(dest="train_command", required=True, metavar="STAGE")
 
     backbone = sub.add_parser("backbone", help="pretrain a small SAM2 on ConceptWorld (the offline default's backbone)")
     backbone.add_argument("--config", type=Path, required=True, help="YAML (train/configs/backbone.yaml)")
     backbone.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     backbone.set_defaults(func=_backbone)
+
+    warm = sub.add_parser("warmstart", help="teach the tiny policy the tag format (the offline default's stand-in for instruction tuning)")
+    warm.add_argument("--config", type=Path, required=True, help="YAML (train/configs/tiny/warmstart.yaml)")
+    warm.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    warm.set_defaults(func=_warmstart)
 
     stage1 = sub.add_parser("stage1", help="train the CTM through the frozen SAM2 on teacher-forced completions")
     stage1.add_argument("--config", type=Path, required=True, help="YAML (train/configs/stage1.yaml)")
@@ -54,6 +59,19 @@ def _backbone(args: argparse.Namespace) -> int:
     result = train_backbone(load_config(args.config, BackboneConfig), args.out)
     _print({"out_dir": result.out_dir, "checkpoint": result.checkpoint, "heldout": result.summary.get("heldout"),
             "time": result.summary.get("time")})
+    return 0
+
+
+def _warmstart(args: argparse.Namespace) -> int:
+    from conceptseg_edge.train.config import load_config
+    from conceptseg_edge.train.warmstart import WarmstartConfig, train_warmstart
+
+    result = train_warmstart(load_config(args.config, WarmstartConfig), args.out)
+    s = result.summary
+    heldout = s.get("heldout") or {}
+    _print({"checkpoint": result.checkpoint, "loss_first": s.get("loss_first"), "loss_last": s.get("loss_last"),
+            "heldout_format_rate": heldout.get("format_rate"), "heldout_box_reward": heldout.get("box_reward"),
+            "time": s.get("time")})
     return 0
 
 
