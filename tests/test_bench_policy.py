@@ -30,8 +30,11 @@ def test_every_setting_is_reported_on_each_side(capture):
     for side in ("runtime", "torch"):
         # the support mosaic is a second image in the prompt
         assert entries[f"{side}_with_supports"]["prompt_tokens"] > entries[f"{side}_no_supports"]["prompt_tokens"]
-        # same engines: generate + forward includes the generate it is compared with
-        assert 0 < entries[f"{side}_no_supports"]["ratio"] < 1
+    for setting in SETTINGS:
+        # same engines: the baseline is this very generate plus a forward (torch's is a separate HF
+        # generate, so under load its ratio may exceed 1 and is not bounded here)
+        capture, baseline = entries[f"runtime_{setting}"]["samples_ms"].values()
+        assert baseline[0] > capture[0] and 0 < entries[f"runtime_{setting}"]["ratio"] < 1
     cross = entries["runtime_vs_torch_no_supports"]
     assert cross["generate_with_capture_ms"] == entries["runtime_no_supports"]["generate_with_capture_ms"]
     assert cross["generate_then_forward_ms"] == entries["torch_no_supports"]["generate_then_forward_ms"]
