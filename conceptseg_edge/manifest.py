@@ -89,11 +89,14 @@ class PartManifest:
     file: str
     sha256: str
     format: str  # "onnx" | "tensorrt"
-    precision: str  # "fp32" | "fp16" | "int8" | "int4"
+    precision: str  # "fp32" | "fp16" | "int8" | "int4": what the graph computes in
     opset: int | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     parity: ParityReport | None = None
+    # How large float weights sit in the file: "fp16" = stored half precision, cast to fp32 in the
+    # graph (folded by ONNX Runtime at load). Manifests written before this field read as "fp32".
+    weight_storage: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +109,7 @@ class PartManifest:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "parity": self.parity.to_dict() if self.parity else None,
+            "weight_storage": self.weight_storage,
         }
 
     @classmethod
@@ -121,6 +125,7 @@ class PartManifest:
             inputs=tuple(TensorSpec.from_dict(t, f"{where}.inputs[{i}]") for i, t in enumerate(data["inputs"])),
             outputs=tuple(TensorSpec.from_dict(t, f"{where}.outputs[{i}]") for i, t in enumerate(data["outputs"])),
             parity=ParityReport.from_dict(data["parity"], f"{where}.parity") if data.get("parity") else None,
+            weight_storage=str(data.get("weight_storage", "fp32")),
         )
 
 

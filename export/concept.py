@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from conceptseg_edge.errors import ExportParityError, InputError
 from conceptseg_edge.export.onnx_export import export_and_validate
-from conceptseg_edge.export.parts import ctm_spec
+from conceptseg_edge.export.parts import WEIGHT_STORAGES, ctm_spec
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
 from conceptseg_edge.fileio import sha256_file, staged_dir
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, read_manifest, write_manifest
@@ -42,13 +42,18 @@ class ConceptExportConfig:
     checkpoint: str
     policy_precision: str = "fp32"
     opset: int = 17
+    # How the fp32 SAM2 encoder/decoder and CTM graphs store their large weights (parts.WEIGHT_STORAGES);
+    # "fp16" halves those files, computation stays fp32. The policy graphs follow policy_precision.
+    weight_storage: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.policy_precision not in PRECISIONS:
             raise InputError(f"--policy-precision {self.policy_precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise InputError(f"--weight-storage {self.weight_storage}: expected one of {', '.join(WEIGHT_STORAGES)}")
 
 
-def _export_ctm(ctm, staging: Path, opset: int) -> PartManifest:
+def _export_ctm(ctm, staging: Path, opset: int, weight_storage: str = "fp32") -> PartManifest:
     import torch
 
     d = ctm.config.hidden_size
@@ -60,7 +65,7 @@ def _export_ctm(ctm, staging: Path, opset: int) -> PartManifest:
             return {"concept_tokens": ctm(torch.from_numpy(feeds["hidden_states"])).numpy()}
 
     return export_and_validate(ctm.eval(), ctm_spec(d, ctm.config.num_queries), cases, reference,
-                               "ConceptTranslationModule, torch eager", staging, opset)
+                               "ConceptTranslationModule, torch eager", staging, opset, weight_storage)
 
 
 def _save_processor(processor, staging: Path) -> dict[str, str]:
@@ -114,10 +119,11 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
     backbone = ckpt.backbone
     with tqdm(total=5, desc="export concept", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         sam_parts, sam_source, preprocessing = export_sam2_parts(
-            SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size), staging, steps
+            SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size, cfg.weight_storage),
+            staging, steps,
         )
         steps.set_postfix_str("ctm")
-        ctm = _export_ctm(ckpt.ctm, staging, cfg.opset)
+        ctm = _export_ctm(ckpt.ctm, staging, cfg.opset, cfg.weight_storage)
         steps.update()
         steps.set_postfix_str(f"policy ({cfg.policy_precision})")
         policy_parts = export_policy(ckpt.policy, ckpt.processor, staging, opset=cfg.opset, precision=cfg.policy_precision)

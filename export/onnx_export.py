@@ -16,7 +16,7 @@ import numpy as np
 from conceptseg_edge.errors import ExportParityError
 from conceptseg_edge.fileio import atomic_path, sha256_file
 from conceptseg_edge.manifest import ParityReport, PartManifest
-from conceptseg_edge.export.parts import PartSpec
+from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, WEIGHT_STORAGES, PartSpec
 
 Feeds = Mapping[str, np.ndarray]
 Reference = Callable[[Feeds], Mapping[str, np.ndarray]]
@@ -49,6 +49,60 @@ def export_part(module, spec: PartSpec, example: Feeds, path: Path, opset: int) 
             do_constant_folding=True,
             dynamo=False,
         )
+
+
+def store_weights(path: Path, storage: str, min_elements: int = STORAGE_MIN_ELEMENTS) -> int:
+    """Rewrite ``path`` so its large fp32 initializers are stored as ``storage`` with a Cast back.
+
+    Each float32 initializer of at least ``min_elements`` elements becomes ``<name>__<storage>``
+    in the storage dtype, and a ``Cast(to=FLOAT)`` at the head of the graph produces the original
+    name, so every consumer (and the graph's arithmetic) is unchanged. ONNX Runtime folds these
+    casts into fp32 initializers when the session is created. An initializer with values beyond
+    the storage dtype's finite range stays fp32. Returns how many initializers were converted;
+    ``fp32`` is a no-op.
+    """
+    declared = WEIGHT_STORAGES[storage]
+    if declared.onnx_dtype == 1:
+        return 0
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(declared.onnx_dtype)
+    limit = float(np.finfo(np_dtype).max)
+    # Large float Constant nodes (folded buffers such as the decoder's dense positional encoding)
+    # become initializers first, so they are stored the same way.
+    nodes, lifted = [], []
+    for node in model.graph.node:
+        tensor = node.attribute[0].t if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if tensor is not None and node.attribute[0].name == "value" and tensor.data_type == onnx.TensorProto.FLOAT \
+                and int(np.prod(tensor.dims)) >= min_elements:
+            lifted.append(numpy_helper.from_array(numpy_helper.to_array(tensor), node.output[0]))
+        else:
+            nodes.append(node)
+    kept, casts = [], []
+    for init in [*model.graph.initializer, *lifted]:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            kept.append(init)
+            continue
+        value = numpy_helper.to_array(init)
+        if not np.isfinite(value).all() or np.abs(value).max() > limit:
+            kept.append(init)
+            continue
+        stored = f"{init.name}__{storage}"
+        kept.append(numpy_helper.from_array(value.astype(np_dtype), stored))
+        casts.append(helper.make_node("Cast", [stored], [init.name], name=f"{stored}_to_fp32", to=onnx.TensorProto.FLOAT))
+    if not casts:
+        return 0
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = [*casts, *nodes]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return len(casts)
 
 
 def graph_op_types(path: Path) -> set[str]:
@@ -99,15 +153,21 @@ def export_and_validate(
     reference_name: str,
     bundle_dir: Path,
     opset: int,
+    weight_storage: str = "fp32",
 ) -> PartManifest:
     """Export ``module`` into ``bundle_dir``, validate it, and describe it for the manifest.
+
+    ``weight_storage`` (a name in ``parts.WEIGHT_STORAGES``) picks how large initializers are stored;
+    parity is then checked against the fp32 torch reference with that storage's tolerances.
 
     Raises:
         ExportParityError: an output differs past its ``atol``, the mask IoU is below the floor,
             or the graph holds a banned op.
     """
+    spec = spec.with_storage(weight_storage)
     path = bundle_dir / spec.file
     export_part(module, spec, cases[0], path, opset)
+    store_weights(path, weight_storage)
     banned = graph_op_types(path) & spec.forbidden_ops
     if banned:
         raise ExportParityError(f"{spec.name}: graph contains ops {sorted(banned)} that TensorRT/serving forbid")
@@ -115,7 +175,9 @@ def export_and_validate(
     if not report.passed:
         diffs = ", ".join(f"{n}={d:.3g} (atol {report.atol[n]:.0e})" for n, d in report.max_abs_diff.items())
         iou = f", mask IoU {report.mask_iou:.4f} (floor {spec.min_mask_iou})" if report.mask_iou is not None else ""
-        raise ExportParityError(f"{spec.name}: ONNX Runtime disagrees with {reference_name}: {diffs}{iou}")
+        raise ExportParityError(
+            f"{spec.name} ({weight_storage} weights): ONNX Runtime disagrees with {reference_name}: {diffs}{iou}"
+        )
     return PartManifest(
         name=spec.name,
         file=spec.file,
@@ -123,6 +185,7 @@ def export_and_validate(
         format="onnx",
         precision="fp32",
         opset=opset,
+        weight_storage=weight_storage,
         inputs=spec.inputs,
         outputs=spec.outputs,
         parity=report,

@@ -9,7 +9,9 @@ checks that every registered part has an export test.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from conceptseg_edge.errors import InputError
 
 from conceptseg_edge.manifest import TensorSpec
 
@@ -41,6 +43,16 @@ class PartSpec:
     forbidden_ops: frozenset[str] = field(default_factory=frozenset)
     min_mask_iou: float | None = None
 
+    def with_storage(self, storage: str) -> PartSpec:
+        """This spec with the tolerances of ``storage`` (a name in ``WEIGHT_STORAGES``)."""
+        if storage not in WEIGHT_STORAGES:
+            raise InputError(f"weight storage '{storage}': expected one of {', '.join(WEIGHT_STORAGES)}")
+        declared = WEIGHT_STORAGES[storage]
+        floor = self.min_mask_iou
+        if floor is not None and declared.mask_iou_floor is not None:
+            floor = min(floor, declared.mask_iou_floor)
+        return replace(self, atol={name: atol * declared.atol_scale for name, atol in self.atol.items()}, min_mask_iou=floor)
+
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -68,6 +80,48 @@ FEATURE_ATOL = 1e-3
 LOGIT_ATOL = 1e-2
 SCORE_ATOL = 1e-3
 MASK_IOU_FLOOR = 0.99
+
+
+@dataclass(frozen=True)
+class WeightStorage:
+    """How a graph's large float initializers are stored in the file (computation stays fp32).
+
+    ``fp16`` stores each large fp32 initializer as float16 followed by a ``Cast`` to float32;
+    ONNX Runtime constant-folds the casts when it loads the session, so kernels and activations are
+    exactly the fp32 graph's, with weights rounded to the nearest float16. The file is about half.
+    """
+
+    name: str
+    onnx_dtype: int  # onnx.TensorProto data type of the stored initializers
+    atol_scale: float  # the fp32 tolerances above, multiplied by this
+    mask_iou_floor: float | None  # lowers a part's mask IoU floor to this; None keeps the part's
+
+
+# Why fp16 storage gets 10x the fp32 tolerances: rounding a weight to float16 moves it by at most
+# 2^-11 relative (~4.9e-4, half an ulp of the 11-bit significand), independently per weight, so a
+# linear layer's output moves by ~4.9e-4 x |y| / sqrt(fan-in) (random rounding errors add in
+# quadrature) and at worst ~4.9e-4 x |y|. Through the encoder's ~20-40 weight layers, with norms
+# keeping features of order 1, that compounds to ~1e-3 on features, and to ~1e-2 on a trained
+# decoder's mask logits (order 10-30). Measured max |ONNX Runtime - torch fp32| at fp16 storage
+# (fp32 storage: 1e-7 to 4e-6 on the same cases):
+#   model (weights)                       image_embed  high_res_0/1   masks    iou      obj score
+#   sam2.1_hiera_t @512 (seeded random)   2.2e-3       3.3e-4/5.6e-4  2.7e-4   2.5e-5   9.7e-5
+#   conceptseg_tiny @128 (seeded random)  1.2e-3       1.7e-4/2.4e-4  2.6e-4   2.4e-5   4.1e-5
+#   conceptseg_tiny @128 (trained)        1.0e-3       2.0e-4/5.8e-4  1.9e-2   6.3e-5   1.4e-3
+#   CTM (128-d, random; tiny-default's)  concept_tokens 2.1e-4; 2.4e-4 (fp32: 3e-7; 5e-7)
+# 10x the fp32 atol (1e-2 on features and tokens, 1e-1 on mask logits, 1e-2 on scores) leaves a 4-10x
+# margin over the worst of these (deeper official trunks accumulate more; an export that exceeds it
+# fails loudly and can be redone at fp32), while an export bug (a wrong op, a dropped embedding, a
+# swapped axis, an fp16 overflow to inf) still moves outputs by 1e-1 to >1. The mask check stays
+# decisive: IoU at logit 0 >= 0.98 (pixels whose logit sits within ~2e-2 of 0 may flip; measured
+# 0.9989-1.0).
+WEIGHT_STORAGES: dict[str, WeightStorage] = {
+    "fp32": WeightStorage("fp32", onnx_dtype=1, atol_scale=1.0, mask_iou_floor=None),
+    "fp16": WeightStorage("fp16", onnx_dtype=10, atol_scale=10.0, mask_iou_floor=0.98),
+}
+# Initializers below this many elements (biases, norms, scales, shape constants) stay fp32: they
+# are a few percent of the bytes and some feed shape arithmetic.
+STORAGE_MIN_ELEMENTS = 1024
 
 
 @register_part("sam2_encoder")

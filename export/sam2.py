@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import staged_dir
 from conceptseg_edge.manifest import (
     MANIFEST_NAME,
@@ -23,7 +24,7 @@ from conceptseg_edge.manifest import (
     write_manifest,
 )
 from conceptseg_edge.export.onnx_export import export_and_validate
-from conceptseg_edge.export.parts import sam2_decoder_spec, sam2_encoder_spec
+from conceptseg_edge.export.parts import WEIGHT_STORAGES, sam2_decoder_spec, sam2_encoder_spec
 
 REFERENCE_NAME = "sam2 package modules, torch eager (forward_image / _embed_points / predict_masks)"
 
@@ -36,6 +37,11 @@ class SAM2ExportConfig:
     checkpoint: str | None = None
     opset: int = 17
     image_size: int = 1024
+    weight_storage: str = "fp32"  # a name in parts.WEIGHT_STORAGES: how the graphs store large weights
+
+    def __post_init__(self) -> None:
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise InputError(f"--weight-storage {self.weight_storage}: expected one of {', '.join(WEIGHT_STORAGES)}")
 
 
 def random_init_banner(model: str) -> str:
@@ -109,7 +115,7 @@ def export_sam2_parts(cfg: SAM2ExportConfig, staging: Path, steps: tqdm | None =
         steps.set_postfix_str("sam2 encoder")
     encoder = export_and_validate(
         SAM2ImageEncoder(sam).eval(), sam2_encoder_spec(cfg.image_size), [{"image": image}],
-        encoder_ref, REFERENCE_NAME, staging, cfg.opset,
+        encoder_ref, REFERENCE_NAME, staging, cfg.opset, cfg.weight_storage,
     )
     features = encoder_ref({"image": image})
     if steps is not None:
@@ -117,7 +123,7 @@ def export_sam2_parts(cfg: SAM2ExportConfig, staging: Path, steps: tqdm | None =
         steps.set_postfix_str("sam2 decoder")
     decoder = export_and_validate(
         SAM2PromptDecoder(sam).eval(), sam2_decoder_spec(cfg.image_size),
-        _decoder_cases(features, cfg.image_size), decoder_ref, REFERENCE_NAME, staging, cfg.opset,
+        _decoder_cases(features, cfg.image_size), decoder_ref, REFERENCE_NAME, staging, cfg.opset, cfg.weight_storage,
     )
     if steps is not None:
         steps.update()

@@ -45,6 +45,42 @@ def test_query_past_the_context_limit_is_refused(concept_bundle):
 def test_refusals(tmp_path):
     with pytest.raises(InputError, match="--policy-precision fp16"):
         ConceptExportConfig(str(tmp_path), policy_precision="fp16")
+    with pytest.raises(InputError, match="--weight-storage int8"):
+        ConceptExportConfig(str(tmp_path), weight_storage="int8")
     with pytest.raises(CheckpointError):
         export_concept(ConceptExportConfig(str(tmp_path / "missing")), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_ctm_with_fp16_storage_halves_and_stays_within_tolerance(concept_checkpoint, tmp_path):
+    from conceptseg_edge.export.concept import _export_ctm
+    from conceptseg_edge.export.parts import WEIGHT_STORAGES
+
+    ctm = load_checkpoint(concept_checkpoint).ctm
+    parts = {}
+    for storage in ("fp32", "fp16"):
+        (tmp_path / storage).mkdir()
+        parts[storage] = _export_ctm(ctm, tmp_path / storage, 17, storage)
+    sizes = {s: (tmp_path / s / p.file).stat().st_size for s, p in parts.items()}
+    assert sizes["fp16"] <= 0.6 * sizes["fp32"]
+    half = parts["fp16"]
+    assert half.weight_storage == "fp16" and half.parity.passed
+    assert half.parity.atol["concept_tokens"] == ctm_spec(128).atol["concept_tokens"] * WEIGHT_STORAGES["fp16"].atol_scale
+    engine = OrtEngine(tmp_path / "fp16" / half.file)
+    hidden = np.random.default_rng(3).standard_normal((1, 9, 128)).astype(np.float32)
+    with torch.no_grad():
+        want = ctm(torch.from_numpy(hidden)).numpy()
+    got = engine.run({"hidden_states": hidden})["concept_tokens"]
+    assert np.abs(got - want).max() <= half.parity.atol["concept_tokens"]
+
+
+@pytest.mark.slow
+def test_concept_bundle_with_fp16_storage(concept_checkpoint, tmp_path):
+    """The whole concept export with fp16 storage: SAM2 and CTM parts halved, routes still match torch."""
+    from conceptseg_edge.export.concept import ROUTE_IOU_FLOOR
+
+    m = export_concept(ConceptExportConfig(str(concept_checkpoint), weight_storage="fp16"), tmp_path / "b", progress=False)
+    storage = {name: p.weight_storage for name, p in m.parts.items()}
+    assert storage["sam2_encoder"] == storage["sam2_decoder"] == storage["ctm"] == "fp16"
+    assert all(p.parity.passed for p in m.parts.values() if p.parity)
+    assert all(v["min_mask_iou"] >= ROUTE_IOU_FLOOR for v in m.route_parity.values())

@@ -76,3 +76,18 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_bundle(tmp_path)
+
+
+def test_weight_storage_is_recorded_and_old_manifests_read_as_fp32(bundle_copy):
+    import dataclasses
+
+    raw = _raw(bundle_copy)
+    assert {p["weight_storage"] for p in raw["parts"].values()} == {"fp32"}
+    for part in raw["parts"].values():  # a manifest written before the field existed
+        del part["weight_storage"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    old = load_bundle(bundle_copy)
+    assert {p.weight_storage for p in old.parts.values()} == {"fp32"}
+    half = old.with_parts(sam2_decoder=dataclasses.replace(old.part("sam2_decoder"), weight_storage="fp16"))
+    again = BundleManifest.from_dict(half.to_dict())
+    assert again.part("sam2_decoder").weight_storage == "fp16" and again.part("sam2_encoder").weight_storage == "fp32"

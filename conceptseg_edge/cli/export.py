@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sam2.add_argument("--out", required=True, help="bundle directory to write")
     sam2.add_argument("--opset", type=int, default=17)
     sam2.add_argument("--image-size", type=int, default=1024)
+    sam2.add_argument("--weight-storage", default="fp32", choices=["fp32", "fp16"],
+                      help="store large weights as fp16 with a Cast back (half the file; computes in fp32)")
     sam2.set_defaults(func=_export_sam2)
 
     concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
@@ -25,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     concept.add_argument("--policy-precision", default="fp32", choices=["fp32", "int8", "int4"],
                          help="policy decoder weights: fp32, int8 (dynamic) or int4 (MatMulNBits, weight-only)")
     concept.add_argument("--opset", type=int, default=17)
+    concept.add_argument("--weight-storage", default="fp32", choices=["fp32", "fp16"],
+                         help="SAM2 and CTM graphs: store large weights as fp16 with a Cast back (half the file; computes in fp32)")
     concept.set_defaults(func=_export_concept)
 
 
@@ -32,7 +36,8 @@ def _export_sam2(args: argparse.Namespace) -> int:
     from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
 
     manifest = export_sam2(
-        SAM2ExportConfig(config=args.config, checkpoint=args.checkpoint, opset=args.opset, image_size=args.image_size),
+        SAM2ExportConfig(config=args.config, checkpoint=args.checkpoint, opset=args.opset, image_size=args.image_size,
+                         weight_storage=args.weight_storage),
         args.out,
     )
     parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
@@ -43,11 +48,13 @@ def _export_sam2(args: argparse.Namespace) -> int:
 def _export_concept(args: argparse.Namespace) -> int:
     from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
 
-    manifest = export_concept(ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset), args.out)
+    manifest = export_concept(
+        ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage), args.out
+    )
     print(json.dumps({
         "bundle": args.out,
         "routes": list(manifest.routes),
-        "parts": {name: {"precision": p.precision, "parity": p.parity.to_dict() if p.parity else None}
+        "parts": {name: {"precision": p.precision, "weight_storage": p.weight_storage, "parity": p.parity.to_dict() if p.parity else None}
                   for name, p in manifest.parts.items()},
         "route_parity": manifest.route_parity,
     }, indent=2))

@@ -25,31 +25,62 @@ from torch import nn
 
 from conceptseg_edge.errors import CheckpointError, InputError
 
-# SAM2 variants by the names the CLI and checkpoints use: a config inside the sam2 package plus Hydra
-# overrides. The four official SAM 2.1 sizes take none; smaller variants (the embedded default's
-# backbone) are the same sam2 modules with narrower, shallower settings.
-SAM2_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sam2.1_hiera_t": ("configs/sam2.1/sam2.1_hiera_t.yaml", ()),
-    "sam2.1_hiera_s": ("configs/sam2.1/sam2.1_hiera_s.yaml", ()),
-    "sam2.1_hiera_b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", ()),
-    "sam2.1_hiera_l": ("configs/sam2.1/sam2.1_hiera_l.yaml", ()),
-    # ConceptSeg-Tiny's backbone (train/backbone.py pretrains it on ConceptWorld at 128 px): a
-    # 6-block Hiera, widths 32/64/128/256, global attention in the third stage; the memory modules
-    # (unused on images) are cut to one layer. The prompt encoder / mask decoder keep SAM2's 256 width.
-    "conceptseg_tiny": (
+@dataclass(frozen=True)
+class MaskDecoderShape:
+    """How a variant's mask decoder differs from the one ``SAM2Base._build_sam_heads`` hard-codes.
+
+    ``_build_sam_heads`` always builds a depth-2 ``TwoWayTransformer`` with ``mlp_dim=2048`` and
+    256-wide hypernetwork / IoU / object-score MLPs. A variant that wants a smaller decoder names the
+    sizes here and ``build_sam2_model`` rebuilds those submodules with the sam2 package's own classes
+    (``TwoWayTransformer``, ``MLP``) right after instantiation, before any checkpoint is loaded. The
+    prompt/transformer width stays the model's ``hidden_dim`` (256): concept tokens and the runtime
+    assume it. ``None`` keeps sam2's value.
+    """
+
+    transformer_depth: int | None = None
+    transformer_mlp_dim: int | None = None
+    attention_downsample_rate: int | None = None  # cross attentions (token<->image); sam2: 2
+    num_heads: int | None = None  # transformer attention heads; sam2: 8
+    head_hidden_dim: int | None = None  # hypernetwork, IoU and object-score MLPs; sam2: 256
+
+
+@dataclass(frozen=True)
+class SAM2Variant:
+    """A config inside the sam2 package, Hydra overrides on it, and optional decoder rebuilds."""
+
+    config_file: str
+    overrides: tuple[str, ...] = ()
+    mask_decoder: MaskDecoderShape | None = None
+
+
+# SAM2 variants by the names the CLI and checkpoints use. The four official SAM 2.1 sizes take no
+# changes; smaller variants (the embedded default's backbone) are the same sam2 modules with
+# narrower, shallower settings.
+SAM2_CONFIGS: dict[str, SAM2Variant] = {
+    "sam2.1_hiera_t": SAM2Variant("configs/sam2.1/sam2.1_hiera_t.yaml"),
+    "sam2.1_hiera_s": SAM2Variant("configs/sam2.1/sam2.1_hiera_s.yaml"),
+    "sam2.1_hiera_b+": SAM2Variant("configs/sam2.1/sam2.1_hiera_b+.yaml"),
+    "sam2.1_hiera_l": SAM2Variant("configs/sam2.1/sam2.1_hiera_l.yaml"),
+    # ConceptSeg-Tiny's backbone (train/backbone.py pretrains it on ConceptWorld at 128 px), sized
+    # so the whole bundle can be committed: a 6-block Hiera, widths 16/32/64/128, global attention
+    # in the third stage; the memory modules (unused on images) cut to one layer; a one-block
+    # two-way transformer with a 256-wide MLP and 64-wide output heads. The prompt / transformer
+    # width stays SAM2's 256 (the CTM's concept tokens and the runtime assume it).
+    "conceptseg_tiny": SAM2Variant(
         "configs/sam2.1/sam2.1_hiera_t.yaml",
         (
-            "++model.image_encoder.trunk.embed_dim=32",
+            "++model.image_encoder.trunk.embed_dim=16",
             "++model.image_encoder.trunk.num_heads=1",
             "++model.image_encoder.trunk.stages=[1,1,3,1]",
             "++model.image_encoder.trunk.global_att_blocks=[3,4]",
             "++model.image_encoder.trunk.window_spec=[8,4,8,4]",
             "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[8,8]",
-            "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+            "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
             "++model.memory_attention.num_layers=1",
             "++model.memory_attention.layer.dim_feedforward=256",
             "++model.memory_encoder.fuser.num_layers=1",
         ),
+        MaskDecoderShape(transformer_depth=1, transformer_mlp_dim=256, attention_downsample_rate=4, head_hidden_dim=64),
     ),
 }
 
@@ -100,7 +131,7 @@ def build_sam2_model(
 
     if config not in SAM2_CONFIGS:
         raise InputError(f"--config {config}: unknown SAM2 variant (known: {', '.join(SAM2_CONFIGS)})")
-    config_file, variant_overrides = SAM2_CONFIGS[config]
+    variant = SAM2_CONFIGS[config]
     if image_size % 64:
         raise InputError(f"--image-size {image_size}: must be a multiple of 64 (16x backbone stride x 4)")
     # apply_postprocessing=True's decoder flags, so eager single-mask calls match the runtime.
@@ -109,22 +140,59 @@ def build_sam2_model(
         "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
         f"++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta={STABILITY_DELTA}",
         f"++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh={STABILITY_THRESH}",
-        *variant_overrides,
+        *variant.overrides,
         *(overrides or []),
     ]
     if not GlobalHydra.instance().is_initialized():
         initialize_config_module("sam2", version_base="1.2")
     try:
-        cfg = compose(config_name=config_file, overrides=hydra_overrides)
+        cfg = compose(config_name=variant.config_file, overrides=hydra_overrides)
     except Exception as exc:  # hydra raises several unrelated types for a bad name
         raise InputError(f"--config {config}: not a SAM2 config ({', '.join(SAM2_CONFIGS)})") from exc
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
+    if variant.mask_decoder is not None:
+        reshape_mask_decoder(model, variant.mask_decoder)
     digest = None
     if checkpoint is not None:
         digest = _load_checkpoint(model, Path(checkpoint))
     model = model.to("cpu").eval()
     return LoadedSAM2(model, config, image_size, str(checkpoint) if checkpoint else None, digest)
+
+
+def reshape_mask_decoder(sam: nn.Module, shape: MaskDecoderShape) -> None:
+    """Rebuild the parts of ``sam.sam_mask_decoder`` that ``shape`` resizes, with sam2's own classes.
+
+    Every other decoder module, flag and token is left as ``_build_sam_heads`` made it; the new
+    modules get their classes' default initialisation (as a fresh sam2 model would).
+    """
+    from sam2.modeling.sam.transformer import TwoWayTransformer
+    from sam2.modeling.sam2_utils import MLP
+
+    dec = sam.sam_mask_decoder
+    old = dec.transformer
+    dim = dec.transformer_dim
+    first_cross = old.layers[0].cross_attn_token_to_image
+    rate = dim // first_cross.internal_dim
+    resized = (shape.transformer_depth, shape.transformer_mlp_dim, shape.attention_downsample_rate, shape.num_heads)
+    if any(v is not None for v in resized):
+        dec.transformer = TwoWayTransformer(
+            depth=shape.transformer_depth or old.depth,
+            embedding_dim=old.embedding_dim,
+            num_heads=shape.num_heads or old.num_heads,
+            mlp_dim=shape.transformer_mlp_dim or old.mlp_dim,
+            attention_downsample_rate=shape.attention_downsample_rate or rate,
+        )
+    if shape.head_hidden_dim is not None:
+        hidden = shape.head_hidden_dim
+        dec.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(dim, hidden, mlp.layers[-1].out_features, mlp.num_layers) for mlp in dec.output_hypernetworks_mlps
+        )
+        iou = dec.iou_prediction_head
+        dec.iou_prediction_head = MLP(dim, hidden, iou.layers[-1].out_features, iou.num_layers, sigmoid_output=iou.sigmoid_output)
+        if isinstance(dec.pred_obj_score_head, MLP):  # pred_obj_scores_mlp; a plain Linear has no hidden layer
+            obj = dec.pred_obj_score_head
+            dec.pred_obj_score_head = MLP(dim, hidden, obj.layers[-1].out_features, obj.num_layers)
 
 
 def _load_checkpoint(model: nn.Module, path: Path) -> str:
