@@ -113,7 +113,7 @@ def test_config_defaults_are_the_papers():
     assert (args.num_generations, args.beta, args.epsilon, args.loss_type) == (4, 0.04, 0.2, "grpo")
     assert args.per_device_train_batch_size == tiny.prompts_per_device * tiny.num_generations  # completions
     assert (args.scale_rewards, args.temperature, args.top_k, args.top_p) == ("group", 1.0, 0, 1.0)
-    assert (args.max_completion_length, args.num_iterations, args.remove_unused_columns) == (32, 1, False)
+    assert (args.max_completion_length, args.num_iterations, args.remove_unused_columns) == (80, 1, False)
 
 
 def test_config_is_strict(tmp_path):
