@@ -107,7 +107,7 @@ class WeightStorage:
 #   model (weights)                       image_embed  high_res_0/1   masks    iou      obj score
 #   sam2.1_hiera_t @512 (seeded random)   2.2e-3       3.3e-4/5.6e-4  2.7e-4   2.5e-5   9.7e-5
 #   conceptseg_tiny @128 (seeded random)  1.2e-3       1.7e-4/2.4e-4  2.6e-4   2.4e-5   4.1e-5
-#   conceptseg_tiny @128 (trained)        1.0e-3       2.0e-4/5.8e-4  1.9e-2   6.3e-5   1.4e-3
+#   conceptseg_tiny @128 (trained)        7.4e-4       2.1e-4/6.6e-4  1.8e-2   4.7e-5   7.4e-4
 #   CTM (128-d, random; tiny-default's)  concept_tokens 2.1e-4; 2.4e-4 (fp32: 3e-7; 5e-7)
 # 10x the fp32 atol (1e-2 on features and tokens, 1e-1 on mask logits, 1e-2 on scores) leaves a 4-10x
 # margin over the worst of these (deeper official trunks accumulate more; an export that exceeds it
