@@ -12,7 +12,8 @@ runs, with the YAMLs in ``train/configs/tiny/``:
 3. ``stage1``    train the CTM of that frozen policy through the frozen SAM2;
 4. ``stage2``    Meta-GRPO (``conceptseg_edge.train.stage2.run_stage2``), policy + CTM;
 5. ``calibrate`` fit the router's τ per word count, written into ``OUT/checkpoint``;
-6. ``export``    ``export_concept`` → ``OUT/bundle`` (ONNX graphs, parity-checked route by route);
+6. ``export``    ``export_concept`` → ``OUT/bundle`` (ONNX graphs, parity-checked route by route),
+   with ``export.yaml``'s policy precision and weight storage; ``--bundle`` copies it there atomically;
 7. ``report``    held-out foreground IoU per level (CI/CD/CR) and per route the router took, against
    the empty-mask and whole-image baselines, run through the exported torch-free bundle (through the
    torch pipeline with ``--no-export``); warmstart's held-out format rate; stage 2's held-out reward
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.fileio import write_text
+from conceptseg_edge.fileio import staged_dir, write_text
 from conceptseg_edge.train.common import StageClock, write_summary
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
@@ -54,7 +55,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _config(configs: Path, name: str) -> Path:
     path = configs / name
     if not path.is_file():
-        raise InputError(f"{path}: missing (tiny-default reads backbone/warmstart/stage1/stage2/calibrate/report "
+        raise InputError(f"{path}: missing (tiny-default reads backbone/warmstart/stage1/stage2/calibrate/export/report "
                          f".yaml from {configs})")
     return path
 
@@ -76,6 +77,7 @@ def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[
     from tqdm import tqdm
 
     from conceptseg_edge.data.world import ConceptWorld
+    from conceptseg_edge.metrics import iou
 
     world = ConceptWorld(cfg.seed, cfg.image_size)
     rows: list[dict[str, Any]] = []
@@ -84,8 +86,8 @@ def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[
         if not ep.mask.any():
             continue
         mask, route = segment(ep.image, ep.query, ep.supports if cfg.with_supports else ())
-        rows.append({"level": ep.level, "route": route, "iou": _iou(mask, ep.mask),
-                     "whole": _iou(np.ones_like(ep.mask), ep.mask), "empty": 0.0})
+        rows.append({"level": ep.level, "route": route, "iou": iou(mask, ep.mask),
+                     "whole": iou(np.ones_like(ep.mask), ep.mask), "empty": 0.0})
 
     def summary(sel: list[dict[str, Any]]) -> dict[str, Any]:
         return {"n": len(sel), "fg_iou": round(float(np.mean([r["iou"] for r in sel])), 4),
@@ -100,11 +102,6 @@ def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[
         if (sel := [r for r in rows if r["level"] == lv and r["route"] == rt])
     }
     return {"all": summary(rows), "by_level": by_level, "by_route": by_route, "by_level_route": by_level_route}
-
-
-def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    union = np.logical_or(pred, gt).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
 
 
 def _stage_time(summary: dict[str, Any] | None) -> dict[str, float] | None:
@@ -213,18 +210,19 @@ def run_tiny_default(
     if export:
         from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
 
+        ex_cfg = dataclasses.replace(load_config(_config(configs, "export.yaml"), ConceptExportConfig),
+                                     checkpoint=str(final_ckpt))
         if not (bundle_dir / "manifest.json").is_file():
             clock = StageClock()
-            export_concept(ConceptExportConfig(str(final_ckpt)), bundle_dir, progress=progress)
+            export_concept(ex_cfg, bundle_dir, progress=progress)
             write_summary(out / "export.json", {"time": {"total": clock.elapsed()}})
         times["export"] = _stage_time(_read_json(out / "export.json"))
         size = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
-        export_info = {"bundle": str(bundle_dir), "bytes": size, "mb": round(size / 2**20, 2)}
+        export_info = {"bundle": str(bundle_dir), "bytes": size, "mb": round(size / 2**20, 2),
+                       "policy_precision": ex_cfg.policy_precision, "weight_storage": ex_cfg.weight_storage}
         if bundle is not None:
-            bundle = Path(bundle)
-            if bundle.exists():
-                shutil.rmtree(bundle)
-            shutil.copytree(bundle_dir, bundle)
+            with staged_dir(bundle, "manifest.json", "bundle") as staging:
+                shutil.copytree(bundle_dir, staging, dirs_exist_ok=True)
             export_info["copied_to"] = str(bundle)
 
     # 7. held-out report
