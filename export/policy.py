@@ -22,7 +22,15 @@ Graphs (IO names come from the ``PartSpec``s below; batch is 1 everywhere, as in
   with the cache as plain tensors and the causal + padding mask built in the graph: transformers 5's
   ``Cache`` objects and mask factories are not traceable as graph inputs, and hiding them would risk
   baking a trace-time mask decision into the graph. Sliding-window attention is refused (Qwen2.5-VL
-  does not use it).
+  does not use it). Grouped-query attention runs on the unexpanded cache: the heads / kv_heads query
+  heads sharing a KV head are stacked along the query axis, (1, kv_heads, G * S, head_dim), against
+  (1, kv_heads, T, head_dim) keys/values with the mask tiled G times, instead of transformers'
+  ``repeat_kv`` copy of the whole cache every step. With batch fixed at 1 the reshapes have constant
+  targets, the rotary tables and the mask are built once per step, and the rotary rotation is one
+  Slice per layer on queries and keys together. Measured (d = 1024, 4 layers, 16/2 heads, ~700
+  cached tokens, ORT CPU, 1 thread, loaded 2-core machine, interleaved medians): 414 → 195 kernels
+  per decode step; fp32 ~19-21 → ~14-16 ms and INT8 ~8.3-8.9 → ~5.7-6.1 ms per step; parity
+  differences unchanged to the last bit on the test cases.
 
 Validation (all graphs, fp32): ONNX Runtime vs the transformers modules on fixed cases that cover
 the dynamic axes (images of several aspect ratios; prefill with past = 0, one-token decode, a chunk
@@ -186,11 +194,7 @@ def _modules():
     """torch modules, defined lazily so importing this file (for the registry) needs no torch."""
     import torch
     from torch import nn
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        apply_rotary_pos_emb,
-        apply_rotary_pos_emb_vision,
-        repeat_kv,
-    )
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     neg = torch.finfo(torch.float32).min
 
@@ -270,31 +274,46 @@ def _modules():
             self.lm_head = lm_head
 
         def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+            # Batch is 1 (the spec's leading dims), so every reshape below has a constant target and
+            # the graph carries no per-layer Shape/Gather/Concat chains.
             x = inputs_embeds
-            batch, seq = x.shape[0], x.shape[1]
+            cfg = self.lm.config
+            heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+            hd = self.lm.layers[0].self_attn.head_dim
+            group = heads // kv_heads
+            seq = x.shape[1]
             past_len = past[0].shape[2]
             total = attention_mask.shape[1]
             query_pos = torch.arange(seq, device=x.device) + past_len
             key_pos = torch.arange(total, device=x.device)
             allowed = (key_pos[None, :] <= query_pos[:, None]) & (attention_mask[0][None, :] > 0)
-            bias = torch.where(allowed, 0.0, neg)[None, None]
+            # Grouped-query attention without repeat_kv: the G = heads / kv_heads query heads that
+            # share a KV head are stacked along the query axis, (1, kv, G * S, hd), and attend to the
+            # unexpanded (1, kv, T, hd) cache; the (S, T) mask is tiled G times to match (row g*S + s
+            # is query s of group member g). Built once per step, shared by all layers.
+            bias = torch.where(allowed, 0.0, neg).repeat(group, 1)[None, None]
+            # Rotary: cos/sin once per step. rotate_half(x) * sin == flip(x as (2, hd/2)) * sin with the
+            # first half negated, which is one Slice instead of Slice/Slice/Neg/Concat, applied to
+            # the queries and keys of a layer together.
             cos, sin = self.lm.rotary_emb(x, position_ids)
+            pairs = (1, -1, 1, 2, hd // 2)  # (1, S, heads, half, hd / 2)
+            sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype).view(1, 1, 1, 2, 1)
+            cos, sin = cos.reshape(pairs), sin.reshape(pairs) * sign
             presents = []
             for i, layer in enumerate(self.lm.layers):
                 attn = layer.self_attn
                 h = layer.input_layernorm(x)
-                q = attn.q_proj(h).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-                k = attn.k_proj(h).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-                v = attn.v_proj(h).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], dim=-1).view(1, -1, heads + kv_heads, 2, hd // 2)
+                qk = (qk * cos + qk.flip(3) * sin).view(1, -1, heads + kv_heads, hd).transpose(1, 2)
+                q, k = qk.split([heads, kv_heads], dim=1)
+                v = attn.v_proj(h).view(1, -1, kv_heads, hd).transpose(1, 2)
                 k = torch.cat([past[2 * i], k], dim=2)
                 v = torch.cat([past[2 * i + 1], v], dim=2)
                 presents += [k, v]
-                k = repeat_kv(k, attn.num_key_value_groups)
-                v = repeat_kv(v, attn.num_key_value_groups)
+                q = q.reshape(1, kv_heads, -1, hd)
                 scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + bias
-                weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, seq, -1)
+                weights = torch.softmax(scores, dim=-1)
+                out = torch.matmul(weights, v).reshape(1, heads, -1, hd).transpose(1, 2).reshape(1, -1, heads * hd)
                 x = x + attn.o_proj(out)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
             hidden = self.lm.norm(x)

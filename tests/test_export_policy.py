@@ -194,6 +194,19 @@ def test_graph_io_names_and_dynamic_dims(exported):
     assert shapes["position_ids"] == (3, 1, "sequence")
 
 
+def test_decoder_attends_to_unexpanded_kv_heads(exported):
+    """Grouped-query attention without ``repeat_kv``: the cache tensors feed the attention products
+    as they are (kv_heads wide), never an Unsqueeze/Expand/Tile that copies them per query head.
+    The tiny model has 4 query heads on 2 KV heads, so the fp32 parity cases cover the grouping."""
+    import onnx
+
+    bundle, parts = exported["fp32"]
+    graph = onnx.load(str(bundle / parts["policy_decoder"].file)).graph
+    presents = {o.name for o in graph.output if o.name.startswith("present.")}
+    consumers = {n.op_type for n in graph.node if presents & set(n.input)}
+    assert consumers == {"MatMul", "Transpose"}
+
+
 def test_vision_graph_at_the_deployment_size(exported, model, deploy_processor):
     """600x600 (the paper's policy size) → 588x588 → a 42x42 patch grid, through the same graph."""
     bundle, parts = exported["fp32"]
