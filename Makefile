@@ -28,15 +28,15 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 test: $(STAMP)
 	CONCEPTSEG_STRICT_SKIPS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The embedded ConceptSeg-Tiny bundle (`conceptseg-edge train tiny-default --bundle ...` rebuilds it).
+BUNDLE ?= conceptseg_edge/assets/conceptseg_tiny
+
 demo: $(STAMP)
-	@echo "== 1/4 export SAM2.1-tiny (no checkpoint given: RANDOM INIT, masks are not meaningful yet)"
-	$(CLI) export sam2 --config sam2.1_hiera_t --out $(OUT)/sam2.1_hiera_t
-	@echo "== 2/4 segment the sample image with one click"
-	$(CLI) segment $(OUT)/sam2.1_hiera_t conceptseg_edge/assets/sample.png --point 200,280 \
-		--out $(OUT)/mask.png --overlay $(OUT)/overlay.png --json
-	@echo "== 3/4 benchmark the prompt route against PyTorch eager"
-	$(CLI) bench $(OUT)/sam2.1_hiera_t --route prompt --runs 5 --warmup 1 --compare-torch --json $(OUT)/bench.json
-	@echo "== 4/4 wrote $(OUT)/mask.png, $(OUT)/overlay.png, $(OUT)/bench.json"
+	@echo "== 1/2 ConceptSeg-Tiny on held-out CI / CD / CR samples (route, IoU, latency per stage and route)"
+	$(CLI) demo --bundle $(BUNDLE) --out $(OUT)
+	@echo "== 2/2 every route of the bundle, timed (p50/p90/p99 per stage)"
+	$(CLI) bench $(BUNDLE) --route all --runs 10 --warmup 2 --json $(OUT)/bench.json --png $(OUT)/bench.png
+	@echo "== wrote $(OUT)/grid.png, $(OUT)/demo.json, $(OUT)/bench.json, $(OUT)/bench.png"
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
