@@ -114,3 +114,14 @@ def concept_bundle(tmp_path_factory, concept_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "concept"
     export_concept(ConceptExportConfig(str(concept_checkpoint)), out, progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a training test: on two shared cores more threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ from conceptseg_edge.train.backbone import (
 )
 from conceptseg_edge.train.common import load_state, save_state
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**kw) -> BackboneConfig:

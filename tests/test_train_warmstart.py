@@ -27,17 +27,11 @@ from conceptseg_edge.train.warmstart import (
     train_warmstart,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = TinyPolicyConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                         intermediate_size=64, vision_depth=1, vision_hidden_size=32, vision_heads=1,
                         corpus="default")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_cfg(out: Path, **kw) -> WarmstartConfig:

@@ -66,28 +66,24 @@ from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import sha256_file
 from conceptseg_edge.models.sam2 import SAM2_CONFIGS
 from conceptseg_edge.train.common import (
-    check_types,
     ParamBank,
-    StageClock,
     bce_dice,
+    begin_stage,
     box_prompt,
+    check_types,
     empty_mask_prompt,
     gather_features,
-    has_state,
-    load_state,
     lr_at,
     mask_iou,
     require_fraction,
     require_positive,
+    run_steps,
     sam_input,
-    save_state,
     seed_everything,
-    set_threads,
     upsample,
     write_summary,
 )
-from conceptseg_edge.train.config import load_config, save_config
-from conceptseg_edge.train.log import MetricsLogger
+from conceptseg_edge.train.config import LoopConfig, load_config
 
 #: Held-out episodes start at this index of the same world, far past any training index.
 VAL_OFFSET = 1_000_000
@@ -127,7 +123,7 @@ class BackboneDataConfig:
 
 
 @dataclass
-class BackboneConfig:
+class BackboneConfig(LoopConfig):
     """``train backbone`` settings. Not from the paper (it starts from released SAM weights):
     values here are this repo's CPU-sized choices for ConceptSeg-Tiny."""
 
@@ -157,13 +153,7 @@ class BackboneConfig:
     bce_weight: float = 1.0
     iou_weight: float = 1.0
     presence_weight: float = 1.0
-    save_every: int = 50
-    eval_every: int = 50
     eval_images: int = 24
-    seed: int = 0
-    threads: int | None = None
-    progress: bool = True
-    resume: bool = True
 
     def validate(self) -> None:
         where = "backbone"
@@ -638,34 +628,18 @@ def train_backbone(
 ) -> BackboneResult:
     """Train (or resume) the backbone; ``stop_after`` ends the run early after that many total steps
     (an interruption: the state is saved, no final export), which is how resume is tested."""
-    from tqdm import tqdm
-
-    cfg.validate()
-    out = Path(out_dir or cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
-    clock = StageClock()
-    save_config(out / "config.yaml", cfg)
+    out, clock = begin_stage(cfg, out_dir)
     world = ConceptWorld(cfg.data.seed, cfg.data.image_size)
     model = build_model(cfg)
     optimizer = make_optimizer(cfg, model)
     modules = {"backbone": model}
-    start = 0
-    if cfg.resume and has_state(out):
-        start, _ = load_state(out, modules, optimizer)
-    logger = MetricsLogger(out)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    last: dict[str, float] = {}
-    with tqdm(total=cfg.steps, initial=start, desc="backbone", unit="step", disable=not cfg.progress) as bar:
-        for step in range(start, end):
-            last = train_step(cfg, model, optimizer, world, step)
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                last["val_box_iou"] = quick_val_iou(cfg, model, world)
-            logger.log(step + 1, **last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", iou=f"{last['train_iou']:.2f}")
-            bar.update()
-            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                save_state(out, step + 1, modules, optimizer)
+    end, logger = run_steps(
+        "backbone", cfg, out, modules, optimizer, cfg.steps,
+        step=lambda i: train_step(cfg, model, optimizer, world, i),
+        evaluate=lambda: {"val_box_iou": quick_val_iou(cfg, model, world)},
+        postfix=lambda row: {"loss": f"{row['loss']:.3f}", "iou": f"{row['train_iou']:.2f}"},
+        stop_after=stop_after,
+    )
     logger.plot(out / "curves.png", title="backbone pretraining")
     if end < cfg.steps:
         return BackboneResult(out, out / "backbone.pt", {"stopped_at": end})
@@ -684,7 +658,7 @@ def train_backbone(
         "checkpoint": ckpt.name,
         "sha256": sha256_file(ckpt),
         "steps": cfg.steps,
-        "final": last,
+        "final": logger.rows[-1] if logger.rows else {},
         "heldout": report,
         "time": {"train": train_time, "total": clock.elapsed()},
     }

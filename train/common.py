@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from conceptseg_edge.errors import CheckpointError, InputError
 from conceptseg_edge.fileio import sha256_file, write_json
 from conceptseg_edge.models.sam2 import PIXEL_MEAN, PIXEL_STD
 from conceptseg_edge.tags import format_output
+from conceptseg_edge.train.log import MetricsLogger
 
 #: Held-out ConceptWorld episodes start here (as in train/backbone.py); training uses [0, n).
 VAL_OFFSET = 1_000_000
@@ -484,6 +485,58 @@ def load_state(
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), meta.get("extra", {})
+
+
+def begin_stage(cfg: Any, out_dir: str | os.PathLike[str] | None) -> tuple[Path, StageClock]:
+    """Validate ``cfg``, create the output directory (``out_dir`` or ``cfg.out_dir``), set torch's
+    threads, keep the config beside the outputs (checkpoints name what produced them) and start the
+    clock the summary reports."""
+    from conceptseg_edge.train.config import save_config
+
+    cfg.validate()
+    out = Path(out_dir or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.threads)
+    clock = StageClock()
+    save_config(out / "config.yaml", cfg)
+    return out, clock
+
+
+def run_steps(
+    name: str,
+    cfg: Any,
+    out: Path,
+    modules: Mapping[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    step: Callable[[int], dict[str, float]],
+    evaluate: Callable[[], dict[str, float]],
+    postfix: Callable[[dict[str, float]], dict[str, str]],
+    stop_after: int | None = None,
+) -> tuple[int, MetricsLogger]:
+    """The step loop every stage shares: resume from ``out/state`` (when ``cfg.resume``), run
+    ``step(i)`` up to ``total`` (or ``stop_after``, for tests), add ``evaluate()`` every
+    ``cfg.eval_every`` steps and at the end, log each step to ``out/metrics.csv``, and write resumable
+    state every ``cfg.save_every`` steps and where the run stops. ``cfg`` is a ``LoopConfig``.
+
+    Returns the step it stopped after and the logger (for the curves).
+    """
+    from tqdm import tqdm
+
+    start = load_state(out, modules, optimizer)[0] if cfg.resume and has_state(out) else 0
+    logger = MetricsLogger(out)
+    end = total if stop_after is None else min(total, stop_after)
+    with tqdm(total=total, initial=start, desc=name, unit="step", disable=not cfg.progress) as bar:
+        for i in range(start, end):
+            row = step(i)
+            if (i + 1) % cfg.eval_every == 0 or i + 1 == total:
+                row.update(evaluate())
+            logger.log(i + 1, **row)
+            bar.set_postfix(**postfix(row))
+            bar.update()
+            if (i + 1) % cfg.save_every == 0 or i + 1 == end:
+                save_state(out, i + 1, modules, optimizer)
+    return end, logger
 
 
 class ParamBank(torch.nn.Module):

@@ -18,6 +18,19 @@ from conceptseg_edge.fileio import write_text
 T = TypeVar("T")
 
 
+@dataclasses.dataclass
+class LoopConfig:
+    """What every step-loop stage (backbone, warmstart, stage 1) shares: how often it evaluates and
+    writes resumable state, its seed and torch threads, the progress bar, and whether it resumes."""
+
+    eval_every: int = dataclasses.field(default=50, metadata={"help": "held-out evaluation every n steps"})
+    save_every: int = dataclasses.field(default=50, metadata={"help": "resumable state every n steps"})
+    seed: int = 0
+    threads: int | None = dataclasses.field(default=None, metadata={"help": "torch threads (None: torch's default)"})
+    progress: bool = True
+    resume: bool = dataclasses.field(default=True, metadata={"help": "continue from out_dir's state if present"})
+
+
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields."""
     if not isinstance(data, dict):

@@ -35,6 +35,7 @@ loss start/end, timings), ``metrics.csv`` + ``curves.png``, ``config.yaml``, ``s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -49,31 +50,27 @@ from conceptseg_edge.router import RouterConfig, count_words
 from conceptseg_edge.train.common import (
     EpisodeData,
     Item,
-    check_types,
-    StageClock,
     bce_dice,
+    begin_stage,
     box_prompt,
+    check_types,
     empty_mask_prompt,
     epoch_picks,
     eval_mode,
-    has_state,
     load_items,
-    load_state,
     lr_at,
     mask_iou,
     require_fraction,
     require_positive,
+    run_steps,
     sam_input,
-    save_state,
     seed_everything,
     set_lr,
-    set_threads,
     template_completion,
     upsample,
     write_summary,
 )
-from conceptseg_edge.train.config import load_config, save_config
-from conceptseg_edge.train.log import MetricsLogger
+from conceptseg_edge.train.config import LoopConfig, load_config
 from conceptseg_edge.train.warmstart import TinyPolicyConfig, build_tiny_policy
 
 
@@ -88,7 +85,7 @@ class CTMSettings:
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(LoopConfig):
     """``train stage1`` settings; defaults are the paper's where it has one (see comments)."""
 
     out_dir: str = "runs/stage1"
@@ -124,12 +121,6 @@ class Stage1Config:
     drop_box_fraction: float = 0.0  # paper: the box is always given
     max_shortcut_words: int = 4  # paper: longer concepts never take the shortcut
     cache: bool = True
-    eval_every: int = 50
-    save_every: int = 50
-    seed: int = 0
-    threads: int | None = None
-    progress: bool = True
-    resume: bool = True
 
     def validate(self) -> None:
         where = "stage1"
@@ -450,50 +441,30 @@ def train_stage1(
     cfg: Stage1Config, out_dir: str | os.PathLike[str] | None = None, *, stop_after: int | None = None,
 ) -> Stage1Result:
     """Train (or resume) the CTM; ``stop_after`` interrupts after that many total steps (tests)."""
-    from tqdm import tqdm
-
     from conceptseg_edge.models.checkpoint import save_checkpoint
 
-    cfg.validate()
-    out = Path(out_dir or cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
-    clock = StageClock()
-    save_config(out / "config.yaml", cfg)
+    out, clock = begin_stage(cfg, out_dir)
     frozen, ctm = load_frozen(cfg, out)
     items = load_items(cfg.data, "train", "stage1.data")
     cache = FeatureCache(frozen, items, cfg.cache, cfg.progress, "stage1 cache")
     total = cfg.total_steps(len(items))
     optimizer = torch.optim.AdamW(ctm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules = {"ctm": ctm}
-    start = 0
-    if cfg.resume and has_state(out):
-        start, _ = load_state(out, modules, optimizer)
-    logger = MetricsLogger(out)
-    end = total if stop_after is None else min(total, stop_after)
-    val_cache = None
-    last: dict[str, float] = {}
-    with tqdm(total=total, initial=start, desc="stage1", unit="step", disable=not cfg.progress) as bar:
-        for step in range(start, end):
-            last = train_step(cfg, frozen, cache, ctm, optimizer, step, total)
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
-                if val_cache is None:
-                    val_cache = FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache")
-                report = evaluate(cfg, frozen, val_cache, ctm)
-                last["val_loss"] = report["loss_reason_box"]
-            logger.log(step + 1, **last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-            bar.update()
-            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                save_state(out, step + 1, modules, optimizer)
+    val_cache = functools.cache(
+        lambda: FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache"))
+    end, logger = run_steps(
+        "stage1", cfg, out, modules, optimizer, total,
+        step=lambda i: train_step(cfg, frozen, cache, ctm, optimizer, i, total),
+        evaluate=lambda: {"val_loss": evaluate(cfg, frozen, val_cache(), ctm)["loss_reason_box"]},
+        postfix=lambda row: {"loss": f"{row['loss']:.3f}"},
+        stop_after=stop_after,
+    )
     logger.plot(out / "curves.png", title="stage 1 (CTM)")
     if end < total:
         return Stage1Result(out, out / "checkpoint", {"stopped_at": end})
     ckpt = save_checkpoint(out / "checkpoint", frozen.policy.model, ctm.eval(), frozen.policy.processor,
                            RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
     train_time = clock.elapsed()
-    if val_cache is None:
-        val_cache = FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache")
     losses = [r["loss"] for r in logger.rows if "loss" in r]
     summary = {
         "checkpoint": str(ckpt),
@@ -503,7 +474,7 @@ def train_stage1(
         "loss_last": losses[-1] if losses else None,
         "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,
         "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
-        "heldout": evaluate(cfg, frozen, val_cache, ctm),
+        "heldout": evaluate(cfg, frozen, val_cache(), ctm),
         "time": {"train": train_time, "total": clock.elapsed()},
     }
     write_summary(out / "stage1.json", summary)

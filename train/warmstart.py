@@ -32,6 +32,7 @@ takes only the policy and the processor.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,24 +46,20 @@ from conceptseg_edge.errors import InputError
 from conceptseg_edge.train.common import (
     EpisodeData,
     Item,
-    StageClock,
+    begin_stage,
     check_types,
     epoch_picks,
     eval_mode,
-    has_state,
     load_items,
-    load_state,
     lr_at,
     require_positive,
-    save_state,
+    run_steps,
     seed_everything,
     set_lr,
-    set_threads,
     template_completion,
     write_summary,
 )
-from conceptseg_edge.train.config import load_config, save_config
-from conceptseg_edge.train.log import MetricsLogger
+from conceptseg_edge.train.config import LoopConfig, load_config
 
 #: Label of a token that carries no loss (prompt, image, padding), as in transformers.
 IGNORE = -100
@@ -124,7 +121,7 @@ def build_tiny_policy(tp: TinyPolicyConfig, max_pixels: int, where: str = "tiny_
 
 
 @dataclass
-class WarmstartConfig:
+class WarmstartConfig(LoopConfig):
     """``train warmstart`` settings. The paper has no such stage; defaults are ConceptSeg-Tiny's."""
 
     out_dir: str = "runs/warmstart"
@@ -138,13 +135,7 @@ class WarmstartConfig:
     steps: int = 300
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_every: int = field(default=50, metadata={"help": "held-out teacher-forced loss every n steps"})
-    save_every: int = field(default=50, metadata={"help": "resumable state every n steps"})
     eval_max_new_tokens: int = field(default=80, metadata={"help": "greedy tokens per held-out completion"})
-    seed: int = 0
-    threads: int | None = None
-    progress: bool = True
-    resume: bool = True
 
     def validate(self) -> None:
         where = "warmstart"
@@ -368,16 +359,9 @@ def train_warmstart(
 ) -> WarmstartResult:
     """Train (or resume) the tiny policy on template completions; ``stop_after`` interrupts after
     that many total steps (tests)."""
-    from tqdm import tqdm
-
     from conceptseg_edge.models.tokenizer import PAD_TOKEN
 
-    cfg.validate()
-    out = Path(out_dir or cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
-    clock = StageClock()
-    save_config(out / "config.yaml", cfg)
+    out, clock = begin_stage(cfg, out_dir)
     seed_everything(cfg.seed)
     policy, processor = initial_policy(cfg, out)
     policy.float().train()
@@ -386,36 +370,22 @@ def train_warmstart(
     examples = build_examples(policy, processor, items, cfg.progress, "warmstart examples")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules = {"policy": policy}
-    start = 0
-    if cfg.resume and has_state(out):
-        start, _ = load_state(out, modules, optimizer)
-    logger = MetricsLogger(out)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    val_items = None
-    val_examples: list[Example] = []
-    last: dict[str, float] = {}
-    with tqdm(total=cfg.steps, initial=start, desc="warmstart", unit="step", disable=not cfg.progress) as bar:
-        for step in range(start, end):
-            last = train_step(cfg, policy, examples, pad_id, optimizer, step)
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                if val_items is None:
-                    val_items = load_items(cfg.data, "val", "warmstart.data")
-                    val_examples = build_examples(policy, processor, val_items, False, "")
-                last["val_loss"] = heldout_loss(policy, val_examples, pad_id, cfg.batch_size)
-            logger.log(step + 1, **last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['token_acc']:.2f}")
-            bar.update()
-            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                save_state(out, step + 1, modules, optimizer)
+    val_items = functools.cache(lambda: load_items(cfg.data, "val", "warmstart.data"))
+    val_examples = functools.cache(lambda: build_examples(policy, processor, val_items(), False, ""))
+    end, logger = run_steps(
+        "warmstart", cfg, out, modules, optimizer, cfg.steps,
+        step=lambda i: train_step(cfg, policy, examples, pad_id, optimizer, i),
+        evaluate=lambda: {"val_loss": heldout_loss(policy, val_examples(), pad_id, cfg.batch_size)},
+        postfix=lambda row: {"loss": f"{row['loss']:.3f}", "acc": f"{row['token_acc']:.2f}"},
+        stop_after=stop_after,
+    )
     logger.plot(out / "curves.png", title="warmstart (policy SFT on the tag template)")
     if end < cfg.steps:
         return WarmstartResult(out, out / "checkpoint", {"stopped_at": end})
     policy.eval()
     ckpt = _save(out / "checkpoint", policy, processor, overwrite=True)
     train_time = clock.elapsed()
-    if val_items is None:
-        val_items = load_items(cfg.data, "val", "warmstart.data")
-    heldout = evaluate(policy, processor, val_items, cfg.eval_max_new_tokens, cfg.progress)
+    heldout = evaluate(policy, processor, val_items(), cfg.eval_max_new_tokens, cfg.progress)
     losses = [r["loss"] for r in logger.rows if "loss" in r]
     lengths = [e.completion_tokens for e in examples]
     summary = {
