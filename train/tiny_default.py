@@ -132,37 +132,25 @@ def run_tiny_default(
     configs = Path(configs) if configs else CONFIG_DIR
     times: dict[str, Any] = {}
 
-    # 1. backbone
-    bb_dir = out / "backbone"
-    bb_cfg = load_config(_config(configs, "backbone.yaml"), BackboneConfig)
-    bb_cfg = dataclasses.replace(bb_cfg, out_dir=str(bb_dir), progress=progress)
-    bb_summary = _read_json(bb_dir / "backbone.json")
-    if bb_summary is None:
-        bb_summary = train_backbone(bb_cfg).summary
-    times["backbone"] = _stage_time(bb_summary)
+    def step_stage(name: str, cls: type, train: Any, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+        """Run one step-loop stage into ``out/name`` unless its summary says it finished."""
+        cfg = dataclasses.replace(load_config(_config(configs, f"{name}.yaml"), cls), out_dir=str(out / name),
+                                  progress=progress, **overrides)
+        summary = _read_json(out / name / f"{name}.json")
+        if summary is None:
+            summary = train(cfg).summary
+        times[name] = _stage_time(summary)
+        return cfg, summary
 
-    # 2. policy warm start
-    ws_dir = out / "warmstart"
-    ws_cfg = load_config(_config(configs, "warmstart.yaml"), WarmstartConfig)
-    ws_cfg = dataclasses.replace(ws_cfg, out_dir=str(ws_dir), progress=progress)
-    ws_summary = _read_json(ws_dir / "warmstart.json")
-    if ws_summary is None:
-        ws_summary = train_warmstart(ws_cfg).summary
-    times["warmstart"] = _stage_time(ws_summary)
-
-    # 3. stage 1
-    s1_dir = out / "stage1"
-    s1_cfg = load_config(_config(configs, "stage1.yaml"), Stage1Config)
-    s1_cfg = dataclasses.replace(
-        s1_cfg, out_dir=str(s1_dir), backbone_config=bb_cfg.sam2_config,
-        backbone_checkpoint=str(bb_dir / "backbone.pt"), backbone_image_size=bb_cfg.image_size,
-        init_checkpoint=None, policy_path=None, policy_checkpoint=str(ws_dir / "checkpoint"), progress=progress,
+    # 1. backbone, 2. policy warm start, 3. stage 1 (the CTM of the warm policy through that backbone)
+    bb_cfg, bb_summary = step_stage("backbone", BackboneConfig, train_backbone)
+    _, ws_summary = step_stage("warmstart", WarmstartConfig, train_warmstart)
+    s1_cfg, s1_summary = step_stage(
+        "stage1", Stage1Config, train_stage1, backbone_config=bb_cfg.sam2_config,
+        backbone_checkpoint=str(out / "backbone" / "backbone.pt"), backbone_image_size=bb_cfg.image_size,
+        init_checkpoint=None, policy_path=None, policy_checkpoint=str(out / "warmstart" / "checkpoint"),
     )
-    s1_summary = _read_json(s1_dir / "stage1.json")
-    if s1_summary is None:
-        s1_summary = train_stage1(s1_cfg).summary
-    times["stage1"] = _stage_time(s1_summary)
-    policy_ckpt = s1_dir / "checkpoint"
+    policy_ckpt = out / "stage1" / "checkpoint"
 
     # 4. stage 2
     s2_report = None
