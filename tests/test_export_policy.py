@@ -9,7 +9,7 @@ agreement over *decisive* slots only (export.policy.DECISIVE_MARGIN).
 
 Tolerances:
 * graphs at fp32: the part atol in export/policy.py (1e-3 features/KV, 1e-2 logits, 0 embeddings);
-  measured ~2e-7 (vision), 0 (embed), <=1.1e-6 (decoder).
+  measured ~2e-7 (vision), 0 (embed), <=2.2e-6 (decoder).
 * ``OnnxPolicy.generate`` vs ``PolicyWrapper.generate`` at fp32: identical token ids and text;
   hidden states atol 1e-4 on post-norm values of order 1 (measured <=1.7e-6; the two sides run
   different kernels for the same float32 math, so bit equality is not expected).
