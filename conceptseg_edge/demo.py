@@ -33,7 +33,7 @@ LEVELS = ("CI", "CD", "CR")
 class DemoConfig:
     """What the demo runs. ``image_size`` None: the bundle's own preprocessing size."""
 
-    per_level: int = 2
+    per_level: int = 3
     seed: int = 0
     image_size: int | None = None
     repeats: int = 3  # timed calls per sample (the encoder included each time); the median is reported
