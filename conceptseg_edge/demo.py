@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 
 #: The committed ConceptSeg-Tiny bundle (``conceptseg-edge train tiny-default`` writes it).
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "assets" / "conceptseg_tiny"
 #: Training uses ConceptWorld indices < 300 000, the report 1 000 000+, calibration 2 000 000+.
 SAMPLE_OFFSET = 3_000_000
-LEVELS = ("CI", "CD", "CR")
 
 
 @dataclass(frozen=True)

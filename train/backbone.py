@@ -62,11 +62,13 @@ import torch
 from conceptseg_edge.data.meta import task_info
 from conceptseg_edge.data.world import CD_CLASSES, CI_CLASSES, ConceptWorld, Look
 from conceptseg_edge.episodes import box_from_mask
+from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import sha256_file
 from conceptseg_edge.models.sam2 import SAM2_CONFIGS
 from conceptseg_edge.train.common import (
     ParamBank,
+    VAL_OFFSET,
     bce_dice,
     begin_stage,
     box_prompt,
@@ -85,8 +87,6 @@ from conceptseg_edge.train.common import (
 )
 from conceptseg_edge.train.config import LoopConfig, load_config
 
-#: Held-out episodes start at this index of the same world, far past any training index.
-VAL_OFFSET = 1_000_000
 #: Concept tokens per prompt, as the CTM's N = 8 queries.
 CONCEPT_TOKENS = 8
 
@@ -567,7 +567,7 @@ def evaluate_backbone(
     report: dict[str, Any] = {"images": sum(len(r["box"]) for r in rows.values()), "fg_iou": {}}
     report["instances"] = _instance_report(ref, concept_table, n, world.size)
     keys = ("box", "click", "concept", "empty", "whole")
-    for level in ("CI", "CD", "CR"):
+    for level in LEVELS:
         if level in rows:
             report["fg_iou"][level] = {k: round(float(np.mean(v)), 4) for k, v in rows[level].items() if k in keys}
             report["fg_iou"][level]["n"] = len(rows[level]["box"])

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.router import RouterConfig, count_words
 from conceptseg_edge.train.common import (
@@ -418,7 +419,7 @@ def evaluate(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm) -> dic
             r.setdefault("empty", []).append(0.0)
             r.setdefault("whole", []).append(float(area))
     report: dict[str, Any] = {"items": len(cache.items), "loss_reason_box": round(float(np.mean(losses_all)), 4), "fg_iou": {}}
-    for level in ("CI", "CD", "CR"):
+    for level in LEVELS:
         if level in rows:
             report["fg_iou"][level] = {k: round(float(np.mean(v)), 4) for k, v in rows[level].items()}
             report["fg_iou"][level]["n"] = len(rows[level]["empty"])

@@ -38,11 +38,11 @@ import numpy as np
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import staged_dir, write_text
-from conceptseg_edge.train.common import StageClock, write_summary
+from conceptseg_edge.data.meta import LEVELS
+from conceptseg_edge.manifest import MANIFEST_NAME
+from conceptseg_edge.train.common import VAL_OFFSET, StageClock, write_summary
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
-#: Held-out episodes of the report: the same world index range the stages keep out of training.
-REPORT_OFFSET = 1_000_000
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -81,24 +81,24 @@ def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[
 
     world = ConceptWorld(cfg.seed, cfg.image_size)
     rows: list[dict[str, Any]] = []
-    for i in tqdm(range(REPORT_OFFSET, REPORT_OFFSET + cfg.episodes), desc="report", unit="episode", disable=not progress):
+    for i in tqdm(range(VAL_OFFSET, VAL_OFFSET + cfg.episodes), desc="report", unit="episode", disable=not progress):
         ep = world.episode(i)
         if not ep.mask.any():
             continue
         mask, route = segment(ep.image, ep.query, ep.supports if cfg.with_supports else ())
         rows.append({"level": ep.level, "route": route, "iou": iou(mask, ep.mask),
-                     "whole": iou(np.ones_like(ep.mask), ep.mask), "empty": 0.0})
+                     "whole": iou(np.ones_like(ep.mask), ep.mask), "empty": iou(np.zeros_like(ep.mask), ep.mask)})
 
     def summary(sel: list[dict[str, Any]]) -> dict[str, Any]:
         return {"n": len(sel), "fg_iou": round(float(np.mean([r["iou"] for r in sel])), 4),
                 "empty_mask": round(float(np.mean([r["empty"] for r in sel])), 4),
                 "whole_image": round(float(np.mean([r["whole"] for r in sel])), 4)}
 
-    by_level = {lv: summary([r for r in rows if r["level"] == lv]) for lv in ("CI", "CD", "CR") if any(r["level"] == lv for r in rows)}
+    by_level = {lv: summary([r for r in rows if r["level"] == lv]) for lv in LEVELS if any(r["level"] == lv for r in rows)}
     by_route = {rt: summary([r for r in rows if r["route"] == rt]) for rt in sorted({r["route"] for r in rows})}
     by_level_route = {
         f"{lv}/{rt}": summary(sel)
-        for lv in ("CI", "CD", "CR") for rt in ("shortcut", "reason")
+        for lv in LEVELS for rt in ("shortcut", "reason")
         if (sel := [r for r in rows if r["level"] == lv and r["route"] == rt])
     }
     return {"all": summary(rows), "by_level": by_level, "by_route": by_route, "by_level_route": by_level_route}
@@ -200,7 +200,7 @@ def run_tiny_default(
 
         ex_cfg = dataclasses.replace(load_config(_config(configs, "export.yaml"), ConceptExportConfig),
                                      checkpoint=str(final_ckpt))
-        if not (bundle_dir / "manifest.json").is_file():
+        if not (bundle_dir / MANIFEST_NAME).is_file():
             clock = StageClock()
             export_concept(ex_cfg, bundle_dir, progress=progress)
             write_summary(out / "export.json", {"time": {"total": clock.elapsed()}})
@@ -209,7 +209,7 @@ def run_tiny_default(
         export_info = {"bundle": str(bundle_dir), "bytes": size, "mb": round(size / 2**20, 2),
                        "policy_precision": ex_cfg.policy_precision, "weight_storage": ex_cfg.weight_storage}
         if bundle is not None:
-            with staged_dir(bundle, "manifest.json", "bundle") as staging:
+            with staged_dir(bundle, MANIFEST_NAME, "bundle") as staging:
                 shutil.copytree(bundle_dir, staging, dirs_exist_ok=True)
             export_info["copied_to"] = str(bundle)
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.train.common import (
     EpisodeData,
@@ -300,7 +301,7 @@ def evaluate(policy, processor, items: list[Item], max_new_tokens: int, progress
     def mean(sel: list[dict[str, Any]]) -> dict[str, float]:
         return {"n": len(sel), **{k: round(float(np.mean([r[k] for r in sel])), 4) for k in keys}}
 
-    levels = {lv: mean([r for r in rows if r["level"] == lv]) for lv in ("CI", "CD", "CR") if any(r["level"] == lv for r in rows)}
+    levels = {lv: mean([r for r in rows if r["level"] == lv]) for lv in LEVELS if any(r["level"] == lv for r in rows)}
     return {**mean(rows), "by_level": levels, "max_new_tokens": max_new_tokens, "samples": samples}
 
 
