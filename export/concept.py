@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from conceptseg_edge.errors import ExportParityError, InputError
 from conceptseg_edge.export.onnx_export import export_and_validate
-from conceptseg_edge.export.parts import WEIGHT_STORAGES, ctm_spec
+from conceptseg_edge.export.parts import ctm_spec, weight_storage
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
 from conceptseg_edge.fileio import sha256_file, staged_dir
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, read_manifest, write_manifest
@@ -49,8 +49,7 @@ class ConceptExportConfig:
     def __post_init__(self) -> None:
         if self.policy_precision not in PRECISIONS:
             raise InputError(f"--policy-precision {self.policy_precision}: expected one of {', '.join(PRECISIONS)}")
-        if self.weight_storage not in WEIGHT_STORAGES:
-            raise InputError(f"--weight-storage {self.weight_storage}: expected one of {', '.join(WEIGHT_STORAGES)}")
+        weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
 
 
 def _export_ctm(ctm, staging: Path, opset: int, weight_storage: str = "fp32") -> PartManifest:

@@ -16,7 +16,7 @@ import numpy as np
 from conceptseg_edge.errors import ExportParityError
 from conceptseg_edge.fileio import atomic_path, sha256_file
 from conceptseg_edge.manifest import ParityReport, PartManifest
-from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, WEIGHT_STORAGES, PartSpec
+from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, PartSpec, weight_storage
 
 Feeds = Mapping[str, np.ndarray]
 Reference = Callable[[Feeds], Mapping[str, np.ndarray]]
@@ -61,7 +61,7 @@ def store_weights(path: Path, storage: str, min_elements: int = STORAGE_MIN_ELEM
     the storage dtype's finite range stays fp32. Returns how many initializers were converted;
     ``fp32`` is a no-op.
     """
-    declared = WEIGHT_STORAGES[storage]
+    declared = weight_storage(storage, f"weight storage '{storage}'")
     if declared.onnx_dtype == 1:
         return 0
     import onnx

@@ -45,9 +45,7 @@ class PartSpec:
 
     def with_storage(self, storage: str) -> PartSpec:
         """This spec with the tolerances of ``storage`` (a name in ``WEIGHT_STORAGES``)."""
-        if storage not in WEIGHT_STORAGES:
-            raise InputError(f"weight storage '{storage}': expected one of {', '.join(WEIGHT_STORAGES)}")
-        declared = WEIGHT_STORAGES[storage]
+        declared = weight_storage(storage, f"weight storage '{storage}'")
         floor = self.min_mask_iou
         if floor is not None and declared.mask_iou_floor is not None:
             floor = min(floor, declared.mask_iou_floor)
@@ -119,6 +117,16 @@ WEIGHT_STORAGES: dict[str, WeightStorage] = {
     "fp32": WeightStorage("fp32", onnx_dtype=1, atol_scale=1.0, mask_iou_floor=None),
     "fp16": WeightStorage("fp16", onnx_dtype=10, atol_scale=10.0, mask_iou_floor=0.98),
 }
+
+
+def weight_storage(name: str, label: str) -> WeightStorage:
+    """The ``WEIGHT_STORAGES`` entry called ``name``; ``InputError`` under ``label`` (the flag or
+    field the caller read it from) when there is none."""
+    if name not in WEIGHT_STORAGES:
+        raise InputError(f"{label}: expected one of {', '.join(WEIGHT_STORAGES)}")
+    return WEIGHT_STORAGES[name]
+
+
 # Initializers below this many elements (biases, norms, scales, shape constants) stay fp32: they
 # are a few percent of the bytes and some feed shape arithmetic.
 STORAGE_MIN_ELEMENTS = 1024

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import staged_dir
 from conceptseg_edge.manifest import (
     MANIFEST_NAME,
@@ -24,7 +23,7 @@ from conceptseg_edge.manifest import (
     write_manifest,
 )
 from conceptseg_edge.export.onnx_export import export_and_validate
-from conceptseg_edge.export.parts import WEIGHT_STORAGES, sam2_decoder_spec, sam2_encoder_spec
+from conceptseg_edge.export.parts import sam2_decoder_spec, sam2_encoder_spec, weight_storage
 
 REFERENCE_NAME = "sam2 package modules, torch eager (forward_image / _embed_points / predict_masks)"
 
@@ -40,8 +39,7 @@ class SAM2ExportConfig:
     weight_storage: str = "fp32"  # a name in parts.WEIGHT_STORAGES: how the graphs store large weights
 
     def __post_init__(self) -> None:
-        if self.weight_storage not in WEIGHT_STORAGES:
-            raise InputError(f"--weight-storage {self.weight_storage}: expected one of {', '.join(WEIGHT_STORAGES)}")
+        weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
 
 
 def random_init_banner(model: str) -> str:
