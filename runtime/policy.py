@@ -325,6 +325,16 @@ class PrefillState:
         return int(self.input_ids.shape[0])
 
 
+def decoder_feeds(embeds: np.ndarray, positions: np.ndarray, total: int) -> dict[str, np.ndarray]:
+    """The decoder's non-cache inputs: (1, S, d) embeddings, their (3, S) M-RoPE positions and an
+    all-ones mask over the ``total`` positions cached plus fed (batch of one, no padding)."""
+    return {
+        "inputs_embeds": embeds,
+        "position_ids": positions.reshape(3, 1, -1),
+        "attention_mask": np.ones((1, total), np.int64),
+    }
+
+
 class _CachedDecoder:
     """One sequence's decoding steps over the KV-cache decoder, the cache carried between steps.
 
@@ -345,11 +355,7 @@ class _CachedDecoder:
 
     def step(self, embeds: np.ndarray, position: int, total: int) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token's (1, 1, d) embedding; return its (V,) logits and (d,) post-norm state."""
-        feeds = {
-            "inputs_embeds": embeds,
-            "position_ids": np.full((3, 1, 1), position, np.int64),
-            "attention_mask": np.ones((1, total), np.int64),
-        }
+        feeds = decoder_feeds(embeds, np.full((3, 1), position, np.int64), total)
         if self._binding is None:
             out = self._decoder.run({**feeds, **self._cache})
             self._cache = {past: out[present] for past, present in self._pairs}
@@ -460,17 +466,6 @@ class OnnxPolicy:
             )
         return np.repeat(ids, counts)
 
-    def _run_decoder(
-        self, embeds: np.ndarray, positions: np.ndarray, total: int, cache: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        feeds = {
-            "inputs_embeds": embeds,
-            "position_ids": positions.reshape(3, 1, -1),
-            "attention_mask": np.ones((1, total), np.int64),
-            **cache,
-        }
-        return self.decoder.run(feeds)
-
     # ------------------------------------------------------------------ public API
 
     def prefill(
@@ -513,7 +508,7 @@ class OnnxPolicy:
         positions, next_position = mrope_position_ids(
             ids, self.tokenizer.image_token_id, grids, self.image_config.merge_size
         )
-        out = self._run_decoder(embeds, positions, len(ids), self._empty_cache)
+        out = self.decoder.run({**decoder_feeds(embeds, positions, len(ids)), **self._empty_cache})
         logits = out["logits"][0]
         timings["policy_prefill"] = _ms(t2)
         return PrefillState(
