@@ -190,11 +190,13 @@ def _distinct_ports(n: int, host: str) -> list[int]:
     ports: list[int] = []
     for _ in range(20 * n):
         if len(ports) == n:
-            return ports
+            break
         p = free_port(host)
         if p not in ports:
             ports.append(p)
-    raise ServerStartError(f"could not draw {n} distinct free ports on {host}")
+    if len(ports) < n:
+        raise ServerStartError(f"could not draw {n} distinct free ports on {host}")
+    return ports
 
 
 def _check_port(port: int | None, flag: str) -> None:
