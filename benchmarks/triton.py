@@ -226,7 +226,7 @@ def bench_triton(
     sides run the same graphs. Returns a JSON-ready report (see ``render_triton_table``).
     """
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
-    from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.serve.client import TritonSegClient
 
     cfg = cfg or TritonBenchConfig(concurrency=tuple(concurrency), runs=runs, warmup=warmup)
     manifest = load_bundle(bundle)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conceptseg_edge.cli import main
 from conceptseg_edge.data.world import ConceptWorld
-from conceptseg_edge.demo import LEVELS, DemoConfig, pick_samples, run_demo
+from conceptseg_edge.cli.demo import LEVELS, DemoConfig, pick_samples, run_demo
 from conceptseg_edge.errors import InputError
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_demo_refuses_a_sam2_only_bundle_and_bad_counts(tiny_bundle, concept_bun
 def test_the_embedded_default_is_small_verified_and_segments(tmp_path):
     """The committed ConceptSeg-Tiny bundle: every hash verifies, it stays a few MB, it serves all
     three routes, and its masks beat the whole-image baseline on the demo samples by a wide margin."""
-    from conceptseg_edge.demo import DEFAULT_BUNDLE
+    from conceptseg_edge.cli.demo import DEFAULT_BUNDLE
     from conceptseg_edge.manifest import load_bundle
     from conceptseg_edge.metrics import iou
 

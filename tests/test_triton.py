@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not is_available("tritonclient.grpc"), reason="t
 
 
 def _server_available() -> bool:
-    from conceptseg_edge.triton.server import ServerStartError, find_tritonserver
+    from conceptseg_edge.serve.server import ServerStartError, find_tritonserver
 
     try:
         find_tritonserver()
@@ -74,7 +74,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def py_repo(tiny_bundle, tmp_path_factory) -> Path:
-    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
 
     out = tmp_path_factory.mktemp("triton") / "repo"
     build_repository(tiny_bundle, out, RepositoryConfig(flavor="python", instances=1))
@@ -84,7 +84,7 @@ def py_repo(tiny_bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(py_repo, tmp_path_factory, request):
     """The session's server; the finalizer is registered before start, so a failed start is cleaned up too."""
-    from conceptseg_edge.triton.server import TritonServer
+    from conceptseg_edge.serve.server import TritonServer
 
     srv = TritonServer(py_repo, log_path=tmp_path_factory.mktemp("triton-log") / "server.log", startup_timeout=300)
     request.addfinalizer(srv.stop)
@@ -101,7 +101,7 @@ def segmenter(tiny_bundle):
 
 @pytest.fixture(params=["http", "grpc"])
 def client(server, request):
-    from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.serve.client import TritonSegClient
 
     url = server.http_url if request.param == "http" else server.grpc_url
     with TritonSegClient(url, timeout=120) as c:
@@ -120,9 +120,9 @@ def small_image() -> np.ndarray:
 
 
 def test_router_config_parses_with_tritons_protobuf():
-    from conceptseg_edge.triton.model_config import validate_pbtxt
-    from conceptseg_edge.triton.protocol import INPUT_NAMES, OUTPUT_NAMES
-    from conceptseg_edge.triton.repository import RepositoryConfig, router_model_config
+    from conceptseg_edge.serve.model_config import validate_pbtxt
+    from conceptseg_edge.serve.protocol import INPUT_NAMES, OUTPUT_NAMES
+    from conceptseg_edge.serve.repository import RepositoryConfig, router_model_config
 
     config = router_model_config(RepositoryConfig(instances=2), {"engines": "local", "bundle": "bundle"})
     message = validate_pbtxt(config.to_pbtxt(), expected=config)
@@ -154,14 +154,14 @@ def test_router_config_parses_with_tritons_protobuf():
     ids=["batching-without-batch", "duplicate", "backend-and-platform", "preferred-too-big", "zero-dim", "dtype", "in-out-clash"],
 )
 def test_invalid_configs_are_refused(build, match):
-    from conceptseg_edge.triton.model_config import DynamicBatching, ModelConfig, ModelConfigError, TensorConfig
+    from conceptseg_edge.serve.model_config import DynamicBatching, ModelConfig, ModelConfigError, TensorConfig
 
     with pytest.raises(ModelConfigError, match=match):
         build(ModelConfig, TensorConfig, DynamicBatching)
 
 
 def test_protobuf_rejects_bad_text_and_a_different_parse_is_caught():
-    from conceptseg_edge.triton.model_config import ModelConfig, ModelConfigError, TensorConfig, validate_pbtxt
+    from conceptseg_edge.serve.model_config import ModelConfig, ModelConfigError, TensorConfig, validate_pbtxt
 
     with pytest.raises(ModelConfigError, match="protobuf rejects"):
         validate_pbtxt('name: "m"\nbogus_field: 3\n')
@@ -177,7 +177,7 @@ def _part(name: str, inputs, outputs) -> PartManifest:
 
 
 def test_shared_batch_axis_gets_dynamic_batching():
-    from conceptseg_edge.triton.repository import batch_axis, graph_model_config
+    from conceptseg_edge.serve.repository import batch_axis, graph_model_config
 
     ctm = _part("ctm", [("hidden_states", "float32", ("batch", "seq", 128))], [("concept_tokens", "float32", ("batch", 8, 256))])
     config = graph_model_config(ctm, max_batch=8, device="gpu", instances=1)
@@ -195,8 +195,8 @@ def test_shared_batch_axis_gets_dynamic_batching():
 
 def test_native_repository_follows_the_manifest(tiny_bundle, tmp_path):
     from conceptseg_edge.fileio import sha256_file
-    from conceptseg_edge.triton.model_config import TRITON_TYPES, read_config
-    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.model_config import TRITON_TYPES, read_config
+    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
 
     repo = build_repository(tiny_bundle, tmp_path / "native", RepositoryConfig(flavor="native"))
     manifest = load_bundle(tiny_bundle)
@@ -223,7 +223,7 @@ def _enum(name: str) -> int:
 
 
 def test_build_is_atomic_and_refuses_foreign_directories(tiny_bundle, tmp_path):
-    from conceptseg_edge.triton.repository import REPOSITORY_MANIFEST, RepositoryConfig, build_repository
+    from conceptseg_edge.serve.repository import REPOSITORY_MANIFEST, RepositoryConfig, build_repository
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -244,14 +244,14 @@ def test_served_code_is_torch_free(py_repo):
     model_py = (py_repo / "conceptseg" / "1" / "model.py").read_text()
     imports = [line for line in model_py.splitlines() if line.lstrip().startswith(("import ", "from "))]
     assert imports and not [line for line in imports if "torch" in line]
-    code = ("import sys; import conceptseg_edge.triton.serving, conceptseg_edge.triton.protocol, "
+    code = ("import sys; import conceptseg_edge.serve.serving, conceptseg_edge.serve.protocol, "
             "conceptseg_edge.runtime.segmenter; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_request_limits_are_checked_before_decoding():
-    from conceptseg_edge.triton.protocol import ServeLimits, parse_request
+    from conceptseg_edge.serve.protocol import ServeLimits, parse_request
 
     limits = ServeLimits(max_image_pixels=10_000)
     bomb = {"IMAGE_BYTES": np.array([png_header_claiming(100_000, 100_000)], dtype=object), "POINTS": np.zeros((1, 2), np.float32)}
@@ -266,7 +266,7 @@ def test_request_limits_are_checked_before_decoding():
 
 @needs_server
 def test_server_is_ready_and_serves_the_generated_config(server, client):
-    from conceptseg_edge.triton.protocol import INPUT_NAMES
+    from conceptseg_edge.serve.protocol import INPUT_NAMES
 
     assert server.running and server.host == "127.0.0.1"
     assert client.is_ready()
@@ -285,7 +285,7 @@ CASES = [
 @needs_server
 @pytest.mark.parametrize("protocol, payload, prompt", CASES, ids=["http-raw-click", "grpc-raw-box", "http-png-fg+bg", "grpc-png-box+click"])
 def test_prompt_route_masks_equal_the_in_process_runtime(server, segmenter, sample_image, protocol, payload, prompt):
-    from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.serve.client import TritonSegClient
 
     expected = segmenter.segment(sample_image, **prompt)
     image = sample_image if payload == "raw" else png_bytes(sample_image)
@@ -343,7 +343,7 @@ BAD_REQUESTS = {
 @needs_server
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_requests_get_a_client_error_and_the_server_stays_ready(server, client, name):
-    from conceptseg_edge.triton.client import TritonRequestError
+    from conceptseg_edge.serve.client import TritonRequestError
 
     feeds, match = BAD_REQUESTS[name]
     with pytest.raises(TritonRequestError, match=match) as info:
@@ -374,7 +374,7 @@ def test_triton_itself_refuses_malformed_tensors(server, tensors, match):
 @needs_server
 def test_bounded_concurrent_load_has_no_errors(server, segmenter, small_image):
     """8 clients (4 HTTP, 4 gRPC) × 50 requests on one image: the encoder is cached after the first."""
-    from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.serve.client import TritonSegClient
 
     point = [[60.0, 35.0]]
     expected = segmenter.segment(small_image, points=point).mask
@@ -425,9 +425,9 @@ def test_client_cli_writes_the_mask(server, segmenter, sample_image, tmp_path):
 def test_native_flavor_bls_router_matches_the_runtime(tiny_bundle, segmenter, sample_image, tmp_path):
     """The native layout end to end: graphs as their own models (ORT under the python backend here, since
     the wheel has no onnxruntime backend), the router calling them through BLS."""
-    from conceptseg_edge.triton.client import TritonRequestError, TritonSegClient
-    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
-    from conceptseg_edge.triton.server import TritonServer
+    from conceptseg_edge.serve.client import TritonRequestError, TritonSegClient
+    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.server import TritonServer
 
     build_repository(tiny_bundle, tmp_path / "native", RepositoryConfig(flavor="native", device="cpu", graph_backend="python"))
     prompt = {"box": [110, 190, 290, 370]}
@@ -448,7 +448,7 @@ def test_native_flavor_bls_router_matches_the_runtime(tiny_bundle, segmenter, sa
 
 @needs_server
 def test_serve_cli_runs_until_sigterm(py_repo, tmp_path):
-    from conceptseg_edge.triton.server import free_port
+    from conceptseg_edge.serve.server import free_port
 
     ports: list[int] = []
     for _ in range(50):
@@ -474,7 +474,7 @@ def test_serve_cli_runs_until_sigterm(py_repo, tmp_path):
         described = json.loads("".join(lines))
         server_pid = described["pid"]
         assert described["http"] == f"http://127.0.0.1:{http}"
-        from conceptseg_edge.triton.client import TritonSegClient
+        from conceptseg_edge.serve.client import TritonSegClient
 
         with TritonSegClient(described["grpc"]) as c:
             assert c.is_ready()
@@ -510,9 +510,9 @@ def test_concept_routes_through_triton_equal_the_runtime(concept_bundle, tmp_pat
     """Shortcut, reason, and reason with a support image; native = every graph (policy and CTM too) a BLS call."""
     from conceptseg_edge.data.world import ConceptWorld
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
-    from conceptseg_edge.triton.client import TritonSegClient
-    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
-    from conceptseg_edge.triton.server import TritonServer
+    from conceptseg_edge.serve.client import TritonSegClient
+    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.server import TritonServer
 
     cfg = RepositoryConfig(flavor=flavor, device="cpu", graph_backend="python", max_new_tokens=CONCEPT_MAX_NEW_TOKENS)
     build_repository(concept_bundle, tmp_path / "repo", cfg)

@@ -65,8 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from conceptseg_edge.triton.protocol import ServeLimits
-    from conceptseg_edge.triton.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.protocol import ServeLimits
+    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
 
     limits = ServeLimits() if args.max_image_pixels is None else ServeLimits(max_image_pixels=args.max_image_pixels)
     cfg = RepositoryConfig(
@@ -88,7 +88,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from conceptseg_edge.triton.server import serve_forever
+    from conceptseg_edge.serve.server import serve_forever
 
     return serve_forever(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                          metrics_port=args.metrics_port, host=args.host, binary=args.tritonserver,
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.preprocess import load_image
-    from conceptseg_edge.triton.client import TritonSegClient
+    from conceptseg_edge.serve.client import TritonSegClient
     from conceptseg_edge.cli.segment import mask_report
     from conceptseg_edge.visualize import save_png
 

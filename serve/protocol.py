@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.triton.model_config import TensorConfig
+from conceptseg_edge.serve.model_config import TensorConfig
 
 MODEL_NAME = "conceptseg"
 ROUTE_CHOICES = ("auto", "prompt", "shortcut", "reason")

@@ -4,7 +4,7 @@ The generated ``model.py`` files are a few lines of glue (``pb_utils`` tensors â
 logic is here so it is importable, typed and testable without a server:
 
 - ``ServedModel``: the runtime (router + routes) behind the request contract of
-  ``conceptseg_edge.triton.protocol``. With ``engines="local"`` (the *python* flavor) the encoder
+  ``conceptseg_edge.serve.protocol``. With ``engines="local"`` (the *python* flavor) the encoder
   and decoder are ONNX Runtime sessions in the model's own process; with ``engines="bls"`` (the
   *native* flavor) each graph call is a BLS request to the graph's own Triton model
   (``onnxruntime_onnx`` / ``tensorrt_plan``), through ``BlsEngine``, which implements the runtime's
@@ -28,7 +28,7 @@ import numpy as np
 
 from conceptseg_edge.errors import ConceptsegError, InputError, RouteUnavailableError
 from conceptseg_edge.manifest import PartManifest, TensorSpec
-from conceptseg_edge.triton.protocol import ServeLimits, encode_result, parse_request, timings_array
+from conceptseg_edge.serve.protocol import ServeLimits, encode_result, parse_request, timings_array
 
 ENGINE_MODES = ("local", "bls")
 WARMUP_HW = (64, 96)

@@ -16,15 +16,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ModelConfig": "conceptseg_edge.triton.model_config",
-    "TensorConfig": "conceptseg_edge.triton.model_config",
-    "RepositoryConfig": "conceptseg_edge.triton.repository",
-    "RepositoryManifest": "conceptseg_edge.triton.repository",
-    "build_repository": "conceptseg_edge.triton.repository",
-    "TritonServer": "conceptseg_edge.triton.server",
-    "find_tritonserver": "conceptseg_edge.triton.server",
-    "TritonSegClient": "conceptseg_edge.triton.client",
-    "ServedResult": "conceptseg_edge.triton.protocol",
+    "ModelConfig": "conceptseg_edge.serve.model_config",
+    "TensorConfig": "conceptseg_edge.serve.model_config",
+    "RepositoryConfig": "conceptseg_edge.serve.repository",
+    "RepositoryManifest": "conceptseg_edge.serve.repository",
+    "build_repository": "conceptseg_edge.serve.repository",
+    "TritonServer": "conceptseg_edge.serve.server",
+    "find_tritonserver": "conceptseg_edge.serve.server",
+    "TritonSegClient": "conceptseg_edge.serve.client",
+    "ServedResult": "conceptseg_edge.serve.protocol",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -33,4 +33,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'conceptseg_edge.triton' has no attribute {name!r}")
+    raise AttributeError(f"module 'conceptseg_edge.serve' has no attribute {name!r}")

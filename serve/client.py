@@ -18,8 +18,8 @@ import numpy as np
 
 from conceptseg_edge._compat import require
 from conceptseg_edge.errors import ConceptsegError, InputError
-from conceptseg_edge.triton.model_config import WIRE_TYPES
-from conceptseg_edge.triton.protocol import INPUTS, MODEL_NAME, OUTPUT_NAMES, ServedResult, decode_response, request_arrays
+from conceptseg_edge.serve.model_config import WIRE_TYPES
+from conceptseg_edge.serve.protocol import INPUTS, MODEL_NAME, OUTPUT_NAMES, ServedResult, decode_response, request_arrays
 
 PROTOCOLS = ("http", "grpc")
 _CLIENT_STATUSES = {"400", "404", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"}
