@@ -10,13 +10,17 @@ import math
 import re
 from collections.abc import Set
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from conceptseg_edge.errors import InputError, RouteUnavailableError
 
 # prompt: SAM2 on the user's points/box. shortcut: SAM2 on the bare concept, kept when its object
 # score passes tau(n). reason: the policy, the translator (CTM), then SAM2.
-ROUTES = ("prompt", "shortcut", "reason")
+Route = Literal["prompt", "shortcut", "reason"]
+ROUTES: tuple[Route, ...] = get_args(Route)
+#: What a caller may ask for (``--route``, ``route=``): a route by name, or ``auto`` (the router decides).
+AUTO = "auto"
+ROUTE_CHOICES: tuple[str, ...] = (AUTO, *ROUTES)
 
 _PARENTHESES = re.compile(r"\([^()]*\)")
 

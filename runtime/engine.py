@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,11 +25,14 @@ if TYPE_CHECKING:
     from onnxruntime import OrtValue
 
 # Provider names users type → ONNX Runtime execution providers, in fallback order.
-PROVIDERS: dict[str, tuple[str, ...]] = {
+Provider = Literal["cpu", "cuda", "tensorrt"]
+PROVIDERS: dict[Provider, tuple[str, ...]] = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
+#: The names ``--provider`` accepts, in the order help lists them.
+PROVIDER_NAMES: tuple[Provider, ...] = tuple(PROVIDERS)
 
 _ORT_TYPES = {
     "tensor(float)": "float32",

@@ -23,6 +23,7 @@ import numpy as np
 
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.runtime.engine import PROVIDER_NAMES
 
 #: The committed ConceptSeg-Tiny bundle (``conceptseg-edge train tiny-default`` writes it).
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "conceptseg_tiny"
@@ -192,7 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="out/demo", help="writes demo.json and grid.png here")
     parser.add_argument("--per-level", type=int, default=3, help="samples per concept level (CI, CD, CR)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per sample; the median is reported")
-    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
     parser.set_defaults(func=_demo)
 
 

@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from conceptseg_edge.router import AUTO, ROUTE_CHOICES
+from conceptseg_edge.runtime.engine import PROVIDER_NAMES
+
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
     try:
@@ -51,10 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--concept", default=None, help="concept phrase or question (shortcut / reason routes)")
     parser.add_argument("--support", type=support_arg, action="append", default=[], metavar="IMG:MASK",
                         help="support image with its mask (up to 4), shown to the policy as a mosaic")
-    parser.add_argument("--route", default="auto", help="auto (router decides), prompt, shortcut or reason")
+    parser.add_argument("--route", default=AUTO, choices=ROUTE_CHOICES,
+                        help="auto (router decides), prompt, shortcut or reason")
     parser.add_argument("--out", required=True, help="mask PNG (0/255)")
     parser.add_argument("--overlay", default=None, help="also write the mask tinted over the image")
-    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
     parser.add_argument("--bank", default=None, help=f"concept bank directory (default {default_bank_dir()})")
     parser.add_argument("--no-bank", action="store_true", help="do not read or write the concept bank")
     parser.add_argument("--json", action="store_true", help="print route, scores and per-stage ms as JSON")
