@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,30 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def verify_hashes(
+    root: str | os.PathLike[str],
+    expected: Mapping[str, str],
+    listed_in: str,
+    error: Callable[[str], Exception],
+    remedy: str,
+) -> None:
+    """Re-hash every file ``expected`` lists (paths relative to ``root`` → sha256); raise
+    ``error`` naming the first one that is missing or changed.
+
+    The one integrity check for everything written with a hash list (bundles, checkpoints):
+    ``listed_in`` says where the list lives ("the manifest", "config.json"), ``remedy`` what to do
+    about a changed file.
+    """
+    root = Path(root)
+    for rel, digest in expected.items():
+        path = root / rel
+        if not path.is_file():
+            raise error(f"{path}: listed in {listed_in} but missing")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise error(f"{path}: sha256 mismatch ({listed_in}: {digest[:12]}…, file: {actual[:12]}…): {remedy}")
 
 
 @contextlib.contextmanager

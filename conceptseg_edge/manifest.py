@@ -2,8 +2,10 @@
 
 A bundle is a directory holding ``manifest.json`` and the files it lists. The manifest records, per
 part, its file and sha256, its inputs and outputs (names, dtypes, shapes with symbolic dims),
-precision and opset, and the parity measured at export; for the bundle, the source checkpoint and its
-hash, the image size and preprocessing constants, the router settings, and tool versions.
+precision and opset, and the parity measured at export (``ParityReport`` for graphs held to an fp32
+tolerance, ``QuantizedParity`` for quantized ones); for the bundle, the source checkpoint and its
+hash, the image size and preprocessing constants, the router settings (``RouterConfig``), and tool
+versions.
 
 Reading is strict: an unknown key, a missing key, or another schema version is a ``ManifestError``
 that names the field; ``load_bundle`` also re-hashes every file and names the one that changed.
@@ -13,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from conceptseg_edge.errors import ManifestError
-from conceptseg_edge.fileio import sha256_file, write_json
+from conceptseg_edge.fileio import verify_hashes, write_json
+from conceptseg_edge.router import RouterConfig
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -81,6 +85,73 @@ class ParityReport:
         return cls(**_check_keys(data, cls, where))
 
 
+# Manifests written before ``QuantizedParity`` kept a quantized decoder's measures in its
+# ``ParityReport`` as distances (1 - measure) under these keys, the slot counts in the reference text.
+_LEGACY_DISTANCES = {
+    "greedy_token_agreement": "greedy_token_disagreement",
+    "decisive_token_agreement": "decisive_token_disagreement",
+    "hidden_cosine": "hidden_cosine_distance",
+}
+_LEGACY_SLOTS = re.compile(r"(\d+) slots \((\d+) decisive\)")
+
+
+@dataclass(frozen=True)
+class QuantizedParity:
+    """A quantized graph's agreement with the fp32 torch model, measured on its behaviour.
+
+    A quantized graph cannot meet an fp32 ``atol``, so it is compared on torch's greedy completions,
+    teacher-forced through the runtime: the fraction of completion tokens where the runtime's top-1
+    equals torch's (over all ``tokens``, and over the ``decisive_tokens`` where torch's top-1 leads
+    the runner-up clearly), and the mean cosine of the hidden states the CTM consumes. ``floors``
+    holds the minimum the export required of each measure (keyed like ``measures()``).
+    """
+
+    reference: str
+    precision: str
+    tokens: int
+    decisive_tokens: int
+    greedy_token_agreement: float
+    decisive_token_agreement: float
+    hidden_cosine: float
+    floors: dict[str, float]
+    passed: bool
+
+    def measures(self) -> dict[str, float]:
+        return {
+            "greedy_token_agreement": self.greedy_token_agreement,
+            "decisive_token_agreement": self.decisive_token_agreement,
+            "hidden_cosine": self.hidden_cosine,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> QuantizedParity:
+        return cls(**_check_keys(data, cls, where))
+
+    @classmethod
+    def from_legacy(cls, report: ParityReport, precision: str, where: str) -> QuantizedParity:
+        """The measures an older manifest stored as ``ParityReport`` distances."""
+        slots = _LEGACY_SLOTS.search(report.reference)
+        if slots is None:
+            raise ManifestError(f"{where}.reference: no '<n> slots (<m> decisive)' in {report.reference!r}")
+        measured = {k: 1.0 - report.max_abs_diff[d] for k, d in _LEGACY_DISTANCES.items()}
+        return cls(
+            reference=report.reference,
+            precision=precision,
+            tokens=int(slots.group(1)),
+            decisive_tokens=int(slots.group(2)),
+            floors={k: 1.0 - report.atol[d] for k, d in _LEGACY_DISTANCES.items()},
+            passed=report.passed,
+            **measured,
+        )
+
+    @staticmethod
+    def is_legacy(report: ParityReport) -> bool:
+        return set(report.max_abs_diff) == set(_LEGACY_DISTANCES.values())
+
+
 @dataclass(frozen=True)
 class PartManifest:
     """One exported graph (or engine) inside the bundle."""
@@ -93,10 +164,11 @@ class PartManifest:
     opset: int | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    parity: ParityReport | None = None
+    parity: ParityReport | None = None  # graphs held to an fp32 tolerance
     # How large float weights sit in the file: "fp16" = stored half precision, cast to fp32 in the
     # graph (folded by ONNX Runtime at load). Manifests written before this field read as "fp32".
     weight_storage: str = "fp32"
+    quantized_parity: QuantizedParity | None = None  # quantized graphs (precision int8 / int4)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,11 +182,19 @@ class PartManifest:
             "outputs": [t.to_dict() for t in self.outputs],
             "parity": self.parity.to_dict() if self.parity else None,
             "weight_storage": self.weight_storage,
+            "quantized_parity": self.quantized_parity.to_dict() if self.quantized_parity else None,
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> PartManifest:
         data = _check_keys(data, cls, where)
+        parity = ParityReport.from_dict(data["parity"], f"{where}.parity") if data.get("parity") else None
+        quantized = (
+            QuantizedParity.from_dict(data["quantized_parity"], f"{where}.quantized_parity")
+            if data.get("quantized_parity") else None
+        )
+        if parity is not None and QuantizedParity.is_legacy(parity):
+            quantized, parity = QuantizedParity.from_legacy(parity, str(data["precision"]), f"{where}.parity"), None
         return cls(
             name=str(data["name"]),
             file=str(data["file"]),
@@ -124,8 +204,9 @@ class PartManifest:
             opset=data["opset"],
             inputs=tuple(TensorSpec.from_dict(t, f"{where}.inputs[{i}]") for i, t in enumerate(data["inputs"])),
             outputs=tuple(TensorSpec.from_dict(t, f"{where}.outputs[{i}]") for i, t in enumerate(data["outputs"])),
-            parity=ParityReport.from_dict(data["parity"], f"{where}.parity") if data.get("parity") else None,
+            parity=parity,
             weight_storage=str(data.get("weight_storage", "fp32")),
+            quantized_parity=quantized,
         )
 
 
@@ -202,7 +283,7 @@ class BundleManifest:
     preprocessing: Preprocessing
     parts: dict[str, PartManifest]
     routes: tuple[str, ...] = ("prompt",)
-    router: dict[str, Any] = field(default_factory=dict)
+    router: RouterConfig | None = None  # None: the bundle has no text routes (written as {})
     files: dict[str, str] = field(default_factory=dict)  # extra files (tokenizer, ...) → sha256
     route_parity: dict[str, dict[str, Any]] = field(default_factory=dict)  # route → runtime vs torch pipeline
     versions: dict[str, str] = field(default_factory=dict)
@@ -222,7 +303,7 @@ class BundleManifest:
             "source": self.source.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "routes": list(self.routes),
-            "router": self.router,
+            "router": self.router.to_dict() if self.router is not None else {},
             "parts": {name: part.to_dict() for name, part in self.parts.items()},
             "files": self.files,
             "route_parity": self.route_parity,
@@ -246,7 +327,7 @@ class BundleManifest:
             source=SourceInfo.from_dict(data["source"], f"{where}.source"),
             preprocessing=Preprocessing.from_dict(data["preprocessing"], f"{where}.preprocessing"),
             routes=tuple(data.get("routes", ("prompt",))),
-            router=dict(data.get("router", {})),
+            router=_router(data.get("router"), f"{where}.router"),
             parts={name: PartManifest.from_dict(p, f"{where}.parts.{name}") for name, p in parts.items()},
             files=dict(data.get("files", {})),
             route_parity=dict(data.get("route_parity", {})),
@@ -255,6 +336,16 @@ class BundleManifest:
 
     def with_parts(self, **parts: PartManifest) -> BundleManifest:
         return dataclasses.replace(self, parts={**self.parts, **parts})
+
+
+def _router(data: Any, where: str) -> RouterConfig | None:
+    if not data:
+        return None
+    _check_keys(data, RouterConfig, where)
+    try:
+        return RouterConfig.from_dict(data)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
 
 
 def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> Path:
@@ -285,18 +376,8 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
 
 def verify_files(bundle_dir: str | Path, manifest: BundleManifest) -> None:
     """Re-hash every file the manifest lists; name the first that is missing or changed."""
-    bundle_dir = Path(bundle_dir)
     expected = {part.file: part.sha256 for part in manifest.parts.values()} | manifest.files
-    for rel, digest in expected.items():
-        path = bundle_dir / rel
-        if not path.is_file():
-            raise ManifestError(f"{path}: listed in the manifest but missing from the bundle")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise ManifestError(
-                f"{path}: sha256 mismatch (manifest {digest[:12]}…, file {actual[:12]}…): "
-                "the file changed after export; re-export the bundle"
-            )
+    verify_hashes(bundle_dir, expected, "the manifest", ManifestError, "the file changed after export; re-export the bundle")
 
 
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleManifest:

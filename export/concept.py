@@ -141,7 +141,7 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
             preprocessing=preprocessing,
             parts={**sam_parts, "ctm": ctm, **policy_parts},
             routes=("prompt", "shortcut", "reason"),
-            router=ckpt.router.to_dict(),
+            router=ckpt.router,
             files=files,
         )
         write_manifest(staging, manifest)

@@ -37,7 +37,7 @@ from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_
 from transformers.initialization import no_init_weights
 
 from conceptseg_edge.errors import CheckpointError, InputError
-from conceptseg_edge.fileio import sha256_file, write_json
+from conceptseg_edge.fileio import sha256_file, verify_hashes, write_json
 from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig, split_ctm_state_dict
 from conceptseg_edge.models.policy import ConceptSegProcessor, load_processor
 from conceptseg_edge.router import RouterConfig
@@ -158,7 +158,7 @@ def load_checkpoint(
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     config = _read_config(path)
-    _verify_files(path, config["files"])
+    verify_hashes(path, config["files"], CONFIG_NAME, CheckpointError, "the file changed after saving; re-save the checkpoint")
     ctm_cfg, policy_cfg, router, backbone = _parse_config(path, config)
 
     try:
@@ -209,16 +209,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or WEIGHTS_NAME not in files:
         raise CheckpointError(f"{config_path}: files must map names to sha256 and list {WEIGHTS_NAME}")
     return config
-
-
-def _verify_files(path: Path, files: dict[str, Any]) -> None:
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing (listed in {CONFIG_NAME})")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise CheckpointError(f"{file}: sha256 {actual} does not match {CONFIG_NAME} ({expected})")
 
 
 def _parse_config(

@@ -149,7 +149,7 @@ def test_missing_directory_and_files(copy: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")
     (copy / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+    with pytest.raises(CheckpointError, match="tokenizer.json: listed in config.json but missing"):
         load_checkpoint(copy)
     (copy / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json: missing"):

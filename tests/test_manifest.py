@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -91,3 +92,41 @@ def test_weight_storage_is_recorded_and_old_manifests_read_as_fp32(bundle_copy):
     half = old.with_parts(sam2_decoder=dataclasses.replace(old.part("sam2_decoder"), weight_storage="fp16"))
     again = BundleManifest.from_dict(half.to_dict())
     assert again.part("sam2_decoder").weight_storage == "fp16" and again.part("sam2_encoder").weight_storage == "fp32"
+
+
+def test_router_is_typed_and_written_as_before(bundle_copy):
+    from conceptseg_edge.router import RouterConfig
+
+    m = load_bundle(bundle_copy)
+    assert m.router is None and _raw(bundle_copy)["router"] == {}  # a prompt-only bundle
+    router = RouterConfig(base_tau=0.2, taus={1: 0.65, 3: 0.0})
+    again = BundleManifest.from_dict(json.loads(json.dumps(dataclasses.replace(m, router=router).to_dict())))
+    assert again.router == router
+    assert again.to_dict()["router"] == {"base_tau": 0.2, "growth": 2.0, "max_shortcut_words": 4, "taus": {"1": 0.65, "3": 0.0}}
+    raw = again.to_dict()
+    raw["router"]["surprise"] = 1
+    with pytest.raises(ManifestError, match=r"router: unknown key\(s\) \['surprise'\]"):
+        BundleManifest.from_dict(raw)
+
+
+def test_quantized_parity_round_trips_and_old_manifests_read_it():
+    """The committed ConceptSeg-Tiny bundle predates QuantizedParity: its INT8 decoder's measures
+    were distances in ``parity.max_abs_diff``; they read back as the typed record."""
+    from pathlib import Path
+
+    from conceptseg_edge.manifest import QuantizedParity
+
+    bundle = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
+    raw = _raw(bundle)["parts"]["policy_decoder"]
+    assert "greedy_token_disagreement" in raw["parity"]["max_abs_diff"] and "quantized_parity" not in raw
+    decoder = read_manifest(bundle).part("policy_decoder")
+    q = decoder.quantized_parity
+    assert decoder.parity is None and isinstance(q, QuantizedParity) and q.passed and q.precision == "int8"
+    assert (q.tokens, q.decisive_tokens) == (156, 122)
+    assert q.greedy_token_agreement == pytest.approx(1 - raw["parity"]["max_abs_diff"]["greedy_token_disagreement"])
+    assert q.floors == pytest.approx({"greedy_token_agreement": 0.0, "decisive_token_agreement": 0.9, "hidden_cosine": 0.9})
+    written = decoder.to_dict()
+    assert written["parity"] is None and written["quantized_parity"]["tokens"] == 156
+    from conceptseg_edge.manifest import PartManifest
+
+    assert PartManifest.from_dict(json.loads(json.dumps(written)), "decoder") == decoder
