@@ -18,6 +18,7 @@ import numpy as np
 
 from conceptseg_edge._compat import require
 from conceptseg_edge.errors import ConceptsegError, InputError
+from conceptseg_edge.router import AUTO
 from conceptseg_edge.serve.model_config import WIRE_TYPES
 from conceptseg_edge.serve.protocol import INPUTS, MODEL_NAME, OUTPUT_NAMES, ServedResult, decode_response, request_arrays
 
@@ -134,7 +135,7 @@ class TritonSegClient:
         labels: Sequence[int] | np.ndarray | None = None,
         box: Sequence[float] | np.ndarray | None = None,
         supports: Sequence[tuple[bytes, bytes | Sequence[float]]] = (),
-        route: str = "auto",
+        route: str = AUTO,
     ) -> ServedResult:
         """One request; ``image`` is (H, W, C) uint8 pixels or an encoded image's bytes.
 

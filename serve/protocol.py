@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.router import AUTO, ROUTE_CHOICES
 from conceptseg_edge.serve.model_config import TensorConfig
 
 MODEL_NAME = "conceptseg"
-ROUTE_CHOICES = ("auto", "prompt", "shortcut", "reason")
 
 INPUTS: tuple[TensorConfig, ...] = (
     TensorConfig("IMAGE", "uint8", (-1, -1, -1), optional=True),
@@ -82,24 +82,10 @@ class ServeLimits:
     max_supports: int = field(default=4, metadata={"help": "most support images per request"})
 
     def __post_init__(self) -> None:
-        for name in ("max_image_pixels", "max_encoded_bytes", "max_points", "max_query_chars", "max_supports"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InputError(f"ServeLimits.{name}: {value!r}, expected an int >= 1")
-
-    def to_parameters(self) -> dict[str, str]:
-        return {name: str(getattr(self, name)) for name in self.__dataclass_fields__}
-
-    @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> ServeLimits:
-        kwargs = {}
-        for name in cls.__dataclass_fields__:
-            if name in params:
-                try:
-                    kwargs[name] = int(params[name])
-                except ValueError:
-                    raise InputError(f"parameter {name}: {params[name]!r} is not an integer") from None
-        return cls(**kwargs)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"ServeLimits.{f.name}: {value!r}, expected an int >= 1")
 
 
 @dataclass
@@ -112,7 +98,7 @@ class SegmentRequest:
     labels: np.ndarray | None = None  # (N,) int32
     box: np.ndarray | None = None  # (4,) float32
     supports: list[Any] = field(default_factory=list)  # conceptseg_edge.episodes.Support
-    route: str = "auto"
+    route: str = AUTO
 
     def segment_kwargs(self) -> dict[str, Any]:
         return {
@@ -264,7 +250,7 @@ def parse_request(tensors: Mapping[str, np.ndarray], limits: ServeLimits = Serve
         raise InputError(f"unknown input(s) {unknown}; expected a subset of {list(INPUT_NAMES)}")
     image = _image(tensors, limits)
     query = _one_string(tensors, "QUERY", limits.max_query_chars)
-    route = _one_string(tensors, "FORCE_ROUTE", 32) or "auto"
+    route = _one_string(tensors, "FORCE_ROUTE", 32) or AUTO
     if route not in ROUTE_CHOICES:
         raise InputError(f"FORCE_ROUTE: {route!r}, expected one of {', '.join(ROUTE_CHOICES)}")
     points = _float_array(tensors, "POINTS", 2)
@@ -364,7 +350,7 @@ def request_arrays(
     labels: Sequence[int] | np.ndarray | None = None,
     box: Sequence[float] | np.ndarray | None = None,
     supports: Sequence[tuple[bytes, bytes | Sequence[float]]] = (),
-    route: str = "auto",
+    route: str = AUTO,
 ) -> dict[str, np.ndarray]:
     """Client-side: build the named input arrays for one request.
 
@@ -404,6 +390,6 @@ def request_arrays(
             feeds["SUPPORT_MASKS"] = np.array([bytes(m) for _, m in supports], dtype=object)
         else:
             feeds["SUPPORT_BOXES"] = np.asarray([list(b) for _, b in supports], dtype=np.float32).reshape(-1, 4)
-    if route != "auto":
+    if route != AUTO:
         feeds["FORCE_ROUTE"] = np.array([route.encode("utf-8")], dtype=object)
     return feeds

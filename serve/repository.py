@@ -29,11 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from conceptseg_edge.errors import InputError, ManifestError
 from conceptseg_edge.fileio import sha256_file, staged_dir, write_json, write_text
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, load_bundle, tool_versions
+from conceptseg_edge.runtime.engine import Provider
 from conceptseg_edge.serve.model_config import (
     TRITON_TYPES,
     DynamicBatching,
@@ -42,18 +44,25 @@ from conceptseg_edge.serve.model_config import (
     TensorConfig,
     validate_pbtxt,
 )
+from conceptseg_edge.serve.parameters import GraphParameters, RouterParameters
 from conceptseg_edge.serve.protocol import INPUTS, MODEL_NAME, OUTPUTS, ServeLimits
 
-FLAVORS = ("python", "native")
-DEVICES = ("cpu", "gpu")
-GRAPH_BACKENDS = ("onnxruntime", "python")
-BUNDLE_MODES = ("copy", "reference")
+Flavor = Literal["python", "native"]
+Device = Literal["cpu", "gpu"]
+GraphBackend = Literal["onnxruntime", "python"]
+BundleMode = Literal["copy", "reference"]
+# The names ``triton build`` accepts (its ``choices=``), in the order help lists them.
+FLAVORS: tuple[Flavor, ...] = get_args(Flavor)
+DEVICES: tuple[Device, ...] = get_args(Device)
+GRAPH_BACKENDS: tuple[GraphBackend, ...] = get_args(GraphBackend)
+BUNDLE_MODES: tuple[BundleMode, ...] = get_args(BundleMode)
 REPOSITORY_MANIFEST = "conceptseg_repository.json"
 REPOSITORY_SCHEMA_VERSION = 1
 DEFAULT_NATIVE_MAX_BATCH = 8
 VERSION = "1"
 
-_KIND = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+_KIND: dict[Device, str] = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+_PROVIDER: dict[Device, Provider] = {"cpu": "cpu", "gpu": "cuda"}  # the ONNX Runtime provider on each device
 _PLATFORM = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 # The python backend's model.py files. Both are glue only; the logic is conceptseg_edge.serve.serving.
@@ -120,7 +129,7 @@ from conceptseg_edge.serve.serving import GraphModel  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.model = GraphModel.from_parameters(_params(args), version_dir)
+        self.model = GraphModel.from_parameters(_params(args), version_dir, args["model_name"])
 
     def execute(self, requests):
         feeds = [{t.name(): t.as_numpy() for t in request.inputs()} for request in requests]
@@ -132,16 +141,16 @@ class TritonPythonModel:
 class RepositoryConfig:
     """Arguments of ``conceptseg-edge triton build``."""
 
-    flavor: str = field(default="python", metadata={"help": "python (runtime in one model) or native (graphs + BLS)"})
+    flavor: Flavor = field(default="python", metadata={"help": "python (runtime in one model) or native (graphs + BLS)"})
     max_batch: int | None = field(default=None, metadata={"help": "native: max_batch_size of batchable graphs (default 8)"})
     instances: int = field(default=1, metadata={"help": "instances per model (instance_group count)"})
-    device: str | None = field(default=None, metadata={"help": "cpu or gpu (default: python→cpu, native→gpu)"})
-    bundle_mode: str = field(default="copy", metadata={"help": "python flavor: copy the bundle in, or reference it"})
-    graph_backend: str = field(default="onnxruntime", metadata={"help": "native: onnxruntime (platform) or python (ORT in python backend)"})
+    device: Device | None = field(default=None, metadata={"help": "cpu or gpu (default: python→cpu, native→gpu)"})
+    bundle_mode: BundleMode = field(default="copy", metadata={"help": "python flavor: copy the bundle in, or reference it"})
+    graph_backend: GraphBackend = field(default="onnxruntime", metadata={"help": "native: onnxruntime (platform) or python (ORT in python backend)"})
     limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "per-request limits"})
     warmup: bool = field(default=True, metadata={"help": "run one request at load time"})
     bank_dir: str | None = field(default=None, metadata={"help": "concept bank directory (shortcut route)"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "reason route generation budget (default: the runtime's)"})
+    generation: GenerationConfig | None = field(default=None, metadata={"help": "reason route generation budget (default: the runtime's)"})
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVORS:
@@ -159,13 +168,11 @@ class RepositoryConfig:
             )
         if self.bundle_mode not in BUNDLE_MODES:
             raise InputError(f"bundle_mode {self.bundle_mode!r}: expected one of {BUNDLE_MODES}")
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise InputError(f"--max-new-tokens {self.max_new_tokens}: expected an int >= 1")
         if self.graph_backend not in GRAPH_BACKENDS:
             raise InputError(f"--graph-backend {self.graph_backend}: expected one of {', '.join(GRAPH_BACKENDS)}")
 
     @property
-    def resolved_device(self) -> str:
+    def resolved_device(self) -> Device:
         return self.device or ("cpu" if self.flavor == "python" else "gpu")
 
     @property
@@ -175,8 +182,10 @@ class RepositoryConfig:
         return DEFAULT_NATIVE_MAX_BATCH if self.max_batch is None else self.max_batch
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``config`` of ``conceptseg_repository.json``: the flags as given (``max_new_tokens`` flat)."""
         out = dataclasses.asdict(self)
-        out["limits"] = dataclasses.asdict(self.limits)
+        del out["generation"]
+        out["max_new_tokens"] = None if self.generation is None else self.generation.max_new_tokens
         return out
 
 
@@ -247,7 +256,7 @@ def _tensor(spec, batched: bool, where: str) -> TensorConfig:
 
 
 def graph_model_config(
-    part: PartManifest, max_batch: int, device: str, instances: int, graph_backend: str = "onnxruntime"
+    part: PartManifest, max_batch: int, device: Device, instances: int, graph_backend: GraphBackend = "onnxruntime"
 ) -> ModelConfig:
     """The ``config.pbtxt`` of one bundle part, derived from its ``PartManifest``.
 
@@ -270,18 +279,18 @@ def graph_model_config(
     if graph_backend == "python":
         if part.format != "onnx":
             raise InputError(f"--graph-backend python: part {part.name} is {part.format}, only onnx parts run under ORT")
-        params = {"graph_file": file_name, "provider": "cuda" if device == "gpu" else "cpu", "batched": "1" if batched else "0"}
+        params = GraphParameters(graph_file=file_name, provider=_PROVIDER[device], batched=batched)
         return ModelConfig(part.name, inputs, outputs, backend="python", max_batch_size=max_batch if batched else 0,
-                           instance_groups=group, dynamic_batching=dynamic, parameters=params)
+                           instance_groups=group, dynamic_batching=dynamic, parameters=params.to_parameters())
     return ModelConfig(part.name, inputs, outputs, platform=_PLATFORM[part.format], max_batch_size=max_batch if batched else 0,
                        instance_groups=group, dynamic_batching=dynamic, default_model_filename=file_name)
 
 
-def router_model_config(cfg: RepositoryConfig, parameters: Mapping[str, str]) -> ModelConfig:
+def router_model_config(cfg: RepositoryConfig, parameters: RouterParameters) -> ModelConfig:
     """``conceptseg``: the request contract of ``protocol`` on the python backend, one image per request."""
     kind = "KIND_CPU" if cfg.flavor == "native" else _KIND[cfg.resolved_device]
     return ModelConfig(MODEL_NAME, INPUTS, OUTPUTS, backend="python", max_batch_size=0,
-                       instance_groups=(InstanceGroup(cfg.instances, kind),), parameters=dict(parameters))
+                       instance_groups=(InstanceGroup(cfg.instances, kind),), parameters=parameters.to_parameters())
 
 
 # ---------------------------------------------------------------------------- writing
@@ -359,20 +368,18 @@ def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig 
     return read_repository(out)
 
 
-def _router_parameters(cfg: RepositoryConfig, engines: str, bundle_param: str, extra: Mapping[str, str] = ()) -> dict[str, str]:
-    params = {
-        "engines": engines,
-        "bundle": bundle_param,
-        "provider": "cuda" if cfg.resolved_device == "gpu" else "cpu",
-        "warmup": "1" if cfg.warmup and engines == "local" else "0",  # BLS cannot run in initialize()
-        **cfg.limits.to_parameters(),
-        **dict(extra),
-    }
-    if cfg.bank_dir:
-        params["bank_dir"] = str(Path(cfg.bank_dir).resolve())
-    if cfg.max_new_tokens:
-        params["max_new_tokens"] = str(cfg.max_new_tokens)
-    return params
+def router_parameters(cfg: RepositoryConfig, bundle: str, graph_models: Mapping[str, str] | None = None) -> RouterParameters:
+    """The ``conceptseg`` model's parameters: in-process engines, or BLS calls to ``graph_models``."""
+    return RouterParameters(
+        engines="local" if graph_models is None else "bls",
+        bundle=bundle,
+        provider=_PROVIDER[cfg.resolved_device],
+        warmup=cfg.warmup and graph_models is None,  # BLS calls are allowed only in execute(), not at load
+        bank_dir=str(Path(cfg.bank_dir).resolve()) if cfg.bank_dir else None,
+        generation=cfg.generation,
+        limits=cfg.limits,
+        graph_models=graph_models or {},
+    )
 
 
 def _build_python(bundle: Path, manifest: BundleManifest, staging: Path, cfg: RepositoryConfig, staged: _Staged) -> None:
@@ -385,7 +392,7 @@ def _build_python(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
     else:
         bundle_param = str(bundle)
     write_text(version_dir / "model.py", ROUTER_MODEL_PY)
-    config = router_model_config(cfg, _router_parameters(cfg, "local", bundle_param))
+    config = router_model_config(cfg, router_parameters(cfg, bundle_param))
     _write_config(model_dir, config)
     staged.models[MODEL_NAME] = {"role": "router + engines (python backend, ONNX Runtime in process)",
                                  "backend": "python", "max_batch_size": 0, "instances": cfg.instances}
@@ -417,7 +424,6 @@ def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
     version_dir.mkdir(parents=True)
     _copy_bundle(bundle, manifest, version_dir / "bundle", graphs=False)  # manifest + processor files only
     write_text(version_dir / "model.py", ROUTER_MODEL_PY)
-    params = _router_parameters(cfg, "bls", "bundle", {"graph_models": json.dumps(graph_models, sort_keys=True)})
-    _write_config(model_dir, router_model_config(cfg, params))
+    _write_config(model_dir, router_model_config(cfg, router_parameters(cfg, "bundle", graph_models)))
     staged.models[MODEL_NAME] = {"role": "router (BLS python model calling the graph models)",
                                  "backend": "python", "max_batch_size": 0, "instances": cfg.instances}

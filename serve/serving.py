@@ -7,8 +7,10 @@ logic is here so it is importable, typed and testable without a server:
   ``conceptseg_edge.serve.protocol``. With ``engines="local"`` (the *python* flavor) the encoder
   and decoder are ONNX Runtime sessions in the model's own process; with ``engines="bls"`` (the
   *native* flavor) each graph call is a BLS request to the graph's own Triton model
-  (``onnxruntime_onnx`` / ``tensorrt_plan``), through ``BlsEngine``, which implements the runtime's
-  ``Engine`` protocol so the predictor and router are the very same code.
+  (``onnxruntime_onnx`` / ``tensorrt_plan``): ``BlsEngineFactory`` is the runtime's
+  ``EngineFactory`` that hands ``ConceptSegmenter.from_bundle`` a ``BlsEngine`` per part, so the
+  segmenter, predictor and concept encoder are built and run by the very same code as in process.
+  Settings arrive as the typed ``RouterParameters`` of ``conceptseg_edge.serve.parameters``.
 - ``GraphModel``: one exported graph served by the python backend with ONNX Runtime, for servers
   that lack the onnxruntime backend (the ``nvidia-pytriton`` wheel); it batches what the dynamic
   batcher hands it when the shapes allow.
@@ -18,19 +20,22 @@ Nothing here imports torch; ``pb_utils`` is passed in, never imported, so the mo
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from conceptseg_edge.errors import ConceptsegError, InputError, RouteUnavailableError
-from conceptseg_edge.manifest import PartManifest, TensorSpec
+from conceptseg_edge.errors import ConceptsegError, InputError, ManifestError, RouteUnavailableError
+from conceptseg_edge.generation import GenerationConfig
+from conceptseg_edge.manifest import PartManifest, TensorSpec, read_manifest
+from conceptseg_edge.runtime.engine import EngineFactory, OrtEngine, check_feeds, open_engine
+from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+from conceptseg_edge.serve.parameters import GraphParameters, RouterParameters
 from conceptseg_edge.serve.protocol import ServeLimits, encode_result, parse_request, timings_array
 
-ENGINE_MODES = ("local", "bls")
 WARMUP_HW = (64, 96)
 
 
@@ -72,8 +77,6 @@ class BlsEngine:
         self._output_names = [t.name for t in part.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from conceptseg_edge.runtime.engine import check_feeds
-
         checked = check_feeds(self.name, self.inputs, feeds)
         pb = self._pb
         request = pb.InferenceRequest(
@@ -93,45 +96,60 @@ class BlsEngine:
         return out
 
 
+@dataclass(frozen=True)
+class BlsEngineFactory:
+    """The runtime's ``EngineFactory`` inside the native flavor's router: part → ``BlsEngine`` to its graph model.
+
+    ``graph_models`` maps bundle part names to the Triton models serving them (the router's
+    ``RouterParameters.graph_models``); ``provider`` is the graph models' business, not the router's.
+    """
+
+    pb_utils: Any
+    graph_models: Mapping[str, str]
+
+    def __call__(self, bundle_dir: Path, part: PartManifest, provider: str) -> BlsEngine:
+        model = self.graph_models.get(part.name)
+        if model is None:
+            raise ManifestError(f"graph_models: no Triton model serves part {part.name!r} (has {sorted(self.graph_models)})")
+        return BlsEngine(self.pb_utils, model, part)
+
+
 # ---------------------------------------------------------------------------- the conceptseg model
 
 
 class ServedModel:
     """The router model: one request in, one response (or one typed error) out."""
 
-    def __init__(self, segmenter: Any, limits: ServeLimits = ServeLimits()) -> None:
+    def __init__(self, segmenter: ConceptSegmenter, limits: ServeLimits = ServeLimits()) -> None:
         self.segmenter = segmenter
         self.limits = limits
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], version_dir: str | Path, pb_utils: Any = None) -> ServedModel:
-        """Build from the ``parameters`` of the generated ``config.pbtxt``.
+        """Build from the ``parameters`` of the generated ``config.pbtxt`` (``RouterParameters``).
 
-        ``bundle`` is relative to the version directory (a copied bundle) or absolute (a referenced
-        one); ``engines`` is ``local`` or ``bls`` (then ``pb_utils`` is required and ``graph_models``
-        maps part names to model names).
+        ``engines="local"`` opens the bundle's graphs with ONNX Runtime in this process and warms up
+        (unless told not to); ``engines="bls"`` needs ``pb_utils`` and builds every graph as a BLS call.
         """
-        mode = params.get("engines", "local")
-        if mode not in ENGINE_MODES:
-            raise InputError(f"parameter engines: {mode!r}, expected one of {ENGINE_MODES}")
-        bundle = Path(params.get("bundle", "bundle"))
-        if not bundle.is_absolute():
-            bundle = Path(version_dir) / bundle
-        limits = ServeLimits.from_parameters(params)
-        if mode == "local":
-            from conceptseg_edge.runtime.segmenter import ConceptSegmenter
-
-            bank = params.get("bank_dir") or None
-            segmenter = ConceptSegmenter.from_bundle(bundle, provider=params.get("provider", "cpu"), bank_dir=bank)
-        else:
+        parameters = RouterParameters.from_parameters(params)
+        bundle = parameters.bundle_dir(version_dir)
+        engine_factory: EngineFactory = open_engine
+        manifest = None  # local: from_bundle loads the bundle and verifies every file
+        if parameters.engines == "bls":
             if pb_utils is None:
                 raise InputError("engines=bls needs the python backend's pb_utils")
-            segmenter = _bls_segmenter(bundle, json.loads(params.get("graph_models", "{}")), pb_utils,
-                                       params.get("bank_dir") or None)
-        if params.get("max_new_tokens") and segmenter.concepts is not None:
-            segmenter.concepts.max_new_tokens = int(params["max_new_tokens"])
-        model = cls(segmenter, limits)
-        if mode == "local" and params.get("warmup", "1") == "1":  # BLS is only allowed inside execute()
+            engine_factory = BlsEngineFactory(pb_utils, parameters.graph_models)
+            manifest = read_manifest(bundle)  # the graph files live in their own models; hashes were checked at build
+        segmenter = ConceptSegmenter.from_bundle(
+            bundle,
+            provider=parameters.provider,
+            bank_dir=parameters.bank_dir,
+            generation=parameters.generation or GenerationConfig(),
+            engine_factory=engine_factory,
+            manifest=manifest,
+        )
+        model = cls(segmenter, parameters.limits)
+        if parameters.warmup:
             model.warmup()
         return model
 
@@ -163,39 +181,6 @@ class ServedModel:
             return None, classify_error(exc)
 
 
-def _bls_segmenter(bundle_dir: Path, graph_models: Mapping[str, str], pb_utils: Any, bank_dir: str | None = None):
-    """A ``ConceptSegmenter`` whose every graph (SAM2, CTM, policy) is a BLS call to its own model."""
-    from conceptseg_edge.manifest import read_manifest
-    from conceptseg_edge.router import RouterConfig
-    from conceptseg_edge.runtime.predictor import SAM2Predictor
-    from conceptseg_edge.runtime.segmenter import ConceptSegmenter
-
-    manifest = read_manifest(bundle_dir)  # graph files live in their own models; hashes were checked at build
-
-    def engine(name: str) -> BlsEngine:
-        return BlsEngine(pb_utils, graph_models.get(name, name), manifest.part(name))
-
-    predictor = SAM2Predictor(engine("sam2_encoder"), engine("sam2_decoder"), manifest.preprocessing)
-    router = RouterConfig.from_dict(manifest.router) if manifest.router else RouterConfig()
-    concepts = bank = None
-    if {"shortcut", "reason"} & set(manifest.routes):
-        from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
-        from conceptseg_edge.runtime.concept import OnnxConceptEncoder
-        from conceptseg_edge.runtime.policy import PROCESSOR_DIR, OnnxPolicy, PolicyImageConfig, PolicyTokenizer
-
-        processor = bundle_dir / PROCESSOR_DIR
-        policy = OnnxPolicy(
-            engine("policy_vision") if "policy_vision" in manifest.parts else None,
-            engine("policy_embed"),
-            engine("policy_decoder"),
-            PolicyTokenizer.from_dir(processor),
-            PolicyImageConfig.from_dir(processor),
-        )
-        concepts = OnnxConceptEncoder(policy, engine("ctm"))
-        bank = ConceptBank(bank_dir, bundle_key(manifest)) if bank_dir else None
-    return ConceptSegmenter(predictor, router, manifest.routes, concepts, bank)
-
-
 # ---------------------------------------------------------------------------- python-served graphs
 
 
@@ -207,11 +192,10 @@ class GraphModel:
         self.batched = batched
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str], version_dir: str | Path) -> GraphModel:
-        from conceptseg_edge.runtime.engine import OrtEngine
-
-        path = Path(version_dir) / params.get("graph_file", "model.onnx")
-        return cls(OrtEngine(path, params.get("provider", "cpu")), params.get("batched", "0") == "1")
+    def from_parameters(cls, params: Mapping[str, str], version_dir: str | Path, model: str = "graph") -> GraphModel:
+        """Build from the ``parameters`` of the generated ``config.pbtxt`` (``GraphParameters``)."""
+        parameters = GraphParameters.from_parameters(params, model)
+        return cls(OrtEngine(Path(version_dir) / parameters.graph_file, parameters.provider), parameters.batched)
 
     def run_many(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray] | None, tuple[str, str] | None]]:
         """Run each request (one concatenated batch when every input's trailing shape agrees)."""

@@ -122,9 +122,10 @@ def small_image() -> np.ndarray:
 def test_router_config_parses_with_tritons_protobuf():
     from conceptseg_edge.serve.model_config import validate_pbtxt
     from conceptseg_edge.serve.protocol import INPUT_NAMES, OUTPUT_NAMES
-    from conceptseg_edge.serve.repository import RepositoryConfig, router_model_config
+    from conceptseg_edge.serve.repository import RepositoryConfig, router_model_config, router_parameters
 
-    config = router_model_config(RepositoryConfig(instances=2), {"engines": "local", "bundle": "bundle"})
+    cfg = RepositoryConfig(instances=2)
+    config = router_model_config(cfg, router_parameters(cfg, "bundle"))
     message = validate_pbtxt(config.to_pbtxt(), expected=config)
     assert message.backend == "python" and message.max_batch_size == 0
     assert [i.name for i in message.input] == list(INPUT_NAMES) and all(i.optional for i in message.input)
@@ -133,6 +134,72 @@ def test_router_config_parses_with_tritons_protobuf():
     assert config.to_pbtxt() == config.to_pbtxt()  # deterministic
     as_json = config.to_dict()
     assert as_json["parameters"]["engines"]["string_value"] == "local"
+
+
+def test_model_parameters_round_trip_through_config_pbtxt(tmp_path):
+    """What the builder writes is what the served model reads back: typed, through Triton's own parser."""
+    from conceptseg_edge.generation import GenerationConfig
+    from conceptseg_edge.serve.model_config import read_config
+    from conceptseg_edge.serve.parameters import GraphParameters, RouterParameters
+    from conceptseg_edge.serve.protocol import ServeLimits
+    from conceptseg_edge.serve.repository import RepositoryConfig, graph_model_config, router_model_config, router_parameters
+
+    cfg = RepositoryConfig(flavor="native", device="cpu", bank_dir=str(tmp_path / "bank"), generation=GenerationConfig(16),
+                           limits=ServeLimits(max_points=8))
+    written = router_parameters(cfg, "bundle", {"sam2_encoder": "enc", "sam2_decoder": "dec"})
+    (tmp_path / "config.pbtxt").write_text(router_model_config(cfg, written).to_pbtxt())
+    parsed = {k: v.string_value for k, v in read_config(tmp_path / "config.pbtxt").parameters.items()}
+    assert RouterParameters.from_parameters(parsed) == written
+    assert written.engines == "bls" and not written.warmup and written.generation.max_new_tokens == 16
+    assert written.limits.max_points == 8 and written.bank_dir == str((tmp_path / "bank").resolve())
+    assert RouterParameters.from_parameters(RouterParameters().to_parameters()) == RouterParameters()  # unset keys left out
+    assert "max_new_tokens" not in RouterParameters().to_parameters()
+
+    part = _part("ctm", [("hidden_states", "float32", ("batch", "seq", 128))], [("concept_tokens", "float32", ("batch", 8, 256))])
+    graph = graph_model_config(part, max_batch=8, device="gpu", instances=1, graph_backend="python")
+    assert GraphParameters.from_parameters(graph.parameters) == GraphParameters("ctm.onnx", provider="cuda", batched=True)
+
+
+BASE = {"engines": "local", "bundle": "bundle", "provider": "cpu"}
+BAD_PARAMETERS = {
+    "unknown-key": ({**BASE, "max_new_tokenz": "16"}, r"unknown key\(s\) \['max_new_tokenz'\]"),
+    "missing-engines": ({"bundle": "bundle", "provider": "cpu"}, r"parameters\[engines\]: missing"),
+    "bad-engines": ({**BASE, "engines": "remote"}, r"parameters\[engines\]: 'remote'"),
+    "bad-provider": ({**BASE, "provider": "npu"}, r"parameters\[provider\]: 'npu'"),
+    "flag-not-0-1": ({**BASE, "warmup": "true"}, r"parameters\[warmup\]: 'true', expected 1 or 0"),
+    "zero-limit": ({**BASE, "max_points": "0"}, r"parameters\[max_points\]: '0', expected an int >= 1"),
+    "not-an-int": ({**BASE, "max_new_tokens": "16.5"}, r"parameters\[max_new_tokens\]: '16.5'"),
+    "empty-bank": ({**BASE, "bank_dir": ""}, r"parameters\[bank_dir\]: empty"),
+    "bls-without-graphs": ({**BASE, "engines": "bls", "warmup": "0"}, r"parameters\[graph_models\]: missing"),
+    "graphs-not-json": ({**BASE, "engines": "bls", "warmup": "0", "graph_models": "ctm=ctm"}, r"parameters\[graph_models\]: not JSON"),
+    "graphs-not-object": ({**BASE, "engines": "bls", "warmup": "0", "graph_models": '["ctm"]'}, r"parameters\[graph_models\]: .*JSON object"),
+    "bls-warmup": ({**BASE, "engines": "bls", "warmup": "1", "graph_models": '{"ctm": "ctm"}'}, "warmup: a BLS router cannot"),
+    "graphs-on-local": ({**BASE, "graph_models": '{"ctm": "ctm"}'}, r"unknown key\(s\) \['graph_models'\]"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PARAMETERS))
+def test_router_parameters_are_read_strictly(name):
+    from conceptseg_edge.serve.model_config import ModelConfigError
+    from conceptseg_edge.serve.parameters import RouterParameters
+
+    params, match = BAD_PARAMETERS[name]
+    with pytest.raises(ModelConfigError, match=match):
+        RouterParameters.from_parameters(params)
+
+
+def test_graph_parameters_are_read_strictly():
+    from conceptseg_edge.serve.model_config import ModelConfigError
+    from conceptseg_edge.serve.parameters import GraphParameters
+
+    good = GraphParameters("enc.onnx").to_parameters()
+    assert good == {"graph_file": "enc.onnx", "provider": "cpu", "batched": "0"}
+    with pytest.raises(ModelConfigError, match=r"model 'sam2_encoder': parameters\[batched\]: 'yes'"):
+        GraphParameters.from_parameters({**good, "batched": "yes"}, "sam2_encoder")
+    with pytest.raises(ModelConfigError, match=r"unknown key\(s\) \['bundle'\]"):
+        GraphParameters.from_parameters({**good, "bundle": "b"})
+    with pytest.raises(ModelConfigError, match="graph_file"):
+        GraphParameters("../elsewhere/enc.onnx")
 
 
 @pytest.mark.parametrize(
@@ -191,6 +258,20 @@ def test_shared_batch_axis_gets_dynamic_batching():
     assert graph_model_config(mixed, max_batch=8, device="gpu", instances=1).max_batch_size == 0
     plan = PartManifest("enc", "enc.plan", "0" * 64, "tensorrt", "fp16", None, ctm.inputs, ctm.outputs)
     assert graph_model_config(plan, 8, "gpu", 1).platform == "tensorrt_plan"
+
+
+def test_bls_engine_factory_builds_each_part_from_its_manifest(tiny_bundle):
+    """The native router's EngineFactory: IO from the PartManifest, the Triton model from graph_models."""
+    from conceptseg_edge.errors import ManifestError
+    from conceptseg_edge.serve.serving import BlsEngineFactory
+
+    manifest = load_bundle(tiny_bundle)
+    factory = BlsEngineFactory(pb_utils=None, graph_models={"sam2_encoder": "enc"})  # no call is made here
+    engine = factory(tiny_bundle, manifest.part("sam2_encoder"), "cpu")
+    assert engine.provider == "triton-bls:enc" and engine.inputs == manifest.part("sam2_encoder").inputs
+    assert engine.outputs == manifest.part("sam2_encoder").outputs
+    with pytest.raises(ManifestError, match="no Triton model serves part 'sam2_decoder'"):
+        factory(tiny_bundle, manifest.part("sam2_decoder"), "cpu")
 
 
 def test_native_repository_follows_the_manifest(tiny_bundle, tmp_path):
@@ -509,15 +590,16 @@ def _concept_export_available() -> bool:
 def test_concept_routes_through_triton_equal_the_runtime(concept_bundle, tmp_path, flavor):
     """Shortcut, reason, and reason with a support image; native = every graph (policy and CTM too) a BLS call."""
     from conceptseg_edge.data.world import ConceptWorld
+    from conceptseg_edge.generation import GenerationConfig
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
     from conceptseg_edge.serve.client import TritonSegClient
     from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
     from conceptseg_edge.serve.server import TritonServer
 
-    cfg = RepositoryConfig(flavor=flavor, device="cpu", graph_backend="python", max_new_tokens=CONCEPT_MAX_NEW_TOKENS)
+    generation = GenerationConfig(max_new_tokens=CONCEPT_MAX_NEW_TOKENS)
+    cfg = RepositoryConfig(flavor=flavor, device="cpu", graph_backend="python", generation=generation)
     build_repository(concept_bundle, tmp_path / "repo", cfg)
-    runtime = ConceptSegmenter.from_bundle(concept_bundle)
-    runtime.concepts.max_new_tokens = CONCEPT_MAX_NEW_TOKENS
+    runtime = ConceptSegmenter.from_bundle(concept_bundle, generation=generation)
     ep = ConceptWorld(seed=5, image_size=128).episode(0)
     support = ep.supports[0]
     with TritonServer(tmp_path / "repo", log_path=tmp_path / "concept.log", startup_timeout=300) as srv, \

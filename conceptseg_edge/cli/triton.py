@@ -11,6 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from conceptseg_edge.router import AUTO, ROUTE_CHOICES
+from conceptseg_edge.serve.protocol import MODEL_NAME
+from conceptseg_edge.serve.repository import DEVICES, FLAVORS, GRAPH_BACKENDS, RepositoryConfig
+from conceptseg_edge.serve.server import LOOPBACK
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from conceptseg_edge.cli.segment import box_arg, point_arg, support_arg
@@ -21,13 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     build = kinds.add_parser("build", help="bundle → Triton model repository (python or native flavor)")
     build.add_argument("bundle")
     build.add_argument("--out", required=True, help="repository directory to write (replaced atomically)")
-    build.add_argument("--flavor", default="python", choices=["python", "native"],
+    build.add_argument("--flavor", default=RepositoryConfig.flavor, choices=FLAVORS,
                        help="python: the runtime in one python-backend model; native: graph models + BLS router")
     build.add_argument("--max-batch", type=int, default=None, metavar="N",
                        help="native: max_batch_size of graphs with a shared batch axis (default 8; 0 disables)")
-    build.add_argument("--instances", type=int, default=1, metavar="K", help="instances per model (default 1)")
-    build.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default: python→cpu, native→gpu")
-    build.add_argument("--graph-backend", default="onnxruntime", choices=["onnxruntime", "python"],
+    build.add_argument("--instances", type=int, default=RepositoryConfig.instances, metavar="K", help="instances per model (default 1)")
+    build.add_argument("--device", default=None, choices=DEVICES, help="default: python→cpu, native→gpu")
+    build.add_argument("--graph-backend", default=RepositoryConfig.graph_backend, choices=GRAPH_BACKENDS,
                        help="native: serve onnx graphs with the onnxruntime backend, or with ORT inside the python backend")
     build.add_argument("--reference-bundle", action="store_true",
                        help="python flavor: point at the bundle by absolute path instead of copying it in")
@@ -42,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    serve.add_argument("--host", default=LOOPBACK, help="bind address (default loopback)")
     serve.add_argument("--tritonserver", default=None, metavar="PATH", help="explicit tritonserver binary")
     serve.add_argument("--log", default=None, metavar="FILE", help="server log file (default: a temp file)")
     serve.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
@@ -55,18 +60,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--box", type=box_arg, default=None, metavar="X0,Y0,X1,Y1")
     client.add_argument("--concept", default=None, help="concept phrase or question")
     client.add_argument("--support", type=support_arg, action="append", default=[], metavar="IMG:MASK")
-    client.add_argument("--route", default="auto", choices=["auto", "prompt", "shortcut", "reason"])
+    client.add_argument("--route", default=AUTO, choices=ROUTE_CHOICES)
     client.add_argument("--out", required=True, help="mask PNG (0/255)")
     client.add_argument("--raw", action="store_true", help="decode locally and send pixels (default: send the file's bytes)")
-    client.add_argument("--model", default="conceptseg")
+    client.add_argument("--model", default=MODEL_NAME)
     client.add_argument("--timeout", type=float, default=120.0)
     client.add_argument("--json", action="store_true", help="print route, scores and per-stage ms as JSON")
     client.set_defaults(func=_client)
 
 
 def _build(args: argparse.Namespace) -> int:
+    from conceptseg_edge.generation import GenerationConfig
     from conceptseg_edge.serve.protocol import ServeLimits
-    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.repository import build_repository
 
     limits = ServeLimits() if args.max_image_pixels is None else ServeLimits(max_image_pixels=args.max_image_pixels)
     cfg = RepositoryConfig(
@@ -79,7 +85,7 @@ def _build(args: argparse.Namespace) -> int:
         limits=limits,
         warmup=not args.no_warmup,
         bank_dir=args.bank,
-        max_new_tokens=args.max_new_tokens,
+        generation=None if args.max_new_tokens is None else GenerationConfig(max_new_tokens=args.max_new_tokens),
     )
     manifest = build_repository(args.bundle, args.out, cfg)
     print(json.dumps({"repository": str(Path(args.out)), "flavor": manifest.flavor, "routes": list(manifest.routes),
