@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from conceptseg_edge.episodes import Support, box_to_image, build_meta_episode
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.models.checkpoint import load_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule
 from conceptseg_edge.models.policy import PolicyWrapper
@@ -60,20 +61,26 @@ class ConceptSegPipeline:
         policy: PolicyWrapper,
         ctm: ConceptTranslationModule,
         router: RouterConfig,
-        max_new_tokens: int = 256,
+        generation: GenerationConfig = GenerationConfig(),
     ) -> None:
         self.sam = SAM2Reference(sam)
         self.policy = policy
         self.ctm = ctm.eval()
         self.router = router
-        self.max_new_tokens = max_new_tokens
+        self.generation = generation
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, max_new_tokens: int = 256) -> ConceptSegPipeline:
-        """Load a checkpoint directory and the SAM2 backbone it names."""
+    def from_checkpoint(
+        cls, path: str | Path, generation: GenerationConfig = GenerationConfig(), router: RouterConfig | None = None
+    ) -> ConceptSegPipeline:
+        """Load a checkpoint directory and the SAM2 backbone it names (``router``: None = the checkpoint's)."""
         ckpt = load_checkpoint(path)
         sam = build_sam2_model(ckpt.backbone.config, ckpt.backbone.checkpoint, ckpt.backbone.image_size).model
-        return cls(sam, PolicyWrapper(ckpt.policy, ckpt.processor), ckpt.ctm, ckpt.router, max_new_tokens)
+        return cls(sam, PolicyWrapper(ckpt.policy, ckpt.processor), ckpt.ctm, router or ckpt.router, generation)
+
+    def with_router(self, router: RouterConfig) -> ConceptSegPipeline:
+        """The same models under other thresholds (a calibration sweep, a forced-shortcut check)."""
+        return ConceptSegPipeline(self.sam.sam, self.policy, self.ctm, router, self.generation)
 
     @torch.no_grad()
     def concept_tokens_from_text(self, query: str) -> np.ndarray:
@@ -85,7 +92,7 @@ class ConceptSegPipeline:
     def reason(self, image: np.ndarray, query: str, supports: Sequence[Support] = ()):
         """Reason route's policy half: completion text, parsed tags, (8, 256) tokens, box in image pixels."""
         episode = build_meta_episode(image, None, query, supports)
-        out = self.policy.generate(episode.images(), episode.prompt, self.max_new_tokens)
+        out = self.policy.generate(episode.images(), episode.prompt, self.generation.max_new_tokens)
         tokens = self.ctm(out.hidden_states[None])[0].float().numpy()
         parsed = parse_output(out.text, has_hidden_box=episode.has_hidden_box)
         return out.text, parsed, tokens, box_to_image(parsed.bbox, image.shape[:2])

@@ -11,12 +11,16 @@ from typing import Any
 
 _EXPORTS = {
     "Engine": "conceptseg_edge.runtime.engine",
+    "EngineFactory": "conceptseg_edge.runtime.engine",
     "OrtEngine": "conceptseg_edge.runtime.engine",
+    "open_engine": "conceptseg_edge.runtime.engine",
     "SAM2Predictor": "conceptseg_edge.runtime.predictor",
     "Prediction": "conceptseg_edge.runtime.predictor",
     "ConceptSegmenter": "conceptseg_edge.runtime.segmenter",
     "SegmentResult": "conceptseg_edge.runtime.segmenter",
     "ConceptBank": "conceptseg_edge.runtime.bank",
+    "ConceptEncoder": "conceptseg_edge.runtime.concept",
+    "OnnxConceptEncoder": "conceptseg_edge.runtime.concept",
     "OnnxPolicy": "conceptseg_edge.runtime.policy",
 }
 

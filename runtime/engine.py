@@ -7,6 +7,10 @@ TensorRT implement the same ``Engine`` protocol, so predictors never know which 
 Decode loops can also hold an ``OrtBinding`` (``OrtEngine.binding()``): inputs and outputs bound to
 the session's device as ORT values, so a KV cache returned by one call is fed to the next without a
 round trip through numpy (on CUDA: without leaving the GPU). Engines without it keep ``run``.
+
+Every ``from_bundle`` builds its engines through an ``EngineFactory`` (one bundle part in, one engine
+out). The default, ``open_engine``, opens ONNX parts with ONNX Runtime and refuses other formats by
+name; a TensorRT engine or Triton's BLS calls plug in as another factory, not as another loader.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from conceptseg_edge.errors import EngineIOError, InputError
-from conceptseg_edge.manifest import TensorSpec
+from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
+from conceptseg_edge.manifest import BundleManifest, PartManifest, TensorSpec
 
 if TYPE_CHECKING:
     from onnxruntime import OrtValue
@@ -137,6 +141,45 @@ class OrtEngine:
     def binding(self) -> OrtBinding:
         """A fresh IO binding on this session, for loops that feed outputs back as inputs."""
         return OrtBinding(self)
+
+
+class EngineFactory(Protocol):
+    """Builds the engine that runs one part of a bundle (``bundle_dir / part.file``) on ``provider``."""
+
+    def __call__(self, bundle_dir: Path, part: PartManifest, provider: str) -> Engine: ...
+
+
+def open_engine(bundle_dir: Path, part: PartManifest, provider: str) -> Engine:
+    """The default ``EngineFactory``: an ``onnx`` part on ONNX Runtime, any other format refused.
+
+    Raises:
+        ManifestError: the part's format is not ``onnx`` (naming the part and the format).
+    """
+    if part.format != "onnx":
+        raise ManifestError(
+            f"parts.{part.name}.format: {part.format!r} cannot be opened with ONNX Runtime (it opens 'onnx'); "
+            "pass an engine_factory that opens this format"
+        )
+    return OrtEngine(Path(bundle_dir) / part.file, provider)
+
+
+def open_part(
+    bundle_dir: Path, manifest: BundleManifest, name: str, provider: str, engine_factory: EngineFactory
+) -> Engine:
+    """The engine of part ``name``, built by ``engine_factory`` and checked against the manifest.
+
+    Raises:
+        ManifestError: no such part, or the engine's inputs are not the ones the manifest declares
+            (a graph swapped behind the manifest's back).
+    """
+    part = manifest.part(name)
+    engine = engine_factory(Path(bundle_dir), part, provider)
+    declared = sorted(t.name for t in part.inputs)
+    if sorted(t.name for t in engine.inputs) != declared:
+        raise ManifestError(
+            f"{Path(bundle_dir) / part.file}: graph inputs {[t.name for t in engine.inputs]} != manifest {declared}"
+        )
+    return engine
 
 
 class OrtBinding:

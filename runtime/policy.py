@@ -39,7 +39,7 @@ import numpy as np
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
 from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.preprocess import as_rgb_array
-from conceptseg_edge.runtime.engine import BindableEngine, Engine, OrtEngine
+from conceptseg_edge.runtime.engine import BindableEngine, Engine, EngineFactory, open_engine, open_part
 
 POLICY_PARTS = ("policy_vision", "policy_embed", "policy_decoder")
 #: Where bundles keep the processor files (tokenizer.json, processor_config.json).
@@ -418,32 +418,16 @@ class OnnxPolicy:
         bundle: str | Path,
         manifest: BundleManifest | None = None,
         provider: str = "cpu",
-        threads: int | None = None,
-        processor_dir: str = PROCESSOR_DIR,
+        engine_factory: EngineFactory = open_engine,
     ) -> OnnxPolicy:
-        """Load the policy graphs and processor files of a verified bundle."""
+        """Load the policy graphs and processor files of a verified bundle (``engine_factory`` opens each part)."""
         bundle = Path(bundle)
         manifest = manifest or load_bundle(bundle)
-        engines: dict[str, Engine] = {}
-        for name in POLICY_PARTS:
-            if name == "policy_vision" and name not in manifest.parts:
-                continue  # a text-only bundle: generate() then refuses images
-            part = manifest.part(name)
-            engine = OrtEngine(bundle / part.file, provider, threads)
-            declared = sorted(t.name for t in part.inputs)
-            if sorted(t.name for t in engine.inputs) != declared:
-                raise ManifestError(
-                    f"{bundle / part.file}: graph inputs {[t.name for t in engine.inputs]} != manifest {declared}"
-                )
-            engines[name] = engine
-        proc = bundle / processor_dir
-        return cls(
-            engines.get("policy_vision"),
-            engines["policy_embed"],
-            engines["policy_decoder"],
-            PolicyTokenizer.from_dir(proc),
-            PolicyImageConfig.from_dir(proc),
-        )
+        # a bundle without policy_vision is text-only: generate() then refuses images
+        vision = open_part(bundle, manifest, "policy_vision", provider, engine_factory) if "policy_vision" in manifest.parts else None
+        embed, decoder = (open_part(bundle, manifest, name, provider, engine_factory) for name in ("policy_embed", "policy_decoder"))
+        proc = bundle / PROCESSOR_DIR
+        return cls(vision, embed, decoder, PolicyTokenizer.from_dir(proc), PolicyImageConfig.from_dir(proc))
 
     # ------------------------------------------------------------------ pieces
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptseg_edge.errors import InputError, ManifestError
+from conceptseg_edge.errors import InputError
 from conceptseg_edge.manifest import BundleManifest, Preprocessing, load_bundle
 from conceptseg_edge.preprocess import (
     Prompts,
@@ -25,9 +25,9 @@ from conceptseg_edge.preprocess import (
     select_mask,
     upsample_mask,
 )
-from conceptseg_edge.runtime.engine import Engine, OrtEngine
+from conceptseg_edge.runtime.engine import Engine, EngineFactory, open_engine, open_part
 
-FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+SAM2_PARTS = ("sam2_encoder", "sam2_decoder")
 
 
 def _ms(start_ns: int) -> float:
@@ -66,19 +66,22 @@ class SAM2Predictor:
         self.image_timings: dict[str, float] = {}
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, provider: str = "cpu", manifest: BundleManifest | None = None) -> SAM2Predictor:
-        """Load a verified bundle's SAM2 parts on ``provider`` ("cpu", "cuda", "tensorrt")."""
+    def from_bundle(
+        cls,
+        bundle: str | Path,
+        provider: str = "cpu",
+        manifest: BundleManifest | None = None,
+        engine_factory: EngineFactory = open_engine,
+    ) -> SAM2Predictor:
+        """Load a verified bundle's SAM2 parts on ``provider`` ("cpu", "cuda", "tensorrt").
+
+        ``manifest``: one already read (and verified) by the caller; ``engine_factory``: what opens
+        each part (default: ONNX parts on ONNX Runtime).
+        """
         bundle = Path(bundle)
         manifest = manifest or load_bundle(bundle)
-        engines = []
-        for name in ("sam2_encoder", "sam2_decoder"):
-            part = manifest.part(name)
-            engine = OrtEngine(bundle / part.file, provider)
-            declared = [t.name for t in part.inputs]
-            if sorted(t.name for t in engine.inputs) != sorted(declared):
-                raise ManifestError(f"{bundle / part.file}: graph inputs {[t.name for t in engine.inputs]} != manifest {declared}")
-            engines.append(engine)
-        return cls(engines[0], engines[1], manifest.preprocessing)
+        encoder, decoder = (open_part(bundle, manifest, name, provider, engine_factory) for name in SAM2_PARTS)
+        return cls(encoder, decoder, manifest.preprocessing)
 
     # ------------------------------------------------------------------ image state
 

@@ -18,38 +18,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from conceptseg_edge.episodes import Support
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.generation import GenerationConfig
+from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.preprocess import as_rgb_array, make_prompts
 from conceptseg_edge.router import RouteDecision, RouterConfig, accept_shortcut, choose_route
 from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
+from conceptseg_edge.runtime.concept import ConceptEncoder, OnnxConceptEncoder
+from conceptseg_edge.runtime.engine import EngineFactory, open_engine
 from conceptseg_edge.runtime.predictor import Prediction, SAM2Predictor
 
 CONCEPT_TOKEN_DIM = 256
-
-
-@dataclass
-class ReasonOutput:
-    """The policy half of the reason route."""
-
-    completion: str
-    tokens: np.ndarray  # (K, 256)
-    box: tuple[float, float, float, float] | None  # the <bbox>, in image pixels
-    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
-    new_tokens: int = 0
-
-
-class ConceptEncoder(Protocol):
-    """Turns text (and images) into concept tokens; implemented over the policy + CTM engines."""
-
-    def from_text(self, phrase: str) -> np.ndarray: ...
-
-    def reason(self, image: np.ndarray, query: str, supports: Sequence[Support]) -> ReasonOutput: ...
 
 
 @dataclass
@@ -95,20 +78,35 @@ class ConceptSegmenter:
 
     @classmethod
     def from_bundle(
-        cls, bundle: str | Path, provider: str = "cpu", bank_dir: str | Path | None = None
+        cls,
+        bundle: str | Path,
+        provider: str = "cpu",
+        bank_dir: str | Path | None = None,
+        generation: GenerationConfig = GenerationConfig(),
+        router: RouterConfig | None = None,
+        engine_factory: EngineFactory = open_engine,
+        manifest: BundleManifest | None = None,
     ) -> ConceptSegmenter:
-        """Load a verified bundle; concept routes come up when the bundle carries their parts."""
+        """Load a verified bundle; concept routes come up when the bundle carries their parts.
+
+        Args:
+            bundle: the bundle directory (graphs, processor files, manifest).
+            provider: "cpu", "cuda" or "tensorrt", handed to ``engine_factory``.
+            bank_dir: concept bank root; None runs the shortcut without a bank.
+            generation: the reason route's decoding budget.
+            router: shortcut thresholds; None takes the manifest's (or the paper's defaults).
+            engine_factory: opens each part (default: ONNX parts on ONNX Runtime).
+            manifest: one the caller already read (Triton's BLS path, whose graphs live in other
+                models, reads it without verifying files); None loads and verifies the bundle's.
+        """
         bundle = Path(bundle)
-        manifest = load_bundle(bundle)
-        predictor = SAM2Predictor.from_bundle(bundle, provider, manifest)
-        router = RouterConfig.from_dict(manifest.router) if manifest.router else RouterConfig()
+        manifest = manifest or load_bundle(bundle)
+        predictor = SAM2Predictor.from_bundle(bundle, provider, manifest, engine_factory)
         concepts = None
         if {"shortcut", "reason"} & set(manifest.routes):
-            from conceptseg_edge.runtime.concept import OnnxConceptEncoder
-
-            concepts = OnnxConceptEncoder.from_bundle(bundle, manifest, provider)
+            concepts = OnnxConceptEncoder.from_bundle(bundle, manifest, provider, generation, engine_factory)
         bank = ConceptBank(bank_dir, bundle_key(manifest)) if bank_dir is not None and concepts else None
-        return cls(predictor, router, manifest.routes, concepts, bank)
+        return cls(predictor, router or manifest.router or RouterConfig(), manifest.routes, concepts, bank)
 
     # ------------------------------------------------------------------ image state
 

@@ -11,14 +11,16 @@ import pytest
 
 from conceptseg_edge.data.world import ConceptWorld
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.models.pipeline import ConceptSegPipeline
 from conceptseg_edge.router import RouterConfig
 from conceptseg_edge.runtime.bank import ConceptBank, bundle_key, normalise_phrase
+from conceptseg_edge.runtime.engine import open_engine
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
 ALWAYS = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
-MAX_NEW_TOKENS = 16
+GENERATION = GenerationConfig(max_new_tokens=16)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -28,17 +30,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def runtime(concept_bundle, tmp_path_factory):
-    seg = ConceptSegmenter.from_bundle(concept_bundle, bank_dir=tmp_path_factory.mktemp("bank"))
-    seg.router = ALWAYS
-    seg.concepts.max_new_tokens = MAX_NEW_TOKENS
-    return seg
+    return ConceptSegmenter.from_bundle(concept_bundle, bank_dir=tmp_path_factory.mktemp("bank"), generation=GENERATION,
+                                        router=ALWAYS)
 
 
 @pytest.fixture(scope="module")
 def reference(concept_checkpoint):
-    pipe = ConceptSegPipeline.from_checkpoint(concept_checkpoint, max_new_tokens=MAX_NEW_TOKENS)
-    pipe.router = ALWAYS
-    return pipe
+    return ConceptSegPipeline.from_checkpoint(concept_checkpoint, GENERATION, router=ALWAYS)
 
 
 def test_bundle_carries_every_route_and_its_parity(concept_bundle):
@@ -118,21 +116,23 @@ class CountingEngine:
         return self.engine.run(feeds)
 
 
-def test_four_concepts_share_one_encoder_and_one_decoder_run(runtime):
+def test_four_concepts_share_one_encoder_and_one_decoder_run(concept_bundle):
+    engines: dict[str, CountingEngine] = {}
+
+    def counting(bundle_dir, part, provider):
+        engines[part.name] = CountingEngine(open_engine(bundle_dir, part, provider))
+        return engines[part.name]
+
+    runtime = ConceptSegmenter.from_bundle(concept_bundle, generation=GENERATION, router=ALWAYS, engine_factory=counting)
+    assert set(engines) == set(load_bundle(concept_bundle).parts)
+    enc, dec = engines["sam2_encoder"], engines["sam2_decoder"]
     image = ConceptWorld(seed=2, image_size=160).episode(0).image
-    p = runtime.predictor
-    enc, dec = CountingEngine(p.encoder), CountingEngine(p.decoder)
-    p.encoder, p.decoder = enc, dec
-    try:
-        runtime.reset()
-        results = runtime.segment_concepts(image, ["red circle", "blue square", "triangle", "green star"])
-        assert enc.calls == 1 and dec.calls == 1
-        assert [r.route for r in results] == ["shortcut"] * 4
-        single = [runtime.segment(image, query=q, route="shortcut") for q in ("red circle", "triangle")]
-        assert enc.calls == 1  # same image: features reused
-        assert np.array_equal(single[0].mask, results[0].mask) and np.array_equal(single[1].mask, results[2].mask)
-    finally:
-        p.encoder, p.decoder = enc.engine, dec.engine
+    results = runtime.segment_concepts(image, ["red circle", "blue square", "triangle", "green star"])
+    assert enc.calls == 1 and dec.calls == 1
+    assert [r.route for r in results] == ["shortcut"] * 4
+    single = [runtime.segment(image, query=q, route="shortcut") for q in ("red circle", "triangle")]
+    assert enc.calls == 1  # same image: features reused
+    assert np.array_equal(single[0].mask, results[0].mask) and np.array_equal(single[1].mask, results[2].mask)
 
 
 @pytest.mark.parametrize(

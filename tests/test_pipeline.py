@@ -16,6 +16,7 @@ from conceptseg_edge.models.pipeline import ConceptSegPipeline
 from conceptseg_edge.models.policy import PolicyWrapper, build_policy, build_processor, tiny_policy_config
 from conceptseg_edge.models.sam2 import build_sam2_model
 from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.router import RouterConfig
 
 IMAGE_SIZE = 256
@@ -37,7 +38,7 @@ def parts():
 @pytest.fixture(scope="module")
 def pipeline(parts):
     sam, policy, processor, ctm = parts
-    return ConceptSegPipeline(sam, PolicyWrapper(policy, processor), ctm, RouterConfig(), max_new_tokens=12)
+    return ConceptSegPipeline(sam, PolicyWrapper(policy, processor), ctm, RouterConfig(), GenerationConfig(max_new_tokens=12))
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +54,13 @@ def test_prompt_route(pipeline, episode):
 
 
 def test_shortcut_route_accepted(pipeline, episode):
-    pipeline.router = ALWAYS
-    try:
-        result = pipeline(episode.image, query="red circle")
-    finally:
-        pipeline.router = RouterConfig()
+    result = pipeline.with_router(ALWAYS)(episode.image, query="red circle")
     assert result.route == "shortcut" and "policy_prefill" in result.timings
     assert result.mask.shape == episode.image.shape[:2] and 0.0 <= result.object_score <= 1.0
 
 
 def test_shortcut_rejected_falls_back_to_reason(pipeline, episode):
-    pipeline.router = NEVER
-    try:
-        result = pipeline(episode.image, query="red circle")
-    finally:
-        pipeline.router = RouterConfig()
+    result = pipeline.with_router(NEVER)(episode.image, query="red circle")
     assert result.route == "reason"
     assert result.reason.startswith("shortcut rejected: presence")
     assert {"policy_prefill", "policy_generate"} <= set(result.timings)
@@ -105,13 +98,11 @@ def test_checkpoint_round_trip_gives_the_same_masks(parts, pipeline, episode, tm
     torch.save({"model": sam.state_dict()}, sam_ckpt)
     backbone = BackboneSpec("sam2.1_hiera_t", str(sam_ckpt), image_size=IMAGE_SIZE)
     path = save_checkpoint(tmp_path / "ckpt", policy, ctm, processor, ALWAYS, backbone)
-    loaded = ConceptSegPipeline.from_checkpoint(path, max_new_tokens=12)
+    loaded = ConceptSegPipeline.from_checkpoint(path, GenerationConfig(max_new_tokens=12))
     assert loaded.router == ALWAYS
-    pipeline.router = ALWAYS
-    try:
-        for kwargs in ({"query": "red circle"}, {"query": "find the one that differs", "route": "reason"}):
-            a, b = pipeline(episode.image, **kwargs), loaded(episode.image, **kwargs)
-            assert a.route == b.route and np.array_equal(a.mask, b.mask)
-            assert a.completion == b.completion
-    finally:
-        pipeline.router = RouterConfig()
+    assert ConceptSegPipeline.from_checkpoint(path, router=NEVER).router == NEVER
+    always = pipeline.with_router(ALWAYS)
+    for kwargs in ({"query": "red circle"}, {"query": "find the one that differs", "route": "reason"}):
+        a, b = always(episode.image, **kwargs), loaded(episode.image, **kwargs)
+        assert a.route == b.route and np.array_equal(a.mask, b.mask)
+        assert a.completion == b.completion

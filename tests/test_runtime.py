@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
-from conceptseg_edge.runtime.engine import OrtEngine, resolve_providers
+from conceptseg_edge.manifest import TensorSpec, load_bundle
+from conceptseg_edge.runtime.engine import OrtEngine, open_engine, resolve_providers
 from conceptseg_edge.runtime.predictor import SAM2Predictor
 
 
@@ -83,6 +85,35 @@ def test_encoder_runs_once_per_image(tiny_bundle, sample_image):
     predictor.set_image(sample_image[::-1].copy())
     predictor.predict(points=[[10, 10]])
     assert encoder.calls == 2
+
+
+def test_every_part_is_opened_by_the_engine_factory(tiny_bundle, sample_image):
+    opened = []
+
+    def counting(bundle_dir, part, provider):
+        opened.append((part.name, provider))
+        return CountingEngine(open_engine(bundle_dir, part, provider))
+
+    predictor = SAM2Predictor.from_bundle(tiny_bundle, engine_factory=counting)
+    assert opened == [("sam2_encoder", "cpu"), ("sam2_decoder", "cpu")]
+    predictor.set_image(sample_image)
+    predictor.predict(points=[[10, 10]])
+    assert predictor.encoder.calls == 1 and predictor.decoder.calls == 1
+
+
+def test_default_factory_refuses_a_format_it_cannot_open(tiny_bundle):
+    manifest = load_bundle(tiny_bundle)
+    engine = dataclasses.replace(manifest.part("sam2_decoder"), format="tensorrt")
+    with pytest.raises(ManifestError, match=r"parts\.sam2_decoder\.format: 'tensorrt' cannot be opened with ONNX Runtime"):
+        SAM2Predictor.from_bundle(tiny_bundle, manifest=manifest.with_parts(sam2_decoder=engine))
+
+
+def test_engine_inputs_must_match_the_manifest(tiny_bundle):
+    manifest = load_bundle(tiny_bundle)
+    part = manifest.part("sam2_encoder")
+    renamed = dataclasses.replace(part, inputs=(TensorSpec("pixels", "float32", (1, 3, 512, 512)),))
+    with pytest.raises(ManifestError, match=r"graph inputs \['image'\] != manifest \['pixels'\]"):
+        SAM2Predictor.from_bundle(tiny_bundle, manifest=manifest.with_parts(sam2_encoder=renamed))
 
 
 def test_predict_before_set_image_names_the_call(tiny_bundle):
