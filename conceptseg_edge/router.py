@@ -1,7 +1,9 @@
-"""Route choice for a request: ``prompt``, ``shortcut`` or ``reason``.
+"""Route choice for a request: ``prompt``, ``shortcut`` or ``reason``, and the one dispatch over them.
 
 Pure functions, no I/O: the same rule runs in the torch reference pipeline, the edge runtime, and
 the Triton BLS model, and is carried in checkpoint config and bundle manifest via ``RouterConfig``.
+``choose_route`` decides; ``dispatch`` runs the decision on a ``RouteBackend`` (the torch pipeline's
+or the runtime's routes for one request), keeping a shortcut mask or falling back to ``reason``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 import re
 from collections.abc import Set
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from conceptseg_edge.errors import InputError, RouteUnavailableError
 
@@ -66,10 +68,10 @@ class RouteDecision:
     that route is available, else ``None``: the shortcut mask is all there is).
     """
 
-    route: str
+    route: Route
     reason: str
     n_words: int | None = None
-    fallback: str | None = None
+    fallback: Route | None = None
 
 
 def count_words(query: str) -> int:
@@ -99,7 +101,7 @@ def choose_route(
         query: the concept phrase or question; may be None only with geometry.
         config: thresholds; only ``max_shortcut_words`` matters here.
         available: routes the loaded bundle can run.
-        forced: a route the caller insists on.
+        forced: a route the caller insists on; None or ``auto``: the router decides.
 
     Raises:
         InputError: ``forced`` is not a route name, or the request lacks what the route needs
@@ -108,7 +110,7 @@ def choose_route(
         RouteUnavailableError: the forced or the needed route is not in ``available``.
     """
     text = query.strip() if query is not None else ""
-    if forced is not None:
+    if forced is not None and forced != AUTO:
         return _forced(forced, has_geometry, text, available)
     if has_geometry:
         if "prompt" not in available:
@@ -131,7 +133,7 @@ def choose_route(
 
 def _forced(forced: str, has_geometry: bool, text: str, available: Set[str]) -> RouteDecision:
     if forced not in ROUTES:
-        raise InputError(f"route: unknown route {forced!r}; expected one of {', '.join(ROUTES)}")
+        raise InputError(f"route: unknown route {forced!r}; expected one of {', '.join(ROUTE_CHOICES)}")
     if forced not in available:
         raise _unavailable(forced, "it was forced", available)
     if forced == "prompt":
@@ -166,3 +168,37 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+R_co = TypeVar("R_co", covariant=True)
+R = TypeVar("R")
+
+
+class RouteBackend(Protocol[R_co]):
+    """One request's three routes in some pipeline; each takes the reason its result will carry."""
+
+    def prompt(self, why: str) -> R_co: ...
+
+    def shortcut(self, why: str) -> tuple[R_co, float]:
+        """The shortcut's result and the object-score logit it is accepted or rejected on."""
+        ...
+
+    def reason(self, why: str) -> R_co: ...
+
+
+def dispatch(decision: RouteDecision, config: RouterConfig, backend: RouteBackend[R]) -> R:
+    """Run ``decision`` on ``backend``: the one place a shortcut is kept or falls back to ``reason``.
+
+    A shortcut candidate's mask stands when ``accept_shortcut`` says so, or when the decision has
+    no fallback (the bundle has no reason route); otherwise ``backend.reason`` runs with the
+    presence and threshold that rejected it as its reason.
+    """
+    if decision.route == "prompt":
+        return backend.prompt(decision.reason)
+    if decision.route == "reason":
+        return backend.reason(decision.reason)
+    result, logit = backend.shortcut(decision.reason)
+    n_words = decision.n_words or 0
+    if decision.fallback is None or accept_shortcut(logit, n_words, config):
+        return result
+    return backend.reason(f"shortcut rejected: presence {_sigmoid(logit):.3f} < tau {config.tau(n_words):.3f}")

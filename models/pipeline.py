@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,13 @@ from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.models.checkpoint import load_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule
 from conceptseg_edge.models.policy import PolicyWrapper
-from conceptseg_edge.models.sam2 import SAM2Reference, build_sam2_model
-from conceptseg_edge.preprocess import as_rgb_array, make_prompts
-from conceptseg_edge.router import RouterConfig, accept_shortcut, choose_route
+from conceptseg_edge.models.sam2 import ReferencePrediction, SAM2Reference, build_sam2_model
+from conceptseg_edge.preprocess import Prompts, as_rgb_array, make_prompts
+from conceptseg_edge.router import AUTO, ROUTES, RouterConfig, choose_route, dispatch
 from conceptseg_edge.tags import ParsedCompletion, parse_output
+from conceptseg_edge.timings import Timings, elapsed_ms
 
-ROUTES_AVAILABLE = frozenset({"prompt", "shortcut", "reason"})
+ROUTES_AVAILABLE = frozenset(ROUTES)
 
 
 @dataclass
@@ -45,11 +46,7 @@ class ConceptResult:
     completion: str | None = None  # the policy's text (reason route)
     parsed: ParsedCompletion | None = None
     box: tuple[float, float, float, float] | None = None  # box prompt given to SAM2, image pixels
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _ms(t0: int) -> float:
-    return (time.perf_counter_ns() - t0) / 1e6
+    timings: Timings = Timings()
 
 
 class ConceptSegPipeline:
@@ -105,46 +102,57 @@ class ConceptSegPipeline:
         labels: Sequence[int] | None = None,
         box: Sequence[float] | None = None,
         supports: Sequence[Support] = (),
-        route: str = "auto",
+        route: str = AUTO,
     ) -> ConceptResult:
         """Segment ``image`` ((H, W, 3) uint8) for a query and/or geometric prompts."""
         image = as_rgb_array(image)
         prompts = make_prompts(points, labels, box, image.shape[:2])
-        decision = choose_route(not prompts.empty, query, self.router, ROUTES_AVAILABLE, None if route == "auto" else route)
+        decision = choose_route(not prompts.empty, query, self.router, ROUTES_AVAILABLE, route)
         self.sam.set_image(image)
-        timings = dict(self.sam.image_timings)
+        request = _TorchRequest(self, image, query, supports, prompts, Timings(**self.sam.image_timings))
+        return dispatch(decision, self.router, request)
 
-        if decision.route == "prompt":
-            ref = self.sam.predict(prompts.points, prompts.labels, prompts.box, multimask_output=prompts.multimask)
-            return self._result(ref, "prompt", decision.reason, timings, box=None if prompts.box is None else tuple(prompts.box))
 
-        if decision.route == "shortcut":
-            t0 = time.perf_counter_ns()
-            tokens = self.concept_tokens_from_text(query)
-            timings["policy_prefill"] = _ms(t0)
-            ref = self.sam.predict(concept_tokens=tokens, multimask_output=False)
-            if accept_shortcut(ref.object_score_logit, decision.n_words, self.router) or decision.fallback is None:
-                return self._result(ref, "shortcut", decision.reason, timings)
-            presence = 1 / (1 + np.exp(-ref.object_score_logit))
-            why = f"shortcut rejected: presence {presence:.3f} < tau {self.router.tau(decision.n_words):.3f}"
-        else:
-            why = decision.reason
+def _result(ref: ReferencePrediction, route: str, reason: str, timings: Timings, **extra) -> ConceptResult:
+    own = Timings(decoder=ref.timings["decoder"], postprocess=ref.timings["postprocess"])
+    return ConceptResult(
+        mask=ref.masks[int(np.argmax(ref.scores))],
+        route=route,
+        reason=reason,
+        score=float(ref.scores.max()),
+        object_score=float(1 / (1 + np.exp(-ref.object_score_logit))),
+        timings=timings | own,
+        **extra,
+    )
 
+
+@dataclass
+class _TorchRequest:
+    """One request's routes on the torch pipeline (the ``RouteBackend`` that ``dispatch`` runs)."""
+
+    pipe: ConceptSegPipeline
+    image: np.ndarray
+    query: str | None
+    supports: Sequence[Support]
+    prompts: Prompts
+    timings: Timings  # stages run so far
+
+    def prompt(self, why: str) -> ConceptResult:
+        p = self.prompts
+        ref = self.pipe.sam.predict(p.points, p.labels, p.box, multimask_output=p.multimask)
+        return _result(ref, "prompt", why, self.timings, box=None if p.box is None else tuple(p.box))
+
+    def shortcut(self, why: str) -> tuple[ConceptResult, float]:
         t0 = time.perf_counter_ns()
-        text, parsed, tokens, box_px = self.reason(image, query, supports)
-        timings["policy_generate"] = _ms(t0)
-        ref = self.sam.predict(box=None if box_px is None else np.array(box_px), concept_tokens=tokens, multimask_output=False)
-        return self._result(ref, "reason", why, timings, completion=text, parsed=parsed, box=box_px)
+        tokens = self.pipe.concept_tokens_from_text(self.query)
+        self.timings = self.timings | Timings(policy_prefill=elapsed_ms(t0))
+        ref = self.pipe.sam.predict(concept_tokens=tokens, multimask_output=False)
+        return _result(ref, "shortcut", why, self.timings), ref.object_score_logit
 
-    @staticmethod
-    def _result(ref, route: str, reason: str, timings: dict[str, float], **extra) -> ConceptResult:
-        timings.update({k: v for k, v in ref.timings.items() if k in ("decoder", "postprocess")})
-        return ConceptResult(
-            mask=ref.masks[int(np.argmax(ref.scores))],
-            route=route,
-            reason=reason,
-            score=float(ref.scores.max()),
-            object_score=float(1 / (1 + np.exp(-ref.object_score_logit))),
-            timings=timings,
-            **extra,
-        )
+    def reason(self, why: str) -> ConceptResult:
+        t0 = time.perf_counter_ns()
+        text, parsed, tokens, box_px = self.pipe.reason(self.image, self.query, self.supports)
+        timings = self.timings | Timings(policy_generate=elapsed_ms(t0))
+        box = None if box_px is None else np.array(box_px)
+        ref = self.pipe.sam.predict(box=box, concept_tokens=tokens, multimask_output=False)
+        return _result(ref, "reason", why, timings, completion=text, parsed=parsed, box=box_px)

@@ -9,7 +9,7 @@ encoder **once** and caches the features; each ``predict()`` reuses them and run
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,9 @@ from conceptseg_edge.preprocess import (
     upsample_mask,
 )
 from conceptseg_edge.runtime.engine import Engine, EngineFactory, open_engine, open_part
+from conceptseg_edge.timings import Timings, elapsed_ms
 
 SAM2_PARTS = ("sam2_encoder", "sam2_decoder")
-
-
-def _ms(start_ns: int) -> float:
-    return (time.perf_counter_ns() - start_ns) / 1e6
 
 
 @dataclass
@@ -50,8 +47,7 @@ class Prediction:
     mask_index: int
     low_res_logits: np.ndarray
     object_score_logit: float = 0.0
-    route: str = "prompt"
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = Timings()
 
 
 class SAM2Predictor:
@@ -63,7 +59,7 @@ class SAM2Predictor:
         self.pre = preprocessing
         self._features: dict[str, np.ndarray] | None = None
         self._image_hw: tuple[int, int] | None = None
-        self.image_timings: dict[str, float] = {}
+        self.image_timings = Timings()
 
     @classmethod
     def from_bundle(
@@ -93,13 +89,13 @@ class SAM2Predictor:
         x = preprocess_image(image, self.pre.image_size, self.pre.pixel_mean, self.pre.pixel_std)
         t1 = time.perf_counter_ns()
         self._features = self.encoder.run({"image": x})
-        self.image_timings = {"preprocess": (t1 - t0) / 1e6, "encoder": _ms(t1)}
+        self.image_timings = Timings(preprocess=(t1 - t0) / 1e6, encoder=elapsed_ms(t1))
         self._image_hw = image.shape[:2]
 
     def reset(self) -> None:
         self._features = None
         self._image_hw = None
-        self.image_timings = {}
+        self.image_timings = Timings()
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -159,8 +155,7 @@ class SAM2Predictor:
         out = self.decode(coords, point_labels, tokens)
         t1 = time.perf_counter_ns()
         prediction = self.postprocess(out, 0, prompts.multimask if multimask is None else multimask)
-        prediction.timings = {**self.image_timings, "decoder": (t1 - t0) / 1e6, "postprocess": _ms(t1)}
-        return prediction
+        return replace(prediction, timings=self.image_timings | Timings(decoder=(t1 - t0) / 1e6, postprocess=elapsed_ms(t1)))
 
     def postprocess(self, out: dict[str, np.ndarray], index: int, multimask: bool) -> Prediction:
         """Pick a mask from row ``index`` of a decoder output and bring it to the original size."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,12 @@ from conceptseg_edge.errors import InputError
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.preprocess import as_rgb_array, make_prompts
-from conceptseg_edge.router import RouteDecision, RouterConfig, accept_shortcut, choose_route
+from conceptseg_edge.router import AUTO, RouteDecision, RouterConfig, choose_route, dispatch
 from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
 from conceptseg_edge.runtime.concept import ConceptEncoder, OnnxConceptEncoder
 from conceptseg_edge.runtime.engine import EngineFactory, open_engine
 from conceptseg_edge.runtime.predictor import Prediction, SAM2Predictor
-
-CONCEPT_TOKEN_DIM = 256
+from conceptseg_edge.timings import Timings, elapsed_ms
 
 
 @dataclass
@@ -48,14 +47,26 @@ class SegmentResult:
     box: tuple[float, float, float, float] | None = None
     bank_hit: bool | None = None
     new_tokens: int | None = None  # tokens the policy generated (reason route)
-    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    timings: Timings = Timings()  # milliseconds per stage
 
     def scores(self) -> dict[str, float]:
         return {"score": self.score, "object_score": self.object_score}
 
 
-def _ms(t0: int) -> float:
-    return (time.perf_counter_ns() - t0) / 1e6
+@dataclass(frozen=True)
+class _Candidate:
+    """A decoded shortcut mask before the router has kept or rejected it."""
+
+    prediction: Prediction
+    bank_hit: bool
+    timings: Timings
+
+
+def _result(prediction: Prediction, route: str, why: str, timings: Timings, **extra) -> SegmentResult:
+    """A result with the request's stages so far and the prediction's decoder and postprocess."""
+    own = Timings(decoder=prediction.timings.decoder, postprocess=prediction.timings.postprocess)
+    return SegmentResult(prediction.mask, route, why, prediction.score, prediction.object_score,
+                         timings=timings | own, **extra)
 
 
 class ConceptSegmenter:
@@ -115,48 +126,23 @@ class ConceptSegmenter:
         self._image_key = None
         self.predictor.reset()
 
-    def _set_image(self, image: np.ndarray) -> dict[str, float]:
-        """Encode ``image`` unless it is the one already held; returns this call's image stage ms."""
+    def _set_image(self, image: np.ndarray) -> Timings:
+        """Encode ``image`` unless it is the one already held; returns this call's image stages."""
         key = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.shape).encode()[:16]).hexdigest()
         if key == self._image_key:
-            return {"preprocess": 0.0, "encoder": 0.0}
+            return Timings(preprocess=0.0, encoder=0.0)
         self._image_key = None
         self.predictor.set_image(image)
         self._image_key = key
-        return dict(self.predictor.image_timings)
+        return self.predictor.image_timings
 
     # ------------------------------------------------------------------ routes
 
-    def _concept_tokens(self, phrase: str) -> tuple[np.ndarray, bool, float]:
-        t0 = time.perf_counter_ns()
+    def concept_tokens(self, phrase: str) -> tuple[np.ndarray, bool]:
+        """(K, 256) tokens of a phrase and whether the bank had them (False without a bank)."""
         if self.bank is not None:
-            tokens, hit = self.bank.get_or_compute(phrase, self.concepts.from_text)
-        else:
-            tokens, hit = self.concepts.from_text(phrase), False
-        return tokens, hit, _ms(t0)
-
-    def _decode(self, prediction: Prediction, route: str, reason: str, timings: dict[str, float], **extra) -> SegmentResult:
-        return SegmentResult(
-            mask=prediction.mask,
-            route=route,
-            reason=reason,
-            score=prediction.score,
-            object_score=prediction.object_score,
-            timings={**timings, **{k: prediction.timings[k] for k in ("decoder", "postprocess") if k in prediction.timings}},
-            **extra,
-        )
-
-    def _reason(self, image, query, supports, why: str, timings: dict[str, float]) -> SegmentResult:
-        out = self.concepts.reason(image, query, supports)
-        timings.update(out.timings)
-        prediction = self.predictor.predict(box=out.box, concept_tokens=out.tokens, multimask=False)
-        return self._decode(prediction, "reason", why, timings, completion=out.completion, box=out.box,
-                            new_tokens=out.new_tokens)
-
-    def _decide(self, has_geometry: bool, query: str | None, route: str) -> RouteDecision:
-        if route not in ("auto", "prompt", "shortcut", "reason"):
-            raise InputError(f"route: unknown route {route!r}; expected auto, prompt, shortcut or reason")
-        return choose_route(has_geometry, query, self.router, self.routes, None if route == "auto" else route)
+            return self.bank.get_or_compute(phrase, self.concepts.from_text)
+        return self.concepts.from_text(phrase), False
 
     def segment(
         self,
@@ -166,57 +152,86 @@ class ConceptSegmenter:
         labels: Sequence[int] | None = None,
         box: Sequence[float] | None = None,
         supports: Sequence[Support] = (),
-        route: str = "auto",
+        route: str = AUTO,
     ) -> SegmentResult:
         """Segment ``image`` ((H, W, 3) uint8) for a concept query and/or points/box (original pixels)."""
         image = as_rgb_array(image)
         prompts = make_prompts(points, labels, box, image.shape[:2])
         decision = self._decide(not prompts.empty, query, route)
-        timings = self._set_image(image)
-        if decision.route == "prompt":
-            prediction = self.predictor.predict(points=points, labels=labels, box=box)
-            return self._decode(prediction, "prompt", decision.reason, timings)
-        if decision.route == "shortcut":
-            tokens, hit, ms = self._concept_tokens(query)
-            timings["concept_tokens"] = ms
-            prediction = self.predictor.predict(concept_tokens=tokens, multimask=False)
-            if decision.fallback is None or accept_shortcut(prediction.object_score_logit, decision.n_words, self.router):
-                return self._decode(prediction, "shortcut", decision.reason, timings, bank_hit=hit)
-            why = (f"shortcut rejected: presence {prediction.object_score:.3f} < "
-                   f"tau {self.router.tau(decision.n_words):.3f}")
-            return self._reason(image, query, supports, why, timings)
-        return self._reason(image, query, supports, decision.reason, timings)
+        request = _Request(self, image, query, supports, self._set_image(image), points, labels, box)
+        return dispatch(decision, self.router, request)
 
-    def segment_concepts(self, image: np.ndarray, queries: Sequence[str], route: str = "auto") -> list[SegmentResult]:
+    def segment_concepts(self, image: np.ndarray, queries: Sequence[str], route: str = AUTO) -> list[SegmentResult]:
         """Several concepts on one image: one encoder run, shortcut candidates decoded as one batch."""
         image = as_rgb_array(image)
         if not queries:
             raise InputError("queries: give at least one concept")
         decisions = [self._decide(False, q, route) for q in queries]
         image_timings = self._set_image(image)
-        results: list[SegmentResult | None] = [None] * len(queries)
         short = [i for i, d in enumerate(decisions) if d.route == "shortcut"]
-        if short:
+        candidates = dict(zip(short, self._decode_batch([queries[i] for i in short], image_timings))) if short else {}
+        return [
+            dispatch(d, self.router, _Request(self, image, q, (), image_timings, candidate=candidates.get(i)))
+            for i, (q, d) in enumerate(zip(queries, decisions))
+        ]
+
+    def _decide(self, has_geometry: bool, query: str | None, route: str) -> RouteDecision:
+        return choose_route(has_geometry, query, self.router, self.routes, route)
+
+    def _decode_batch(self, phrases: Sequence[str], image_timings: Timings) -> list[_Candidate]:
+        """Shortcut candidates for several phrases on the current image, in one decoder call."""
+        t0 = time.perf_counter_ns()
+        looked_up = [self.concept_tokens(p) for p in phrases]
+        token_ms = elapsed_ms(t0)
+        tokens = np.stack([t for t, _ in looked_up]).astype(np.float32)
+        t1 = time.perf_counter_ns()
+        no_points = np.zeros((len(phrases), 0, 2), np.float32), np.zeros((len(phrases), 0), np.int32)
+        out = self.predictor.decode(*no_points, tokens)
+        decode_ms = elapsed_ms(t1)
+        candidates = []
+        for row, (_, hit) in enumerate(looked_up):
+            t2 = time.perf_counter_ns()
+            prediction = self.predictor.postprocess(out, row, multimask=False)
+            stages = Timings(concept_tokens=token_ms, decoder=decode_ms, postprocess=elapsed_ms(t2))
+            candidates.append(_Candidate(replace(prediction, timings=stages), hit, image_timings | stages))
+        return candidates
+
+
+@dataclass
+class _Request:
+    """One request's routes on the segmenter (the ``RouteBackend`` that ``dispatch`` runs).
+
+    ``timings`` holds the stages run so far; ``candidate`` is a shortcut already decoded in a batch.
+    """
+
+    seg: ConceptSegmenter
+    image: np.ndarray
+    query: str | None
+    supports: Sequence[Support]
+    timings: Timings
+    points: Sequence[Sequence[float]] | None = None
+    labels: Sequence[int] | None = None
+    box: Sequence[float] | None = None
+    candidate: _Candidate | None = None
+
+    def prompt(self, why: str) -> SegmentResult:
+        prediction = self.seg.predictor.predict(points=self.points, labels=self.labels, box=self.box)
+        return _result(prediction, "prompt", why, self.timings)
+
+    def shortcut(self, why: str) -> tuple[SegmentResult, float]:
+        candidate = self.candidate
+        if candidate is None:
             t0 = time.perf_counter_ns()
-            looked_up = [self._concept_tokens(queries[i]) for i in short]
-            token_ms = _ms(t0)
-            tokens = np.stack([t for t, _, _ in looked_up]).astype(np.float32)
-            t1 = time.perf_counter_ns()
-            no_points = np.zeros((len(short), 0, 2), np.float32), np.zeros((len(short), 0), np.int32)
-            out = self.predictor.decode(*no_points, tokens)
-            decode_ms = _ms(t1)
-            for row, i in enumerate(short):
-                d = decisions[i]
-                t2 = time.perf_counter_ns()
-                prediction = self.predictor.postprocess(out, row, multimask=False)
-                timings = {**image_timings, "concept_tokens": token_ms, "decoder": decode_ms, "postprocess": _ms(t2)}
-                if d.fallback is None or accept_shortcut(prediction.object_score_logit, d.n_words, self.router):
-                    results[i] = SegmentResult(prediction.mask, "shortcut", d.reason, prediction.score,
-                                               prediction.object_score, bank_hit=looked_up[row][1], timings=timings)
-                else:
-                    why = f"shortcut rejected: presence {prediction.object_score:.3f} < tau {self.router.tau(d.n_words):.3f}"
-                    results[i] = self._reason(image, queries[i], (), why, {**image_timings})
-        for i, d in enumerate(decisions):
-            if results[i] is None:
-                results[i] = self._reason(image, queries[i], (), d.reason, {**image_timings})
-        return results  # type: ignore[return-value]
+            tokens, hit = self.seg.concept_tokens(self.query)
+            self.timings = self.timings | Timings(concept_tokens=elapsed_ms(t0))
+            prediction = self.seg.predictor.predict(concept_tokens=tokens, multimask=False)
+            candidate = _Candidate(prediction, hit, self.timings)
+        prediction = candidate.prediction
+        result = _result(prediction, "shortcut", why, candidate.timings, bank_hit=candidate.bank_hit)
+        return result, prediction.object_score_logit
+
+    def reason(self, why: str) -> SegmentResult:
+        out = self.seg.concepts.reason(self.image, self.query, self.supports)
+        prediction = self.seg.predictor.predict(box=out.box, concept_tokens=out.tokens, multimask=False)
+        return _result(prediction, "reason", why, self.timings | out.timings, completion=out.completion,
+                       box=out.box, new_tokens=out.new_tokens)

@@ -8,7 +8,17 @@ import math
 import pytest
 
 from conceptseg_edge.errors import InputError, RouteUnavailableError
-from conceptseg_edge.router import RouteDecision, RouterConfig, accept_shortcut, choose_route, count_words
+from conceptseg_edge.router import (
+    AUTO,
+    ROUTE_CHOICES,
+    ROUTES,
+    RouteDecision,
+    RouterConfig,
+    accept_shortcut,
+    choose_route,
+    count_words,
+    dispatch,
+)
 
 ALL = {"prompt", "shortcut", "reason"}
 PAPER = RouterConfig()
@@ -133,3 +143,52 @@ def test_route_decision_is_frozen() -> None:
     decision = choose_route(False, "cat", PAPER, ALL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         decision.route = "reason"  # type: ignore[misc]
+
+
+def test_route_names_are_defined_once() -> None:
+    assert ROUTES == ("prompt", "shortcut", "reason") and ROUTE_CHOICES == (AUTO, *ROUTES)
+    assert choose_route(False, "cat", PAPER, ALL, forced=AUTO) == choose_route(False, "cat", PAPER, ALL)
+    with pytest.raises(InputError, match="unknown route 'teleport'; expected one of auto, prompt, shortcut, reason"):
+        choose_route(False, "cat", PAPER, ALL, forced="teleport")
+
+
+class Routes:
+    """A backend that records which routes ran and with what reason; the shortcut scores ``logit``."""
+
+    def __init__(self, logit: float) -> None:
+        self.logit, self.calls = logit, []
+
+    def prompt(self, why: str) -> str:
+        self.calls.append(("prompt", why))
+        return "prompt mask"
+
+    def shortcut(self, why: str) -> tuple[str, float]:
+        self.calls.append(("shortcut", why))
+        return "shortcut mask", self.logit
+
+    def reason(self, why: str) -> str:
+        self.calls.append(("reason", why))
+        return "reason mask"
+
+
+def test_dispatch_runs_the_decided_route() -> None:
+    for decision, expected in ((RouteDecision("prompt", "geometric prompt given"), "prompt mask"),
+                               (RouteDecision("reason", "forced", 1), "reason mask")):
+        backend = Routes(logit(0.9))
+        assert dispatch(decision, PAPER, backend) == expected
+        assert backend.calls == [(decision.route, decision.reason)]
+
+
+def test_dispatch_keeps_an_accepted_shortcut_and_falls_back_on_a_rejected_one() -> None:
+    decision = choose_route(False, "red circle", PAPER, ALL)  # tau(2) = 0.2
+    kept = Routes(logit(0.25))
+    assert dispatch(decision, PAPER, kept) == "shortcut mask" and [c[0] for c in kept.calls] == ["shortcut"]
+    rejected = Routes(logit(0.15))
+    assert dispatch(decision, PAPER, rejected) == "reason mask"
+    assert rejected.calls[-1] == ("reason", "shortcut rejected: presence 0.150 < tau 0.200")
+
+
+def test_dispatch_keeps_the_shortcut_when_there_is_nothing_to_fall_back_to() -> None:
+    decision = choose_route(False, "red circle", PAPER, {"prompt", "shortcut"})
+    backend = Routes(logit(0.01))
+    assert decision.fallback is None and dispatch(decision, PAPER, backend) == "shortcut mask"

@@ -49,7 +49,7 @@ def test_runtime_mask_equals_torch_reference(predictor, torch_reference, sample_
     assert got.mask.shape == sample_image.shape[:2]
     assert iou(got.mask, ref.masks[best]) >= 0.99
     assert got.score == pytest.approx(float(ref.scores[best]), abs=1e-3)
-    assert got.route == "prompt"
+    assert list(got.timings) == ["preprocess", "encoder", "decoder", "postprocess"]
 
 
 def test_concept_tokens_through_the_runtime_match_torch(predictor, torch_reference, sample_image):
