@@ -27,6 +27,8 @@ from conceptseg_edge.router import RouterConfig
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: Where a bundle with the policy keeps its processor files (tokenizer.json, processor_config.json).
+PROCESSOR_DIR = "processor"
 
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
 
