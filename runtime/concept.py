@@ -80,13 +80,12 @@ class OnnxConceptEncoder:
         generation = self.policy.generate(episode.images(), episode.prompt, self.generation.max_new_tokens)
         t0 = time.perf_counter_ns()
         tokens = self._tokens(generation.hidden_states)
-        ctm_ms = elapsed_ms(t0)
-        timings = {k: v for k, v in self.policy.timings.items() if k.startswith("policy_") and not k.endswith(("tokens", "_per_s"))}
+        ctm = Timings(ctm=elapsed_ms(t0))
         parsed = parse_output(generation.text, has_hidden_box=episode.has_hidden_box)
         return ReasonOutput(
             completion=generation.text,
             tokens=tokens,
             box=box_to_image(parsed.bbox, image.shape[:2]),
-            timings=Timings(**timings, ctm=ctm_ms),
-            new_tokens=len(generation.token_ids),
+            timings=generation.timings | ctm,
+            new_tokens=generation.new_tokens,
         )

@@ -15,10 +15,20 @@ from onnx import TensorProto, helper, numpy_helper, save_model
 
 from conceptseg_edge.runtime import policy as rt
 from conceptseg_edge.runtime.engine import OrtEngine
-from conceptseg_edge.runtime.policy import OnnxPolicy, PolicyImageConfig, PolicyTokenizer
+from conceptseg_edge.runtime.policy import OnnxPolicy
+from conceptseg_edge.runtime.policy_image import PolicyImageConfig
+from conceptseg_edge.runtime.policy_tokenizer import (
+    END_OF_TEXT,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    PolicyTokenizer,
+)
 
 D = 4
-SPECIALS = [rt.IM_START, rt.IM_END, rt.END_OF_TEXT, rt.VISION_START, rt.VISION_END, rt.IMAGE_PAD]
+SPECIALS = [IM_START, IM_END, END_OF_TEXT, VISION_START, VISION_END, IMAGE_PAD]
 WORDS = ["[UNK]", *SPECIALS, "system", "user", "assistant", "find", "the", "cat"]
 VOCAB = len(WORDS)
 
@@ -148,4 +158,18 @@ def test_embedding_cache_is_capped(graphs, monkeypatch):
     reference = OnnxPolicy(None, embed, decoder, _tokenizer(), PolicyImageConfig())
     out = policy.generate(None, "find the cat", max_new_tokens=12)
     np.testing.assert_array_equal(out.token_ids, reference.generate(None, "find the cat", 12).token_ids)
-    assert len(policy._token_embeds) == 1
+    fed = [int(t) for t in out.token_ids[:-1]]
+    # one prefill call; then only the first id fed back stays cached, every other id is embedded each time
+    assert policy.embed.calls == 1 + len(fed) - (fed.count(fed[0]) - 1)
+
+
+def test_generation_carries_typed_timings_and_its_token_count(graphs):
+    embed, decoder = graphs
+    policy = OnnxPolicy(None, embed, decoder, _tokenizer(), PolicyImageConfig())
+    out = policy.generate(None, "find the cat", max_new_tokens=5)
+    assert list(out.timings) == ["policy_prefill", "policy_decode"]  # no images: no vision stages
+    assert out.new_tokens == len(out.token_ids) == 5 and isinstance(out.new_tokens, int)
+    assert out.decode_tokens_per_s == pytest.approx(4 / (out.timings.policy_decode / 1e3))
+    one = policy.generate(None, "find the cat", max_new_tokens=1)
+    assert one.new_tokens == 1 and one.decode_tokens_per_s is None
+    assert list(policy.prefill(None, "the cat").timings) == ["policy_prefill"]
