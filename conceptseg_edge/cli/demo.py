@@ -23,7 +23,7 @@ import numpy as np
 
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.runtime.engine import PROVIDER_NAMES
+from conceptseg_edge.runtime.engine import PROVIDER_NAMES, Provider
 
 #: The committed ConceptSeg-Tiny bundle (``conceptseg-edge train tiny-default`` writes it).
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "conceptseg_tiny"
@@ -39,7 +39,7 @@ class DemoConfig:
     seed: int = 0
     image_size: int | None = None
     repeats: int = 3  # timed calls per sample (the encoder included each time); the median is reported
-    provider: str = "cpu"
+    provider: Provider = "cpu"
 
 
 @dataclass
@@ -135,7 +135,7 @@ def run_demo(bundle: str | Path = DEFAULT_BUNDLE, out: str | Path | None = None,
 
 def _sample(level: str, query: str, result: Any, score: float, ms: float) -> DemoSample:
     return DemoSample(level, query, result.route, result.reason, round(score, 4), round(ms, 2),
-                      {k: round(v, 2) for k, v in result.timings.items()}, result.completion)
+                      {k: round(v, 2) for k, v in result.timings.to_dict().items()}, result.completion)
 
 
 def _summarise(samples: list[DemoSample], key: str) -> dict[str, dict[str, float]]:

@@ -118,7 +118,7 @@ def _segment(args: argparse.Namespace) -> int:
         save_png(args.overlay, overlay(image, result.mask, shown))
     report = mask_report(result, args.out) | {
         "bank_hit": result.bank_hit,
-        "timings_ms": {k: round(v, 2) for k, v in result.timings.items()} | {"total": round(sum(result.timings.values()), 2)},
+        "timings_ms": {k: round(v, 2) for k, v in result.timings.to_dict().items()} | {"total": round(result.timings.total(), 2)},
     }
     if args.json:
         print(json.dumps(report, indent=2))
