@@ -3,9 +3,10 @@
 The bundle holds the SAM2 encoder/decoder (from the backbone the checkpoint names), the CTM graph,
 the policy as the three graphs ONNX Runtime GenAI uses (vision encoder, token embedding, decoder
 with KV cache that also returns the last hidden state), and the processor/tokenizer files. Each graph
-is validated against torch when exported; then the assembled bundle is run through the torch-free
-runtime and compared with the torch ``ConceptSegPipeline`` on ConceptWorld samples, route by route,
-and the mask IoUs go into the manifest. At fp32 a route below ``ROUTE_IOU_FLOOR`` fails the export.
+is validated against torch when exported (each family module: ``sam2``, ``ctm``, ``policy``); then
+the assembled bundle is run through the torch-free runtime and compared with the torch
+``ConceptSegPipeline`` on ConceptWorld samples, route by route, and the mask IoUs go into the
+manifest. At fp32 a route below ``ROUTE_IOU_FLOOR`` fails the export.
 """
 
 from __future__ import annotations
@@ -18,21 +19,22 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.errors import ExportParityError, InputError
-from conceptseg_edge.export.onnx_export import export_and_validate
-from conceptseg_edge.export.parts import ctm_spec, weight_storage
+from conceptseg_edge.errors import ExportParityError
+from conceptseg_edge.export.ctm import export_ctm
+from conceptseg_edge.export.parts import check_precision, weight_storage
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
 from conceptseg_edge.fileio import sha256_file, staged_dir
-from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, read_manifest, write_manifest
+from conceptseg_edge.generation import GenerationConfig
+from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, read_manifest, write_manifest
+from conceptseg_edge.metrics import iou
 
-# fp16 is a TensorRT build precision on GPU (strongly typed, per part), not an ONNX variant that ONNX
-# Runtime's CPU provider can run and validate here; the policy is exported fp32, int8 or int4.
-PRECISIONS = ("fp32", "int8", "int4")
 PROCESSOR_DIR = "processor"
 # The issue's bar for fp32: the exported routes reproduce the torch pipeline's masks.
 ROUTE_IOU_FLOOR = 0.98
 PARITY_SAMPLES = 4
-PARITY_MAX_NEW_TOKENS = 24
+#: Both sides of the route parity generate this much: enough for the tiny policy's completions to
+#: reach the CTM, short enough for an export-time check.
+PARITY_GENERATION = GenerationConfig(max_new_tokens=24)
 
 
 @dataclass(frozen=True)
@@ -40,31 +42,16 @@ class ConceptExportConfig:
     """Arguments of ``conceptseg-edge export concept``."""
 
     checkpoint: str
-    policy_precision: str = "fp32"
+    policy_precision: str = "fp32"  # the policy decoder's: a name in parts.PRECISIONS
     opset: int = 17
-    # How the fp32 SAM2 encoder/decoder and CTM graphs store their large weights (parts.WEIGHT_STORAGES);
-    # "fp16" halves those files, computation stays fp32. The policy graphs follow policy_precision.
+    # How every fp32 graph (SAM2 encoder/decoder, CTM, policy vision/embedding, an fp32 policy
+    # decoder) stores its large weights (parts.WEIGHT_STORAGES); "fp16" halves those files,
+    # computation stays fp32. A quantized decoder holds its own quantized weights.
     weight_storage: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.policy_precision not in PRECISIONS:
-            raise InputError(f"--policy-precision {self.policy_precision}: expected one of {', '.join(PRECISIONS)}")
+        check_precision(self.policy_precision, f"--policy-precision {self.policy_precision}")
         weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
-
-
-def _export_ctm(ctm, staging: Path, opset: int, weight_storage: str = "fp32") -> PartManifest:
-    import torch
-
-    d = ctm.config.hidden_size
-    rng = np.random.default_rng(0)
-    cases = [{"hidden_states": rng.standard_normal((1, t, d)).astype(np.float32)} for t in (7, 31, 1)]
-
-    def reference(feeds):
-        with torch.no_grad():
-            return {"concept_tokens": ctm(torch.from_numpy(feeds["hidden_states"])).numpy()}
-
-    return export_and_validate(ctm.eval(), ctm_spec(d, ctm.config.num_queries), cases, reference,
-                               "ConceptTranslationModule, torch eager", staging, opset, weight_storage)
 
 
 def _save_processor(processor, staging: Path) -> dict[str, str]:
@@ -77,7 +64,7 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
     """Mask IoU of the runtime's shortcut and reason routes vs the torch pipeline on ConceptWorld.
 
     Both sides accept every shortcut (τ = 0) so the shortcut route is compared on its own mask,
-    and both generate at most ``PARITY_MAX_NEW_TOKENS`` greedy tokens.
+    and both generate as ``PARITY_GENERATION`` allows.
     """
     from conceptseg_edge.data.world import ConceptWorld
     from conceptseg_edge.models.pipeline import ConceptSegPipeline
@@ -85,11 +72,8 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
     always = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
-    torch_pipe = ConceptSegPipeline.from_checkpoint(checkpoint, max_new_tokens=PARITY_MAX_NEW_TOKENS)
-    torch_pipe.router = always
-    runtime = ConceptSegmenter.from_bundle(bundle)
-    runtime.router = always
-    runtime.concepts.max_new_tokens = PARITY_MAX_NEW_TOKENS
+    torch_pipe = ConceptSegPipeline.from_checkpoint(checkpoint, generation=PARITY_GENERATION, router=always)
+    runtime = ConceptSegmenter.from_bundle(bundle, generation=PARITY_GENERATION, router=always)
     world = ConceptWorld(seed=1234, image_size=256)
     report: dict[str, dict[str, Any]] = {}
     for route in ("shortcut", "reason"):
@@ -98,8 +82,7 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
             ep = world.episode(i, with_supports=False)
             a = runtime.segment(ep.image, query=ep.query, route=route)
             b = torch_pipe(ep.image, query=ep.query, route=route)
-            union = np.logical_or(a.mask, b.mask).sum()
-            ious.append(1.0 if union == 0 else float(np.logical_and(a.mask, b.mask).sum() / union))
+            ious.append(float(iou(a.mask, b.mask)))
             if route == "reason":
                 same_text.append(a.completion == b.completion)
         entry: dict[str, Any] = {"samples": samples, "min_mask_iou": min(ious), "mean_mask_iou": float(np.mean(ious))}
@@ -122,10 +105,11 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
             staging, steps,
         )
         steps.set_postfix_str("ctm")
-        ctm = _export_ctm(ckpt.ctm, staging, cfg.opset, cfg.weight_storage)
+        ctm = export_ctm(ckpt.ctm, staging, cfg.opset, cfg.weight_storage)
         steps.update()
         steps.set_postfix_str(f"policy ({cfg.policy_precision})")
-        policy_parts = export_policy(ckpt.policy, ckpt.processor, staging, opset=cfg.opset, precision=cfg.policy_precision)
+        policy_parts = export_policy(ckpt.policy, ckpt.processor, staging, opset=cfg.opset, precision=cfg.policy_precision,
+                                     weight_storage=cfg.weight_storage)
         steps.update()
         files = _save_processor(ckpt.processor, staging)
         weights = Path(cfg.checkpoint) / "model.safetensors"

@@ -1,8 +1,10 @@
-"""torch module → ONNX file → validated ``PartManifest``.
+"""torch module → ONNX file → validated ``PartManifest``: the one export path every part takes.
 
-Exports validate themselves: the written graph is run in ONNX Runtime on every parity case, compared
-output by output with the eager reference within the part's ``atol``, and checked for banned ops.
-All parts are measured before anything is raised, so the error lists every failure at once.
+Exports validate themselves: the written graph (its large weights stored as the chosen
+``WeightStorage``) is run in ONNX Runtime on every parity case, compared output by output with the
+eager reference within the part's ``atol``, and checked for banned ops. All outputs are measured
+before anything is raised, so the error lists every failure at once. Quantization
+(``export/quantize.py``) is an optional step after this one, on the fp32 graph it produced.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from conceptseg_edge.errors import ExportParityError
+from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, PartSpec, weight_storage
 from conceptseg_edge.fileio import atomic_path, sha256_file
 from conceptseg_edge.manifest import ParityReport, PartManifest
-from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, PartSpec, weight_storage
+from conceptseg_edge.metrics import iou as mask_iou
 
 Feeds = Mapping[str, np.ndarray]
 Reference = Callable[[Feeds], Mapping[str, np.ndarray]]
@@ -112,13 +115,6 @@ def graph_op_types(path: Path) -> set[str]:
     return {node.op_type for node in model.graph.node}
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two logit tensors binarised at 0 (1.0 when both are empty)."""
-    a, b = a > 0, b > 0
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def check_parity(
     spec: PartSpec, path: Path, cases: Sequence[Feeds], reference: Reference, reference_name: str
 ) -> ParityReport:
@@ -139,7 +135,9 @@ def check_parity(
                 )
             worst[name] = max(worst[name], float(np.abs(got[name] - want[name]).max(initial=0.0)))
         if spec.min_mask_iou is not None:
-            ious.append(mask_iou(got[mask_output], want[mask_output]))
+            # Every mask of the batch at logit 0, pooled (rows stacked into one 2-D mask).
+            width = got[mask_output].shape[-1]
+            ious.append(float(mask_iou((got[mask_output] > 0).reshape(-1, width), (want[mask_output] > 0).reshape(-1, width))))
     iou = min(ious) if ious else None
     passed = all(worst[n] <= spec.atol[n] for n in worst) and (iou is None or iou >= spec.min_mask_iou)
     return ParityReport(reference=reference_name, max_abs_diff=worst, atol=dict(spec.atol), passed=passed, mask_iou=iou)

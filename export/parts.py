@@ -1,9 +1,14 @@
-"""One ``PartSpec`` per exported graph: tensor names, dynamic axes, dtypes, tolerances, banned ops.
+"""What every exported part is described with: ``PartSpec``, tolerances, weight storages, precisions.
 
 The spec is the single source of IO names: export uses it to name graph inputs/outputs and dynamic
-axes, the manifest copies it, and the runtime reads names back from the manifest. Specs are built by
-factories registered with ``@register_part`` (their shapes depend on the image size); the test suite
-checks that every registered part has an export test.
+axes, the manifest copies it, and the runtime reads names back from the manifest. Each model family
+(``export/sam2.py``, ``export/ctm.py``, ``export/policy.py``) builds its specs with factories (their
+shapes depend on the image size or the model config) and lists them in its ``PARTS``;
+``export/registry.py`` imports the families explicitly, and the test suite checks that every
+registered part has an export test.
+
+This module imports neither torch nor onnx: the CLI reads its choices from ``WEIGHT_STORAGES`` and
+``PRECISIONS`` while it parses arguments.
 """
 
 from __future__ import annotations
@@ -16,15 +21,6 @@ from conceptseg_edge.errors import InputError
 from conceptseg_edge.manifest import TensorSpec
 
 PartFactory = Callable[..., "PartSpec"]
-PART_REGISTRY: dict[str, PartFactory] = {}
-
-
-def register_part(name: str) -> Callable[[PartFactory], PartFactory]:
-    def deco(factory: PartFactory) -> PartFactory:
-        PART_REGISTRY[name] = factory
-        return factory
-
-    return deco
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,8 @@ class PartSpec:
         floor = self.min_mask_iou
         if floor is not None and declared.mask_iou_floor is not None:
             floor = min(floor, declared.mask_iou_floor)
-        return replace(self, atol={name: atol * declared.atol_scale for name, atol in self.atol.items()}, min_mask_iou=floor)
+        atol = {name: atol * declared.atol_scale if atol > 0 else declared.exact_atol for name, atol in self.atol.items()}
+        return replace(self, atol=atol, min_mask_iou=floor)
 
     @property
     def input_names(self) -> list[str]:
@@ -93,6 +90,7 @@ class WeightStorage:
     onnx_dtype: int  # onnx.TensorProto data type of the stored initializers
     atol_scale: float  # the fp32 tolerances above, multiplied by this
     mask_iou_floor: float | None  # lowers a part's mask IoU floor to this; None keeps the part's
+    exact_atol: float  # replaces an atol of 0 (a part that copies weights: the policy's embedding Gather)
 
 
 # Why fp16 storage gets 10x the fp32 tolerances: rounding a weight to float16 moves it by at most
@@ -113,9 +111,13 @@ class WeightStorage:
 # swapped axis, an fp16 overflow to inf) still moves outputs by 1e-1 to >1. The mask check stays
 # decisive: IoU at logit 0 >= 0.98 (pixels whose logit sits within ~2e-2 of 0 may flip; measured
 # 0.9989-1.0).
+# A part that only copies weights (an embedding Gather, atol 0 at fp32) returns them rounded: by at
+# most half an fp16 ulp, 2^-11 relative, i.e. <= 4.9e-4 for |w| < 1 and <= 9.8e-4 for |w| < 4
+# (embedding rows are of order 0.01-1). Its fp16 tolerance is that bound, 1e-3; a wrong row or a
+# dropped scale still moves outputs by the size of the weights themselves.
 WEIGHT_STORAGES: dict[str, WeightStorage] = {
-    "fp32": WeightStorage("fp32", onnx_dtype=1, atol_scale=1.0, mask_iou_floor=None),
-    "fp16": WeightStorage("fp16", onnx_dtype=10, atol_scale=10.0, mask_iou_floor=0.98),
+    "fp32": WeightStorage("fp32", onnx_dtype=1, atol_scale=1.0, mask_iou_floor=None, exact_atol=0.0),
+    "fp16": WeightStorage("fp16", onnx_dtype=10, atol_scale=10.0, mask_iou_floor=0.98, exact_atol=1e-3),
 }
 
 
@@ -132,63 +134,14 @@ def weight_storage(name: str, label: str) -> WeightStorage:
 STORAGE_MIN_ELEMENTS = 1024
 
 
-@register_part("sam2_encoder")
-def sam2_encoder_spec(image_size: int) -> PartSpec:
-    s = image_size
-    return PartSpec(
-        name="sam2_encoder",
-        file="sam2_encoder.onnx",
-        inputs=(TensorSpec("image", "float32", (1, 3, s, s)),),
-        outputs=(
-            TensorSpec("image_embed", "float32", (1, 256, s // 16, s // 16)),
-            TensorSpec("high_res_feats_0", "float32", (1, 32, s // 4, s // 4)),
-            TensorSpec("high_res_feats_1", "float32", (1, 64, s // 8, s // 8)),
-        ),
-        atol={"image_embed": FEATURE_ATOL, "high_res_feats_0": FEATURE_ATOL, "high_res_feats_1": FEATURE_ATOL},
-        # The FPN neck's own nearest 2x upsampling is model arithmetic and stays; these may not appear.
-        forbidden_ops=frozenset({"OneHot", "NonZero"}),
-    )
+# What a part computes in. fp16 is a TensorRT build precision on GPU (strongly typed, per part), not an
+# ONNX variant ONNX Runtime's CPU provider can run and validate here; int8 and int4 are quantization
+# steps after the fp32 export (export/quantize.py), applied to the policy decoder.
+PRECISIONS = ("fp32", "int8", "int4")
 
 
-@register_part("sam2_decoder")
-def sam2_decoder_spec(image_size: int) -> PartSpec:
-    s = image_size
-    return PartSpec(
-        name="sam2_decoder",
-        file="sam2_decoder.onnx",
-        inputs=(
-            TensorSpec("image_embed", "float32", (1, 256, s // 16, s // 16)),
-            TensorSpec("high_res_feats_0", "float32", (1, 32, s // 4, s // 4)),
-            TensorSpec("high_res_feats_1", "float32", (1, 64, s // 8, s // 8)),
-            TensorSpec("point_coords", "float32", ("batch", "num_points", 2)),
-            TensorSpec("point_labels", "int32", ("batch", "num_points")),
-            TensorSpec("concept_tokens", "float32", ("batch", "num_concept_tokens", 256)),
-            TensorSpec("mask_input", "float32", ("batch", 1, s // 4, s // 4)),
-            TensorSpec("has_mask_input", "float32", ("batch",)),
-        ),
-        outputs=(
-            TensorSpec("low_res_masks", "float32", ("batch", 4, s // 4, s // 4)),
-            TensorSpec("iou_predictions", "float32", ("batch", 4)),
-            TensorSpec("object_score_logits", "float32", ("batch", 1)),
-        ),
-        atol={"low_res_masks": LOGIT_ATOL, "iou_predictions": SCORE_ATOL, "object_score_logits": SCORE_ATOL},
-        forbidden_ops=frozenset({"OneHot", "Tile", "Resize", "NonZero", "Greater", "Less"}),
-        min_mask_iou=MASK_IOU_FLOOR,
-    )
-
-
-@register_part("ctm")
-def ctm_spec(hidden_size: int, num_queries: int = 8) -> PartSpec:
-    """Concept Translation Module: completion hidden states (any length) → concept tokens.
-
-    Batch 1: the CTM has no padding mask (as the paper), so completions of different lengths cannot
-    share a batch without changing the result.
-    """
-    return PartSpec(
-        name="ctm",
-        file="ctm.onnx",
-        inputs=(TensorSpec("hidden_states", "float32", (1, "completion_len", hidden_size)),),
-        outputs=(TensorSpec("concept_tokens", "float32", (1, num_queries, 256)),),
-        atol={"concept_tokens": FEATURE_ATOL},
-        forbidden_ops=frozenset({"OneHot", "NonZero"}),
-    )
+def check_precision(name: str, label: str) -> str:
+    """``name`` if it is in ``PRECISIONS``; ``InputError`` under ``label`` (the flag or field) otherwise."""
+    if name not in PRECISIONS:
+        raise InputError(f"{label}: expected one of {', '.join(PRECISIONS)}")
+    return name

@@ -1,4 +1,9 @@
-"""Qwen2.5-VL policy → the three graphs ONNX Runtime GenAI uses, each validated against torch.
+"""The policy family: Qwen2.5-VL → the three graphs ONNX Runtime GenAI uses, each validated against torch.
+
+This module holds the family's ``PartSpec``s, its export-time modules (``VisionEncoderGraph``,
+``EmbedGraph``, ``DecoderGraph``), its references and parity cases, and ``export_policy``. Every
+graph goes through ``export_and_validate`` (so all accept a ``weight_storage``); a quantized decoder
+is the optional step after it (``export/quantize.py``), validated on behaviour here.
 
 Graphs (IO names come from the ``PartSpec``s below; batch is 1 everywhere, as in ``PolicyWrapper``):
 
@@ -32,55 +37,53 @@ Graphs (IO names come from the ``PartSpec``s below; batch is 1 everywhere, as in
   per decode step; fp32 ~19-21 → ~14-16 ms and INT8 ~8.3-8.9 → ~5.7-6.1 ms per step; parity
   differences unchanged to the last bit on the test cases.
 
-Validation (all graphs, fp32): ONNX Runtime vs the transformers modules on fixed cases that cover
-the dynamic axes (images of several aspect ratios; prefill with past = 0, one-token decode, a chunk
-after a past with a padding hole, 3-axis positions). Tolerances and why are next to the constants.
+Validation (all graphs, fp32 arithmetic): ONNX Runtime vs the transformers modules on fixed cases
+that cover the dynamic axes (images of several aspect ratios; prefill with past = 0, one-token
+decode, a chunk after a past with a padding hole, 3-axis positions). Tolerances and why are next to
+the constants; ``WeightStorage`` scales them for fp16-stored weights.
 
-Quantized decoders (``precision="int8" | "int4"``; vision and embedding stay fp32, see
-``QUANTIZED_PARTS``): INT8 is ``quantize_dynamic`` (int8 weights, per-tensor, MatMul/Gemm only,
-activations quantized at run time); INT4 is weight-only ``MatMulNBitsQuantizer`` (RTN, symmetric,
-block 32, fp32 compute). A quantized graph cannot meet an fp32 atol, so its ``ParityReport`` holds
-distances against torch on teacher-forced greedy completions (see ``quantized_parity``), each
-1 - a measure: ``greedy_token_disagreement`` (all completion slots; recorded, ceiling 1.0),
-``decisive_token_disagreement`` (slots where torch's top-1 leads by >= ``DECISIVE_MARGIN`` logits) and
-``hidden_cosine_distance`` (1 - mean per-row cosine of the CTM's hidden states); ``atol`` holds the
-ceilings 1 - floor (``QUANT_FLOORS``, reasoning beside it). ``ParityReport`` has no fields for
-agreement metrics; distances keep its ``diff <= atol`` reading valid.
+Quantized decoders (``precision="int8" | "int4"``; vision and embedding stay unquantized, see
+``QUANTIZED_PARTS``): the fp32 decoder is exported and validated first, then quantized
+(``export/quantize.py``). A quantized graph cannot meet an fp32 atol, so it is measured against
+torch on teacher-forced greedy completions (``quantized_parity``) and recorded as the manifest's
+``QuantizedParity``: greedy token agreement over all completion slots (recorded, not gated),
+agreement over the decisive slots (torch's top-1 leads by >= ``DECISIVE_MARGIN`` logits) and the
+mean cosine of the CTM's hidden states, each with its floor (``QUANT_FLOORS``, reasoning beside it).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
+import dataclasses
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from conceptseg_edge.errors import ExportParityError, InputError
-from conceptseg_edge.export.onnx_export import check_parity, export_part, graph_op_types
-from conceptseg_edge.export.parts import PartSpec, register_part
-from conceptseg_edge.fileio import atomic_path, sha256_file
-from conceptseg_edge.manifest import ParityReport, PartManifest, TensorSpec
+from conceptseg_edge.export.onnx_export import export_and_validate
+from conceptseg_edge.export.parts import FEATURE_ATOL, LOGIT_ATOL, PartFactory, PartSpec, check_precision
+from conceptseg_edge.export.quantize import quantize_part
+from conceptseg_edge.generation import GenerationConfig
+from conceptseg_edge.manifest import PartManifest, QuantizedParity, TensorSpec
 
-PRECISIONS = ("fp32", "int8", "int4")
 #: Parts a ``precision`` other than fp32 applies to. The vision tower runs once per image (compute-
 #: bound, and known to drift under reduced precision: see deployment-notes), and the embedding is a
 #: Gather that MatMul-only quantizers do not touch; the decoder is where per-token weight traffic is.
 QUANTIZED_PARTS = frozenset({"policy_decoder"})
 REFERENCE_NAME = "transformers Qwen2_5_VLForConditionalGeneration modules, torch eager fp32"
-INT4_BLOCK_SIZE = 32  # the tiny test model's hidden size is 128; 32 divides every K down to tiny sizes
 
-# fp32 tolerances. The graphs are float32 like the eager modules, so differences come only from
-# kernel choice and summation order: measured ~2e-7 on image embeddings and ~1e-6 on decoder states
-# of the tiny model. Post-norm states and KV entries are of order 1, so 1e-3 leaves ~1000x margin
-# while any real export bug (a wrong rotary section, a dropped mask, a transposed head) moves them
-# by 1e-2 or more. Logits of a trained model reach ~30, hence 1e-2. The embedding graph is a Gather:
-# it must be bit-exact.
-FEATURE_ATOL = 1e-3
-LOGIT_ATOL = 1e-2
+# fp32 tolerances (parts.FEATURE_ATOL, parts.LOGIT_ATOL). The graphs are float32 like the eager
+# modules, so differences come only from kernel choice and summation order: measured ~2e-7 on image
+# embeddings and ~1e-6 on decoder states of the tiny model. Post-norm states and KV entries are of
+# order 1, so 1e-3 leaves ~1000x margin while any real export bug (a wrong rotary section, a dropped
+# mask, a transposed head) moves them by 1e-2 or more. Logits of a trained model reach ~30, hence
+# 1e-2. The embedding graph is a Gather: at fp32 storage it must be bit-exact.
 EMBED_ATOL = 0.0
 
 # Quantized decoders: what the export *gates* on. Three measures on teacher-forced greedy
@@ -103,20 +106,16 @@ QUANT_FLOORS: dict[str, dict[str, float]] = {
     "int8": {"greedy_token_agreement": 0.0, "decisive_token_agreement": 0.9, "hidden_cosine": 0.9},
     "int4": {"greedy_token_agreement": 0.0, "decisive_token_agreement": 0.9, "hidden_cosine": 0.9},
 }
-#: ParityReport key (a distance, 1 - measure) for each floored measure.
-QUANT_DISTANCES = {
-    "greedy_token_agreement": "greedy_token_disagreement",
-    "decisive_token_agreement": "decisive_token_disagreement",
-    "hidden_cosine": "hidden_cosine_distance",
-}
-QUANT_PARITY_TOKENS = 32
+#: The completions torch generates for the quantized check: long enough to leave the prompt's
+#: echo and reach tags, words and box digits.
+QUANT_PARITY_GENERATION = GenerationConfig(max_new_tokens=32)
 FORBIDDEN = frozenset({"OneHot", "NonZero"})
+_NEG = torch.finfo(torch.float32).min  # an additive mask's "never attend"
 
 
 # ----------------------------------------------------------------------------- specs
 
 
-@register_part("policy_vision")
 def policy_vision_spec(hidden_size: int, patch_dim: int = 1176) -> PartSpec:
     """One image's patches (the processor's ``pixel_values``) + its grid → merged image embeddings."""
     return PartSpec(
@@ -132,7 +131,6 @@ def policy_vision_spec(hidden_size: int, patch_dim: int = 1176) -> PartSpec:
     )
 
 
-@register_part("policy_embed")
 def policy_embed_spec(hidden_size: int) -> PartSpec:
     """Token ids → input embeddings (the decoder's ``embed_tokens``)."""
     return PartSpec(
@@ -150,24 +148,11 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-@register_part("policy_decoder")
-def policy_decoder_spec(
-    hidden_size: int,
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    vocab_size: int,
-    precision: str = "fp32",
-) -> PartSpec:
-    """The language model + LM head with an explicit KV cache; ``atol`` depends on ``precision``."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision: {precision!r}, expected one of {PRECISIONS}")
+def policy_decoder_spec(hidden_size: int, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int) -> PartSpec:
+    """The language model + LM head with an explicit KV cache (the fp32 graph a quantized one starts from)."""
     kv = (1, num_kv_heads)
-    if precision == "fp32":
-        atol = {"logits": LOGIT_ATOL, "last_hidden_state": FEATURE_ATOL}
-        atol |= {name: FEATURE_ATOL for name in kv_names(num_layers, "present")}
-    else:
-        atol = {QUANT_DISTANCES[k]: 1.0 - floor for k, floor in QUANT_FLOORS[precision].items()}
+    atol = {"logits": LOGIT_ATOL, "last_hidden_state": FEATURE_ATOL}
+    atol |= {name: FEATURE_ATOL for name in kv_names(num_layers, "present")}
     return PartSpec(
         name="policy_decoder",
         file="policy_decoder.onnx",
@@ -187,147 +172,145 @@ def policy_decoder_spec(
     )
 
 
+#: This family's parts, for ``export/registry.py``.
+PARTS: dict[str, PartFactory] = {
+    "policy_vision": policy_vision_spec,
+    "policy_embed": policy_embed_spec,
+    "policy_decoder": policy_decoder_spec,
+}
+
+
 # ----------------------------------------------------------------------------- graph modules
 
 
-def _modules():
-    """torch modules, defined lazily so importing this file (for the registry) needs no torch."""
-    import torch
-    from torch import nn
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+class VisionEncoderGraph(nn.Module):
+    """Qwen2.5-VL's vision tower for one image, with the grid bookkeeping as tensor ops."""
 
-    neg = torch.finfo(torch.float32).min
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        cfg = visual.config
+        self.visual = visual
+        self.merge = cfg.spatial_merge_size
+        self.unit = self.merge**2
+        self.window = cfg.window_size // self.merge // cfg.patch_size  # merged tokens per window side
+        self.full_attention = frozenset(cfg.fullatt_block_indexes)
 
-    class VisionEncoderGraph(nn.Module):
-        """Qwen2.5-VL's vision tower for one image, with the grid bookkeeping as tensor ops."""
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        m, vw, unit = self.merge, self.window, self.unit
+        lw = image_grid_thw[0, 2] // m  # merged columns
+        n = pixel_values.shape[0] // unit  # merged tokens (t = 1)
+        idx = torch.arange(n, device=pixel_values.device)
+        row, col = idx // lw, idx % lw
+        windows_per_row = (lw + vw - 1) // vw
+        window_id = (row // vw) * windows_per_row + col // vw
+        # transformers' get_vision_window_index lists merged tokens window by window (windows
+        # row-major), row-major inside a window: exactly ascending order of this unique key.
+        key = window_id * (vw * vw) + (row % vw) * vw + col % vw
+        window_index = torch.argsort(key)
+        sub = torch.arange(unit, device=pixel_values.device)
+        patch_row = (row[window_index][:, None] * m + sub[None, :] // m).reshape(-1, 1)
+        patch_col = (col[window_index][:, None] * m + sub[None, :] % m).reshape(-1, 1)
+        inv_freq = self.visual.rotary_pos_emb.inv_freq
+        freqs = torch.cat([patch_row.float() * inv_freq, patch_col.float() * inv_freq], dim=-1)
+        freqs = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = freqs.cos(), freqs.sin()
+        patch_window = window_id[window_index][:, None].expand(-1, unit).reshape(-1)
+        window_bias = torch.where(patch_window[:, None] == patch_window[None, :], 0.0, _NEG)
 
-        def __init__(self, visual: nn.Module) -> None:
-            super().__init__()
-            cfg = visual.config
-            self.visual = visual
-            self.merge = cfg.spatial_merge_size
-            self.unit = self.merge**2
-            self.window = cfg.window_size // self.merge // cfg.patch_size  # merged tokens per window side
-            self.full_attention = frozenset(cfg.fullatt_block_indexes)
+        x = self.visual.patch_embed(pixel_values)
+        d = x.shape[-1]
+        x = x.reshape(-1, unit, d)[window_index].reshape(-1, d)
+        for i, block in enumerate(self.visual.blocks):
+            bias = None if i in self.full_attention else window_bias
+            x = x + self._attention(block.attn, block.norm1(x), cos, sin, bias)
+            x = x + block.mlp(block.norm2(x))
+        merged = self.visual.merger(x)
+        return merged[torch.argsort(window_index)]
 
-        def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-            m, vw, unit = self.merge, self.window, self.unit
-            lw = image_grid_thw[0, 2] // m  # merged columns
-            n = pixel_values.shape[0] // unit  # merged tokens (t = 1)
-            idx = torch.arange(n, device=pixel_values.device)
-            row, col = idx // lw, idx % lw
-            windows_per_row = (lw + vw - 1) // vw
-            window_id = (row // vw) * windows_per_row + col // vw
-            # transformers' get_vision_window_index lists merged tokens window by window (windows
-            # row-major), row-major inside a window: exactly ascending order of this unique key.
-            key = window_id * (vw * vw) + (row % vw) * vw + col % vw
-            window_index = torch.argsort(key)
-            sub = torch.arange(unit, device=pixel_values.device)
-            patch_row = (row[window_index][:, None] * m + sub[None, :] // m).reshape(-1, 1)
-            patch_col = (col[window_index][:, None] * m + sub[None, :] % m).reshape(-1, 1)
-            inv_freq = self.visual.rotary_pos_emb.inv_freq
-            freqs = torch.cat([patch_row.float() * inv_freq, patch_col.float() * inv_freq], dim=-1)
-            freqs = torch.cat([freqs, freqs], dim=-1)
-            cos, sin = freqs.cos(), freqs.sin()
-            patch_window = window_id[window_index][:, None].expand(-1, unit).reshape(-1)
-            window_bias = torch.where(patch_window[:, None] == patch_window[None, :], 0.0, neg)
+    @staticmethod
+    def _attention(attn, x, cos, sin, bias):
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
+        if bias is not None:
+            scores = scores + bias
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return attn.proj(torch.matmul(weights, v).transpose(0, 1).reshape(n, -1))
 
-            x = self.visual.patch_embed(pixel_values)
-            d = x.shape[-1]
-            x = x.reshape(-1, unit, d)[window_index].reshape(-1, d)
-            for i, block in enumerate(self.visual.blocks):
-                bias = None if i in self.full_attention else window_bias
-                x = x + self._attention(block.attn, block.norm1(x), cos, sin, bias)
-                x = x + block.mlp(block.norm2(x))
-            merged = self.visual.merger(x)
-            return merged[torch.argsort(window_index)]
+class EmbedGraph(nn.Module):
+    """The decoder's token embedding on its own (a Gather), so the runtime embeds ids and image rows alike."""
 
-        @staticmethod
-        def _attention(attn, x, cos, sin, bias):
-            n = x.shape[0]
-            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-            scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-            if bias is not None:
-                scores = scores + bias
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            return attn.proj(torch.matmul(weights, v).transpose(0, 1).reshape(n, -1))
+    def __init__(self, embed_tokens: nn.Module) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
 
-    class EmbedGraph(nn.Module):
-        def __init__(self, embed_tokens: nn.Module) -> None:
-            super().__init__()
-            self.embed_tokens = embed_tokens
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.embed_tokens(input_ids)
+class DecoderGraph(nn.Module):
+    """Language model + LM head over explicit past/present tensors (batch 1)."""
 
-    class DecoderGraph(nn.Module):
-        """Language model + LM head over explicit past/present tensors (batch 1)."""
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        cfg = language_model.config
+        if getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (cfg.layer_types or []):
+            raise InputError("policy: sliding-window attention is not supported by the decoder export")
+        self.lm = language_model
+        self.lm_head = lm_head
 
-        def __init__(self, language_model: nn.Module, lm_head: nn.Module) -> None:
-            super().__init__()
-            cfg = language_model.config
-            if getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (cfg.layer_types or []):
-                raise InputError("policy: sliding-window attention is not supported by the decoder export")
-            self.lm = language_model
-            self.lm_head = lm_head
-
-        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-            # Batch is 1 (the spec's leading dims), so every reshape below has a constant target and
-            # the graph carries no per-layer Shape/Gather/Concat chains.
-            x = inputs_embeds
-            cfg = self.lm.config
-            heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-            hd = self.lm.layers[0].self_attn.head_dim
-            group = heads // kv_heads
-            seq = x.shape[1]
-            past_len = past[0].shape[2]
-            total = attention_mask.shape[1]
-            query_pos = torch.arange(seq, device=x.device) + past_len
-            key_pos = torch.arange(total, device=x.device)
-            allowed = (key_pos[None, :] <= query_pos[:, None]) & (attention_mask[0][None, :] > 0)
-            # Grouped-query attention without repeat_kv: the G = heads / kv_heads query heads that
-            # share a KV head are stacked along the query axis, (1, kv, G * S, hd), and attend to the
-            # unexpanded (1, kv, T, hd) cache; the (S, T) mask is tiled G times to match (row g*S + s
-            # is query s of group member g). Built once per step, shared by all layers.
-            bias = torch.where(allowed, 0.0, neg).repeat(group, 1)[None, None]
-            # Rotary: cos/sin once per step. rotate_half(x) * sin == flip(x as (2, hd/2)) * sin with the
-            # first half negated, which is one Slice instead of Slice/Slice/Neg/Concat, applied to
-            # the queries and keys of a layer together.
-            cos, sin = self.lm.rotary_emb(x, position_ids)
-            pairs = (1, -1, 1, 2, hd // 2)  # (1, S, heads, half, hd / 2)
-            sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype).view(1, 1, 1, 2, 1)
-            cos, sin = cos.reshape(pairs), sin.reshape(pairs) * sign
-            presents = []
-            for i, layer in enumerate(self.lm.layers):
-                attn = layer.self_attn
-                h = layer.input_layernorm(x)
-                qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], dim=-1).view(1, -1, heads + kv_heads, 2, hd // 2)
-                qk = (qk * cos + qk.flip(3) * sin).view(1, -1, heads + kv_heads, hd).transpose(1, 2)
-                q, k = qk.split([heads, kv_heads], dim=1)
-                v = attn.v_proj(h).view(1, -1, kv_heads, hd).transpose(1, 2)
-                k = torch.cat([past[2 * i], k], dim=2)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
-                presents += [k, v]
-                q = q.reshape(1, kv_heads, -1, hd)
-                scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + bias
-                weights = torch.softmax(scores, dim=-1)
-                out = torch.matmul(weights, v).reshape(1, heads, -1, hd).transpose(1, 2).reshape(1, -1, heads * hd)
-                x = x + attn.o_proj(out)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-            hidden = self.lm.norm(x)
-            return (self.lm_head(hidden), hidden, *presents)
-
-    return VisionEncoderGraph, EmbedGraph, DecoderGraph
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        # Batch is 1 (the spec's leading dims), so every reshape below has a constant target and
+        # the graph carries no per-layer Shape/Gather/Concat chains.
+        x = inputs_embeds
+        cfg = self.lm.config
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        hd = self.lm.layers[0].self_attn.head_dim
+        group = heads // kv_heads
+        seq = x.shape[1]
+        past_len = past[0].shape[2]
+        total = attention_mask.shape[1]
+        query_pos = torch.arange(seq, device=x.device) + past_len
+        key_pos = torch.arange(total, device=x.device)
+        allowed = (key_pos[None, :] <= query_pos[:, None]) & (attention_mask[0][None, :] > 0)
+        # Grouped-query attention without repeat_kv: the G = heads / kv_heads query heads that
+        # share a KV head are stacked along the query axis, (1, kv, G * S, hd), and attend to the
+        # unexpanded (1, kv, T, hd) cache; the (S, T) mask is tiled G times to match (row g*S + s
+        # is query s of group member g). Built once per step, shared by all layers.
+        bias = torch.where(allowed, 0.0, _NEG).repeat(group, 1)[None, None]
+        # Rotary: cos/sin once per step. rotate_half(x) * sin == flip(x as (2, hd/2)) * sin with the
+        # first half negated, which is one Slice instead of Slice/Slice/Neg/Concat, applied to
+        # the queries and keys of a layer together.
+        cos, sin = self.lm.rotary_emb(x, position_ids)
+        pairs = (1, -1, 1, 2, hd // 2)  # (1, S, heads, half, hd / 2)
+        sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype).view(1, 1, 1, 2, 1)
+        cos, sin = cos.reshape(pairs), sin.reshape(pairs) * sign
+        presents = []
+        for i, layer in enumerate(self.lm.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], dim=-1).view(1, -1, heads + kv_heads, 2, hd // 2)
+            qk = (qk * cos + qk.flip(3) * sin).view(1, -1, heads + kv_heads, hd).transpose(1, 2)
+            q, k = qk.split([heads, kv_heads], dim=1)
+            v = attn.v_proj(h).view(1, -1, kv_heads, hd).transpose(1, 2)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            q = q.reshape(1, kv_heads, -1, hd)
+            scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + bias
+            weights = torch.softmax(scores, dim=-1)
+            out = torch.matmul(weights, v).reshape(1, heads, -1, hd).transpose(1, 2).reshape(1, -1, heads * hd)
+            x = x + attn.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.lm.norm(x)
+        return (self.lm_head(hidden), hidden, *presents)
 
 
 # ----------------------------------------------------------------------------- references
 
 
-def _vision_reference(model):
-    import torch
-
+def vision_reference(model):
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             out = model.model.get_image_features(
@@ -338,9 +321,7 @@ def _vision_reference(model):
     return run
 
 
-def _embed_reference(model):
-    import torch
-
+def embed_reference(model):
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             return {"inputs_embeds": model.get_input_embeddings()(torch.from_numpy(feeds["input_ids"])).numpy()}
@@ -348,9 +329,8 @@ def _embed_reference(model):
     return run
 
 
-def _decoder_reference(model, num_layers: int):
+def decoder_reference(model, num_layers: int):
     """transformers' own language model with a ``DynamicCache`` filled from the past feeds."""
-    import torch
     from transformers import DynamicCache
 
     lm = model.model.language_model
@@ -385,7 +365,12 @@ def _decoder_reference(model, num_layers: int):
 # ----------------------------------------------------------------------------- parity cases
 
 
-def _vision_cases(processor) -> list[dict[str, np.ndarray]]:
+def embed_cases(vocab_size: int) -> list[dict[str, np.ndarray]]:
+    """Ids across the vocabulary (its last row included), and a single id."""
+    return [{"input_ids": np.array([[1, 5, 9, vocab_size - 1]], np.int64)}, {"input_ids": np.array([[3]], np.int64)}]
+
+
+def vision_cases(processor) -> list[dict[str, np.ndarray]]:
     """Images of several aspect ratios through the real processor (the first one is traced)."""
     rng = np.random.default_rng(0)
     cases = []
@@ -397,7 +382,7 @@ def _vision_cases(processor) -> list[dict[str, np.ndarray]]:
     return cases
 
 
-def _decoder_cases(cfg, num_layers: int, embed_weight: np.ndarray) -> list[dict[str, np.ndarray]]:
+def decoder_cases(cfg, num_layers: int, embed_weight: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Prefill (past 0), one-token decode, and a chunk after a past with a padding hole.
 
     The first case (traced) has past > 0 and S > 1 so neither dim is specialised to 0 or 1.
@@ -436,54 +421,6 @@ def _decoder_cases(cfg, num_layers: int, embed_weight: np.ndarray) -> list[dict[
 # ----------------------------------------------------------------------------- export
 
 
-def _export_fp32(module, spec: PartSpec, cases, reference, path: Path, opset: int) -> ParityReport:
-    export_part(module, spec, cases[0], path, opset)
-    banned = graph_op_types(path) & spec.forbidden_ops
-    if banned:
-        raise ExportParityError(f"{spec.name}: graph contains ops {sorted(banned)} that TensorRT/serving forbid")
-    report = check_parity(spec, path, cases, reference, REFERENCE_NAME)
-    if not report.passed:
-        diffs = ", ".join(f"{n}={d:.3g} (atol {report.atol[n]:.0e})" for n, d in report.max_abs_diff.items())
-        raise ExportParityError(f"{spec.name}: ONNX Runtime disagrees with {REFERENCE_NAME}: {diffs}")
-    return report
-
-
-def quantize_decoder(src: Path, dst: Path, precision: str) -> None:
-    """Write a quantized copy of the fp32 graph ``src`` to ``dst`` atomically."""
-    with atomic_path(dst) as tmp:
-        if precision == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(
-                str(src),
-                str(tmp),
-                op_types_to_quantize=["MatMul", "Gemm"],
-                # Per-tensor: ORT's per-channel MatMul path measured worse here (agreement 0.943 vs
-                # 0.984, cosine 0.9992 vs 0.9994 on the tiny model).
-                per_channel=False,
-                weight_type=QuantType.QInt8,
-                extra_options={"MatMulConstBOnly": True},
-            )
-        elif precision == "int4":
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            # The quantizer logs one INFO line per graph node; keep export output readable.
-            log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-            level = log.level
-            log.setLevel(max(level, logging.WARNING))
-            try:
-                quantizer = MatMulNBitsQuantizer(
-                    onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True
-                )
-                quantizer.process()
-                quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
-            finally:
-                log.setLevel(level)
-        else:
-            raise InputError(f"precision: {precision!r} is not a quantized precision")
-
-
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a * b).sum(-1)
     den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
@@ -491,8 +428,12 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def quantized_parity(
-    wrapper, policy, prompts: Sequence[tuple[Sequence[Any], str]], max_new_tokens: int = QUANT_PARITY_TOKENS
-) -> dict[str, float]:
+    wrapper,
+    policy,
+    prompts: Sequence[tuple[Sequence[Any], str]],
+    precision: str,
+    generation: GenerationConfig = QUANT_PARITY_GENERATION,
+) -> QuantizedParity:
     """Quantized runtime vs torch on torch's greedy completions, teacher-forced.
 
     For each (images, text): torch decodes greedily (``PolicyWrapper.generate``); the runtime
@@ -501,16 +442,15 @@ def quantized_parity(
     keeps one early flip from cascading into a different continuation, so the numbers measure the
     graph, not where the first divergence happened to fall.
 
-    Returns, pooled over all prompts: ``greedy_token_agreement`` (fraction of slots),
-    ``decisive_token_agreement`` (over slots where torch's top-1 logit leads the runner-up by at
-    least ``DECISIVE_MARGIN``; 1.0 when there are none), ``hidden_cosine`` (mean row cosine),
-    ``hidden_cosine_min`` (worst row), ``slots`` and ``decisive_slots``.
+    Returns, pooled over all prompts, the ``QuantizedParity`` of ``policy``'s decoder (quantized
+    at ``precision``): ``greedy_token_agreement`` (fraction of slots), ``decisive_token_agreement``
+    (over slots where torch's top-1 logit leads the runner-up by at least ``DECISIVE_MARGIN``; 1.0
+    when there are none), ``hidden_cosine`` (mean row cosine), the slot counts, and ``passed``
+    against ``QUANT_FLOORS[precision]``.
     """
-    import torch
-
     agree, decisive, cosines = [], [], []
     for images, text in prompts:
-        ref = wrapper.generate(list(images), text, max_new_tokens)
+        ref = wrapper.generate(list(images), text, generation.max_new_tokens)
         tokens = ref.token_ids.numpy()
         ref_states = ref.hidden_states.float()
         with torch.no_grad():
@@ -521,14 +461,21 @@ def quantized_parity(
         decisive.append((top2[:, 0] - top2[:, 1]).numpy() >= DECISIVE_MARGIN)
         cosines.append(_cosines(state.hidden_states[start:], ref_states.numpy()))
     agree_all, decisive_all, cos_all = np.concatenate(agree), np.concatenate(decisive), np.concatenate(cosines)
-    return {
+    measures = {
         "greedy_token_agreement": float(agree_all.mean()),
         "decisive_token_agreement": float(agree_all[decisive_all].mean()) if decisive_all.any() else 1.0,
         "hidden_cosine": float(cos_all.mean()),
-        "hidden_cosine_min": float(cos_all.min()),
-        "slots": float(len(agree_all)),
-        "decisive_slots": float(decisive_all.sum()),
     }
+    floors = QUANT_FLOORS[precision]
+    return QuantizedParity(
+        reference=f"{REFERENCE_NAME}; teacher-forced greedy completions ({generation.max_new_tokens} new tokens at most)",
+        precision=precision,
+        tokens=len(agree_all),
+        decisive_tokens=int(decisive_all.sum()),
+        floors=dict(floors),
+        passed=all(measures[k] >= floor - 1e-12 for k, floor in floors.items()),
+        **measures,
+    )
 
 
 def validation_prompts() -> list[tuple[list[np.ndarray], str]]:
@@ -551,6 +498,7 @@ def export_policy(
     out_dir: str | Path,
     opset: int = 17,
     precision: str = "fp32",
+    weight_storage: str = "fp32",
 ) -> dict[str, PartManifest]:
     """Export the policy's three graphs into ``out_dir`` and validate each against torch.
 
@@ -562,19 +510,19 @@ def export_policy(
             written atomically; an fp32 intermediate for quantization lives in a temporary directory).
         opset: ONNX opset (17: TensorRT 8.6+/Jetson-friendly).
         precision: the decoder's precision, "fp32", "int8" or "int4"; the others stay fp32.
+        weight_storage: how the fp32 graphs store their large weights (``parts.WEIGHT_STORAGES``);
+            a quantized decoder holds its own quantized weights.
 
     Returns:
-        ``{"policy_vision": ..., "policy_embed": ..., "policy_decoder": ...}`` manifests, precision and
-        parity per part.
+        ``{"policy_vision": ..., "policy_embed": ..., "policy_decoder": ...}`` manifests: ``parity``
+        per fp32 graph, ``quantized_parity`` for a quantized decoder.
 
     Raises:
         ExportParityError: a graph disagrees with torch past its tolerance / floors, or holds a
             banned op.
+        InputError: an unknown precision or weight storage.
     """
-    import torch
-
-    if precision not in PRECISIONS:
-        raise InputError(f"precision: {precision!r}, expected one of {PRECISIONS}")
+    check_precision(precision, f"precision {precision!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = policy_model
@@ -587,70 +535,54 @@ def export_policy(
     vocab = model.lm_head.out_features
     ip = processor.image_processor
     patch_dim = 3 * ip.temporal_patch_size * ip.patch_size**2
-    VisionEncoderGraph, EmbedGraph, DecoderGraph = _modules()
-
-    parts: dict[str, PartManifest] = {}
-
-    def manifest(spec: PartSpec, report: ParityReport, part_precision: str) -> PartManifest:
-        path = out_dir / spec.file
-        return PartManifest(spec.name, spec.file, sha256_file(path), "onnx", part_precision, opset,
-                            spec.inputs, spec.outputs, report)
-
-    vspec = policy_vision_spec(d, patch_dim)
-    report = _export_fp32(VisionEncoderGraph(model.model.visual).eval(), vspec, _vision_cases(processor),
-                          _vision_reference(model), out_dir / vspec.file, opset)
-    parts[vspec.name] = manifest(vspec, report, "fp32")
-
-    espec = policy_embed_spec(d)
     embed = model.get_input_embeddings()
-    ids_cases = [{"input_ids": np.array([[1, 5, 9, vocab - 1]], np.int64)}, {"input_ids": np.array([[3]], np.int64)}]
-    report = _export_fp32(EmbedGraph(embed).eval(), espec, ids_cases, _embed_reference(model),
-                          out_dir / espec.file, opset)
-    parts[espec.name] = manifest(espec, report, "fp32")
 
-    fp32_spec = policy_decoder_spec(d, layers, tcfg.num_key_value_heads, head_dim, vocab)
-    decoder = DecoderGraph(model.model.language_model, model.lm_head).eval()
-    cases = _decoder_cases(tcfg, layers, embed.weight.detach().numpy())
-    reference = _decoder_reference(model, layers)
+    def export(module, spec, cases, reference, where: Path, storage: str) -> PartManifest:
+        return export_and_validate(module.eval(), spec, cases, reference, REFERENCE_NAME, where, opset, storage)
+
+    parts = {
+        "policy_vision": export(VisionEncoderGraph(model.model.visual), policy_vision_spec(d, patch_dim),
+                                vision_cases(processor), vision_reference(model), out_dir, weight_storage),
+        "policy_embed": export(EmbedGraph(embed), policy_embed_spec(d), embed_cases(vocab), embed_reference(model),
+                               out_dir, weight_storage),
+    }
+    decoder = (DecoderGraph(model.model.language_model, model.lm_head), policy_decoder_spec(d, layers, tcfg.num_key_value_heads, head_dim, vocab),
+               decoder_cases(tcfg, layers, embed.weight.detach().numpy()), decoder_reference(model, layers))
     if precision == "fp32":
-        report = _export_fp32(decoder, fp32_spec, cases, reference, out_dir / fp32_spec.file, opset)
-        parts[fp32_spec.name] = manifest(fp32_spec, report, "fp32")
+        parts["policy_decoder"] = export(*decoder, out_dir, weight_storage)
         return parts
-
-    spec = policy_decoder_spec(d, layers, tcfg.num_key_value_heads, head_dim, vocab, precision)
     with tempfile.TemporaryDirectory(prefix=".policy-export-", dir=out_dir) as tmp:
         tmp = Path(tmp)
-        fp32_path = tmp / "policy_decoder.fp32.onnx"
-        _export_fp32(decoder, fp32_spec, cases, reference, fp32_path, opset)
-        quantize_decoder(fp32_path, out_dir / spec.file, precision)
+        fp32 = export(*decoder, tmp, "fp32")  # the quantizers read fp32 initializers
+        quantized = quantize_part(fp32, tmp, out_dir, precision)
         processor.save_pretrained(str(tmp / "processor"))
-        report = _quantized_report(model, processor, out_dir, tmp / "processor", spec, precision)
-    parts[spec.name] = manifest(spec, report, precision)
+        report = quantized_decoder_parity(model, processor, out_dir, tmp / "processor", precision)
+    parts["policy_decoder"] = dataclasses.replace(quantized, quantized_parity=report)
     return parts
 
 
-def _quantized_report(model, processor, out_dir: Path, processor_dir: Path, spec: PartSpec, precision: str) -> ParityReport:
+def quantized_decoder_parity(model, processor, graphs_dir: Path, processor_dir: Path, precision: str) -> QuantizedParity:
+    """Measure the quantized decoder in ``graphs_dir`` (beside the vision and embedding graphs)
+    against ``model`` on ``validation_prompts()``, through the torch-free runtime.
+
+    Raises:
+        ExportParityError: a measure is below its ``QUANT_FLOORS[precision]`` floor.
+    """
     from conceptseg_edge.models.policy import PolicyWrapper
     from conceptseg_edge.runtime.engine import OrtEngine
     from conceptseg_edge.runtime.policy import OnnxPolicy, PolicyImageConfig, PolicyTokenizer
 
+    graphs_dir = Path(graphs_dir)
     policy = OnnxPolicy(
-        OrtEngine(out_dir / "policy_vision.onnx"),
-        OrtEngine(out_dir / "policy_embed.onnx"),
-        OrtEngine(out_dir / spec.file),
+        OrtEngine(graphs_dir / "policy_vision.onnx"),
+        OrtEngine(graphs_dir / "policy_embed.onnx"),
+        OrtEngine(graphs_dir / "policy_decoder.onnx"),
         PolicyTokenizer.from_dir(processor_dir),
         PolicyImageConfig.from_dir(processor_dir),
     )
-    metrics = quantized_parity(PolicyWrapper(model, processor), policy, validation_prompts())
-    diffs = {QUANT_DISTANCES[k]: 1.0 - metrics[k] for k in QUANT_FLOORS[precision]}
-    passed = all(diffs[k] <= spec.atol[k] + 1e-12 for k in diffs)
-    if not passed:
-        measured = ", ".join(f"{k} {metrics[k]:.4f} (floor {f})" for k, f in QUANT_FLOORS[precision].items())
+    report = quantized_parity(PolicyWrapper(model, processor), policy, validation_prompts(), precision)
+    if not report.passed:
+        measures = report.measures()
+        measured = ", ".join(f"{k} {measures[k]:.4f} (floor {f})" for k, f in report.floors.items())
         raise ExportParityError(f"policy_decoder ({precision}): {measured} vs {REFERENCE_NAME}")
-    return ParityReport(
-        reference=f"{REFERENCE_NAME}; teacher-forced greedy completions, {int(metrics['slots'])} slots "
-        f"({int(metrics['decisive_slots'])} decisive); distances are 1 - agreement / 1 - mean cosine",
-        max_abs_diff=diffs,
-        atol=dict(spec.atol),
-        passed=passed,
-    )
+    return report

@@ -1,7 +1,10 @@
-"""``export sam2``: a SAM 2.1 checkpoint → a bundle with the encoder and decoder graphs.
+"""The SAM2 family: its two parts' specs, parity cases and references, and ``export sam2``.
 
-The bundle is assembled in a staging directory and renamed into place only once every part has
-passed parity (``fileio.staged_dir``).
+``export sam2`` turns a SAM 2.1 checkpoint into a bundle with the encoder and decoder graphs. The
+export-time modules are ``SAM2ImageEncoder`` / ``SAM2PromptDecoder`` of ``models/sam2.py`` (training
+runs the same wrappers), the reference is ``SAM2Reference``, which calls the sam2 package's own
+modules. The bundle is assembled in a staging directory and renamed into place only once every part
+has passed parity (``fileio.staged_dir``).
 """
 
 from __future__ import annotations
@@ -19,20 +22,77 @@ from conceptseg_edge.manifest import (
     BundleManifest,
     Preprocessing,
     SourceInfo,
+    TensorSpec,
     read_manifest,
     write_manifest,
 )
 from conceptseg_edge.export.onnx_export import export_and_validate
-from conceptseg_edge.export.parts import sam2_decoder_spec, sam2_encoder_spec, weight_storage
+from conceptseg_edge.export.parts import (
+    FEATURE_ATOL,
+    LOGIT_ATOL,
+    MASK_IOU_FLOOR,
+    SCORE_ATOL,
+    PartFactory,
+    PartSpec,
+    weight_storage,
+)
+from conceptseg_edge.models.sam2_variants import DEFAULT_CONFIG
 
 REFERENCE_NAME = "sam2 package modules, torch eager (forward_image / _embed_points / predict_masks)"
+
+
+def sam2_encoder_spec(image_size: int) -> PartSpec:
+    s = image_size
+    return PartSpec(
+        name="sam2_encoder",
+        file="sam2_encoder.onnx",
+        inputs=(TensorSpec("image", "float32", (1, 3, s, s)),),
+        outputs=(
+            TensorSpec("image_embed", "float32", (1, 256, s // 16, s // 16)),
+            TensorSpec("high_res_feats_0", "float32", (1, 32, s // 4, s // 4)),
+            TensorSpec("high_res_feats_1", "float32", (1, 64, s // 8, s // 8)),
+        ),
+        atol={"image_embed": FEATURE_ATOL, "high_res_feats_0": FEATURE_ATOL, "high_res_feats_1": FEATURE_ATOL},
+        # The FPN neck's own nearest 2x upsampling is model arithmetic and stays; these may not appear.
+        forbidden_ops=frozenset({"OneHot", "NonZero"}),
+    )
+
+
+def sam2_decoder_spec(image_size: int) -> PartSpec:
+    s = image_size
+    return PartSpec(
+        name="sam2_decoder",
+        file="sam2_decoder.onnx",
+        inputs=(
+            TensorSpec("image_embed", "float32", (1, 256, s // 16, s // 16)),
+            TensorSpec("high_res_feats_0", "float32", (1, 32, s // 4, s // 4)),
+            TensorSpec("high_res_feats_1", "float32", (1, 64, s // 8, s // 8)),
+            TensorSpec("point_coords", "float32", ("batch", "num_points", 2)),
+            TensorSpec("point_labels", "int32", ("batch", "num_points")),
+            TensorSpec("concept_tokens", "float32", ("batch", "num_concept_tokens", 256)),
+            TensorSpec("mask_input", "float32", ("batch", 1, s // 4, s // 4)),
+            TensorSpec("has_mask_input", "float32", ("batch",)),
+        ),
+        outputs=(
+            TensorSpec("low_res_masks", "float32", ("batch", 4, s // 4, s // 4)),
+            TensorSpec("iou_predictions", "float32", ("batch", 4)),
+            TensorSpec("object_score_logits", "float32", ("batch", 1)),
+        ),
+        atol={"low_res_masks": LOGIT_ATOL, "iou_predictions": SCORE_ATOL, "object_score_logits": SCORE_ATOL},
+        forbidden_ops=frozenset({"OneHot", "Tile", "Resize", "NonZero", "Greater", "Less"}),
+        min_mask_iou=MASK_IOU_FLOOR,
+    )
+
+
+#: This family's parts, for ``export/registry.py``.
+PARTS: dict[str, PartFactory] = {"sam2_encoder": sam2_encoder_spec, "sam2_decoder": sam2_decoder_spec}
 
 
 @dataclass(frozen=True)
 class SAM2ExportConfig:
     """Arguments of ``conceptseg-edge export sam2``."""
 
-    config: str = "sam2.1_hiera_t"
+    config: str = DEFAULT_CONFIG  # a name in models.sam2_variants.SAM2_CONFIGS
     checkpoint: str | None = None
     opset: int = 17
     image_size: int = 1024

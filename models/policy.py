@@ -266,14 +266,18 @@ class PolicyWrapper:
         self,
         images: Sequence[ImageLike],
         text: str,
-        max_new_tokens: int = 2048,
+        max_new_tokens: int,
         greedy: bool = True,
     ) -> PolicyOutput:
-        """Build the prompt and decode; see ``generate_from_inputs``."""
+        """Build the prompt and decode; see ``generate_from_inputs``.
+
+        ``max_new_tokens`` has no default here: the budget is the caller's (a pipeline's
+        ``GenerationConfig``, a training recipe's completion length), never this wrapper's.
+        """
         return self.generate_from_inputs(self.build_inputs(images, text), max_new_tokens, greedy)
 
     def generate_from_inputs(
-        self, inputs: BatchFeature, max_new_tokens: int = 2048, greedy: bool = True
+        self, inputs: BatchFeature, max_new_tokens: int, greedy: bool = True
     ) -> PolicyOutput:
         """Decode from prepared inputs (batch of one), capturing each step's last hidden state.
 

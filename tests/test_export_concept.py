@@ -8,7 +8,8 @@ import torch
 
 from conceptseg_edge.errors import CheckpointError, InputError
 from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
-from conceptseg_edge.export.parts import ctm_spec
+from conceptseg_edge.export.ctm import ctm_spec, export_ctm
+from conceptseg_edge.export.parts import WEIGHT_STORAGES
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.models.checkpoint import load_checkpoint
 from conceptseg_edge.runtime.engine import OrtEngine
@@ -53,14 +54,11 @@ def test_refusals(tmp_path):
 
 
 def test_ctm_with_fp16_storage_halves_and_stays_within_tolerance(concept_checkpoint, tmp_path):
-    from conceptseg_edge.export.concept import _export_ctm
-    from conceptseg_edge.export.parts import WEIGHT_STORAGES
-
     ctm = load_checkpoint(concept_checkpoint).ctm
     parts = {}
     for storage in ("fp32", "fp16"):
         (tmp_path / storage).mkdir()
-        parts[storage] = _export_ctm(ctm, tmp_path / storage, 17, storage)
+        parts[storage] = export_ctm(ctm, tmp_path / storage, 17, storage)
     sizes = {s: (tmp_path / s / p.file).stat().st_size for s, p in parts.items()}
     assert sizes["fp16"] <= 0.6 * sizes["fp32"]
     half = parts["fp16"]

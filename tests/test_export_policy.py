@@ -33,13 +33,18 @@ import pytest
 import torch
 
 from conceptseg_edge.errors import ExportParityError, InputError
-from conceptseg_edge.export import policy as export_policy_mod
-from conceptseg_edge.export.onnx_export import graph_op_types
+from conceptseg_edge.export.onnx_export import export_and_validate, graph_op_types
+from conceptseg_edge.export.parts import WEIGHT_STORAGES
 from conceptseg_edge.export.policy import (
+    REFERENCE_NAME,
+    VisionEncoderGraph,
     export_policy,
     policy_decoder_spec,
     policy_embed_spec,
     policy_vision_spec,
+    quantized_decoder_parity,
+    vision_cases,
+    vision_reference,
 )
 from conceptseg_edge.manifest import BundleManifest, Preprocessing, SourceInfo, write_manifest
 from conceptseg_edge.models.policy import PolicyWrapper, build_policy, build_processor, tiny_policy_config
@@ -52,6 +57,7 @@ from conceptseg_edge.models.tokenizer import (
     train_tiny_tokenizer,
 )
 from conceptseg_edge.runtime import policy as rt
+from conceptseg_edge.runtime import policy_tokenizer as rt_tok
 from conceptseg_edge.runtime.engine import OrtEngine
 from conceptseg_edge.runtime.policy import OnnxPolicy, mrope_position_ids, preprocess_policy_image
 
@@ -223,15 +229,29 @@ def test_vision_graph_at_the_deployment_size(exported, model, deploy_processor):
 
 def test_export_raises_on_disagreement(model, processor, tmp_path):
     """Exports validate themselves: a reference that differs by 1e-2 fails the 1e-3 feature atol."""
-    VisionGraph, _, _ = export_policy_mod._modules()
-    spec = policy_vision_spec(128)
-    cases = export_policy_mod._vision_cases(processor)[:1]
-    ref = export_policy_mod._vision_reference(model)
+    ref = vision_reference(model)
     off = lambda feeds: {k: v + 1e-2 for k, v in ref(feeds).items()}  # noqa: E731
     with pytest.raises(ExportParityError, match="image_embeds"):
-        export_policy_mod._export_fp32(VisionGraph(model.model.visual), spec, cases, off, tmp_path / "v.onnx", 17)
+        export_and_validate(VisionEncoderGraph(model.model.visual).eval(), policy_vision_spec(128),
+                            vision_cases(processor)[:1], off, REFERENCE_NAME, tmp_path, 17)
     with pytest.raises(InputError, match="precision"):
         export_policy(model, processor, tmp_path, precision="fp16")
+    with pytest.raises(InputError, match="--weight-storage|weight storage 'int8'"):
+        export_policy(model, processor, tmp_path, weight_storage="int8")
+
+
+def test_policy_graphs_take_fp16_weight_storage(model, processor, exported, tmp_path):
+    """The policy graphs go through the same export path as SAM2 and the CTM: fp16-stored weights,
+    parity at that storage's tolerances (the embedding Gather's 0 becomes the rounding bound)."""
+    parts = export_policy(model, processor, tmp_path, weight_storage="fp16")
+    fp32_bundle, fp32_parts = exported["fp32"]
+    for name, part in parts.items():
+        assert part.weight_storage == "fp16" and part.precision == "fp32" and part.parity.passed
+        assert (tmp_path / part.file).stat().st_size <= 0.6 * (fp32_bundle / fp32_parts[name].file).stat().st_size
+    fp16 = WEIGHT_STORAGES["fp16"]
+    assert parts["policy_embed"].parity.atol["inputs_embeds"] == fp16.exact_atol
+    assert 0 < parts["policy_embed"].parity.max_abs_diff["inputs_embeds"] <= fp16.exact_atol
+    assert parts["policy_vision"].parity.atol["image_embeds"] == fp32_parts["policy_vision"].parity.atol["image_embeds"] * fp16.atol_scale
 
 
 # ----------------------------------------------------------------------------- numpy ports
@@ -269,9 +289,9 @@ def test_prompt_ids_and_mrope_equal_transformers(wrapper, policy, image, num_ima
 
 
 def test_runtime_constants_match_the_tokenizer_module(processor):
-    assert rt.DEFAULT_SYSTEM_PROMPT == DEFAULT_SYSTEM_PROMPT
-    assert (rt.IM_END, rt.END_OF_TEXT, rt.IMAGE_PAD) == (EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
-    tok = rt.PolicyTokenizer(processor.tokenizer.backend_tokenizer)
+    assert rt_tok.DEFAULT_SYSTEM_PROMPT == DEFAULT_SYSTEM_PROMPT
+    assert (rt_tok.IM_END, rt_tok.END_OF_TEXT, rt_tok.IMAGE_PAD) == (EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
+    tok = rt_tok.PolicyTokenizer(processor.tokenizer.backend_tokenizer)
     messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "dog"}]}]
     assert tok.prompt(1, "dog") == processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -294,15 +314,14 @@ def test_generate_reproduces_policy_wrapper(wrapper, policy, image, num_images):
     text = "salient object segmentation"
     want = wrapper.generate(images, text, max_new_tokens=24)
     got = policy.generate(images if num_images != 1 else images[0], text, max_new_tokens=24)
-    text_out, token_ids, hidden = got  # unpacks as (text, token_ids, hidden_states)
+    text_out, token_ids, hidden = got.text, got.token_ids, got.hidden_states
     assert token_ids.tolist() == want.token_ids.tolist() and len(token_ids) == 24
     assert text_out == want.text and "<think>" in text_out  # trained: the format is there
     assert hidden.shape == (24, 128) and hidden.dtype == np.float32
     assert np.abs(hidden - want.hidden_states.numpy()).max() < HIDDEN_ATOL
-    expected = {"policy_prefill", "policy_decode", "policy_new_tokens", "policy_decode_tokens_per_s"}
-    if num_images:
-        expected |= {"policy_preprocess", "policy_vision"}
-    assert set(policy.timings) == expected and policy.timings["policy_new_tokens"] == 24
+    expected = ["policy_preprocess", "policy_vision"] if num_images else []
+    assert list(got.timings) == [*expected, "policy_prefill", "policy_decode"]
+    assert got.new_tokens == 24 and got.decode_tokens_per_s > 0
 
 
 def test_generate_stops_on_the_stop_token_like_torch(wrapper, policy):
@@ -319,7 +338,7 @@ def test_prefill_hidden_states_equal_prompt_hidden_states(wrapper, policy):
         want = wrapper.prompt_hidden_states(wrapper.build_inputs([], "red circle")).numpy()
     got = policy.prefill_hidden_states("red circle")
     assert got.shape == want.shape and np.abs(got - want).max() < HIDDEN_ATOL
-    assert set(policy.timings) == {"policy_prefill"}
+    assert list(policy.prefill(None, "red circle").timings) == ["policy_prefill"]
 
 
 def test_bad_requests(policy, image):
@@ -342,17 +361,18 @@ def test_quantized_decoders_meet_their_floors(exported, wrapper, precision):
     bundle, parts = exported[precision]
     assert {n: p.precision for n, p in parts.items()} == {
         "policy_vision": "fp32", "policy_embed": "fp32", "policy_decoder": precision}
-    report = parts["policy_decoder"].parity
-    assert report.passed and set(report.max_abs_diff) == set(report.atol)
-    assert all(report.max_abs_diff[k] <= report.atol[k] + 1e-12 for k in report.atol)
+    report = parts["policy_decoder"].quantized_parity
+    assert parts["policy_decoder"].parity is None and report.passed and report.precision == precision
+    measured = report.measures()
+    assert set(report.floors) == set(measured) and all(measured[k] >= report.floors[k] for k in measured)
+    assert report.tokens >= report.decisive_tokens > 0
     op = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}[precision]
     ops = graph_op_types(bundle / "policy_decoder.onnx")
     assert op in ops or "MatMulInteger" in ops
     fp32_size = (exported["fp32"][0] / "policy_decoder.onnx").stat().st_size
     assert (bundle / "policy_decoder.onnx").stat().st_size < fp32_size
 
-    # The report's distances are 1 - the measures; the test floors pin what was measured.
-    measured = {k: 1.0 - report.max_abs_diff[d] for k, d in export_policy_mod.QUANT_DISTANCES.items()}
+    # The test floors pin what was measured.
     for key, floor in TEST_FLOORS[precision].items():
         assert measured[key] >= floor, (key, measured)
     # The bundle loads, and free-running decoding keeps the format and the first tokens.
@@ -379,9 +399,8 @@ def test_quantized_gate_catches_a_broken_graph(exported, model, processor, tmp_p
         if w.ndim == 2 and w.dtype == np.float32:
             init.CopyFrom(numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape), init.name))
     onnx.save(graph, str(tmp_path / "policy_decoder.onnx"))
-    spec = policy_decoder_spec(128, 2, 2, 32, model.lm_head.out_features, "int8")
     with pytest.raises(ExportParityError, match="decisive_token_agreement"):
-        export_policy_mod._quantized_report(model, processor, tmp_path, bundle / rt.PROCESSOR_DIR, spec, "int8")
+        quantized_decoder_parity(model, processor, tmp_path, bundle / rt.PROCESSOR_DIR, "int8")
 
 
 # ----------------------------------------------------------------------------- torch-free runtime

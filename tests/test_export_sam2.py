@@ -8,8 +8,8 @@ import torch
 
 from conceptseg_edge.errors import CheckpointError, ExportParityError, InputError
 from conceptseg_edge.export.onnx_export import graph_op_types
-from conceptseg_edge.export.parts import PART_REGISTRY, sam2_decoder_spec, sam2_encoder_spec
-from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
+from conceptseg_edge.export.registry import FAMILIES, PART_REGISTRY
+from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2, sam2_decoder_spec, sam2_encoder_spec
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.runtime.engine import OrtEngine
 
@@ -124,3 +124,10 @@ def test_every_registered_part_is_tested():
         text = path.read_text()
         tested |= {name for name in PART_REGISTRY if f'"{name}"' in text and "TESTED_PARTS" in text}
     assert set(PART_REGISTRY) <= tested, f"untested parts: {set(PART_REGISTRY) - tested}"
+
+
+def test_registry_lists_every_family_once():
+    """Each part name belongs to one family, and the registry is built from the families' own lists."""
+    declared = [name for family in FAMILIES for name in family.PARTS]
+    assert len(declared) == len(set(declared)) == len(PART_REGISTRY)
+    assert set(PART_REGISTRY) == {"sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed", "policy_decoder"}

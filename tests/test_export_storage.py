@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.export.onnx_export import store_weights
-from conceptseg_edge.export.parts import WEIGHT_STORAGES, sam2_decoder_spec, sam2_encoder_spec
-from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
+from conceptseg_edge.export.parts import WEIGHT_STORAGES
+from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2, sam2_decoder_spec, sam2_encoder_spec
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.runtime.predictor import SAM2Predictor
 

@@ -5,30 +5,34 @@ from __future__ import annotations
 import argparse
 import json
 
+# Torch-free modules: the choices are read while arguments are parsed, for every command.
+from conceptseg_edge.export.parts import PRECISIONS, WEIGHT_STORAGES
+from conceptseg_edge.models.sam2_variants import DEFAULT_CONFIG, SAM2_CONFIGS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("export", help="export checkpoints to a validated ONNX bundle")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     sam2 = kinds.add_parser("sam2", help="SAM 2.1 image encoder + prompt/concept decoder")
-    sam2.add_argument("--config", default="sam2.1_hiera_t",
-                      help="sam2.1_hiera_t, sam2.1_hiera_s, sam2.1_hiera_b+, sam2.1_hiera_l (or a registered variant)")
+    sam2.add_argument("--config", default=DEFAULT_CONFIG, help=f"a SAM2 variant: {', '.join(SAM2_CONFIGS)}")
     sam2.add_argument("--checkpoint", default=None, help="official SAM 2.1 .pt (random init without it)")
     sam2.add_argument("--out", required=True, help="bundle directory to write")
     sam2.add_argument("--opset", type=int, default=17)
     sam2.add_argument("--image-size", type=int, default=1024)
-    sam2.add_argument("--weight-storage", default="fp32", choices=["fp32", "fp16"],
+    sam2.add_argument("--weight-storage", default="fp32", choices=list(WEIGHT_STORAGES),
                       help="store large weights as fp16 with a Cast back (half the file; computes in fp32)")
     sam2.set_defaults(func=_export_sam2)
 
     concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
     concept.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     concept.add_argument("--out", required=True, help="bundle directory to write")
-    concept.add_argument("--policy-precision", default="fp32", choices=["fp32", "int8", "int4"],
+    concept.add_argument("--policy-precision", default="fp32", choices=PRECISIONS,
                          help="policy decoder weights: fp32, int8 (dynamic) or int4 (MatMulNBits, weight-only)")
     concept.add_argument("--opset", type=int, default=17)
-    concept.add_argument("--weight-storage", default="fp32", choices=["fp32", "fp16"],
-                         help="SAM2 and CTM graphs: store large weights as fp16 with a Cast back (half the file; computes in fp32)")
+    concept.add_argument("--weight-storage", default="fp32", choices=list(WEIGHT_STORAGES),
+                         help="every fp32 graph (SAM2, CTM, policy; not a quantized decoder): store large weights "
+                              "as fp16 with a Cast back (half the file; computes in fp32)")
     concept.set_defaults(func=_export_concept)
 
 
@@ -54,7 +58,9 @@ def _export_concept(args: argparse.Namespace) -> int:
     print(json.dumps({
         "bundle": args.out,
         "routes": list(manifest.routes),
-        "parts": {name: {"precision": p.precision, "weight_storage": p.weight_storage, "parity": p.parity.to_dict() if p.parity else None}
+        "parts": {name: {"precision": p.precision, "weight_storage": p.weight_storage,
+                         "parity": p.parity.to_dict() if p.parity else None,
+                         "quantized_parity": p.quantized_parity.to_dict() if p.quantized_parity else None}
                   for name, p in manifest.parts.items()},
         "route_parity": manifest.route_parity,
     }, indent=2))
