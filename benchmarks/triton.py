@@ -105,7 +105,7 @@ def _run_level(
     concurrency: int,
     setup: Callable[[], Any] = lambda: None,
     teardown: Callable[[Any], None] = lambda ctx: None,
-) -> dict[str, Any]:
+) -> SeriesResult:
     """Run ``call(ctx, image)`` over ``images`` from ``concurrency`` threads; latencies and wall time.
 
     Each thread makes its own ``ctx = setup()`` (tritonclient's HTTP client must live on the thread that
@@ -162,26 +162,149 @@ def _run_level(
     for t in threads:
         t.join()
     wall_s = (time.perf_counter_ns() - t0) / 1e9
-    return _summary([ms for _, ms in sorted(latencies)], server_ms, errors, wall_s)  # request order: stability check
+    return SeriesResult.from_samples([ms for _, ms in sorted(latencies)], server_ms, errors, wall_s)  # in request order
 
 
-def _summary(samples: list[float], server_ms: list[float], errors: list[str], wall_s: float) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "completed": len(samples),
-        "errors": len(errors),
-        "error_examples": errors[:3],
-        "wall_s": round(wall_s, 3),
-        "throughput_rps": round(len(samples) / wall_s, 3) if wall_s > 0 else 0.0,
-    }
-    if samples:
-        out["latency_ms"] = LatencyStats.from_samples(samples).to_dict()
-    if server_ms:
-        out["server_total_ms"] = LatencyStats.from_samples(server_ms).to_dict()
-    return out
+@dataclass(frozen=True)
+class SeriesResult:
+    """One side (Triton or in-process) at one concurrency level: what completed, how fast, what failed."""
+
+    completed: int
+    errors: int
+    error_examples: tuple[str, ...]
+    wall_s: float
+    throughput_rps: float
+    latency_ms: LatencyStats | None  # None when no request completed
+    server_total_ms: LatencyStats | None  # Triton only: the server's own ``server_total``
+
+    @classmethod
+    def from_samples(cls, samples: list[float], server_ms: list[float], errors: list[str], wall_s: float) -> SeriesResult:
+        """``samples`` in request order (the stability check compares the first and last five)."""
+        return cls(
+            completed=len(samples),
+            errors=len(errors),
+            error_examples=tuple(errors[:3]),
+            wall_s=round(wall_s, 3),
+            throughput_rps=round(len(samples) / wall_s, 3) if wall_s > 0 else 0.0,
+            latency_ms=LatencyStats.from_samples(samples) if samples else None,
+            server_total_ms=LatencyStats.from_samples(server_ms) if server_ms else None,
+        )
+
+    @property
+    def stable(self) -> bool:
+        return self.latency_ms is not None and self.latency_ms.stable
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"completed": self.completed, "errors": self.errors, "error_examples": list(self.error_examples),
+                               "wall_s": self.wall_s, "throughput_rps": self.throughput_rps}
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms.to_dict()
+        if self.server_total_ms is not None:
+            out["server_total_ms"] = self.server_total_ms.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """Both sides at one concurrency level, and how they were ordered."""
+
+    concurrency: int
+    order: str
+    triton: SeriesResult
+    inprocess: SeriesResult
+
+    def sides(self) -> tuple[SeriesResult, SeriesResult]:
+        return self.triton, self.inprocess
+
+    @property
+    def ratio_p50(self) -> float | None:
+        """Triton p50 / in-process p50; None unless both sides completed requests."""
+        if self.triton.latency_ms is None or self.inprocess.latency_ms is None:
+            return None
+        return round(self.triton.latency_ms.p50 / self.inprocess.latency_ms.p50, 3)
+
+    @property
+    def ratio_throughput(self) -> float | None:
+        if self.ratio_p50 is None:
+            return None
+        return round(self.triton.throughput_rps / self.inprocess.throughput_rps, 3)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"concurrency": self.concurrency, "order": self.order,
+                               "triton": self.triton.to_json(), "inprocess": self.inprocess.to_json()}
+        if self.ratio_p50 is not None:
+            out["ratio_p50_triton_over_inprocess"] = self.ratio_p50
+            out["ratio_throughput_triton_over_inprocess"] = self.ratio_throughput
+        return out
+
+
+PAYLOAD = "raw uint8 pixels (H×W×3) in, bool mask (H×W) out"
+TIMING_SCOPE = ("end to end per request, distinct image each time (encoder always runs): Triton = client call "
+                "wall time incl. loopback transfer and server queue; in-process = ConceptSegmenter.segment "
+                "incl. the wait for a free segmenter")
+
+
+@dataclass(frozen=True)
+class TritonBenchReport:
+    """The whole run; ``to_json()`` is the report's JSON, ``render_triton_table`` its markdown."""
+
+    url: str
+    protocol: str
+    bundle: str
+    model: str
+    image_size: int
+    input_image_hw: tuple[int, int]
+    precision: dict[str, str]  # part → precision
+    manifest_sha256: dict[str, str]  # part → graph sha256
+    served_instances: int
+    inprocess_instances: int
+    provider: str
+    runs: int
+    warmup: int
+    levels: tuple[LevelResult, ...]
+    peak_rss_mb: float
+    environment: dict[str, Any]
+    route: str = "prompt"
+    payload: str = PAYLOAD
+    timing_scope: str = TIMING_SCOPE
+
+    @property
+    def errors(self) -> int:
+        """Failed requests over every timed series (the CLI exits non-zero on any)."""
+        return sum(side.errors for level in self.levels for side in level.sides())
+
+    @property
+    def stable(self) -> bool:
+        return all(side.stable for level in self.levels for side in level.sides())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "url": self.url,
+            "protocol": self.protocol,
+            "bundle": self.bundle,
+            "model": self.model,
+            "image_size": self.image_size,
+            "input_image_hw": list(self.input_image_hw),
+            "precision": dict(self.precision),
+            "manifest_sha256": dict(self.manifest_sha256),
+            "payload": self.payload,
+            "timing_scope": self.timing_scope,
+            "served_instances": self.served_instances,
+            "inprocess_instances": self.inprocess_instances,
+            "provider": self.provider,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "levels": [level.to_json() for level in self.levels],
+            "errors": self.errors,
+            "stable": self.stable,
+            "peak_rss_mb": self.peak_rss_mb,
+            "environment": self.environment,
+        }
 
 
 def _interleaved(sides: dict[str, Callable], hooks: dict[str, tuple[Callable, Callable]], cfg: TritonBenchConfig,
-                 seed: int) -> dict[str, dict[str, Any]]:
+                 seed: int) -> dict[str, SeriesResult]:
     """Concurrency 1: the two sides request by request, alternating which goes first (ABBA), so both
     see the same machine load; throughput = requests / summed latency (one request at a time)."""
     ctx = {side: hooks[side][0]() for side in sides}
@@ -208,7 +331,7 @@ def _interleaved(sides: dict[str, Callable], hooks: dict[str, tuple[Callable, Ca
     finally:
         for side in sides:
             hooks[side][1](ctx[side])
-    return {side: _summary(lat, server, errs, sum(lat) / 1e3) for side, (lat, server, errs) in record.items()}
+    return {side: SeriesResult.from_samples(lat, server, errs, sum(lat) / 1e3) for side, (lat, server, errs) in record.items()}
 
 
 def bench_triton(
@@ -219,11 +342,11 @@ def bench_triton(
     warmup: int = 2,
     cfg: TritonBenchConfig | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> TritonBenchReport:
     """Prompt route through Triton at ``url`` and in-process on ``bundle``, per concurrency level.
 
     ``bundle`` must be the bundle the server's repository was built from (same manifest), so both
-    sides run the same graphs. Returns a JSON-ready report (see ``render_triton_table``).
+    sides run the same graphs. Returns the typed report (``to_json()``; ``render_triton_table``).
     """
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
     from conceptseg_edge.serve.client import TritonSegClient
@@ -264,77 +387,62 @@ def bench_triton(
     try:
         for li, c in enumerate(cfg.concurrency):
             if c == 1:
-                level: dict[str, Any] = {"concurrency": 1, "order": "interleaved request by request (ABBA)"}
-                level.update(_interleaved(sides, hooks, cfg, 1000 * (li + 1)))
+                series = _interleaved(sides, hooks, cfg, 1000 * (li + 1))
                 bar.update(2)
-                order: tuple[str, ...] = ()
-            else:
-                order = ("triton", "inprocess") if li % 2 == 0 else ("inprocess", "triton")
-                level = {"concurrency": c, "order": "series back to back: " + " then ".join(order)}
+                levels.append(LevelResult(1, "interleaved request by request (ABBA)", **series))
+                continue
+            order = ("triton", "inprocess") if li % 2 == 0 else ("inprocess", "triton")
+            series = {}
             for si, side in enumerate(order):
                 seed = 1000 * (li + 1) + si
                 if cfg.warmup:  # at least one per client thread, so every connection is warm
                     _run_level(sides[side], request_images(max(cfg.warmup, c), cfg.image_hw, seed + 500), c, *hooks[side])
-                level[side] = _run_level(sides[side], request_images(cfg.runs, cfg.image_hw, seed), c, *hooks[side])
+                series[side] = _run_level(sides[side], request_images(cfg.runs, cfg.image_hw, seed), c, *hooks[side])
                 bar.update()
-            t, p = level["triton"], level["inprocess"]
-            if "latency_ms" in t and "latency_ms" in p:
-                level["ratio_p50_triton_over_inprocess"] = round(t["latency_ms"]["p50"] / p["latency_ms"]["p50"], 3)
-                level["ratio_throughput_triton_over_inprocess"] = round(t["throughput_rps"] / p["throughput_rps"], 3)
-            levels.append(level)
+            levels.append(LevelResult(c, "series back to back: " + " then ".join(order), **series))
     finally:
         bar.close()
 
-    errors = sum(lv[s]["errors"] for lv in levels for s in sides)
-    stable = all(lv[s].get("latency_ms", {}).get("stable", False) for lv in levels for s in sides)
-    return {
-        "route": "prompt",
-        "url": url,
-        "protocol": protocol,
-        "bundle": str(bundle),
-        "model": manifest.source.model,
-        "image_size": manifest.preprocessing.image_size,
-        "input_image_hw": list(cfg.image_hw),
-        "precision": {name: p.precision for name, p in manifest.parts.items()},
-        "manifest_sha256": {name: p.sha256 for name, p in manifest.parts.items()},
-        "payload": "raw uint8 pixels (H×W×3) in, bool mask (H×W) out",
-        "timing_scope": ("end to end per request, distinct image each time (encoder always runs): Triton = client call "
-                         "wall time incl. loopback transfer and server queue; in-process = ConceptSegmenter.segment "
-                         "incl. the wait for a free segmenter"),
-        "served_instances": served_instances,
-        "inprocess_instances": instances,
-        "provider": cfg.provider,
-        "runs": cfg.runs,
-        "warmup": cfg.warmup,
-        "levels": levels,
-        "errors": errors,
-        "stable": stable,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "environment": environment(),
-    }
+    return TritonBenchReport(
+        url=url,
+        protocol=protocol,
+        bundle=str(bundle),
+        model=manifest.source.model,
+        image_size=manifest.preprocessing.image_size,
+        input_image_hw=tuple(cfg.image_hw),
+        precision={name: p.precision for name, p in manifest.parts.items()},
+        manifest_sha256={name: p.sha256 for name, p in manifest.parts.items()},
+        served_instances=served_instances,
+        inprocess_instances=instances,
+        provider=cfg.provider,
+        runs=cfg.runs,
+        warmup=cfg.warmup,
+        levels=tuple(levels),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        environment=environment(),
+    )
 
 
-def render_triton_table(report: dict[str, Any]) -> str:
+def render_triton_table(report: TritonBenchReport) -> str:
     """Markdown: per concurrency, Triton and in-process p50/p90/p99 and throughput, and the p50 ratio."""
-    head = (f"route `{report['route']}` · {report['model']} @ {report['image_size']}px · {report['protocol']} "
-            f"{report['url']} · {report['served_instances']} instance(s) · {report['runs']} requests per series · "
-            f"image {report['input_image_hw'][0]}×{report['input_image_hw'][1]}"
-            + ("" if report["stable"] else " · UNSTABLE (inconclusive)")
-            + (f" · {report['errors']} FAILED REQUESTS" if report["errors"] else ""))
+    head = (f"route `{report.route}` · {report.model} @ {report.image_size}px · {report.protocol} "
+            f"{report.url} · {report.served_instances} instance(s) · {report.runs} requests per series · "
+            f"image {report.input_image_hw[0]}×{report.input_image_hw[1]}"
+            + ("" if report.stable else " · UNSTABLE (inconclusive)")
+            + (f" · {report.errors} FAILED REQUESTS" if report.errors else ""))
     rows = [head, "",
             "| clients | Triton p50 ms | p90 | p99 | req/s | server p50 ms | in-process p50 ms | p90 | p99 | req/s | p50 Triton/in-process |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def cells(side: dict[str, Any]) -> list[str]:
-        lat = side.get("latency_ms")
+    def cells(side: SeriesResult) -> list[str]:
+        lat = side.latency_ms
         if lat is None:
-            return ["—", "—", "—", f"{side['throughput_rps']:.2f}"]
-        return [f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}", f"{side['throughput_rps']:.2f}"]
+            return ["—", "—", "—", f"{side.throughput_rps:.2f}"]
+        return [f"{lat.p50:.1f}", f"{lat.p90:.1f}", f"{lat.p99:.1f}", f"{side.throughput_rps:.2f}"]
 
-    for level in report["levels"]:
-        t, p = level["triton"], level["inprocess"]
-        server = t.get("server_total_ms", {}).get("p50")
-        ratio = level.get("ratio_p50_triton_over_inprocess")
-        rows.append("| " + " | ".join([str(level["concurrency"]), *cells(t), "—" if server is None else f"{server:.1f}",
-                                        *cells(p), "—" if ratio is None else f"{ratio:.2f}"]) + " |")
+    for level in report.levels:
+        server = level.triton.server_total_ms
+        ratio = level.ratio_p50
+        rows.append("| " + " | ".join([str(level.concurrency), *cells(level.triton), "—" if server is None else f"{server.p50:.1f}",
+                                        *cells(level.inprocess), "—" if ratio is None else f"{ratio:.2f}"]) + " |")
     return "\n".join(rows)

@@ -621,13 +621,25 @@ def test_benchmark_reports_both_sides_per_concurrency(server, tiny_bundle):
     from conceptseg_edge.benchmarks.triton import bench_triton, render_triton_table
 
     report = bench_triton(server.grpc_url, tiny_bundle, concurrency=(1, 2), runs=1, warmup=0, progress=False)
-    assert report["errors"] == 0 and report["served_instances"] == report["inprocess_instances"] == 1
-    assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
-    for level in report["levels"]:
-        for side in ("triton", "inprocess"):
-            assert level[side]["completed"] == 1 and level[side]["latency_ms"]["n"] == 1
-        assert level["ratio_p50_triton_over_inprocess"] > 0
-    assert "server_total_ms" in report["levels"][0]["triton"]
+    assert report.errors == 0 and report.served_instances == report.inprocess_instances == 1
+    assert [lv.concurrency for lv in report.levels] == [1, 2]
+    for level in report.levels:
+        for side in level.sides():
+            assert side.completed == 1 and side.latency_ms.n == 1
+        assert level.ratio_p50 > 0
+    assert report.levels[0].triton.server_total_ms is not None
     table = render_triton_table(report)
     assert table.count("\n| ") == 3 and "p50 Triton/in-process" in table  # header + one row per level
-    json.dumps(report)  # results are data
+    as_json = json.loads(json.dumps(report.to_json()))  # results are data, with the keys reports always had
+    assert list(as_json) == REPORT_KEYS
+    level = as_json["levels"][0]
+    assert list(level) == ["concurrency", "order", "triton", "inprocess", "ratio_p50_triton_over_inprocess",
+                           "ratio_throughput_triton_over_inprocess"]
+    assert list(level["triton"]) == ["completed", "errors", "error_examples", "wall_s", "throughput_rps", "latency_ms",
+                                     "server_total_ms"]
+    assert list(level["inprocess"]) == ["completed", "errors", "error_examples", "wall_s", "throughput_rps", "latency_ms"]
+
+
+REPORT_KEYS = ["route", "url", "protocol", "bundle", "model", "image_size", "input_image_hw", "precision", "manifest_sha256",
+               "payload", "timing_scope", "served_instances", "inprocess_instances", "provider", "runs", "warmup", "levels",
+               "errors", "stable", "peak_rss_mb", "environment"]

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from typing import Literal
+
+from conceptseg_edge.benchmarks.policy import BENCH_GENERATION
+from conceptseg_edge.router import Route
+from conceptseg_edge.runtime.engine import PROVIDER_NAMES
+
+#: ``--route``: the prompt route alone (vs torch eager), or every route of a concept bundle.
+BENCH_ROUTES: tuple[Route | Literal["all"], ...] = ("prompt", "all")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmark a bundle's routes (per stage, p50/p90/p99)")
     parser.add_argument("bundle")
-    parser.add_argument("--route", default="prompt", choices=["prompt", "all"],
+    parser.add_argument("--route", default="prompt", choices=BENCH_ROUTES,
                         help="prompt: the SAM2 route vs torch eager; all: every route of a concept bundle")
     parser.add_argument("--compare-torch", action="store_true", help="time the PyTorch reference in the same run")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="reason-route generation budget (--route all)")
+    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
+    parser.add_argument("--max-new-tokens", type=int, default=BENCH_GENERATION.max_new_tokens,
+                        help="reason-route generation budget (--route all)")
     parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
                         help="the same checkpoint exported at another --policy-precision (repeatable; --route all)")
     parser.add_argument("--triton", default=None, metavar="URL",
@@ -42,20 +51,21 @@ def _bench(args: argparse.Namespace) -> int:
         table = render_triton_table(report)
     elif args.route == "all":
         from conceptseg_edge.benchmarks.routes import RoutesBenchConfig, bench_routes, plot_routes, render_routes_table
+        from conceptseg_edge.generation import GenerationConfig
 
         cfg = RoutesBenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                                provider=args.provider, max_new_tokens=args.max_new_tokens,
+                                provider=args.provider, generation=GenerationConfig(args.max_new_tokens),
                                 compare_bundles=tuple(args.compare_bundle))
-        report = bench_routes(args.bundle, cfg)
-        table = render_routes_table(report)
+        routes = bench_routes(args.bundle, cfg)
+        report, table = routes.to_json(), render_routes_table(routes)
         if args.png:
-            plot_routes(report, args.png)
+            plot_routes(routes, args.png)
     else:
         from conceptseg_edge.benchmarks.prompt import BenchConfig, bench_prompt_route, render_table
 
         cfg = BenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch, provider=args.provider)
-        report = bench_prompt_route(args.bundle, cfg)
-        table = render_table(report)
+        prompt = bench_prompt_route(args.bundle, cfg)
+        report, table = prompt.to_json(), render_table(prompt)
     if args.json_out:
         write_json(args.json_out, report)
     print(table)
