@@ -47,8 +47,8 @@ def _bench(args: argparse.Namespace) -> int:
             levels = tuple(int(c) for c in args.concurrency.split(","))
         except ValueError:
             raise InputError(f"--concurrency {args.concurrency}: expected comma-separated integers") from None
-        report = bench_triton(args.triton, args.bundle, concurrency=levels, runs=args.runs, warmup=args.warmup)
-        table = render_triton_table(report)
+        served = bench_triton(args.triton, args.bundle, concurrency=levels, runs=args.runs, warmup=args.warmup)
+        report, table = served.to_json(), render_triton_table(served)
     elif args.route == "all":
         from conceptseg_edge.benchmarks.routes import RoutesBenchConfig, bench_routes, plot_routes, render_routes_table
         from conceptseg_edge.generation import GenerationConfig
