@@ -195,12 +195,22 @@ def test_mask_iou_reward_calls_tokens_per_completion_and_caches_features(masker)
     reward = MaskIoUReward(masker, eps.__getitem__, tokens_fn)
     assert reward.__name__ == "mask_iou"
     completions = [out(eps["a"].gt_box), chat("garbage"), out((0, 0, 599, 599))]
-    got = reward(completions=completions, completion_ids=[[1, 2, 3], [], [4]], episode_id=["a", "a", "b"], extra=1)
-    assert calls == [3, 1]  # the empty completion reads no hidden states
-    expected = [
-        mask_reward(masker, "a", eps["a"], completions[0], tokens_fn(eps["a"], [1, 2, 3])),
-        0.0,  # empty completion, non-empty ground truth
-        mask_reward(masker, "b", eps["b"], completions[2], tokens_fn(eps["b"], [4])),
-    ]
-    assert got == expected
-    assert list(masker._cache) == ["a", "b"]  # one encoder run per episode, LRU of two
+    encoder_runs = []
+    handle = masker.encoder.register_forward_hook(lambda *_: encoder_runs.append(1))
+    try:
+        got = reward(completions=completions, completion_ids=[[1, 2, 3], [], [4]], episode_id=["a", "a", "b"], extra=1)
+        assert calls == [3, 1]  # the empty completion reads no hidden states
+        expected = [
+            mask_reward(masker, "a", eps["a"], completions[0], tokens_fn(eps["a"], [1, 2, 3])),
+            0.0,  # empty completion, non-empty ground truth
+            mask_reward(masker, "b", eps["b"], completions[2], tokens_fn(eps["b"], [4])),
+        ]
+        assert got == expected
+        assert len(encoder_runs) == 2  # one encoder run per episode: the second pass reads the cache
+        masker.features("c", eps["a"].target)  # a third key evicts the least recently used ("a")
+        masker.features("b", eps["b"].target)
+        assert len(encoder_runs) == 3
+        masker.features("a", eps["a"].target)
+        assert len(encoder_runs) == 4  # LRU of two
+    finally:
+        handle.remove()

@@ -25,7 +25,7 @@ from conceptseg_edge.train.backbone import (
     step_loss,
     train_step,
 )
-from conceptseg_edge.train.common import load_state, save_state
+from conceptseg_edge.train.state import load_state, save_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conceptseg_edge.train.common import EpisodeData, load_items, template_completion
+from conceptseg_edge.train.items import EpisodeData, load_items, template_completion
 from conceptseg_edge.train.stage1 import (
     CTMSettings,
     FeatureCache,
@@ -102,7 +102,7 @@ def test_loss_falls_on_a_fixed_batch_only_the_ctm_moves(setup):
 def test_resume_takes_exactly_the_uninterrupted_step(setup, tmp_path):
     import copy
 
-    from conceptseg_edge.train.common import load_state, save_state
+    from conceptseg_edge.train.state import load_state, save_state
 
     cfg, frozen, ctm0, cache = setup
     ctm = copy.deepcopy(ctm0).train()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptseg_edge.train.common import EpisodeData, load_items, template_completion
+from conceptseg_edge.train.items import EpisodeData, load_items, template_completion
 from conceptseg_edge.train.warmstart import (
     IGNORE,
     TinyPolicyConfig,
@@ -111,7 +111,7 @@ def test_loss_falls_on_a_fixed_batch(setup):
 
 
 def test_resume_takes_exactly_the_uninterrupted_step(setup, tmp_path):
-    from conceptseg_edge.train.common import load_state, save_state
+    from conceptseg_edge.train.state import load_state, save_state
 
     cfg, policy0, _, _, examples, pad_id = setup
     cfg = dataclasses.replace(cfg, steps=10)

@@ -65,27 +65,21 @@ from conceptseg_edge.episodes import box_from_mask
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import sha256_file
+from conceptseg_edge.metrics import iou
 from conceptseg_edge.models.sam2 import SAM2_CONFIGS
-from conceptseg_edge.train.common import (
-    ParamBank,
-    VAL_OFFSET,
+from conceptseg_edge.train.config import LoopConfig, check_types, load_config, require_fraction, require_positive
+from conceptseg_edge.train.items import VAL_OFFSET
+from conceptseg_edge.train.loop import StageResult, begin_stage, eval_mode, lr_at, run_steps, seed_everything, write_summary
+from conceptseg_edge.train.sam2_batch import (
     bce_dice,
-    begin_stage,
     box_prompt,
-    check_types,
     empty_mask_prompt,
     gather_features,
-    lr_at,
     mask_iou,
-    require_fraction,
-    require_positive,
-    run_steps,
     sam_input,
-    seed_everything,
     upsample,
-    write_summary,
 )
-from conceptseg_edge.train.config import LoopConfig, load_config
+from conceptseg_edge.train.state import ParamBank
 
 #: Concept tokens per prompt, as the CTM's N = 8 queries.
 CONCEPT_TOKENS = 8
@@ -505,14 +499,8 @@ def _center_click(mask: np.ndarray) -> np.ndarray:
     return np.array([[xs[k], ys[k]]], np.float32)
 
 
-def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    union = np.logical_or(pred, gt).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
-
-
 def quick_val_iou(cfg: BackboneConfig, model: BackboneModel, world: ConceptWorld) -> float:
     """Mean box-prompt IoU on the first ``eval_images`` held-out targets (the training curve's check)."""
-    from conceptseg_edge.train.common import eval_mode
 
     eps = [world.episode(VAL_OFFSET + i, with_supports=False) for i in range(cfg.eval_images)]
     with eval_mode(model):
@@ -551,15 +539,15 @@ def evaluate_backbone(
         ref.set_image(ep.image)
         x0, y0, x1, y1 = box_from_mask(ep.mask)
         pred = ref.predict(box=np.array([x0, y0, x1 + 1, y1 + 1], np.float32), multimask_output=False)
-        r.setdefault("box", []).append(_fg_iou(pred.masks[int(np.argmax(pred.scores))], ep.mask))
+        r.setdefault("box", []).append(iou(pred.masks[int(np.argmax(pred.scores))], ep.mask))
         pred = ref.predict(point_coords=_center_click(ep.mask), point_labels=np.array([1]), multimask_output=True)
-        r.setdefault("click", []).append(_fg_iou(pred.masks[int(np.argmax(pred.scores))], ep.mask))
-        r.setdefault("empty", []).append(_fg_iou(np.zeros_like(ep.mask), ep.mask))
-        r.setdefault("whole", []).append(_fg_iou(np.ones_like(ep.mask), ep.mask))
+        r.setdefault("click", []).append(iou(pred.masks[int(np.argmax(pred.scores))], ep.mask))
+        r.setdefault("empty", []).append(iou(np.zeros_like(ep.mask), ep.mask))
+        r.setdefault("whole", []).append(iou(np.ones_like(ep.mask), ep.mask))
         if concept_table is not None and ep.level != "CR":
             tokens = concept_table[CONCEPTS.index(ep.query)].numpy()
             pred = ref.predict(concept_tokens=tokens, multimask_output=False)
-            r.setdefault("concept", []).append(_fg_iou(pred.masks[0], ep.mask))
+            r.setdefault("concept", []).append(iou(pred.masks[0], ep.mask))
             presence_pos.append(1 / (1 + np.exp(-pred.object_score_logit)))
             pool = absent_concepts(ep.task_name)
             neg = concept_table[CONCEPTS.index(pool[i % len(pool)])].numpy()
@@ -595,9 +583,9 @@ def _instance_report(ref, concept_table: torch.Tensor | None, n: int, size: int)
         for mask in view.instances:
             x0, y0, x1, y1 = box_from_mask(mask)
             pred = ref.predict(box=np.array([x0, y0, x1 + 1, y1 + 1], np.float32), multimask_output=False)
-            box.append(_fg_iou(pred.masks[0], mask))
+            box.append(iou(pred.masks[0], mask))
             pred = ref.predict(point_coords=_center_click(mask), point_labels=np.array([1]), multimask_output=True)
-            click.append(_fg_iou(pred.masks[int(np.argmax(pred.scores))], mask))
+            click.append(iou(pred.masks[int(np.argmax(pred.scores))], mask))
         if concept_table is not None:
             for cls in CI_CLASSES:
                 p = ref.predict(concept_tokens=concept_table[CONCEPTS.index(cls.name)].numpy(), multimask_output=False)
@@ -616,16 +604,9 @@ def _instance_report(ref, concept_table: torch.Tensor | None, n: int, size: int)
 # --------------------------------------------------------------------------- the stage
 
 
-@dataclass
-class BackboneResult:
-    out_dir: Path
-    checkpoint: Path
-    summary: dict[str, Any]
-
-
 def train_backbone(
     cfg: BackboneConfig, out_dir: str | os.PathLike[str] | None = None, *, stop_after: int | None = None,
-) -> BackboneResult:
+) -> StageResult:
     """Train (or resume) the backbone; ``stop_after`` ends the run early after that many total steps
     (an interruption: the state is saved, no final export), which is how resume is tested."""
     out, clock = begin_stage(cfg, out_dir)
@@ -642,7 +623,7 @@ def train_backbone(
     )
     logger.plot(out / "curves.png", title="backbone pretraining")
     if end < cfg.steps:
-        return BackboneResult(out, out / "backbone.pt", {"stopped_at": end})
+        return StageResult(out, out / "backbone.pt", {"stopped_at": end})
     ckpt = out / "backbone.pt"
     write_backbone(ckpt, model.sam)
     from safetensors.torch import save_file
@@ -663,7 +644,7 @@ def train_backbone(
         "time": {"train": train_time, "total": clock.elapsed()},
     }
     write_summary(out / "backbone.json", summary)
-    return BackboneResult(out, ckpt, summary)
+    return StageResult(out, ckpt, summary)
 
 
 def write_backbone(path: Path, sam: torch.nn.Module) -> None:

@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from conceptseg_edge.metrics import iou
 from conceptseg_edge.router import RouterConfig, count_words
-from conceptseg_edge.train.common import StageClock, check_types, require_fraction, require_positive, set_threads, write_summary
-from conceptseg_edge.train.config import load_config, save_config
+from conceptseg_edge.train.config import check_types, load_config, require_fraction, require_positive, save_config
+from conceptseg_edge.train.loop import StageClock, set_threads, write_summary
 
 #: Calibration episodes of ConceptWorld start here: apart from training ([0, n)) and from the
 #: held-out report (1_000_000 on), so τ is never fitted on the data it is judged on.
@@ -60,7 +62,7 @@ class CalibrateConfig:
     data: CalibrateDataConfig = field(default_factory=CalibrateDataConfig)
     tau_grid: tuple[float, ...] = DEFAULT_GRID
     tolerance: float = field(default=0.02, metadata={"help": "accuracy (mean IoU) given up for skipping"})
-    max_new_tokens: int = 96
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "reason-route generation budget"})
     threads: int | None = None
     progress: bool = True
 
@@ -122,32 +124,25 @@ def _episodes(cfg: CalibrateConfig):
         yield ep.image, ep.mask, ep.query, ep.level, supports
 
 
-def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    union = np.logical_or(pred, gt).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
-
-
 def measure(cfg: CalibrateConfig, pipeline) -> tuple[list[Query], dict[str, int]]:
     """Run both routes on every short query of the split; count the long ones (always reason)."""
     from tqdm import tqdm
 
     router = pipeline.router
-    pipeline.router = RouterConfig(max_shortcut_words=router.max_shortcut_words,
-                                   taus={n: 0.0 for n in range(1, router.max_shortcut_words + 1)})
+    # τ = 0 everywhere: the shortcut is measured as it is, never rejected into a reason run
+    forced = pipeline.with_router(RouterConfig(max_shortcut_words=router.max_shortcut_words,
+                                               taus={n: 0.0 for n in range(1, router.max_shortcut_words + 1)}))
     queries: list[Query] = []
     long_by_level: dict[str, int] = {}
-    try:
-        for image, mask, query, level, supports in tqdm(list(_episodes(cfg)), desc="calibrate", unit="query",
-                                                       disable=not cfg.progress):
-            n = count_words(query)
-            if not 1 <= n <= router.max_shortcut_words:
-                long_by_level[level] = long_by_level.get(level, 0) + 1
-                continue
-            shortcut = pipeline(image, query, route="shortcut")
-            reason = pipeline(image, query, supports=supports if cfg.data.with_supports else (), route="reason")
-            queries.append(Query(level, n, shortcut.object_score, _iou(shortcut.mask, mask), _iou(reason.mask, mask)))
-    finally:
-        pipeline.router = router
+    for image, mask, query, level, supports in tqdm(list(_episodes(cfg)), desc="calibrate", unit="query",
+                                                   disable=not cfg.progress):
+        n = count_words(query)
+        if not 1 <= n <= router.max_shortcut_words:
+            long_by_level[level] = long_by_level.get(level, 0) + 1
+            continue
+        shortcut = forced(image, query, route="shortcut")
+        reason = forced(image, query, supports=supports if cfg.data.with_supports else (), route="reason")
+        queries.append(Query(level, n, shortcut.object_score, iou(shortcut.mask, mask), iou(reason.mask, mask)))
     return queries, long_by_level
 
 
@@ -256,7 +251,7 @@ def calibrate_router(cfg: CalibrateConfig, checkpoint: str | None = None) -> dic
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(out / "config.yaml", cfg)
-    pipeline = ConceptSegPipeline.from_checkpoint(cfg.checkpoint, max_new_tokens=cfg.max_new_tokens)
+    pipeline = ConceptSegPipeline.from_checkpoint(cfg.checkpoint, GenerationConfig(cfg.max_new_tokens))
     queries, long_by_level = measure(cfg, pipeline)
     if not queries:
         raise InputError(f"calibrate.data: no queries of 1..{pipeline.router.max_shortcut_words} words to calibrate on")

@@ -2,12 +2,15 @@
 
 ``load_config`` builds a dataclass from YAML strictly (unknown keys are an error naming the field;
 nested dataclasses recurse), so a typo in a config file fails loudly instead of silently training
-with a default. Every paper default is written where the field is declared.
+with a default. Every paper default is written where the field is declared. The checks each
+stage's ``validate()`` runs on its config (``check_types``, ``require_positive``,
+``require_fraction``) live here too, so an error names the field the same way in every stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,3 +88,59 @@ def save_config(path: str | Path, cfg: Any) -> None:
     import yaml
 
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_types(cfg: Any, where: str) -> None:
+    """``InputError`` for a field whose value does not match its annotation (YAML gives any type).
+
+    Handles the annotations the training configs use: bool, int, float (an int is accepted), str,
+    ``X | None``, ``tuple[T, ...]`` and nested dataclasses (checked recursively).
+    """
+    def ok(value: Any, hint: Any) -> bool:
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, types.UnionType):
+            return any(ok(value, h) for h in typing.get_args(hint))
+        if hint is type(None):
+            return value is None
+        if hint is bool:
+            return isinstance(value, bool)
+        if hint is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is str:
+            return isinstance(value, str)
+        if origin is tuple:
+            args = typing.get_args(hint)
+            return isinstance(value, tuple) and all(ok(v, args[0]) for v in value)
+        if dataclasses.is_dataclass(hint):
+            return isinstance(value, hint)
+        return True
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not ok(value, hints[f.name]):
+            hint = ""
+            if isinstance(value, str):
+                try:
+                    float(value)
+                    hint = " (YAML reads 1e-3 as a string: write 1.0e-3)"
+                except ValueError:
+                    pass
+            raise InputError(f"{where}.{f.name}: expected {hints[f.name]}, got {value!r}{hint}")
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{where}.{f.name}")
+
+
+def require_positive(where: str, **values: float) -> None:
+    """``InputError`` naming the first field that is not > 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"{where}.{name}: expected > 0, got {value!r}")
+
+
+def require_fraction(where: str, **values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise InputError(f"{where}.{name}: expected a fraction in [0, 1], got {value!r}")

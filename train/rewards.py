@@ -32,7 +32,7 @@ the 600x600 policy frame):
   the CTM reads their hidden states all the same.
 
 ``ConceptMasker`` is that frozen SAM2 half, shared by the mask reward and the stage-2 segmentation
-loss (sigmoid BCE + Dice, 1:1, at 600x600, ``train.common.bce_dice``), so both judge the same mask.
+loss (sigmoid BCE + Dice, 1:1, at 600x600, ``train.sam2_batch.bce_dice``), so both judge the same mask.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from conceptseg_edge.metrics import iou as mask_iou
 from conceptseg_edge.models.sam2 import STABILITY_DELTA, STABILITY_THRESH, SAM2ImageEncoder, SAM2PromptDecoder
 from conceptseg_edge.preprocess import Prompts, encode_prompts, select_mask
 from conceptseg_edge.tags import Box, is_well_formed, parse_output
-from conceptseg_edge.train.common import empty_mask_prompt, sam_input, upsample
+from conceptseg_edge.train.sam2_batch import empty_mask_prompt, sam_input, upsample
 
 
 def completion_text(completion: Any) -> str:

@@ -21,7 +21,7 @@ SAM2's absent objects, skip the mask loss.
 
 The policy is normally ``train warmstart``'s (``policy_checkpoint``): a tiny Qwen2.5-VL taught the
 tag format, standing in for an instruction-tuned one; the template here is the one it learnt
-(``train.common.template_completion``).
+(``train.items.template_completion``).
 
 Both models are frozen, so the SAM2 image features and the policy's hidden states are computed once
 per training item and cached (``cache: true``); a step then runs only the CTM and the mask decoder.
@@ -48,30 +48,10 @@ import torch
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.router import RouterConfig, count_words
-from conceptseg_edge.train.common import (
-    EpisodeData,
-    Item,
-    bce_dice,
-    begin_stage,
-    box_prompt,
-    check_types,
-    empty_mask_prompt,
-    epoch_picks,
-    eval_mode,
-    load_items,
-    lr_at,
-    mask_iou,
-    require_fraction,
-    require_positive,
-    run_steps,
-    sam_input,
-    seed_everything,
-    set_lr,
-    template_completion,
-    upsample,
-    write_summary,
-)
-from conceptseg_edge.train.config import LoopConfig, load_config
+from conceptseg_edge.train.config import LoopConfig, check_types, load_config, require_fraction, require_positive
+from conceptseg_edge.train.items import EpisodeData, Item, epoch_picks, load_items, template_completion
+from conceptseg_edge.train.loop import StageResult, begin_stage, eval_mode, lr_at, run_steps, seed_everything, set_lr, write_summary
+from conceptseg_edge.train.sam2_batch import bce_dice, box_prompt, empty_mask_prompt, mask_iou, sam_input, upsample
 from conceptseg_edge.train.warmstart import TinyPolicyConfig, build_tiny_policy
 
 
@@ -431,16 +411,9 @@ def evaluate(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm) -> dic
 # --------------------------------------------------------------------------- the stage
 
 
-@dataclass
-class Stage1Result:
-    out_dir: Path
-    checkpoint: Path
-    summary: dict[str, Any]
-
-
 def train_stage1(
     cfg: Stage1Config, out_dir: str | os.PathLike[str] | None = None, *, stop_after: int | None = None,
-) -> Stage1Result:
+) -> StageResult:
     """Train (or resume) the CTM; ``stop_after`` interrupts after that many total steps (tests)."""
     from conceptseg_edge.models.checkpoint import save_checkpoint
 
@@ -462,7 +435,7 @@ def train_stage1(
     )
     logger.plot(out / "curves.png", title="stage 1 (CTM)")
     if end < total:
-        return Stage1Result(out, out / "checkpoint", {"stopped_at": end})
+        return StageResult(out, out / "checkpoint", {"stopped_at": end})
     ckpt = save_checkpoint(out / "checkpoint", frozen.policy.model, ctm.eval(), frozen.policy.processor,
                            RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
     train_time = clock.elapsed()
@@ -479,7 +452,7 @@ def train_stage1(
         "time": {"train": train_time, "total": clock.elapsed()},
     }
     write_summary(out / "stage1.json", summary)
-    return Stage1Result(out, ckpt, summary)
+    return StageResult(out, ckpt, summary)
 
 
 def run_stage1(config_path: str | os.PathLike[str], out_dir: str | None = None) -> Path:

@@ -80,7 +80,8 @@ from conceptseg_edge.train.rewards import (
     format_reward,
     mask_reward,
 )
-from conceptseg_edge.train.common import bce_dice, set_threads
+from conceptseg_edge.train.loop import set_threads
+from conceptseg_edge.train.sam2_batch import bce_dice
 
 #: Name of the CTM submodule on the policy while training.
 CTM_ATTR = "ctm"

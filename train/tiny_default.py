@@ -38,9 +38,11 @@ import numpy as np
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import staged_dir, write_text
+from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.manifest import MANIFEST_NAME
-from conceptseg_edge.train.common import VAL_OFFSET, StageClock, write_summary
+from conceptseg_edge.train.items import VAL_OFFSET
+from conceptseg_edge.train.loop import StageClock, write_summary
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
 
@@ -68,7 +70,7 @@ class ReportConfig:
     image_size: int = 128
     episodes: int = 60
     with_supports: bool = True
-    max_new_tokens: int = 96
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
 def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[str, Any]:
@@ -220,8 +222,7 @@ def run_tiny_default(
     if export:
         from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
-        runtime = ConceptSegmenter.from_bundle(bundle_dir)
-        runtime.concepts.max_new_tokens = rep_cfg.max_new_tokens
+        runtime = ConceptSegmenter.from_bundle(bundle_dir, generation=GenerationConfig(rep_cfg.max_new_tokens))
 
         def segment(image, query, supports):
             r = runtime.segment(image, query=query, supports=supports)
@@ -231,7 +232,7 @@ def run_tiny_default(
     else:
         from conceptseg_edge.models.pipeline import ConceptSegPipeline
 
-        pipeline = ConceptSegPipeline.from_checkpoint(final_ckpt, max_new_tokens=rep_cfg.max_new_tokens)
+        pipeline = ConceptSegPipeline.from_checkpoint(final_ckpt, GenerationConfig(rep_cfg.max_new_tokens))
 
         def segment(image, query, supports):
             r = pipeline(image, query, supports=supports)

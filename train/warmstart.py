@@ -9,9 +9,9 @@ This stage stands in for the instruction tuning. Like ``backbone``, it exists fo
 default only.
 
 What a step does: ``batch_size`` examples, an epoch-shuffled pure function of ``(seed, step)``
-(``train.common.epoch_picks``). An example is a meta episode exactly as the policy sees it (chat
+(``train.items.epoch_picks``). An example is a meta episode exactly as the policy sees it (chat
 prompt with the support mosaic and the target, ``PolicyWrapper.build_inputs``) followed by the
-teacher-forced completion stage 1 uses (``train.common.template_completion``: ground-truth
+teacher-forced completion stage 1 uses (``train.items.template_completion``: ground-truth
 ``<bbox>``/``<check>``, the query as ``<answer>``) and ``<|im_end|>``. The loss is the causal LM
 cross-entropy on the completion tokens and that final ``<|im_end|>`` only, averaged over those tokens
 in the batch; system prompt, images, prompt text and padding carry none (``completion_loss``). The
@@ -44,23 +44,9 @@ import torch.nn.functional as F
 
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.train.common import (
-    EpisodeData,
-    Item,
-    begin_stage,
-    check_types,
-    epoch_picks,
-    eval_mode,
-    load_items,
-    lr_at,
-    require_positive,
-    run_steps,
-    seed_everything,
-    set_lr,
-    template_completion,
-    write_summary,
-)
-from conceptseg_edge.train.config import LoopConfig, load_config
+from conceptseg_edge.train.config import LoopConfig, check_types, load_config, require_positive
+from conceptseg_edge.train.items import EpisodeData, Item, epoch_picks, load_items, template_completion
+from conceptseg_edge.train.loop import StageResult, begin_stage, eval_mode, lr_at, run_steps, seed_everything, set_lr, write_summary
 
 #: Label of a token that carries no loss (prompt, image, padding), as in transformers.
 IGNORE = -100
@@ -308,13 +294,6 @@ def evaluate(policy, processor, items: list[Item], max_new_tokens: int, progress
 # --------------------------------------------------------------------------- the stage
 
 
-@dataclass
-class WarmstartResult:
-    out_dir: Path
-    checkpoint: Path
-    summary: dict[str, Any]
-
-
 def _placeholder_ctm(hidden_size: int):
     from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
 
@@ -357,7 +336,7 @@ def build_examples(policy, processor, items: list[Item], progress: bool, desc: s
 
 def train_warmstart(
     cfg: WarmstartConfig, out_dir: str | os.PathLike[str] | None = None, *, stop_after: int | None = None,
-) -> WarmstartResult:
+) -> StageResult:
     """Train (or resume) the tiny policy on template completions; ``stop_after`` interrupts after
     that many total steps (tests)."""
     from conceptseg_edge.models.tokenizer import PAD_TOKEN
@@ -382,7 +361,7 @@ def train_warmstart(
     )
     logger.plot(out / "curves.png", title="warmstart (policy SFT on the tag template)")
     if end < cfg.steps:
-        return WarmstartResult(out, out / "checkpoint", {"stopped_at": end})
+        return StageResult(out, out / "checkpoint", {"stopped_at": end})
     policy.eval()
     ckpt = _save(out / "checkpoint", policy, processor, overwrite=True)
     train_time = clock.elapsed()
@@ -402,7 +381,7 @@ def train_warmstart(
         "time": {"train": train_time, "total": clock.elapsed()},
     }
     write_summary(out / "warmstart.json", summary)
-    return WarmstartResult(out, ckpt, summary)
+    return StageResult(out, ckpt, summary)
 
 
 def run_warmstart(config_path: str | os.PathLike[str], out_dir: str | None = None) -> Path:
