@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
 
+#: The benchmarks' generation budget: short, so a latency run is not dominated by one long completion.
+BENCH_GENERATION = GenerationConfig(max_new_tokens=32)
 #: The issue's target for decoding with capture vs. "generate, then forward again" (same engines).
 CAPTURE_TARGET = 0.6
 #: Capture settings: the reason-route prompt alone, and the paper's meta-episode (support mosaic + target).
@@ -49,17 +53,92 @@ def _ms(t0: int) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
-def capture_entry(engines: str, setting: str, capture_ms: Sequence[float], baseline_ms: Sequence[float], **extra: Any) -> dict[str, Any]:
-    """One named capture comparison: medians, their ratio, the target verdict and the raw samples."""
-    c, b = statistics.median(capture_ms), statistics.median(baseline_ms)
-    ratio = round(c / b, 3)  # the verdict is on the printed ratio, so the two never disagree
-    return {"engines": engines, "setting": CAPTURE_SETTINGS[setting], **extra,
-            "generate_with_capture_ms": round(c, 2), "generate_then_forward_ms": round(b, 2),
-            "ratio": ratio, "target": CAPTURE_TARGET, "meets_target": ratio <= CAPTURE_TARGET,
-            "samples_ms": {"capture": [round(v, 2) for v in capture_ms], "baseline": [round(v, 2) for v in baseline_ms]}}
+@dataclass(frozen=True)
+class CaptureEntry:
+    """One named capture comparison: generate-with-capture vs. generate-then-forward, per run."""
+
+    engines: str
+    setting: str  # a key of CAPTURE_SETTINGS
+    capture_ms: tuple[float, ...]
+    baseline_ms: tuple[float, ...]
+    prompt_tokens: int
+    new_tokens: int
+
+    @property
+    def generate_with_capture_ms(self) -> float:
+        return round(statistics.median(self.capture_ms), 2)
+
+    @property
+    def generate_then_forward_ms(self) -> float:
+        return round(statistics.median(self.baseline_ms), 2)
+
+    @property
+    def ratio(self) -> float:
+        return round(statistics.median(self.capture_ms) / statistics.median(self.baseline_ms), 3)
+
+    @property
+    def meets_target(self) -> bool:
+        return self.ratio <= CAPTURE_TARGET  # on the printed ratio, so the two never disagree
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engines": self.engines, "setting": CAPTURE_SETTINGS[self.setting],
+                "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "generate_with_capture_ms": self.generate_with_capture_ms,
+                "generate_then_forward_ms": self.generate_then_forward_ms,
+                "ratio": self.ratio, "target": CAPTURE_TARGET, "meets_target": self.meets_target,
+                "samples_ms": {"capture": [round(v, 2) for v in self.capture_ms],
+                               "baseline": [round(v, 2) for v in self.baseline_ms]}}
 
 
-def _runtime_capture(policy, runs: int, max_new_tokens: int) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class PrecisionRow:
+    """One bundle's policy: prefill and decode rate, and its agreement with the first bundle's tokens."""
+
+    bundle: str
+    precision: str  # the policy decoder's
+    prefill_ms_p50: float
+    decode_tokens_per_s: float | None  # None: the completion was one token, no decoding step
+    new_tokens: int
+    greedy_agreement_vs_first: float | None = None  # None on the first bundle (the reference)
+
+
+@dataclass(frozen=True)
+class PolicyBenchReport:
+    """Precisions side by side and the capture comparisons (runtime; torch ones added by ``with_capture``)."""
+
+    precisions: tuple[PrecisionRow, ...]
+    capture: Mapping[str, CaptureEntry]
+    generation: GenerationConfig
+    runs: int
+
+    def with_capture(self, entries: Mapping[str, CaptureEntry]) -> PolicyBenchReport:
+        """This report with more capture entries (the torch side, the cross comparison)."""
+        return replace(self, capture={**self.capture, **entries})
+
+    def decode_speedup_vs_first(self, row: PrecisionRow) -> float | None:
+        """``row``'s decode rate over the first bundle's; None when either rate is missing."""
+        base = self.precisions[0].decode_tokens_per_s
+        if not base or not row.decode_tokens_per_s:
+            return None
+        return round(row.decode_tokens_per_s / base, 3)
+
+    def _row_json(self, row: PrecisionRow) -> dict[str, Any]:
+        out: dict[str, Any] = {"bundle": row.bundle, "precision": row.precision, "prefill_ms_p50": row.prefill_ms_p50,
+                               "decode_tokens_per_s": row.decode_tokens_per_s, "new_tokens": row.new_tokens}
+        if row.greedy_agreement_vs_first is not None:
+            out["greedy_agreement_vs_first"] = row.greedy_agreement_vs_first
+        speedup = self.decode_speedup_vs_first(row)
+        if speedup is not None:
+            out["decode_speedup_vs_first"] = speedup
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"precisions": [self._row_json(row) for row in self.precisions],
+                "capture": {name: entry.to_json() for name, entry in self.capture.items()},
+                "max_new_tokens": self.generation.max_new_tokens, "runs": self.runs}
+
+
+def _runtime_capture(policy, runs: int, generation: GenerationConfig) -> dict[str, CaptureEntry]:
     """Same-engine capture per setting, settings interleaved so they see the same machine load.
 
     Baseline = our generate + the official second forward (prefill with the completion appended).
@@ -71,7 +150,7 @@ def _runtime_capture(policy, runs: int, max_new_tokens: int) -> dict[str, dict[s
     for _ in range(runs):
         for name, (images, text) in prompts.items():
             t0 = time.perf_counter_ns()
-            gen = policy.generate(images, text, max_new_tokens)
+            gen = policy.generate(images, text, generation.max_new_tokens)
             gen_ms[name].append(_ms(t0))
             t1 = time.perf_counter_ns()
             state = policy.prefill(images, text, append_ids=gen.token_ids[:-1])  # the official second forward
@@ -81,53 +160,52 @@ def _runtime_capture(policy, runs: int, max_new_tokens: int) -> dict[str, dict[s
     for name in prompts:
         gen, length = last[name]
         g, r = gen_ms[name], refeed_ms[name]
-        entries[f"runtime_{name}"] = capture_entry(
-            "runtime (same engines)", name, g, [a + b for a, b in zip(g, r)],
+        entries[f"runtime_{name}"] = CaptureEntry(
+            "runtime (same engines)", name, tuple(g), tuple(a + b for a, b in zip(g, r)),
             prompt_tokens=length - len(gen.token_ids) + 1, new_tokens=int(len(gen.token_ids)))
     return entries
 
 
-def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: int = 3, max_new_tokens: int = 32) -> dict[str, Any]:
+def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: int = 3,
+                 generation: GenerationConfig = BENCH_GENERATION) -> PolicyBenchReport:
     """Decode rate and agreement per precision; capture-vs-refeed ratios (both settings) on the first bundle."""
     from conceptseg_edge.runtime.policy import OnnxPolicy
 
     images, text = _prompt(with_supports=False)
-    rows: list[dict[str, Any]] = []
+    rows: list[PrecisionRow] = []
     reference_tokens: np.ndarray | None = None
-    capture: dict[str, Any] = {}
+    capture: dict[str, CaptureEntry] = {}
     for path in (bundle, *compare):
         manifest = load_bundle(path)
         policy = OnnxPolicy.from_bundle(path, manifest)
         gens, decode_rates, prefill_ms = [], [], []
         for _ in range(runs):
-            gens.append(policy.generate(images, text, max_new_tokens))
-            prefill_ms.append(policy.timings["policy_prefill"])
-            if "policy_decode_tokens_per_s" in policy.timings:
-                decode_rates.append(policy.timings["policy_decode_tokens_per_s"])
+            gens.append(policy.generate(images, text, generation.max_new_tokens))
+            prefill_ms.append(gens[-1].timings.policy_prefill)
+            if gens[-1].decode_tokens_per_s is not None:
+                decode_rates.append(gens[-1].decode_tokens_per_s)
         tokens = gens[0].token_ids
-        row: dict[str, Any] = {
-            "bundle": str(path),
-            "precision": manifest.part("policy_decoder").precision,
-            "prefill_ms_p50": round(statistics.median(prefill_ms), 2),
-            "decode_tokens_per_s": round(statistics.median(decode_rates), 2) if decode_rates else None,
-            "new_tokens": int(len(tokens)),
-        }
+        agreement = None
         if reference_tokens is None:
             reference_tokens = tokens
-            capture = _runtime_capture(policy, runs, max_new_tokens)
+            capture = _runtime_capture(policy, runs, generation)
         else:
             state = policy.prefill(images, text, append_ids=reference_tokens[:-1])
             predicted = state.predicted_ids[-len(reference_tokens):]
-            row["greedy_agreement_vs_first"] = round(float(np.mean(predicted == reference_tokens)), 4)
-        rows.append(row)
-    base = rows[0]["decode_tokens_per_s"]
-    for row in rows:
-        if base and row["decode_tokens_per_s"]:
-            row["decode_speedup_vs_first"] = round(row["decode_tokens_per_s"] / base, 3)
-    return {"precisions": rows, "capture": capture, "max_new_tokens": max_new_tokens, "runs": runs}
+            agreement = round(float(np.mean(predicted == reference_tokens)), 4)
+        rows.append(PrecisionRow(
+            bundle=str(path),
+            precision=manifest.part("policy_decoder").precision,
+            prefill_ms_p50=round(statistics.median(prefill_ms), 2),
+            decode_tokens_per_s=round(statistics.median(decode_rates), 2) if decode_rates else None,
+            new_tokens=int(len(tokens)),
+            greedy_agreement_vs_first=agreement,
+        ))
+    return PolicyBenchReport(tuple(rows), capture, generation, runs)
 
 
-def bench_torch_capture(checkpoint: str | Path, runs: int = 3, max_new_tokens: int = 32) -> dict[str, dict[str, Any]]:
+def bench_torch_capture(checkpoint: str | Path, runs: int = 3,
+                        generation: GenerationConfig = BENCH_GENERATION) -> dict[str, CaptureEntry]:
     """Torch, per setting (``torch_<setting>``): forward-hook capture during ``generate`` vs. HF
     ``generate`` then a teacher-forced forward, settings interleaved."""
     import torch
@@ -144,21 +222,22 @@ def bench_torch_capture(checkpoint: str | Path, runs: int = 3, max_new_tokens: i
     for _ in range(runs):
         for name, batch in inputs.items():
             t0 = time.perf_counter_ns()
-            out = policy.generate_from_inputs(batch, max_new_tokens)
+            out = policy.generate_from_inputs(batch, generation.max_new_tokens)
             capture[name].append(_ms(t0))
             new_tokens[name] = int(len(out.token_ids))
             t1 = time.perf_counter_ns()
             with torch.no_grad():
-                seq = ckpt.policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                seq = ckpt.policy.generate(**batch, max_new_tokens=generation.max_new_tokens, do_sample=False,
                                            eos_token_id=policy._eos_ids, pad_token_id=policy._pad_id)
                 policy.teacher_forced_hidden_states(batch, seq[0, batch["input_ids"].shape[1]:])
             baseline[name].append(_ms(t1))
-    return {f"torch_{name}": capture_entry("torch: hook vs HF generate + forward", name, capture[name], baseline[name],
-                                           prompt_tokens=int(inputs[name]["input_ids"].shape[1]), new_tokens=new_tokens[name])
+    return {f"torch_{name}": CaptureEntry("torch: hook vs HF generate + forward", name, tuple(capture[name]),
+                                          tuple(baseline[name]), prompt_tokens=int(inputs[name]["input_ids"].shape[1]),
+                                          new_tokens=new_tokens[name])
             for name in inputs}
 
 
-def cross_capture(capture: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def cross_capture(capture: Mapping[str, CaptureEntry]) -> dict[str, CaptureEntry]:
     """``runtime_vs_torch_<setting>``: our generate-with-capture vs. torch's HF generate + forward.
 
     The two sides ran one after the other, not interleaved: read it with the load caveat.
@@ -167,7 +246,7 @@ def cross_capture(capture: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     for name in CAPTURE_SETTINGS:
         runtime, hf = capture.get(f"runtime_{name}"), capture.get(f"torch_{name}")
         if runtime and hf:
-            out[f"runtime_vs_torch_{name}"] = capture_entry(
-                "runtime capture vs torch HF generate + forward", name, runtime["samples_ms"]["capture"],
-                hf["samples_ms"]["baseline"], prompt_tokens=runtime["prompt_tokens"], new_tokens=runtime["new_tokens"])
+            out[f"runtime_vs_torch_{name}"] = CaptureEntry(
+                "runtime capture vs torch HF generate + forward", name, runtime.capture_ms, hf.baseline_ms,
+                prompt_tokens=runtime.prompt_tokens, new_tokens=runtime.new_tokens)
     return out

@@ -9,15 +9,16 @@ load and the ratios are meaningful.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
 from conceptseg_edge.manifest import BundleManifest, load_bundle
-from conceptseg_edge.benchmarks.stats import LatencyStats, environment, peak_rss_mb
+from conceptseg_edge.benchmarks.stats import StageSeries, environment, p50_ratio, peak_rss_mb
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 
@@ -53,14 +54,68 @@ def _torch_runner(manifest: BundleManifest):
     return run, loaded.random_init
 
 
-def _series(samples: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
-    out = {stage: LatencyStats.from_samples([s[stage] for s in samples]).to_dict() for stage in STAGES}
-    out["total"] = LatencyStats.from_samples([sum(s[k] for k in STAGES) for s in samples]).to_dict()
-    return out
+@dataclass(frozen=True)
+class PromptBenchReport:
+    """The prompt-route benchmark: the runtime per stage and, with ``compare_torch``, the eager reference."""
+
+    bundle: str
+    model: str
+    image_size: int
+    input_image_hw: tuple[int, int]
+    precision: Mapping[str, str]  # per part
+    manifest_sha256: Mapping[str, str]  # per part
+    provider: str
+    warmup: int
+    runs: int
+    runtime: StageSeries
+    peak_rss_mb: float
+    environment: Mapping[str, Any]
+    torch: StageSeries | None = None
+    torch_random_init: bool = False  # the eager reference timed random weights (no checkpoint)
+
+    route: ClassVar[str] = "prompt"
+    timing_scope: ClassVar[str] = ("end-to-end prompt route on host: numpy preprocess + encoder + decoder + "
+                                   "postprocess; one click; no device transfers")
+
+    @property
+    def ratio_runtime_over_torch_p50(self) -> dict[str, float]:
+        """Runtime p50 / torch p50 per stage and for the total; empty without the torch series."""
+        if self.torch is None:
+            return {}
+        ratios = {k: p50_ratio(self.runtime.stages[k], self.torch.stages[k]) for k in STAGES}
+        return {**ratios, "total": p50_ratio(self.runtime.total, self.torch.total)}
+
+    @property
+    def stable(self) -> bool:
+        return self.runtime.stable
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "route": self.route,
+            "bundle": self.bundle,
+            "model": self.model,
+            "image_size": self.image_size,
+            "input_image_hw": list(self.input_image_hw),
+            "precision": dict(self.precision),
+            "manifest_sha256": dict(self.manifest_sha256),
+            "timing_scope": self.timing_scope,
+            "provider": self.provider,
+            "warmup": self.warmup,
+            "runs": self.runs,
+            "runtime": self.runtime.to_json(),
+            "peak_rss_mb": self.peak_rss_mb,
+            "environment": dict(self.environment),
+        }
+        if self.torch is not None:
+            out["torch"] = self.torch.to_json()
+            out["torch_weights"] = "random init (timing only)" if self.torch_random_init else "bundle checkpoint"
+            out["ratio_runtime_over_torch_p50"] = self.ratio_runtime_over_torch_p50
+        out["stable"] = self.stable
+        return out
 
 
-def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Time the prompt route; returns a JSON-ready report (see ``render_table``)."""
+def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = True) -> PromptBenchReport:
+    """Time the prompt route (see ``render_table`` for the table, ``to_json`` for the JSON)."""
     from conceptseg_edge.runtime.predictor import SAM2Predictor
 
     manifest = load_bundle(bundle)
@@ -68,16 +123,16 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
     image = bench_image()
     point = (image.shape[1] * 0.45, image.shape[0] * 0.55)
     torch_run = None
-    torch_random = None
+    torch_random = False
     if cfg.compare_torch:
         torch_run, torch_random = _torch_runner(manifest)
 
-    def runtime_once() -> dict[str, float]:
+    def runtime_once() -> Mapping[str, float]:
         predictor.set_image(image)
         return predictor.predict(points=[point]).timings
 
-    ort_samples: list[dict[str, float]] = []
-    torch_samples: list[dict[str, float]] = []
+    ort_samples: list[Mapping[str, float]] = []
+    torch_samples: list[Mapping[str, float]] = []
     total = cfg.warmup + cfg.runs
     for i in tqdm(range(total), desc="bench prompt route", disable=not progress, unit="run"):
         t = runtime_once()
@@ -87,44 +142,38 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
             if tt is not None:
                 torch_samples.append(tt)
 
-    report: dict[str, Any] = {
-        "route": "prompt",
-        "bundle": str(bundle),
-        "model": manifest.source.model,
-        "image_size": manifest.preprocessing.image_size,
-        "input_image_hw": list(image.shape[:2]),
-        "precision": {name: p.precision for name, p in manifest.parts.items()},
-        "manifest_sha256": {name: p.sha256 for name, p in manifest.parts.items()},
-        "timing_scope": "end-to-end prompt route on host: numpy preprocess + encoder + decoder + postprocess; one click; no device transfers",
-        "provider": predictor.encoder.provider,
-        "warmup": cfg.warmup,
-        "runs": cfg.runs,
-        "runtime": _series(ort_samples),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "environment": environment(),
-    }
-    if torch_samples:
-        report["torch"] = _series(torch_samples)
-        report["torch_weights"] = "random init (timing only)" if torch_random else "bundle checkpoint"
-        report["ratio_runtime_over_torch_p50"] = {
-            k: round(report["runtime"][k]["p50"] / report["torch"][k]["p50"], 3) for k in (*STAGES, "total")
-        }
-    report["stable"] = all(s["stable"] for s in report["runtime"].values())
-    return report
+    return PromptBenchReport(
+        bundle=str(bundle),
+        model=manifest.source.model,
+        image_size=manifest.preprocessing.image_size,
+        input_image_hw=(image.shape[0], image.shape[1]),
+        precision={name: p.precision for name, p in manifest.parts.items()},
+        manifest_sha256={name: p.sha256 for name, p in manifest.parts.items()},
+        provider=predictor.encoder.provider,
+        warmup=cfg.warmup,
+        runs=cfg.runs,
+        runtime=StageSeries.from_samples(ort_samples, STAGES),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        environment=environment(),
+        torch=StageSeries.from_samples(torch_samples, STAGES) if torch_samples else None,
+        torch_random_init=bool(torch_random),
+    )
 
 
-def render_table(report: dict[str, Any]) -> str:
+def render_table(report: PromptBenchReport) -> str:
     """Markdown table: one row per stage, runtime percentiles, torch p50 and ratio when present."""
-    has_torch = "torch" in report
+    has_torch = report.torch is not None
     head = "| stage | p50 ms | p90 ms | p99 ms |" + (" torch p50 ms | runtime/torch |" if has_torch else "")
     sep = "|---|---:|---:|---:|" + ("---:|---:|" if has_torch else "")
-    rows = [f"route `{report['route']}` · {report['model']} @ {report['image_size']}px · {report['provider']} · "
-            f"{report['runs']} runs · peak RSS {report['peak_rss_mb']} MB" + ("" if report["stable"] else " · UNSTABLE (inconclusive)"),
+    rows = [f"route `{report.route}` · {report.model} @ {report.image_size}px · {report.provider} · "
+            f"{report.runs} runs · peak RSS {report.peak_rss_mb} MB" + ("" if report.stable else " · UNSTABLE (inconclusive)"),
             "", head, sep]
+    ratios = report.ratio_runtime_over_torch_p50
     for stage in (*STAGES, "total"):
-        r = report["runtime"][stage]
-        line = f"| {stage} | {r['p50']:.1f} | {r['p90']:.1f} | {r['p99']:.1f} |"
-        if has_torch:
-            line += f" {report['torch'][stage]['p50']:.1f} | {report['ratio_runtime_over_torch_p50'][stage]:.2f} |"
+        r = report.runtime.total if stage == "total" else report.runtime.stages[stage]
+        line = f"| {stage} | {r.p50:.1f} | {r.p90:.1f} | {r.p99:.1f} |"
+        if report.torch is not None:
+            t = report.torch.total if stage == "total" else report.torch.stages[stage]
+            line += f" {t.p50:.1f} | {ratios[stage]:.2f} |"
         rows.append(line)
     return "\n".join(rows)

@@ -10,7 +10,7 @@ The shortcut is measured on its own (τ = 0, no fallback) so its latency is not 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,28 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.benchmarks.stats import LatencyStats, environment, peak_rss_mb
+from conceptseg_edge.benchmarks.policy import (
+    BENCH_GENERATION,
+    CAPTURE_SETTINGS,
+    CAPTURE_TARGET,
+    PolicyBenchReport,
+    bench_policy,
+    bench_torch_capture,
+    cross_capture,
+)
+from conceptseg_edge.benchmarks.stats import LatencyStats, StageSeries, environment, p50_ratio, peak_rss_mb
 from conceptseg_edge.errors import BenchmarkError
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
-from conceptseg_edge.router import RouterConfig
+from conceptseg_edge.router import ROUTES, Route, RouterConfig
+from conceptseg_edge.runtime.engine import Provider
 
-ROUTES = ("prompt", "shortcut", "reason")
 CONCEPTS = ("red circle", "blue square", "striped triangle", "green star")
+#: τ = 0 for every word count: the shortcut is measured on its own, never rejected into a reason run.
 ALWAYS = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
+#: Torch reference routes ↔ the runtime series timed under the same route.
+TORCH_SERIES: dict[Route, str] = {"prompt": "prompt", "shortcut": "shortcut_bank_miss", "reason": "reason"}
+TIMING_SCOPE = "end-to-end per route on host, encoder re-run each call; shortcut measured alone (tau=0)"
 
 
 @dataclass(frozen=True)
@@ -33,23 +47,97 @@ class RoutesBenchConfig:
     runs: int = field(default=5, metadata={"help": "timed runs per series"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up runs per series"})
     compare_torch: bool = field(default=True, metadata={"help": "time the torch reference pipeline too"})
-    provider: str = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
-    max_new_tokens: int = field(default=32, metadata={"help": "generation budget of the reason route"})
+    provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
+    generation: GenerationConfig = field(default=BENCH_GENERATION, metadata={"help": "the reason route's budget"})
     compare_bundles: tuple[str, ...] = field(default=(), metadata={"help": "same checkpoint at other policy precisions"})
 
 
-def _series(samples: list[dict[str, float]]) -> dict[str, Any]:
-    stages = sorted({k for s in samples for k in s})
-    out = {k: LatencyStats.from_samples([s.get(k, 0.0) for s in samples]).to_dict() for k in stages}
-    out["total"] = LatencyStats.from_samples([sum(s.values()) for s in samples]).to_dict()
-    return out
+@dataclass(frozen=True)
+class ConceptsPerImage:
+    """Several concepts on one image: the encoder runs once, each concept adds its decoder pass."""
+
+    one: LatencyStats
+    four: LatencyStats
+
+    @property
+    def ratio_4_over_1_p50(self) -> float:
+        return p50_ratio(self.four, self.one)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"1": self.one.to_dict(), "4": self.four.to_dict(), "ratio_4_over_1_p50": self.ratio_4_over_1_p50}
 
 
-def _timed(fns: dict[str, Callable[[], dict[str, float]]], warmup: int, runs: int,
-           progress: bool = False) -> dict[str, list[dict[str, float]]]:
+@dataclass(frozen=True)
+class RoutesBenchReport:
+    """Every route of a concept bundle, per stage; the policy's precisions and capture; torch alongside."""
+
+    bundle: str
+    model: str
+    image_size: int
+    input_image_hw: tuple[int, int]
+    precision: Mapping[str, str]  # per part
+    provider: str
+    runs: int
+    warmup: int
+    routes: Mapping[str, StageSeries]  # prompt, shortcut_bank_hit, shortcut_bank_miss, reason
+    concepts_per_image: ConceptsPerImage
+    decode_tokens_per_s: float  # the reason route's decoding steps per second
+    policy: PolicyBenchReport
+    peak_rss_mb: float
+    environment: Mapping[str, Any]
+    torch: Mapping[Route, StageSeries] | None = None
+
+    @property
+    def ratio_shortcut_hit_over_prompt_p50(self) -> float:
+        return p50_ratio(self.routes["shortcut_bank_hit"].total, self.routes["prompt"].total)
+
+    @property
+    def prefill_ms_p50(self) -> float | None:
+        """The shortcut's text prefill (bank miss); None when the series ran no such stage."""
+        stage = self.routes["shortcut_bank_miss"].stages.get("concept_tokens")
+        return None if stage is None else stage.p50
+
+    @property
+    def ratio_runtime_over_torch_p50(self) -> dict[str, float]:
+        if self.torch is None:
+            return {}
+        return {r: p50_ratio(self.routes[k].total, self.torch[r].total) for r, k in TORCH_SERIES.items()}
+
+    @property
+    def stable(self) -> bool:
+        return all(series.stable for series in self.routes.values())
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "bundle": self.bundle,
+            "model": self.model,
+            "image_size": self.image_size,
+            "input_image_hw": list(self.input_image_hw),
+            "precision": dict(self.precision),
+            "provider": self.provider,
+            "timing_scope": TIMING_SCOPE,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "routes": {name: series.to_json() for name, series in self.routes.items()},
+            "concepts_per_image": self.concepts_per_image.to_json(),
+            "ratio_shortcut_hit_over_prompt_p50": self.ratio_shortcut_hit_over_prompt_p50,
+            "policy": {"prefill_ms_p50": self.prefill_ms_p50, "decode_tokens_per_s": self.decode_tokens_per_s,
+                       **self.policy.to_json()},
+            "peak_rss_mb": self.peak_rss_mb,
+            "environment": dict(self.environment),
+        }
+        if self.torch is not None:
+            out["torch"] = {route: series.to_json() for route, series in self.torch.items()}
+            out["ratio_runtime_over_torch_p50"] = self.ratio_runtime_over_torch_p50
+        out["stable"] = self.stable
+        return out
+
+
+def _timed(fns: dict[str, Callable[[], Mapping[str, float]]], warmup: int, runs: int,
+           progress: bool = False) -> dict[str, list[Mapping[str, float]]]:
     """Run the series round-robin, one call of each per round, so the ratios between them see the
     same machine load (a busy minute hits every series alike instead of skewing one)."""
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    samples: dict[str, list[Mapping[str, float]]] = {name: [] for name in fns}
     for i in tqdm(range(warmup + runs), desc="bench rounds", disable=not progress, unit="round"):
         for name, fn in fns.items():
             t = fn()
@@ -58,8 +146,8 @@ def _timed(fns: dict[str, Callable[[], dict[str, float]]], warmup: int, runs: in
     return samples
 
 
-def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Time every route the bundle serves; returns a JSON-ready report."""
+def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = True) -> RoutesBenchReport:
+    """Time every route the bundle serves (see ``render_routes_table``, ``plot_routes``, ``to_json``)."""
     from conceptseg_edge.data.world import ConceptWorld
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
@@ -70,130 +158,114 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     image = ConceptWorld(seed=7, image_size=256).episode(0, with_supports=False).image
     point = (image.shape[1] / 2, image.shape[0] / 2)
     with tempfile.TemporaryDirectory(prefix="cse-bank-") as bank_dir:
-        seg = ConceptSegmenter.from_bundle(bundle, cfg.provider, bank_dir=bank_dir)
-        seg.router = ALWAYS
-        seg.concepts.max_new_tokens = cfg.max_new_tokens
+        seg = ConceptSegmenter.from_bundle(bundle, cfg.provider, bank_dir=bank_dir, generation=cfg.generation,
+                                           router=ALWAYS, manifest=manifest)
+        # the same engines without a bank: every shortcut request pays the text prefill
+        no_bank = ConceptSegmenter(seg.predictor, seg.router, seg.routes, seg.concepts)
 
-        def fresh(call: Callable[[], Any]) -> Callable[[], dict[str, float]]:
-            def run() -> dict[str, float]:
-                seg.reset()
-                return dict(call().timings)
+        def fresh(segmenter: ConceptSegmenter, call: Callable[[ConceptSegmenter], Any]) -> Callable[[], Mapping[str, float]]:
+            def run() -> Mapping[str, float]:
+                segmenter.reset()
+                return call(segmenter).timings
             return run
 
-        def shortcut_miss() -> dict[str, float]:
-            seg.bank = None
-            try:
-                return fresh(lambda: seg.segment(image, query=CONCEPTS[0], route="shortcut"))()
-            finally:
-                seg.bank = bank
-        bank = seg.bank
         seg.segment(image, query=CONCEPTS[0], route="shortcut")  # warm the bank for the hit series
         series = {
-            "prompt": fresh(lambda: seg.segment(image, points=[point])),
-            "shortcut_bank_hit": fresh(lambda: seg.segment(image, query=CONCEPTS[0], route="shortcut")),
-            "shortcut_bank_miss": shortcut_miss,
-            "reason": fresh(lambda: seg.segment(image, query=CONCEPTS[0], route="reason")),
+            "prompt": fresh(seg, lambda s: s.segment(image, points=[point])),
+            "shortcut_bank_hit": fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="shortcut")),
+            "shortcut_bank_miss": fresh(no_bank, lambda s: s.segment(image, query=CONCEPTS[0], route="shortcut")),
+            "reason": fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="reason")),
         }
         for q in CONCEPTS:
             seg.segment(image, query=q, route="shortcut")  # every concept in the bank
 
-        def concepts(n: int) -> Callable[[], dict[str, float]]:
-            def run() -> dict[str, float]:
+        def concepts(n: int) -> Callable[[], Mapping[str, float]]:
+            def run() -> Mapping[str, float]:
                 seg.reset()
                 out = seg.segment_concepts(image, CONCEPTS[:n], route="shortcut")
-                return {"total_ms": sum(out[0].timings.values()) + sum(
-                    r.timings.get("postprocess", 0.0) for r in out[1:])}
+                return {"total_ms": out[0].timings.total() + sum(r.timings.get("postprocess", 0.0) for r in out[1:])}
             return run
 
         timed = _timed({**series, "concepts_1": concepts(1), "concepts_4": concepts(4)}, cfg.warmup, cfg.runs, progress)
-        results: dict[str, Any] = {name: _series(timed[name]) for name in series}
-        multi = {n: LatencyStats.from_samples([t["total_ms"] for t in timed[f"concepts_{n}"]]).to_dict() for n in (1, 4)}
+        routes = {name: StageSeries.from_samples(timed[name]) for name in series}
+        multi = ConceptsPerImage(*(LatencyStats.from_samples([t["total_ms"] for t in timed[f"concepts_{n}"]]) for n in (1, 4)))
         generations = [seg.segment(image, query=CONCEPTS[0], route="reason") for _ in range(max(2, cfg.runs // 2))]
 
+    rss_mb = round(peak_rss_mb(), 1)  # the routes' footprint, before the policy and torch benchmarks load more
     decode_ms = [g.timings.get("policy_decode", 0.0) for g in generations]
     steps = [max(0, (g.new_tokens or 0) - 1) for g in generations]  # the first token comes from the prefill
-    report: dict[str, Any] = {
-        "bundle": str(bundle),
-        "model": manifest.source.model,
-        "image_size": manifest.preprocessing.image_size,
-        "input_image_hw": list(image.shape[:2]),
-        "precision": {name: p.precision for name, p in manifest.parts.items()},
-        "provider": cfg.provider,
-        "timing_scope": "end-to-end per route on host, encoder re-run each call; shortcut measured alone (tau=0)",
-        "runs": cfg.runs,
-        "warmup": cfg.warmup,
-        "routes": results,
-        "concepts_per_image": {"1": multi[1], "4": multi[4], "ratio_4_over_1_p50": round(multi[4]["p50"] / multi[1]["p50"], 3)},
-        "ratio_shortcut_hit_over_prompt_p50": round(results["shortcut_bank_hit"]["total"]["p50"] / results["prompt"]["total"]["p50"], 3),
-        "policy": {
-            "prefill_ms_p50": results["shortcut_bank_miss"].get("concept_tokens", {}).get("p50"),
-            "decode_tokens_per_s": round(float(np.sum(steps) / max(np.sum(decode_ms) / 1e3, 1e-9)), 2),
-        },
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "environment": environment(),
-    }
-    from conceptseg_edge.benchmarks.policy import bench_policy, bench_torch_capture, cross_capture
-
-    report["policy"].update(bench_policy(bundle, cfg.compare_bundles, runs=max(2, cfg.runs // 2), max_new_tokens=cfg.max_new_tokens))
+    policy_runs = max(2, cfg.runs // 2)
+    policy = bench_policy(bundle, cfg.compare_bundles, runs=policy_runs, generation=cfg.generation)
+    torch_routes = None
     if cfg.compare_torch and manifest.source.checkpoint and Path(manifest.source.checkpoint).is_dir():
-        capture = report["policy"]["capture"]
-        capture.update(bench_torch_capture(manifest.source.checkpoint, max(2, cfg.runs // 2), cfg.max_new_tokens))
-        capture.update(cross_capture(capture))
-        report["torch"] = _torch_routes(manifest.source.checkpoint, image, point, cfg)
-        report["ratio_runtime_over_torch_p50"] = {
-            r: round(report["routes"][k]["total"]["p50"] / report["torch"][r]["total"]["p50"], 3)
-            for r, k in (("prompt", "prompt"), ("shortcut", "shortcut_bank_miss"), ("reason", "reason"))
-        }
-    report["stable"] = all(s["stable"] for route in results.values() for s in route.values())
-    return report
+        policy = policy.with_capture(bench_torch_capture(manifest.source.checkpoint, policy_runs, cfg.generation))
+        policy = policy.with_capture(cross_capture(policy.capture))
+        torch_routes = _torch_routes(manifest.source.checkpoint, image, point, cfg)
+    return RoutesBenchReport(
+        bundle=str(bundle),
+        model=manifest.source.model,
+        image_size=manifest.preprocessing.image_size,
+        input_image_hw=(image.shape[0], image.shape[1]),
+        precision={name: p.precision for name, p in manifest.parts.items()},
+        provider=cfg.provider,
+        runs=cfg.runs,
+        warmup=cfg.warmup,
+        routes=routes,
+        concepts_per_image=multi,
+        decode_tokens_per_s=round(float(np.sum(steps) / max(np.sum(decode_ms) / 1e3, 1e-9)), 2),
+        policy=policy,
+        peak_rss_mb=rss_mb,
+        environment=environment(),
+        torch=torch_routes,
+    )
 
 
-def _torch_routes(checkpoint: str, image: np.ndarray, point, cfg: RoutesBenchConfig) -> dict[str, Any]:
+def _torch_routes(checkpoint: str, image: np.ndarray, point, cfg: RoutesBenchConfig) -> dict[Route, StageSeries]:
     from conceptseg_edge.models.pipeline import ConceptSegPipeline
 
-    pipe = ConceptSegPipeline.from_checkpoint(checkpoint, max_new_tokens=cfg.max_new_tokens)
-    pipe.router = ALWAYS
-    calls = {
+    pipe = ConceptSegPipeline.from_checkpoint(checkpoint, cfg.generation, router=ALWAYS)
+    calls: dict[Route, Callable[[], Mapping[str, float]]] = {
         "prompt": lambda: pipe(image, points=[point]).timings,
         "shortcut": lambda: pipe(image, query=CONCEPTS[0], route="shortcut").timings,
         "reason": lambda: pipe(image, query=CONCEPTS[0], route="reason").timings,
     }
-    return {name: _series(samples) for name, samples in _timed(calls, cfg.warmup, cfg.runs).items()}
+    return {name: StageSeries.from_samples(samples) for name, samples in _timed(calls, cfg.warmup, cfg.runs).items()}
 
 
-def render_routes_table(report: dict[str, Any]) -> str:
+def render_routes_table(report: RoutesBenchReport) -> str:
     """Markdown: one row per route series with p50/p90/p99 and the main stages."""
-    head = [f"all routes · {report['model']} @ {report['image_size']}px · {report['provider']} · {report['runs']} runs · "
-            f"peak RSS {report['peak_rss_mb']} MB" + ("" if report["stable"] else " · UNSTABLE (inconclusive)"), "",
-            "| route | p50 ms | p90 ms | p99 ms | encoder | concept tokens / policy | decoder |" + (" torch p50 |" if "torch" in report else ""),
-            "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if "torch" in report else "")]
-    torch_key = {"prompt": "prompt", "shortcut_bank_miss": "shortcut", "reason": "reason"}
-    for name, s in report["routes"].items():
-        policy = s.get("concept_tokens", {}).get("p50", 0.0) + sum(
-            s.get(k, {}).get("p50", 0.0) for k in ("policy_vision", "policy_prefill", "policy_decode", "ctm"))
-        row = (f"| {name} | {s['total']['p50']:.1f} | {s['total']['p90']:.1f} | {s['total']['p99']:.1f} | "
-               f"{s.get('encoder', {}).get('p50', 0.0):.1f} | {policy:.1f} | {s.get('decoder', {}).get('p50', 0.0):.1f} |")
-        if "torch" in report:
-            t = report["torch"].get(torch_key.get(name, ""), {}).get("total", {}).get("p50")
-            row += f" {t:.1f} |" if t is not None else " – |"
+    torch_route = {series: route for route, series in TORCH_SERIES.items()}
+    head = [f"all routes · {report.model} @ {report.image_size}px · {report.provider} · {report.runs} runs · "
+            f"peak RSS {report.peak_rss_mb} MB" + ("" if report.stable else " · UNSTABLE (inconclusive)"), "",
+            "| route | p50 ms | p90 ms | p99 ms | encoder | concept tokens / policy | decoder |" + (" torch p50 |" if report.torch else ""),
+            "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if report.torch else "")]
+    for name, s in report.routes.items():
+        policy = sum(s.p50(k) for k in ("concept_tokens", "policy_vision", "policy_prefill", "policy_decode", "ctm"))
+        row = (f"| {name} | {s.total.p50:.1f} | {s.total.p90:.1f} | {s.total.p99:.1f} | "
+               f"{s.p50('encoder'):.1f} | {policy:.1f} | {s.p50('decoder'):.1f} |")
+        if report.torch:
+            route = torch_route.get(name)
+            row += f" {report.torch[route].total.p50:.1f} |" if route in report.torch else " – |"
         head.append(row)
-    head += ["", f"shortcut (bank hit) / prompt p50: {report['ratio_shortcut_hit_over_prompt_p50']}; "
-                 f"4 concepts / 1 concept p50: {report['concepts_per_image']['ratio_4_over_1_p50']}; "
-                 f"policy prefill p50 {report['policy']['prefill_ms_p50']} ms, decode {report['policy']['decode_tokens_per_s']} tok/s",
+    head += ["", f"shortcut (bank hit) / prompt p50: {report.ratio_shortcut_hit_over_prompt_p50}; "
+                 f"4 concepts / 1 concept p50: {report.concepts_per_image.ratio_4_over_1_p50}; "
+                 f"policy prefill p50 {report.prefill_ms_p50} ms, decode {report.decode_tokens_per_s} tok/s",
              "", "| policy precision | prefill ms | decode tok/s | speedup | greedy agreement |", "|---|---:|---:|---:|---:|"]
-    for row in report["policy"].get("precisions", []):
-        head.append(f"| {row['precision']} | {row['prefill_ms_p50']} | {row['decode_tokens_per_s']} | "
-                    f"{row.get('decode_speedup_vs_first', '–')} | {row.get('greedy_agreement_vs_first', 'reference')} |")
+    for row in report.policy.precisions:
+        speedup = report.policy.decode_speedup_vs_first(row)
+        agreement = row.greedy_agreement_vs_first
+        head.append(f"| {row.precision} | {row.prefill_ms_p50} | {row.decode_tokens_per_s} | "
+                    f"{'–' if speedup is None else speedup} | {'reference' if agreement is None else agreement} |")
     head += ["", "| hidden-state capture | engines | setting | prompt / new tokens | with capture ms | generate + forward ms "
                  "| ratio | target |", "|---|---|---|---:|---:|---:|---:|---|"]
-    for name, c in report["policy"].get("capture", {}).items():
-        tokens = f"{c['prompt_tokens']} / {c['new_tokens']}" if "prompt_tokens" in c else "–"
-        head.append(f"| {name} | {c['engines']} | {c['setting']} | {tokens} | {c['generate_with_capture_ms']} | "
-                    f"{c['generate_then_forward_ms']} | {c['ratio']} | {'met' if c['meets_target'] else 'NOT met'} (≤ {c['target']}) |")
+    for name, c in report.policy.capture.items():
+        head.append(f"| {name} | {c.engines} | {CAPTURE_SETTINGS[c.setting]} | {c.prompt_tokens} / {c.new_tokens} | "
+                    f"{c.generate_with_capture_ms} | {c.generate_then_forward_ms} | {c.ratio} | "
+                    f"{'met' if c.meets_target else 'NOT met'} (≤ {CAPTURE_TARGET}) |")
     return "\n".join(head)
 
 
-def plot_routes(report: dict[str, Any], png: str | Path) -> Path:
+def plot_routes(report: RoutesBenchReport, png: str | Path) -> Path:
     """Stacked bars of p50 per stage for each route (PNG, written atomically)."""
     import io
 
@@ -204,16 +276,16 @@ def plot_routes(report: dict[str, Any], png: str | Path) -> Path:
 
     from conceptseg_edge.fileio import write_bytes
 
-    routes = list(report["routes"])
-    stages = sorted({k for r in routes for k in report["routes"][r] if k != "total"})
+    routes = list(report.routes)
+    stages = sorted({k for series in report.routes.values() for k in series.stages})
     fig, ax = plt.subplots(figsize=(10, 4))
     bottom = np.zeros(len(routes))
     for stage in stages:
-        vals = np.array([report["routes"][r].get(stage, {}).get("p50", 0.0) for r in routes])
+        vals = np.array([report.routes[r].p50(stage) for r in routes])
         ax.bar(routes, vals, bottom=bottom, label=stage)
         bottom += vals
     ax.set_ylabel("p50 latency (ms)")
-    ax.set_title(f"{report['model']} @ {report['image_size']}px, {report['provider']}")
+    ax.set_title(f"{report.model} @ {report.image_size}px, {report.provider}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,8 +1,11 @@
 """Latency statistics and the environment a number was measured in.
 
-Results are data: ``LatencyStats`` goes to JSON; tables are renderers over it. A series whose first
-five and last five samples differ by more than 5 % in median is flagged unstable (the machine was
-busy, or the code warmed up late) so a reader treats it as inconclusive rather than as a number.
+Results are data: ``LatencyStats`` (one series of milliseconds) and ``StageSeries`` (a series per
+stage of a request, and their total) go to JSON; tables and charts are renderers over them. A series
+whose first five and last five samples differ by more than 5 % in median is flagged unstable (the
+machine was busy, or the code warmed up late) so a reader treats it as inconclusive rather than as a
+number. Statistics are kept as the JSON prints them (3 decimals), so a ratio (``p50_ratio``) read
+back from a report is the one the report states.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import platform
 import resource
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,7 +23,8 @@ STABILITY_TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Milliseconds over ``n`` timed runs (warm-up excluded)."""
+    """Milliseconds over ``n`` timed runs (warm-up excluded), kept to 3 decimals as the JSON prints
+    them, so a ratio or a table computed from the record equals one computed from the report."""
 
     n: int
     mean: float
@@ -51,18 +56,52 @@ class LatencyStats:
             stable = abs(head - tail) <= STABILITY_TOLERANCE * max(head, tail)
         return cls(
             n=len(xs),
-            mean=statistics.fmean(xs),
-            std=statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            p50=pct(0.5),
-            p90=pct(0.9),
-            p99=pct(0.99),
-            min=xs[0],
-            max=xs[-1],
+            mean=round(statistics.fmean(xs), 3),
+            std=round(statistics.stdev(xs), 3) if len(xs) > 1 else 0.0,
+            p50=round(pct(0.5), 3),
+            p90=round(pct(0.9), 3),
+            p99=round(pct(0.99), 3),
+            min=round(xs[0], 3),
+            max=round(xs[-1], 3),
             stable=stable,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return asdict(self)
+
+
+def p50_ratio(numerator: LatencyStats, denominator: LatencyStats) -> float:
+    """``numerator`` p50 over ``denominator`` p50, to 3 decimals."""
+    return round(numerator.p50 / denominator.p50, 3)
+
+
+@dataclass(frozen=True)
+class StageSeries:
+    """One timed series of requests: latency per stage (in report order) and of the request's total."""
+
+    stages: Mapping[str, LatencyStats]
+    total: LatencyStats
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Mapping[str, float]], stages: Sequence[str] | None = None) -> StageSeries:
+        """Per-stage samples (one mapping per request) → statistics. ``stages`` fixes the stages and
+        their order; None takes every stage any request ran, sorted by name. A request that skipped a
+        stage counts 0 ms for it."""
+        names = tuple(stages) if stages is not None else tuple(sorted({k for s in samples for k in s}))
+        per_stage = {k: LatencyStats.from_samples([s.get(k, 0.0) for s in samples]) for k in names}
+        total = LatencyStats.from_samples([sum(s.get(k, 0.0) for k in names) for s in samples])
+        return cls(per_stage, total)
+
+    def p50(self, stage: str) -> float:
+        """A stage's median; 0.0 for a stage this series never ran (a table's empty cell)."""
+        return self.stages[stage].p50 if stage in self.stages else 0.0
+
+    @property
+    def stable(self) -> bool:
+        return all(s.stable for s in (*self.stages.values(), self.total))
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {**{name: s.to_dict() for name, s in self.stages.items()}, "total": self.total.to_dict()}
 
 
 def peak_rss_mb() -> float:
