@@ -643,3 +643,14 @@ def test_benchmark_reports_both_sides_per_concurrency(server, tiny_bundle):
 REPORT_KEYS = ["route", "url", "protocol", "bundle", "model", "image_size", "input_image_hw", "precision", "manifest_sha256",
                "payload", "timing_scope", "served_instances", "inprocess_instances", "provider", "runs", "warmup", "levels",
                "errors", "stable", "peak_rss_mb", "environment"]
+
+
+@needs_server
+def test_bench_cli_writes_the_triton_report(server, tiny_bundle, tmp_path):
+    out = tmp_path / "triton.json"
+    proc = cli("bench", tiny_bundle, "--triton", server.http_url, "--concurrency", "1", "--runs", "1", "--warmup", "0",
+               "--json", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert list(report) == REPORT_KEYS and report["errors"] == 0 and report["protocol"] == "http"
+    assert "| clients | Triton p50 ms" in proc.stdout
