@@ -25,10 +25,9 @@ from conceptseg_edge.export.parts import check_precision, weight_storage
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
 from conceptseg_edge.fileio import sha256_file, staged_dir
 from conceptseg_edge.generation import GenerationConfig
-from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, read_manifest, write_manifest
+from conceptseg_edge.manifest import MANIFEST_NAME, PROCESSOR_DIR, BundleManifest, read_manifest, write_manifest
 from conceptseg_edge.metrics import iou
 
-PROCESSOR_DIR = "processor"
 # The bar for fp32: the exported routes reproduce the torch pipeline's masks.
 ROUTE_IOU_FLOOR = 0.98
 PARITY_SAMPLES = 4

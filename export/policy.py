@@ -570,7 +570,9 @@ def quantized_decoder_parity(model, processor, graphs_dir: Path, processor_dir: 
     """
     from conceptseg_edge.models.policy import PolicyWrapper
     from conceptseg_edge.runtime.engine import OrtEngine
-    from conceptseg_edge.runtime.policy import OnnxPolicy, PolicyImageConfig, PolicyTokenizer
+    from conceptseg_edge.runtime.policy import OnnxPolicy
+    from conceptseg_edge.runtime.policy_image import PolicyImageConfig
+    from conceptseg_edge.runtime.policy_tokenizer import PolicyTokenizer
 
     graphs_dir = Path(graphs_dir)
     policy = OnnxPolicy(

@@ -46,7 +46,7 @@ from conceptseg_edge.export.policy import (
     vision_cases,
     vision_reference,
 )
-from conceptseg_edge.manifest import BundleManifest, Preprocessing, SourceInfo, write_manifest
+from conceptseg_edge.manifest import PROCESSOR_DIR, BundleManifest, Preprocessing, SourceInfo, write_manifest
 from conceptseg_edge.models.policy import PolicyWrapper, build_policy, build_processor, tiny_policy_config
 from conceptseg_edge.models.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
@@ -130,10 +130,10 @@ def wrapper(model, processor):
 
 def _bundle(out: Path, parts, processor) -> Path:
     """A real bundle around the policy parts (manifest + processor files), as export concept writes."""
-    processor.save_pretrained(str(out / rt.PROCESSOR_DIR))
+    processor.save_pretrained(str(out / PROCESSOR_DIR))
     from conceptseg_edge.fileio import sha256_file
 
-    files = {f"{rt.PROCESSOR_DIR}/{p.name}": sha256_file(p) for p in sorted((out / rt.PROCESSOR_DIR).iterdir())}
+    files = {f"{PROCESSOR_DIR}/{p.name}": sha256_file(p) for p in sorted((out / PROCESSOR_DIR).iterdir())}
     manifest = BundleManifest(
         source=SourceInfo("tiny-qwen2.5-vl", None, None), preprocessing=Preprocessing(image_size=64),
         parts=parts, routes=("reason",), files=files,
@@ -400,7 +400,7 @@ def test_quantized_gate_catches_a_broken_graph(exported, model, processor, tmp_p
             init.CopyFrom(numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape), init.name))
     onnx.save(graph, str(tmp_path / "policy_decoder.onnx"))
     with pytest.raises(ExportParityError, match="decisive_token_agreement"):
-        quantized_decoder_parity(model, processor, tmp_path, bundle / rt.PROCESSOR_DIR, "int8")
+        quantized_decoder_parity(model, processor, tmp_path, bundle / PROCESSOR_DIR, "int8")
 
 
 # ----------------------------------------------------------------------------- torch-free runtime
