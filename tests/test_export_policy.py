@@ -403,6 +403,22 @@ def test_quantized_gate_catches_a_broken_graph(exported, model, processor, tmp_p
         quantized_decoder_parity(model, processor, tmp_path, bundle / PROCESSOR_DIR, "int8")
 
 
+def test_quantization_starts_from_an_fp32_stored_fp32_graph(exported, tmp_path):
+    """Quantizers read weights from initializers: an fp16-stored graph (weights behind Casts) is
+    refused rather than silently left unquantized, and so is an unknown precision."""
+    import dataclasses
+
+    from conceptseg_edge.export.quantize import quantize_part
+
+    bundle, parts = exported["fp32"]
+    decoder = parts["policy_decoder"]
+    with pytest.raises(InputError, match="fp32-stored weights"):
+        quantize_part(dataclasses.replace(decoder, weight_storage="fp16"), bundle, tmp_path, "int8")
+    with pytest.raises(InputError, match="precision 'int2'"):
+        quantize_part(decoder, bundle, tmp_path, "int2")
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------- torch-free runtime
 
 
