@@ -2,8 +2,10 @@
 
 - ``model_config``: typed ``config.pbtxt`` descriptions, validated with Triton's own protobuf;
 - ``protocol``: the ``conceptseg`` model's input/output contract (one source of tensor names);
+- ``parameters``: the typed parameters of each generated python-backend model (``RouterParameters``,
+  ``GraphParameters``): ``to_parameters()`` for ``config.pbtxt``, a strict ``from_parameters()`` back;
 - ``repository``: ``build_repository(bundle, out, RepositoryConfig(flavor=...))``;
-- ``serving``: what runs inside the python backend (router model, BLS engine, python-served graphs);
+- ``serving``: what runs inside the python backend (router model, the BLS engine factory, python-served graphs);
 - ``server``: ``TritonServer`` (find, prepare, start on loopback, wait, stop);
 - ``client``: ``TritonSegClient`` over HTTP or gRPC (tritonclient).
 
@@ -18,6 +20,8 @@ from typing import Any
 _EXPORTS = {
     "ModelConfig": "conceptseg_edge.serve.model_config",
     "TensorConfig": "conceptseg_edge.serve.model_config",
+    "RouterParameters": "conceptseg_edge.serve.parameters",
+    "GraphParameters": "conceptseg_edge.serve.parameters",
     "RepositoryConfig": "conceptseg_edge.serve.repository",
     "RepositoryManifest": "conceptseg_edge.serve.repository",
     "build_repository": "conceptseg_edge.serve.repository",

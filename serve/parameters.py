@@ -54,19 +54,19 @@ class _Reader:
     def has(self, key: str) -> bool:
         return key in self._params
 
-    def text(self, key: str, default: str | None = None, required: bool = False) -> str | None:
+    def text(self, key: str, required: bool = False) -> str | None:
         self._read.add(key)
         if key not in self._params:
             if required:
                 raise self.error(key, "missing")
-            return default
+            return None
         value = self._params[key]
         if not value:
             raise self.error(key, "empty; leave the key out instead")
         return value
 
-    def choice(self, key: str, choices: Collection[str], default: str | None = None) -> str:
-        value = self.text(key, default, required=default is None)
+    def choice(self, key: str, choices: Collection[str]) -> str:
+        value = self.text(key, required=True)
         if value not in choices:
             raise self.error(key, f"{value!r}, expected one of {', '.join(choices)}")
         return value

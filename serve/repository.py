@@ -288,7 +288,7 @@ def graph_model_config(
 
 def router_model_config(cfg: RepositoryConfig, parameters: RouterParameters) -> ModelConfig:
     """``conceptseg``: the request contract of ``protocol`` on the python backend, one image per request."""
-    kind = "KIND_CPU" if cfg.flavor == "native" else _KIND[cfg.resolved_device]
+    kind = _KIND["cpu"] if cfg.flavor == "native" else _KIND[cfg.resolved_device]  # BLS glue needs no GPU
     return ModelConfig(MODEL_NAME, INPUTS, OUTPUTS, backend="python", max_batch_size=0,
                        instance_groups=(InstanceGroup(cfg.instances, kind),), parameters=parameters.to_parameters())
 
