@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     sam2 = kinds.add_parser("sam2", help="SAM 2.1 image encoder + prompt/concept decoder")
-    sam2.add_argument("--config", default=DEFAULT_CONFIG, help=f"a SAM2 variant: {', '.join(SAM2_CONFIGS)}")
+    sam2.add_argument("--config", default=DEFAULT_CONFIG, choices=list(SAM2_CONFIGS), help="the SAM2 variant")
     sam2.add_argument("--checkpoint", default=None, help="official SAM 2.1 .pt (random init without it)")
     sam2.add_argument("--out", required=True, help="bundle directory to write")
     sam2.add_argument("--opset", type=int, default=17)
