@@ -38,13 +38,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.router import AUTO, ROUTE_CHOICES
 from conceptseg_edge.serve.model_config import TensorConfig
+
+if TYPE_CHECKING:  # the client side of this module never loads the runtime
+    from conceptseg_edge.runtime.segmenter import SegmentResult
 
 MODEL_NAME = "conceptseg"
 
@@ -282,7 +285,7 @@ def timings_array(timings: Mapping[str, float]) -> np.ndarray:
     return _json_bytes({k: round(float(v), 3) for k, v in timings.items()})
 
 
-def encode_result(result: Any, timings: Mapping[str, float]) -> dict[str, np.ndarray]:
+def encode_result(result: SegmentResult, timings: Mapping[str, float]) -> dict[str, np.ndarray]:
     """A ``SegmentResult`` → the output arrays (see the module table)."""
     details = {
         "reason": result.reason,

@@ -35,6 +35,7 @@ from conceptseg_edge.runtime.engine import EngineFactory, OrtEngine, check_feeds
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 from conceptseg_edge.serve.parameters import GraphParameters, RouterParameters
 from conceptseg_edge.serve.protocol import ServeLimits, encode_result, parse_request, timings_array
+from conceptseg_edge.timings import elapsed_ms
 
 WARMUP_HW = (64, 96)
 
@@ -50,10 +51,6 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, ConceptsegError):
         return "INTERNAL", f"{type(exc).__name__}: {exc}"
     return "INTERNAL", f"unexpected {type(exc).__name__}: {exc}"
-
-
-def _ms(t0: int) -> float:
-    return (time.perf_counter_ns() - t0) / 1e6
 
 
 # ---------------------------------------------------------------------------- BLS engine
@@ -163,13 +160,13 @@ class ServedModel:
         """Decode, segment, encode. Raises ``InputError`` for a bad request."""
         t0 = time.perf_counter_ns()
         request = parse_request(tensors, self.limits)
-        decode_ms = _ms(t0)
+        decode_ms = elapsed_ms(t0)
         result = self.segmenter.segment(request.image, **request.segment_kwargs())
         t1 = time.perf_counter_ns()
         timings = {"decode_request": decode_ms, **result.timings}
         outputs = encode_result(result, timings)
-        timings["encode_response"] = _ms(t1)
-        timings["server_total"] = _ms(t0)
+        timings["encode_response"] = elapsed_ms(t1)
+        timings["server_total"] = elapsed_ms(t0)
         outputs["TIMINGS"] = timings_array(timings)
         return outputs
 
