@@ -13,6 +13,7 @@ from conceptseg_edge.data.world import ConceptWorld
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.metrics import iou
 from conceptseg_edge.models.pipeline import ConceptSegPipeline
 from conceptseg_edge.router import RouterConfig
 from conceptseg_edge.runtime.bank import ConceptBank, bundle_key, normalise_phrase
@@ -21,11 +22,6 @@ from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
 ALWAYS = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
 GENERATION = GenerationConfig(max_new_tokens=16)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,9 @@ import pytest
 
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
 from conceptseg_edge.manifest import TensorSpec, load_bundle
+from conceptseg_edge.metrics import iou
 from conceptseg_edge.runtime.engine import OrtEngine, open_engine, resolve_providers
 from conceptseg_edge.runtime.predictor import SAM2Predictor
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 PROMPTS = [
