@@ -110,13 +110,11 @@ def resolve_providers(provider: str, available: Sequence[str]) -> list[str]:
 class OrtEngine:
     """An ONNX Runtime session behind the ``Engine`` protocol."""
 
-    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, provider: str = "cpu") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # shape-merge notes from the exporter are not user errors
-        if threads:
-            options.intra_op_num_threads = threads
         providers = resolve_providers(provider, ort.get_available_providers())
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

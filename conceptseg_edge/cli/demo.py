@@ -24,6 +24,7 @@ import numpy as np
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.runtime.engine import PROVIDER_NAMES, Provider
+from conceptseg_edge.timings import elapsed_ms
 
 #: The committed ConceptSeg-Tiny bundle (``conceptseg-edge train tiny-default`` writes it).
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "conceptseg_tiny"
@@ -74,7 +75,7 @@ def _timed(fn, repeats: int) -> tuple[Any, float]:
     for _ in range(repeats):
         t0 = time.perf_counter_ns()
         result = fn()
-        times.append((time.perf_counter_ns() - t0) / 1e6)
+        times.append(elapsed_ms(t0))
     return result, statistics.median(times)
 
 
