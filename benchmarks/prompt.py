@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from conceptseg_edge.manifest import BundleManifest, load_bundle
-from conceptseg_edge.benchmarks.stats import StageSeries, environment, p50_ratio, peak_rss_mb
+from conceptseg_edge.benchmarks.stats import BenchedBundle, StageSeries, environment, p50_ratio, peak_rss_mb
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 
@@ -58,11 +58,7 @@ def _torch_runner(manifest: BundleManifest):
 class PromptBenchReport:
     """The prompt-route benchmark: the runtime per stage and, with ``compare_torch``, the eager reference."""
 
-    bundle: str
-    model: str
-    image_size: int
-    input_image_hw: tuple[int, int]
-    precision: Mapping[str, str]  # per part
+    subject: BenchedBundle
     manifest_sha256: Mapping[str, str]  # per part
     provider: str
     warmup: int
@@ -92,11 +88,7 @@ class PromptBenchReport:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "route": self.route,
-            "bundle": self.bundle,
-            "model": self.model,
-            "image_size": self.image_size,
-            "input_image_hw": list(self.input_image_hw),
-            "precision": dict(self.precision),
+            **self.subject.to_json(),
             "manifest_sha256": dict(self.manifest_sha256),
             "timing_scope": self.timing_scope,
             "provider": self.provider,
@@ -143,11 +135,7 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
                 torch_samples.append(tt)
 
     return PromptBenchReport(
-        bundle=str(bundle),
-        model=manifest.source.model,
-        image_size=manifest.preprocessing.image_size,
-        input_image_hw=(image.shape[0], image.shape[1]),
-        precision={name: p.precision for name, p in manifest.parts.items()},
+        subject=BenchedBundle.of(bundle, manifest, image.shape[:2]),
         manifest_sha256={name: p.sha256 for name, p in manifest.parts.items()},
         provider=predictor.encoder.provider,
         warmup=cfg.warmup,
@@ -165,7 +153,7 @@ def render_table(report: PromptBenchReport) -> str:
     has_torch = report.torch is not None
     head = "| stage | p50 ms | p90 ms | p99 ms |" + (" torch p50 ms | runtime/torch |" if has_torch else "")
     sep = "|---|---:|---:|---:|" + ("---:|---:|" if has_torch else "")
-    rows = [f"route `{report.route}` · {report.model} @ {report.image_size}px · {report.provider} · "
+    rows = [f"route `{report.route}` · {report.subject.model} @ {report.subject.image_size}px · {report.provider} · "
             f"{report.runs} runs · peak RSS {report.peak_rss_mb} MB" + ("" if report.stable else " · UNSTABLE (inconclusive)"),
             "", head, sep]
     ratios = report.ratio_runtime_over_torch_p50

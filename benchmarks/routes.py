@@ -27,7 +27,7 @@ from conceptseg_edge.benchmarks.policy import (
     bench_torch_capture,
     cross_capture,
 )
-from conceptseg_edge.benchmarks.stats import LatencyStats, StageSeries, environment, p50_ratio, peak_rss_mb
+from conceptseg_edge.benchmarks.stats import BenchedBundle, LatencyStats, StageSeries, environment, p50_ratio, peak_rss_mb
 from conceptseg_edge.errors import BenchmarkError
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
@@ -71,11 +71,7 @@ class ConceptsPerImage:
 class RoutesBenchReport:
     """Every route of a concept bundle, per stage; the policy's precisions and capture; torch alongside."""
 
-    bundle: str
-    model: str
-    image_size: int
-    input_image_hw: tuple[int, int]
-    precision: Mapping[str, str]  # per part
+    subject: BenchedBundle
     provider: str
     runs: int
     warmup: int
@@ -109,11 +105,7 @@ class RoutesBenchReport:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "bundle": self.bundle,
-            "model": self.model,
-            "image_size": self.image_size,
-            "input_image_hw": list(self.input_image_hw),
-            "precision": dict(self.precision),
+            **self.subject.to_json(),
             "provider": self.provider,
             "timing_scope": TIMING_SCOPE,
             "runs": self.runs,
@@ -202,11 +194,7 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         policy = policy.with_capture(cross_capture(policy.capture))
         torch_routes = _torch_routes(manifest.source.checkpoint, image, point, cfg)
     return RoutesBenchReport(
-        bundle=str(bundle),
-        model=manifest.source.model,
-        image_size=manifest.preprocessing.image_size,
-        input_image_hw=(image.shape[0], image.shape[1]),
-        precision={name: p.precision for name, p in manifest.parts.items()},
+        subject=BenchedBundle.of(bundle, manifest, image.shape[:2]),
         provider=cfg.provider,
         runs=cfg.runs,
         warmup=cfg.warmup,
@@ -235,7 +223,7 @@ def _torch_routes(checkpoint: str, image: np.ndarray, point, cfg: RoutesBenchCon
 def render_routes_table(report: RoutesBenchReport) -> str:
     """Markdown: one row per route series with p50/p90/p99 and the main stages."""
     torch_route = {series: route for route, series in TORCH_SERIES.items()}
-    head = [f"all routes · {report.model} @ {report.image_size}px · {report.provider} · {report.runs} runs · "
+    head = [f"all routes · {report.subject.model} @ {report.subject.image_size}px · {report.provider} · {report.runs} runs · "
             f"peak RSS {report.peak_rss_mb} MB" + ("" if report.stable else " · UNSTABLE (inconclusive)"), "",
             "| route | p50 ms | p90 ms | p99 ms | encoder | concept tokens / policy | decoder |" + (" torch p50 |" if report.torch else ""),
             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if report.torch else "")]
@@ -285,7 +273,7 @@ def plot_routes(report: RoutesBenchReport, png: str | Path) -> Path:
         ax.bar(routes, vals, bottom=bottom, label=stage)
         bottom += vals
     ax.set_ylabel("p50 latency (ms)")
-    ax.set_title(f"{report.model} @ {report.image_size}px, {report.provider}")
+    ax.set_title(f"{report.subject.model} @ {report.subject.image_size}px, {report.provider}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from conceptseg_edge.manifest import BundleManifest, tool_versions
+
 STABILITY_TOLERANCE = 0.05
 
 
@@ -104,6 +106,26 @@ class StageSeries:
         return {**{name: s.to_dict() for name, s in self.stages.items()}, "total": self.total.to_dict()}
 
 
+@dataclass(frozen=True)
+class BenchedBundle:
+    """What a report measured: the bundle, its model and input size, the image timed, each part's precision."""
+
+    bundle: str
+    model: str
+    image_size: int
+    input_image_hw: tuple[int, int]
+    precision: Mapping[str, str]  # per part
+
+    @classmethod
+    def of(cls, bundle: str | os.PathLike[str], manifest: BundleManifest, image_hw: tuple[int, int]) -> BenchedBundle:
+        return cls(str(bundle), manifest.source.model, manifest.preprocessing.image_size, (int(image_hw[0]), int(image_hw[1])),
+                   {name: part.precision for name, part in manifest.parts.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "model": self.model, "image_size": self.image_size,
+                "input_image_hw": list(self.input_image_hw), "precision": dict(self.precision)}
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -111,8 +133,6 @@ def peak_rss_mb() -> float:
 
 def environment() -> dict[str, Any]:
     """Hardware and library versions, recorded with every benchmark report."""
-    from conceptseg_edge.manifest import tool_versions
-
     return {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
