@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conceptseg_edge.errors import ConceptsegError, InputError
-from conceptseg_edge.fileio import atomic_path
+from conceptseg_edge.fileio import atomic_path, sha256_file
 
 LOOPBACK = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
@@ -115,15 +115,7 @@ def _writable(path: Path) -> bool:
 def _same_file(a: Path, b: Path) -> bool:
     if not b.is_file() or a.stat().st_size != b.stat().st_size:
         return False
-    return _digest(a) == _digest(b)
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(a) == sha256_file(b)
 
 
 def _install_file(src: Path, dst: Path, executable: bool = False) -> None:
@@ -147,7 +139,7 @@ def prepare_backends(install: TritonInstall) -> Path:
     if _writable(python_dir):
         _install_file(install.stub, python_dir / STUB_NAME, executable=True)
         return install.backends
-    key = hashlib.sha256(f"{install.backends.resolve()}|{_digest(install.stub)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{install.backends.resolve()}|{sha256_file(install.stub)}".encode()).hexdigest()[:16]
     target = cache_dir() / "triton-backends" / key
     for src in sorted(install.backends.rglob("*")):
         if src.is_file() and "__pycache__" not in src.parts:
