@@ -33,7 +33,7 @@ PROCESSOR_DIR = "processor"
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
 
 
-def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
+def check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     """Reject non-objects, unknown keys and missing required keys, naming the field."""
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected an object, got {type(data).__name__}")
@@ -65,7 +65,7 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> TensorSpec:
-        data = _check_keys(data, cls, where)
+        data = check_keys(data, cls, where)
         return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
 
 
@@ -84,7 +84,7 @@ class ParityReport:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ParityReport:
-        return cls(**_check_keys(data, cls, where))
+        return cls(**check_keys(data, cls, where))
 
 
 # Manifests written before ``QuantizedParity`` kept a quantized decoder's measures in its
@@ -130,7 +130,7 @@ class QuantizedParity:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> QuantizedParity:
-        return cls(**_check_keys(data, cls, where))
+        return cls(**check_keys(data, cls, where))
 
     @classmethod
     def from_legacy(cls, report: ParityReport, precision: str, where: str) -> QuantizedParity:
@@ -189,7 +189,7 @@ class PartManifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> PartManifest:
-        data = _check_keys(data, cls, where)
+        data = check_keys(data, cls, where)
         parity = ParityReport.from_dict(data["parity"], f"{where}.parity") if data.get("parity") else None
         quantized = (
             QuantizedParity.from_dict(data["quantized_parity"], f"{where}.quantized_parity")
@@ -231,7 +231,7 @@ class SourceInfo:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> SourceInfo:
-        return cls(**_check_keys(data, cls, where))
+        return cls(**check_keys(data, cls, where))
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Preprocessing:
-        data = dict(_check_keys(data, cls, where))
+        data = dict(check_keys(data, cls, where))
         for key in ("pixel_mean", "pixel_std"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -319,7 +319,7 @@ class BundleManifest:
                 f"{where}: schema_version {data.get('schema_version')!r} is not supported "
                 f"(this conceptseg-edge reads version {SCHEMA_VERSION}); re-export the bundle"
             )
-        data = _check_keys(data, cls, where)
+        data = check_keys(data, cls, where)
         parts = data["parts"]
         if not isinstance(parts, dict) or not parts:
             raise ManifestError(f"{where}.parts: expected a non-empty object")
@@ -343,7 +343,7 @@ class BundleManifest:
 def _router(data: Any, where: str) -> RouterConfig | None:
     if not data:
         return None
-    _check_keys(data, RouterConfig, where)
+    check_keys(data, RouterConfig, where)
     try:
         return RouterConfig.from_dict(data)
     except (TypeError, ValueError, AttributeError) as exc:

@@ -34,7 +34,7 @@ from typing import Any, Literal, get_args
 from conceptseg_edge.errors import InputError, ManifestError
 from conceptseg_edge.fileio import sha256_file, staged_dir, write_json, write_text
 from conceptseg_edge.generation import GenerationConfig
-from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, load_bundle, tool_versions
+from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, check_keys, load_bundle, tool_versions
 from conceptseg_edge.runtime.engine import Provider
 from conceptseg_edge.serve.model_config import (
     TRITON_TYPES,
@@ -188,39 +188,105 @@ class RepositoryConfig:
         out["max_new_tokens"] = None if self.generation is None else self.generation.max_new_tokens
         return out
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> RepositoryConfig:
+        """The ``config`` that ``to_dict`` wrote (``max_new_tokens`` for ``generation``), read strictly."""
+        if isinstance(data, dict) and "max_new_tokens" in data:
+            data = {k: v for k, v in data.items() if k != "max_new_tokens"} | {"generation": data["max_new_tokens"]}
+        data = dict(check_keys(data, cls, where))
+        try:
+            if data.get("generation") is not None:
+                data["generation"] = GenerationConfig(data["generation"])
+            if "limits" in data:
+                data["limits"] = ServeLimits(**check_keys(data["limits"], ServeLimits, f"{where}.limits"))
+            return cls(**data)
+        except InputError as exc:
+            raise ManifestError(f"{where}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ServedModelRecord:
+    """One model of a built repository: what it does, how it runs, and (graph models) which part it serves."""
+
+    role: str
+    backend: str  # "python", or the graph model's platform
+    max_batch_size: int
+    instances: int
+    dynamic_batching: bool | None = None  # graph models only
+    part: str | None = None  # graph models only
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "backend": self.backend, "max_batch_size": self.max_batch_size}
+        if self.part is not None:
+            out |= {"dynamic_batching": self.dynamic_batching, "part": self.part}
+        return out | {"instances": self.instances}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ServedModelRecord:
+        return cls(**check_keys(data, cls, where))
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """The bundle a repository was built from."""
+
+    source: str  # absolute path at build time
+    mode: str  # python flavor: copy / reference; native: split (graphs in their models)
+    model: str
+    manifest_sha256: str
+    routes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"routes": list(self.routes)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> BundleRecord:
+        data = check_keys(data, cls, where)
+        return cls(**{**data, "routes": tuple(data["routes"])})
+
 
 @dataclass(frozen=True)
 class RepositoryManifest:
     """What ``conceptseg_repository.json`` records about a built repository."""
 
-    flavor: str
-    models: dict[str, dict[str, Any]]  # model name → role, backend/platform, max_batch_size, part
+    flavor: Flavor
+    models: Mapping[str, ServedModelRecord]  # model name → record
     routes: tuple[str, ...]
-    bundle: dict[str, Any]  # source path, mode, bundle manifest sha256, model
-    config: dict[str, Any]
+    bundle: BundleRecord
+    config: RepositoryConfig
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     schema_version: int = REPOSITORY_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["routes"] = list(self.routes)
-        return out
+        return {
+            "flavor": self.flavor,
+            "models": {name: record.to_dict() for name, record in self.models.items()},
+            "routes": list(self.routes),
+            "bundle": self.bundle.to_dict(),
+            "config": self.config.to_dict(),
+            "created": self.created,
+            "versions": dict(self.versions),
+            "schema_version": self.schema_version,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> RepositoryManifest:
-        if not isinstance(data, dict):
-            raise ManifestError(f"{where}: expected an object")
-        if data.get("schema_version") != REPOSITORY_SCHEMA_VERSION:
+        if isinstance(data, dict) and data.get("schema_version") != REPOSITORY_SCHEMA_VERSION:
             raise ManifestError(f"{where}: schema_version {data.get('schema_version')!r}, this reads {REPOSITORY_SCHEMA_VERSION}; rebuild")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ManifestError(f"{where}: unknown key(s) {unknown}")
-        missing = sorted({"flavor", "models", "routes", "bundle", "config"} - set(data))
-        if missing:
-            raise ManifestError(f"{where}: missing key(s) {missing}")
-        return cls(**{**data, "routes": tuple(data["routes"])})
+        data = check_keys(data, cls, where)
+        models = data["models"]
+        if not isinstance(models, dict):
+            raise ManifestError(f"{where}.models: expected an object, got {type(models).__name__}")
+        return cls(
+            **{
+                **data,
+                "models": {name: ServedModelRecord.from_dict(m, f"{where}.models.{name}") for name, m in models.items()},
+                "routes": tuple(data["routes"]),
+                "bundle": BundleRecord.from_dict(data["bundle"], f"{where}.bundle"),
+                "config": RepositoryConfig.from_dict(data["config"], f"{where}.config"),
+            }
+        )
 
 
 def read_repository(repo: str | Path) -> RepositoryManifest:
@@ -326,11 +392,6 @@ def _companions(bundle: Path, manifest: BundleManifest, part: PartManifest) -> l
     return [rel for rel in manifest.files if Path(rel).name.startswith(prefix) and (bundle / rel).is_file()]
 
 
-@dataclass
-class _Staged:
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
 def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig = RepositoryConfig()) -> RepositoryManifest:
     """Build a model repository for ``bundle`` at ``out``; returns its ``RepositoryManifest``.
 
@@ -341,26 +402,21 @@ def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig 
     manifest = load_bundle(bundle)
     out = Path(out)
     with staged_dir(out, REPOSITORY_MANIFEST, "conceptseg-edge Triton repository") as staging:
-        staged = _Staged()
         if MODEL_NAME in manifest.parts:
             raise ManifestError(f"parts.{MODEL_NAME}: a part may not take the router model's name")
-        routes = tuple(manifest.routes)
-        if cfg.flavor == "python":
-            _build_python(bundle, manifest, staging, cfg, staged)
-        else:
-            _build_native(bundle, manifest, staging, cfg, staged)
+        build = _build_python if cfg.flavor == "python" else _build_native
         result = RepositoryManifest(
             flavor=cfg.flavor,
-            models=staged.models,
-            routes=routes,
-            bundle={
-                "source": str(bundle),
-                "mode": cfg.bundle_mode if cfg.flavor == "python" else "split",
-                "model": manifest.source.model,
-                "manifest_sha256": sha256_file(bundle / MANIFEST_NAME),
-                "routes": list(manifest.routes),
-            },
-            config=cfg.to_dict(),
+            models=build(bundle, manifest, staging, cfg),
+            routes=tuple(manifest.routes),
+            bundle=BundleRecord(
+                source=str(bundle),
+                mode=cfg.bundle_mode if cfg.flavor == "python" else "split",
+                model=manifest.source.model,
+                manifest_sha256=sha256_file(bundle / MANIFEST_NAME),
+                routes=tuple(manifest.routes),
+            ),
+            config=cfg,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             versions=tool_versions(),
         )
@@ -382,7 +438,7 @@ def router_parameters(cfg: RepositoryConfig, bundle: str, graph_models: Mapping[
     )
 
 
-def _build_python(bundle: Path, manifest: BundleManifest, staging: Path, cfg: RepositoryConfig, staged: _Staged) -> None:
+def _build_python(bundle: Path, manifest: BundleManifest, staging: Path, cfg: RepositoryConfig) -> dict[str, ServedModelRecord]:
     model_dir = staging / MODEL_NAME
     version_dir = model_dir / VERSION
     version_dir.mkdir(parents=True)
@@ -394,12 +450,13 @@ def _build_python(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
     write_text(version_dir / "model.py", ROUTER_MODEL_PY)
     config = router_model_config(cfg, router_parameters(cfg, bundle_param))
     _write_config(model_dir, config)
-    staged.models[MODEL_NAME] = {"role": "router + engines (python backend, ONNX Runtime in process)",
-                                 "backend": "python", "max_batch_size": 0, "instances": cfg.instances}
+    return {MODEL_NAME: ServedModelRecord("router + engines (python backend, ONNX Runtime in process)", "python", 0,
+                                          cfg.instances)}
 
 
-def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: RepositoryConfig, staged: _Staged) -> None:
+def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: RepositoryConfig) -> dict[str, ServedModelRecord]:
     graph_models: dict[str, str] = {}
+    records: dict[str, ServedModelRecord] = {}
     for name, part in manifest.parts.items():
         config = graph_model_config(part, cfg.resolved_max_batch, cfg.resolved_device, cfg.instances, cfg.graph_backend)
         model_dir = staging / config.name
@@ -411,19 +468,13 @@ def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
             write_text(version_dir / "model.py", GRAPH_MODEL_PY)
         _write_config(model_dir, config)
         graph_models[name] = config.name
-        staged.models[config.name] = {
-            "role": f"graph {name}",
-            "backend": config.backend or config.platform,
-            "max_batch_size": config.max_batch_size,
-            "dynamic_batching": config.dynamic_batching is not None,
-            "part": name,
-            "instances": cfg.instances,
-        }
+        records[config.name] = ServedModelRecord(f"graph {name}", config.backend or config.platform, config.max_batch_size,
+                                                 cfg.instances, dynamic_batching=config.dynamic_batching is not None, part=name)
     model_dir = staging / MODEL_NAME
     version_dir = model_dir / VERSION
     version_dir.mkdir(parents=True)
     _copy_bundle(bundle, manifest, version_dir / "bundle", graphs=False)  # manifest + processor files only
     write_text(version_dir / "model.py", ROUTER_MODEL_PY)
     _write_config(model_dir, router_model_config(cfg, router_parameters(cfg, "bundle", graph_models)))
-    staged.models[MODEL_NAME] = {"role": "router (BLS python model calling the graph models)",
-                                 "backend": "python", "max_batch_size": 0, "instances": cfg.instances}
+    records[MODEL_NAME] = ServedModelRecord("router (BLS python model calling the graph models)", "python", 0, cfg.instances)
+    return records

@@ -321,6 +321,32 @@ def test_build_is_atomic_and_refuses_foreign_directories(tiny_bundle, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "repo"]  # no staging debris
 
 
+def test_repository_manifest_is_typed_and_read_strictly(tiny_bundle, tmp_path):
+    from conceptseg_edge.errors import ManifestError
+    from conceptseg_edge.generation import GenerationConfig
+    from conceptseg_edge.serve.repository import REPOSITORY_MANIFEST, RepositoryConfig, RepositoryManifest, build_repository
+
+    cfg = RepositoryConfig(flavor="native", device="cpu", generation=GenerationConfig(16))
+    repo = build_repository(tiny_bundle, tmp_path / "repo", cfg)
+    assert repo.config == cfg and repo.bundle.mode == "split" and repo.models["conceptseg"].part is None
+    assert repo.models["sam2_encoder"].part == "sam2_encoder" and repo.models["sam2_encoder"].backend == "onnxruntime_onnx"
+    data = json.loads((tmp_path / "repo" / REPOSITORY_MANIFEST).read_text())
+    assert list(data) == ["flavor", "models", "routes", "bundle", "config", "created", "versions", "schema_version"]
+    assert list(data["models"]["sam2_encoder"]) == ["role", "backend", "max_batch_size", "dynamic_batching", "part", "instances"]
+    assert list(data["models"]["conceptseg"]) == ["role", "backend", "max_batch_size", "instances"]
+    assert list(data["bundle"]) == ["source", "mode", "model", "manifest_sha256", "routes"]
+    assert data["config"]["max_new_tokens"] == 16 and "generation" not in data["config"]
+    assert RepositoryManifest.from_dict(data, "repo.json") == repo
+    for where, bad, match in [
+        ("config", {**data["config"], "flavour": "native"}, r"repo.json.config: unknown key\(s\) \['flavour'\]"),
+        ("config", {**data["config"], "max_new_tokens": 0}, r"repo.json.config: max_new_tokens"),
+        ("models", {**data["models"], "ctm": {"role": "graph ctm"}}, r"repo.json.models.ctm: missing key\(s\)"),
+        ("bundle", {k: v for k, v in data["bundle"].items() if k != "routes"}, r"repo.json.bundle: missing key\(s\) \['routes'\]"),
+    ]:
+        with pytest.raises(ManifestError, match=match):
+            RepositoryManifest.from_dict({**data, where: bad}, "repo.json")
+
+
 def test_served_code_is_torch_free(py_repo):
     model_py = (py_repo / "conceptseg" / "1" / "model.py").read_text()
     imports = [line for line in model_py.splitlines() if line.lstrip().startswith(("import ", "from "))]

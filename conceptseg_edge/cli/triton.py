@@ -89,7 +89,7 @@ def _build(args: argparse.Namespace) -> int:
     )
     manifest = build_repository(args.bundle, args.out, cfg)
     print(json.dumps({"repository": str(Path(args.out)), "flavor": manifest.flavor, "routes": list(manifest.routes),
-                      "models": manifest.models}, indent=2))
+                      "models": {name: record.to_dict() for name, record in manifest.models.items()}}, indent=2))
     return 0
 
 
