@@ -347,6 +347,27 @@ def test_repository_manifest_is_typed_and_read_strictly(tiny_bundle, tmp_path):
             RepositoryManifest.from_dict({**data, where: bad}, "repo.json")
 
 
+def test_build_cli_prints_the_repository_and_refuses_bad_flags(tiny_bundle, tmp_path):
+    from conceptseg_edge.serve.model_config import read_config
+    from conceptseg_edge.serve.parameters import RouterParameters
+
+    out = tmp_path / "repo"
+    proc = cli("triton", "build", tiny_bundle, "--out", out, "--flavor", "native", "--device", "cpu", "--graph-backend",
+               "python", "--instances", "2", "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert list(printed) == ["repository", "flavor", "routes", "models"] and printed["flavor"] == "native"
+    assert printed["models"]["conceptseg"] == {"role": "router (BLS python model calling the graph models)", "backend": "python",
+                                               "max_batch_size": 0, "instances": 2}
+    params = {k: v.string_value for k, v in read_config(out / "conceptseg" / "config.pbtxt").parameters.items()}
+    assert RouterParameters.from_parameters(params).generation.max_new_tokens == 16
+    for flags, match in [(["--max-new-tokens", "0"], "max_new_tokens"), (["--max-batch", "4"], "python flavor serves one image"),
+                         (["--flavor", "grpc"], "invalid choice")]:
+        proc = cli("triton", "build", tiny_bundle, "--out", tmp_path / "bad", *flags)
+        assert proc.returncode == 2 and match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "bad").exists()
+
+
 def test_served_code_is_torch_free(py_repo):
     model_py = (py_repo / "conceptseg" / "1" / "model.py").read_text()
     imports = [line for line in model_py.splitlines() if line.lstrip().startswith(("import ", "from "))]
