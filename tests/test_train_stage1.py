@@ -102,7 +102,8 @@ def test_loss_falls_on_a_fixed_batch_only_the_ctm_moves(setup):
 def test_resume_takes_exactly_the_uninterrupted_step(setup, tmp_path):
     import copy
 
-    from conceptseg_edge.train.state import load_state, save_state
+    from conceptseg_edge.errors import CheckpointError
+    from conceptseg_edge.train.state import STATE_DIR, load_state, save_state
 
     cfg, frozen, ctm0, cache = setup
     ctm = copy.deepcopy(ctm0).train()
@@ -119,6 +120,9 @@ def test_resume_takes_exactly_the_uninterrupted_step(setup, tmp_path):
     got = train_step(cfg, frozen, cache, resumed, resumed_opt, 2, 10)
     assert got["loss"] == expected["loss"]
     assert all(torch.equal(a, b) for a, b in zip(ctm.state_dict().values(), resumed.state_dict().values()))
+    (tmp_path / STATE_DIR / "tensors.safetensors").write_bytes(b"half-written")
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors: sha256 mismatch \(state\.json"):
+        load_state(tmp_path, {"ctm": resumed}, resumed_opt)
 
 
 def test_shortcut_tokens_match_the_inference_pipeline(setup):

@@ -232,24 +232,15 @@ def one_step(stage1, tmp_path_factory):
     return trainer, ctm_before
 
 
-def _forward_inputs(batch):
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
-    return ids, mask, batch["completion_ids"].size(1), extra
-
-
 @pytest.mark.slow
 def test_one_step_moves_policy_along_the_advantages_and_ctm_down_the_seg_loss(one_step):
     trainer, ctm_before = one_step
-    batch = trainer._buffered_inputs[0]
+    batch = trainer.last_batch
     advantages = batch["advantages"]
     assert advantages.abs().sum() > 0, "no reward differences in the group: nothing to learn from"
-    ids, mask, n_completion, extra = _forward_inputs(batch)
-    with torch.no_grad():
-        after, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, n_completion, **extra)
-        with capture_last_hidden(trainer.ref_model) as rows:
-            before, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, mask, n_completion, **extra)
+    after = trainer.completion_logps(trainer.model, batch)
+    with capture_last_hidden(trainer.ref_model) as rows:
+        before = trainer.completion_logps(trainer.ref_model, batch)
     torch.testing.assert_close(before, batch["ref_per_token_logps"])  # the KL reference is the stage-1 policy
     completion_mask = batch["completion_mask"]
     delta = ((after - before) * completion_mask).sum(1) / completion_mask.sum(1)
@@ -267,10 +258,9 @@ def test_one_step_moves_policy_along_the_advantages_and_ctm_down_the_seg_loss(on
 def test_loss_reads_the_rows_inference_gives_the_ctm(one_step):
     """The hooked rows at P - 1 + i equal PolicyWrapper's, and TRL's prompt is the pipeline's prompt."""
     trainer, _ = one_step
-    batch = trainer._buffered_inputs[0]
-    ids, mask, n_completion, extra = _forward_inputs(batch)
-    with torch.no_grad(), capture_last_hidden(trainer.ref_model) as rows:
-        trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, mask, n_completion, **extra)
+    batch = trainer.last_batch
+    with capture_last_hidden(trainer.ref_model) as rows:
+        trainer.completion_logps(trainer.ref_model, batch)
     hidden = torch.cat(rows)
     wrapper = PolicyWrapper(trainer.ref_model, trainer.processing_class)
     prompt_len = batch["prompt_ids"].size(1)

@@ -35,6 +35,7 @@ from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from conceptseg_edge.metrics import iou
 from conceptseg_edge.router import RouterConfig, count_words
 from conceptseg_edge.train.config import check_types, load_config, require_fraction, require_positive, save_config
+from conceptseg_edge.train.items import DataSource, check_source
 from conceptseg_edge.train.loop import StageClock, set_threads, write_summary
 
 #: Calibration episodes of ConceptWorld start here: apart from training ([0, n)) and from the
@@ -45,7 +46,7 @@ DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(21)) +
 
 @dataclass
 class CalibrateDataConfig:
-    source: str = field(default="world", metadata={"help": "'world' or 'meta'"})
+    source: DataSource = field(default="world", metadata={"help": "'world' or 'meta'"})
     root: str | None = None
     split: str = field(default="val", metadata={"help": "meta: the split to calibrate on"})
     seed: int = 0
@@ -76,10 +77,7 @@ class CalibrateConfig:
         require_fraction(where, tolerance=self.tolerance)
         require_positive(where, max_new_tokens=self.max_new_tokens)
         require_positive(f"{where}.data", episodes=self.data.episodes, image_size=self.data.image_size)
-        if self.data.source not in ("world", "meta"):
-            raise InputError(f"{where}.data.source: expected 'world' or 'meta', got {self.data.source!r}")
-        if self.data.source == "meta" and not self.data.root:
-            raise InputError(f"{where}.data.root: required when data.source is 'meta'")
+        check_source(f"{where}.data", self.data.source, self.data.root)
 
 
 @dataclass

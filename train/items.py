@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -36,6 +37,19 @@ def epoch_picks(seed: int, n: int, step: int, per_step: int, start: int, count: 
     return [int(order[(first + j) % n]) for j in range(count)]
 
 
+#: Where targets come from: ConceptWorld, or a dataset root holding all_meta.json.
+DataSource = Literal["world", "meta"]
+DATA_SOURCES: tuple[DataSource, ...] = get_args(DataSource)
+
+
+def check_source(where: str, source: str, root: str | None) -> None:
+    """``InputError`` for an unknown source, or for 'meta' without a dataset root."""
+    if source not in DATA_SOURCES:
+        raise InputError(f"{where}.source: expected 'world' or 'meta', got {source!r}")
+    if source == "meta" and not root:
+        raise InputError(f"{where}.root: required when data.source is 'meta'")
+
+
 #: The template's ``<think>`` and ``<rule>`` text: fixed and short, so a tiny policy writes the whole
 #: format in few tokens and what it has to work out is in the boxes and the answer.
 TEMPLATE_THINK = "Find the query."
@@ -59,7 +73,7 @@ def template_completion(meta: MetaEpisode) -> str:
 class EpisodeData:
     """Where training and held-out targets come from (warmstart, stage 1)."""
 
-    source: str = field(default="world", metadata={"help": "'world' (ConceptWorld) or 'meta' (an all_meta.json root)"})
+    source: DataSource = field(default="world", metadata={"help": "'world' (ConceptWorld) or 'meta' (an all_meta.json root)"})
     root: str | None = field(default=None, metadata={"help": "dataset root for source 'meta'"})
     seed: int = 0
     image_size: int = field(default=128, metadata={"help": "ConceptWorld image side, px"})
@@ -68,10 +82,7 @@ class EpisodeData:
     support_prob: float = field(default=0.5, metadata={"help": "CI/CD items shown with their supports (CR always)"})
 
     def validate(self, where: str) -> None:
-        if self.source not in ("world", "meta"):
-            raise InputError(f"{where}.source: expected 'world' or 'meta', got {self.source!r}")
-        if self.source == "meta" and not self.root:
-            raise InputError(f"{where}.root: required when data.source is 'meta'")
+        check_source(where, self.source, self.root)
         require_positive(where, train_episodes=self.train_episodes, val_episodes=self.val_episodes)
         require_fraction(where, support_prob=self.support_prob)
 

@@ -23,6 +23,7 @@ from conceptseg_edge.train.config import save_config
 from conceptseg_edge.train.log import MetricsLogger
 from conceptseg_edge.train.state import has_state, load_state, save_state
 
+
 @dataclass(frozen=True)
 class StageResult:
     """What a step-loop stage hands back: its output directory, the checkpoint it wrote (where it

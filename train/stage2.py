@@ -349,6 +349,10 @@ class MetaGRPOTrainer(GRPOTrainer):
         seg_loss_weight: weight of the segmentation loss (paper: 0.01); 0 turns it off.
         **kwargs: ``GRPOTrainer`` arguments except ``reward_funcs``, which this class fixes to
             format, box IoU and mask IoU (weight 1 each).
+
+    ``last_batch`` is the scored batch the last loss was computed on (None before the first step),
+    and ``completion_logps`` scores a batch's completions under a model as the loss does: together
+    the public view of a step, so a test need not reach into TRL's buffers.
     """
 
     def __init__(
@@ -376,6 +380,7 @@ class MetaGRPOTrainer(GRPOTrainer):
             for stale in Path(self.args.output_dir).glob(f"{_STAGING}{PREFIX_CHECKPOINT_DIR}-*"):
                 shutil.rmtree(stale, ignore_errors=True)  # an interrupted save
         self._staging: Path | None = None
+        self.last_batch: dict[str, Any] | None = None
 
     @property
     def policy(self) -> nn.Module:
@@ -413,7 +418,19 @@ class MetaGRPOTrainer(GRPOTrainer):
         ]
         return output
 
+    @torch.no_grad()
+    def completion_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-token log-probabilities ((B, C)) of ``batch``'s completions under ``model`` (the trained
+        policy or ``ref_model``), computed as the loss computes them: prompt + completion in one
+        teacher-forced forward with the batch's images."""
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        images = {k: batch.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+        logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, mask, batch["completion_ids"].size(1), **images)
+        return logps
+
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        self.last_batch = inputs  # the scored rollouts this loss saw: completions, advantages, reference log-probs
         with capture_last_hidden(self.policy) as captured:
             loss = super()._compute_loss(model, inputs)
         if self.seg_loss_weight == 0:

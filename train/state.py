@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from conceptseg_edge.errors import CheckpointError
-from conceptseg_edge.fileio import sha256_file, write_json
+from conceptseg_edge.fileio import sha256_file, verify_hashes, write_json
 
 STATE_DIR = "state"
 _TENSORS = "tensors.safetensors"
@@ -143,8 +143,8 @@ def load_state(
         raise CheckpointError(f"{path / _META}: unreadable training state ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT:
         raise CheckpointError(f"{path / _META}: not a {_STATE_FORMAT} file")
-    if not (path / _TENSORS).is_file() or sha256_file(path / _TENSORS) != meta.get("sha256"):
-        raise CheckpointError(f"{path / _TENSORS}: missing or does not match its sha256 in {_META}")
+    verify_hashes(path, {_TENSORS: str(meta.get("sha256"))}, _META, CheckpointError,
+                  "the state was changed after it was written; delete the state directory to start over")
     try:
         tensors = load_file(path / _TENSORS)
     except (SafetensorError, OSError) as exc:
