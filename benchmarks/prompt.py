@@ -17,8 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.benchmarks.stats import BenchedBundle, StageSeries, environment, p50_ratio, peak_rss_mb
+from conceptseg_edge.manifest import BundleManifest, load_bundle
+from conceptseg_edge.runtime.engine import Provider
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 
@@ -28,7 +29,7 @@ class BenchConfig:
     runs: int = field(default=10, metadata={"help": "timed runs per series"})
     warmup: int = field(default=2, metadata={"help": "untimed warm-up runs"})
     compare_torch: bool = field(default=False, metadata={"help": "time PyTorch eager in the same run"})
-    provider: str = field(default="cpu", metadata={"help": "ONNX Runtime provider: cpu, cuda, tensorrt"})
+    provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
 
 
 def bench_image(size_hw: tuple[int, int] = (480, 640), seed: int = 0) -> np.ndarray:
