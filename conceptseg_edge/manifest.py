@@ -7,13 +7,17 @@ tolerance, ``QuantizedParity`` for quantized ones); for the bundle, the source c
 hash, the image size and preprocessing constants, the router settings (``RouterConfig``), and tool
 versions.
 
-Reading is strict: an unknown key, a missing key, or another schema version is a ``ManifestError``
-that names the field; ``load_bundle`` also re-hashes every file and names the one that changed.
+Reading is strict, as a bundle is untrusted input: an unknown key, a missing key, a value of the
+wrong type or out of range, nesting deeper than ``MAX_DEPTH``, another schema version, or a file
+path that is absolute or climbs out with ``..`` is a ``ManifestError`` that names the field;
+``load_bundle`` also re-hashes every file, names the one that changed, and refuses symlinks that
+lead out of the bundle (``fileio.contained``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import re
 from dataclasses import dataclass, field
@@ -21,22 +25,102 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conceptseg_edge.errors import ManifestError
-from conceptseg_edge.fileio import verify_hashes, write_json
-from conceptseg_edge.router import RouterConfig
+from conceptseg_edge.fileio import contained_tree, relative_path, verify_hashes, write_json
+from conceptseg_edge.router import ROUTES, RouterConfig
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: Where a bundle with the policy keeps its processor files (tokenizer.json, processor_config.json).
 PROCESSOR_DIR = "processor"
 
+#: Deepest nesting a manifest may have; its own structure is five levels deep. Checked before any
+#: recursive reader walks it, so a hostile file is a ManifestError, never a RecursionError.
+MAX_DEPTH = 32
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _object(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(data).__name__}")
+    return data
+
+
+def _list(data: Any, where: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(data, (list, tuple)):  # JSON gives lists; to_dict() of a manifest keeps tuples
+        raise ManifestError(f"{where}: expected a list, got {_shown(data)}")
+    return data
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}: expected a string, got {_shown(value)}")
+    return value
+
+
+def _optional_str(value: Any, where: str) -> str | None:
+    return None if value is None else _str(value, where)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"{where}: expected true or false, got {_shown(value)}")
+    return value
+
+
+def _int(value: Any, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ManifestError(f"{where}: expected an integer >= {minimum}, got {_shown(value)}")
+    return value
+
+
+def _float(value: Any, where: str, positive: bool = False) -> float:
+    """A finite number (``positive``: > 0); NaN and infinities, which JSON readers accept, are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        raise ManifestError(f"{where}: expected a finite {'positive ' if positive else ''}number, got {_shown(value)}")
+    return float(value)
+
+
+def _floats(data: Any, where: str, n: int, positive: bool = False) -> tuple[float, ...]:
+    values = _list(data, where)
+    if len(values) != n:
+        raise ManifestError(f"{where}: expected {n} numbers, got {len(values)}")
+    return tuple(_float(v, f"{where}[{i}]", positive) for i, v in enumerate(values))
+
+
+def _float_map(data: Any, where: str) -> dict[str, float]:
+    return {k: _float(v, f"{where}.{k}") for k, v in _object(data, where).items()}
+
+
+def _sha256(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ManifestError(f"{where}: expected a sha256 (64 lowercase hex digits), got {_shown(value)}")
+    return value
+
+
+def _check_depth(data: Any, where: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` (walked with a stack, not recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"{where}: nested deeper than {MAX_DEPTH} levels; not a conceptseg-edge manifest")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     """Reject non-objects, unknown keys and missing required keys, naming the field."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where}: expected an object, got {type(data).__name__}")
+    _object(data, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -66,7 +150,24 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> TensorSpec:
         data = check_keys(data, cls, where)
-        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+        shape = tuple(_dim(d, f"{where}.shape[{i}]") for i, d in enumerate(_list(data["shape"], f"{where}.shape")))
+        return cls(_str(data["name"], f"{where}.name"), _dtype(data["dtype"], f"{where}.dtype"), shape)
+
+
+def _dtype(value: Any, where: str) -> str:
+    try:
+        np.dtype(_str(value, where))
+    except TypeError:
+        raise ManifestError(f"{where}: {value!r} is not a numpy dtype name (float32, int64, ...)") from None
+    return value
+
+
+def _dim(value: Any, where: str) -> Dim:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ManifestError(f"{where}: expected a size >= 0 or a dynamic axis name, got {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -84,7 +185,15 @@ class ParityReport:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ParityReport:
-        return cls(**check_keys(data, cls, where))
+        data = check_keys(data, cls, where)
+        mask_iou = data.get("mask_iou")
+        return cls(
+            reference=_str(data["reference"], f"{where}.reference"),
+            max_abs_diff=_float_map(data["max_abs_diff"], f"{where}.max_abs_diff"),
+            atol=_float_map(data["atol"], f"{where}.atol"),
+            passed=_bool(data["passed"], f"{where}.passed"),
+            mask_iou=None if mask_iou is None else _float(mask_iou, f"{where}.mask_iou"),
+        )
 
 
 # Manifests written before ``QuantizedParity`` kept a quantized decoder's measures in its
@@ -130,7 +239,16 @@ class QuantizedParity:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> QuantizedParity:
-        return cls(**check_keys(data, cls, where))
+        data = check_keys(data, cls, where)
+        return cls(
+            reference=_str(data["reference"], f"{where}.reference"),
+            precision=_str(data["precision"], f"{where}.precision"),
+            tokens=_int(data["tokens"], f"{where}.tokens"),
+            decisive_tokens=_int(data["decisive_tokens"], f"{where}.decisive_tokens"),
+            floors=_float_map(data["floors"], f"{where}.floors"),
+            passed=_bool(data["passed"], f"{where}.passed"),
+            **{k: _float(data[k], f"{where}.{k}") for k in _LEGACY_DISTANCES},
+        )
 
     @classmethod
     def from_legacy(cls, report: ParityReport, precision: str, where: str) -> QuantizedParity:
@@ -197,19 +315,24 @@ class PartManifest:
         )
         if parity is not None and QuantizedParity.is_legacy(parity):
             quantized, parity = QuantizedParity.from_legacy(parity, str(data["precision"]), f"{where}.parity"), None
+        opset = data["opset"]
         return cls(
-            name=str(data["name"]),
-            file=str(data["file"]),
-            sha256=str(data["sha256"]),
-            format=str(data["format"]),
-            precision=str(data["precision"]),
-            opset=data["opset"],
-            inputs=tuple(TensorSpec.from_dict(t, f"{where}.inputs[{i}]") for i, t in enumerate(data["inputs"])),
-            outputs=tuple(TensorSpec.from_dict(t, f"{where}.outputs[{i}]") for i, t in enumerate(data["outputs"])),
+            name=_str(data["name"], f"{where}.name"),
+            file=relative_path(data["file"], f"{where}.file"),
+            sha256=_sha256(data["sha256"], f"{where}.sha256"),
+            format=_str(data["format"], f"{where}.format"),
+            precision=_str(data["precision"], f"{where}.precision"),
+            opset=None if opset is None else _int(opset, f"{where}.opset", minimum=1),
+            inputs=_specs(data["inputs"], f"{where}.inputs"),
+            outputs=_specs(data["outputs"], f"{where}.outputs"),
             parity=parity,
-            weight_storage=str(data.get("weight_storage", "fp32")),
+            weight_storage=_str(data.get("weight_storage", "fp32"), f"{where}.weight_storage"),
             quantized_parity=quantized,
         )
+
+
+def _specs(data: Any, where: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_dict(t, f"{where}[{i}]") for i, t in enumerate(_list(data, where)))
 
 
 @dataclass(frozen=True)
@@ -231,7 +354,12 @@ class SourceInfo:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> SourceInfo:
-        return cls(**check_keys(data, cls, where))
+        data = check_keys(data, cls, where)
+        return cls(
+            model=_str(data["model"], f"{where}.model"),
+            **{k: _optional_str(data.get(k), f"{where}.{k}")
+               for k in ("checkpoint", "checkpoint_sha256", "backbone_checkpoint", "backbone_sha256")},
+        )
 
 
 @dataclass(frozen=True)
@@ -257,11 +385,20 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Preprocessing:
-        data = dict(check_keys(data, cls, where))
-        for key in ("pixel_mean", "pixel_std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        """Read and range-check: a zero ``pixel_std`` or ``image_size`` would not fail, but give NaN
+        scores or an empty input, so both are refused here."""
+        data = check_keys(data, cls, where)
+        checks = {
+            "image_size": lambda v, w: _int(v, w, minimum=1),
+            "resize": _str,
+            "pixel_mean": lambda v, w: _floats(v, w, 3),
+            "pixel_std": lambda v, w: _floats(v, w, 3, positive=True),
+            "mask_threshold": _float,
+            "low_res_size": _int,
+            "stability_delta": _float,
+            "stability_thresh": _float,
+        }
+        return cls(**{key: checks[key](value, f"{where}.{key}") for key, value in data.items()})
 
 
 def tool_versions() -> dict[str, str]:
@@ -314,6 +451,7 @@ class BundleManifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> BundleManifest:
+        _check_depth(data, where)
         if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
             raise ManifestError(
                 f"{where}: schema_version {data.get('schema_version')!r} is not supported "
@@ -323,31 +461,50 @@ class BundleManifest:
         parts = data["parts"]
         if not isinstance(parts, dict) or not parts:
             raise ManifestError(f"{where}.parts: expected a non-empty object")
+        files = _object(data.get("files", {}), f"{where}.files")
+        route_parity = _object(data.get("route_parity", {}), f"{where}.route_parity")
         return cls(
             schema_version=SCHEMA_VERSION,
-            created=str(data.get("created", "")),
+            created=_str(data.get("created", ""), f"{where}.created"),
             source=SourceInfo.from_dict(data["source"], f"{where}.source"),
             preprocessing=Preprocessing.from_dict(data["preprocessing"], f"{where}.preprocessing"),
-            routes=tuple(data.get("routes", ("prompt",))),
-            router=_router(data.get("router"), f"{where}.router"),
+            routes=_routes(data.get("routes", ["prompt"]), f"{where}.routes"),
+            router=_router(data.get("router", {}), f"{where}.router"),
             parts={name: PartManifest.from_dict(p, f"{where}.parts.{name}") for name, p in parts.items()},
-            files=dict(data.get("files", {})),
-            route_parity=dict(data.get("route_parity", {})),
-            versions=dict(data.get("versions", {})),
+            files={relative_path(rel, f"{where}.files[{rel!r}]"): _sha256(sha, f"{where}.files[{rel!r}]")
+                   for rel, sha in files.items()},
+            route_parity={route: _object(v, f"{where}.route_parity.{route}") for route, v in route_parity.items()},
+            versions={k: _str(v, f"{where}.versions.{k}") for k, v in _object(data.get("versions", {}), f"{where}.versions").items()},
         )
 
     def with_parts(self, **parts: PartManifest) -> BundleManifest:
         return dataclasses.replace(self, parts={**self.parts, **parts})
 
 
+def _routes(data: Any, where: str) -> tuple[str, ...]:
+    routes = tuple(_str(r, f"{where}[{i}]") for i, r in enumerate(_list(data, where)))
+    unknown = [r for r in routes if r not in ROUTES]
+    if not routes or unknown or len(set(routes)) != len(routes):
+        raise ManifestError(f"{where}: expected distinct routes among {list(ROUTES)}, got {list(routes)}")
+    return routes
+
+
 def _router(data: Any, where: str) -> RouterConfig | None:
-    if not data:
+    """``{}`` or null (no text routes) → None; otherwise every field typed and in range, naming it."""
+    if data is None or not check_keys(data, RouterConfig, where):
         return None
-    check_keys(data, RouterConfig, where)
-    try:
-        return RouterConfig.from_dict(data)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ManifestError(f"{where}: {exc}") from exc
+    fields: dict[str, Any] = {key: _float(data[key], f"{where}.{key}") for key in ("base_tau", "growth") if key in data}
+    if "max_shortcut_words" in data:
+        fields["max_shortcut_words"] = _int(data["max_shortcut_words"], f"{where}.max_shortcut_words")
+    taus = _object(data.get("taus", {}), f"{where}.taus")
+    fields["taus"] = {_word_count(n, f"{where}.taus"): _float(tau, f"{where}.taus.{n}") for n, tau in taus.items()}
+    return RouterConfig(**fields)
+
+
+def _word_count(key: str, where: str) -> int:
+    if not key.isdecimal() or int(key) < 1:
+        raise ManifestError(f"{where}: key {key!r} is not a word count (an integer >= 1)")
+    return int(key)
 
 
 def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> Path:
@@ -373,13 +530,17 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ManifestError(f"{path}: nested deeper than {MAX_DEPTH} levels; not a conceptseg-edge manifest") from None
     return BundleManifest.from_dict(data, str(path))
 
 
 def verify_files(bundle_dir: str | Path, manifest: BundleManifest) -> None:
-    """Re-hash every file the manifest lists; name the first that is missing or changed."""
+    """Re-hash every file the manifest lists; name the first that is missing, changed, or outside
+    the bundle, and refuse any symlink in the bundle that leads out of it."""
     expected = {part.file: part.sha256 for part in manifest.parts.values()} | manifest.files
     verify_hashes(bundle_dir, expected, "the manifest", ManifestError, "the file changed after export; re-export the bundle")
+    contained_tree(bundle_dir)
 
 
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleManifest:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptseg_edge.fileio import write_bytes
+from conceptseg_edge.fileio import writable_output, write_bytes
 from conceptseg_edge.manifest import BundleManifest
 
 # Parts and files whose bytes decide what tokens a phrase maps to.
@@ -47,7 +47,8 @@ class ConceptBank:
     """Disk cache of (K, 256) float32 concept tokens, with in-memory hits after the first read."""
 
     def __init__(self, root: str | Path, key: str) -> None:
-        self.root = Path(root)
+        """Raises ``InputError`` when ``root`` cannot hold the bank (a file, an unwritable place)."""
+        self.root = writable_output(root, "bank", directory=True)
         self.key = key
         self.dir = self.root / key
         self._memory: dict[str, np.ndarray] = {}

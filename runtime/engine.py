@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
+from conceptseg_edge.fileio import contained
 from conceptseg_edge.manifest import BundleManifest, PartManifest, TensorSpec
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def open_engine(bundle_dir: Path, part: PartManifest, provider: str) -> Engine:
             f"parts.{part.name}.format: {part.format!r} cannot be opened with ONNX Runtime (it opens 'onnx'); "
             "pass an engine_factory that opens this format"
         )
-    return OrtEngine(Path(bundle_dir) / part.file, provider)
+    return OrtEngine(contained(bundle_dir, part.file, f"parts.{part.name}.file"), provider)
 
 
 def open_part(

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptseg_edge.errors import EngineIOError, InputError
+from conceptseg_edge.fileio import contained
 from conceptseg_edge.manifest import PROCESSOR_DIR, BundleManifest, load_bundle
 from conceptseg_edge.runtime.decoding import CachedDecoder, decoder_feeds
 from conceptseg_edge.runtime.engine import Engine, EngineFactory, open_engine, open_part
@@ -150,7 +151,7 @@ class OnnxPolicy:
         # a bundle without policy_vision is text-only: generate() then refuses images
         vision = open_part(bundle, manifest, "policy_vision", provider, engine_factory) if "policy_vision" in manifest.parts else None
         embed, decoder = (open_part(bundle, manifest, name, provider, engine_factory) for name in ("policy_embed", "policy_decoder"))
-        proc = bundle / PROCESSOR_DIR
+        proc = contained(bundle, PROCESSOR_DIR, PROCESSOR_DIR)
         return cls(vision, embed, decoder, PolicyTokenizer.from_dir(proc), PolicyImageConfig.from_dir(proc))
 
     # ------------------------------------------------------------------ pieces

@@ -41,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConceptsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ConceptsegError as exc:  # anything else is a bug, and keeps its traceback
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the message holds
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

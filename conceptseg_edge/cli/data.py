@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
     make = sub.add_parser("make-world", help="write a ConceptWorld dataset in the ConceptSeg layout")
-    make.add_argument("--out", type=Path, required=True, help="dataset root to write")
+    make.add_argument("--out", required=True, help="dataset root to write")
     make.add_argument("--n", type=int, required=True, help="number of episodes")
     make.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     make.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _make_world(args: argparse.Namespace) -> int:
     from conceptseg_edge.data.world import make_world
+    from conceptseg_edge.fileio import writable_output
 
-    root = make_world(args.out, args.n, seed=args.seed, test_fraction=args.test_fraction, image_size=args.image_size)
+    root = make_world(writable_output(args.out, "--out", directory=True), args.n, seed=args.seed, test_fraction=args.test_fraction, image_size=args.image_size)
     print(f"wrote {args.n} episodes to {root}")
     return 0
 

@@ -95,12 +95,28 @@ def mask_report(result, mask_path: str) -> dict:
     }
 
 
+def output_paths(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
+    """The mask (and overlay) files and the bank directory, each checked writable before any work."""
+    from conceptseg_edge.errors import InputError
+    from conceptseg_edge.fileio import writable_output
+
+    outputs = [writable_output(args.out, "--out")]
+    if args.overlay is not None:
+        outputs.append(writable_output(args.overlay, "--overlay"))
+        if outputs[1].resolve() == outputs[0].resolve():
+            raise InputError(f"--overlay {args.overlay}: the same file as --out; give the overlay its own path")
+    bank = None if args.no_bank else writable_output(default_bank_dir() if args.bank is None else args.bank, "--bank", directory=True)
+    return outputs, bank
+
+
 def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
+    from conceptseg_edge.fileio import atomic_paths
     from conceptseg_edge.preprocess import load_image, make_prompts
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
     from conceptseg_edge.visualize import overlay, save_png
 
+    outputs, bank = output_paths(args)
     image = load_image(args.image)
     points = [p[:2] for p in args.point] or None
     labels = [int(p[2]) if len(p) == 3 else 1 for p in args.point] or None
@@ -108,14 +124,14 @@ def _segment(args: argparse.Namespace) -> int:
     if prompts.empty and not (args.concept and args.concept.strip()):
         raise InputError("no prompt: give --point X,Y, --box X0,Y0,X1,Y1 or --concept TEXT")
     supports = load_supports(args.support)
-    bank = None if args.no_bank else (args.bank or default_bank_dir())
     segmenter = ConceptSegmenter.from_bundle(args.bundle, provider=args.provider, bank_dir=bank)
     result = segmenter.segment(image, query=args.concept, points=points, labels=labels, box=args.box,
                                supports=supports, route=args.route)
-    save_png(args.out, result.mask)
-    if args.overlay:
-        shown = prompts if result.box is None else make_prompts(None, None, result.box, image.shape[:2])
-        save_png(args.overlay, overlay(image, result.mask, shown))
+    with atomic_paths(*outputs) as staged:  # the mask and its overlay are written both or neither
+        save_png(staged[0], result.mask)
+        if args.overlay is not None:
+            shown = prompts if result.box is None else make_prompts(None, None, result.box, image.shape[:2])
+            save_png(staged[1], overlay(image, result.mask, shown))
     report = mask_report(result, args.out) | {
         "bank_hit": result.bank_hit,
         "timings_ms": {k: round(v, 2) for k, v in result.timings.to_dict().items()} | {"total": round(result.timings.total(), 2)},
