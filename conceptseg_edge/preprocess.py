@@ -13,6 +13,7 @@ The arithmetic mirrors sam2 exactly so runtime masks match the eager reference:
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import numpy as np
 from conceptseg_edge.errors import InputError
 
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+SIXTEEN_BIT_MAX = 65535
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 # ----------------------------------------------------------------------------- images
@@ -29,8 +32,8 @@ MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding
 def load_image(source: str | Path | bytes) -> np.ndarray:
     """Read an image file or encoded bytes as (H, W, 3) uint8 RGB.
 
-    Grayscale, palette, CMYK and RGBA are converted (alpha dropped); 16-bit grayscale is scaled to
-    8 bit by its full range (65535 → 255). Unreadable input raises ``InputError`` naming the source.
+    Grayscale, palette, CMYK and RGBA are converted (alpha dropped); 16-bit and float images are
+    scaled by ``to_uint8``'s rule (or refused). Unreadable input raises ``InputError`` naming the source.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -46,27 +49,67 @@ def load_image(source: str | Path | bytes) -> np.ndarray:
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{name}: cannot decode image ({exc})") from exc
+        raise InputError(f"{name}: cannot decode image ({decode_failure(exc)})") from exc
+
+
+def decode_failure(exc: BaseException) -> str:
+    """Why an image did not decode, for a user: PIL's message without object reprs (``<_io.BytesIO object at 0x…>``)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format, or a corrupt header"
+    return without_reprs(str(exc)) or type(exc).__name__
+
+
+def without_reprs(text: str) -> str:
+    """``text`` with default object reprs (``<_io.BytesIO object at 0x7f…>``) replaced: error text goes to clients."""
+    return _OBJECT_REPR.sub("the input", text)
+
+
+# PIL modes whose samples are not 8 bit: read as numbers and scaled by ``to_uint8``.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def image_to_rgb(img, name: str = "image") -> np.ndarray:
-    """PIL image of any common mode → (H, W, 3) uint8."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        return as_rgb_array((np.clip(arr, 0, 65535) / 257.0).round().astype(np.uint8), name)
+    """PIL image of any common mode → (H, W, 3) uint8 (16-bit and float modes through ``to_uint8``)."""
+    if img.mode in _WIDE_MODES:
+        return as_rgb_array(np.asarray(img), name)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+def to_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Scale samples wider than 8 bit to uint8, or refuse them; the one rule for files and arrays.
+
+    - uint8: as is;
+    - 16-bit (uint16; PIL's ``I;16`` modes) and 32-bit integers (PIL's ``I``) holding values in
+      0–65535: ``/ 257`` rounded (65535 → 255), i.e. the full 16-bit range;
+    - float (PIL's ``F``): values in [0, 1] → ``× 255`` rounded;
+    - anything else (negative or > 65535 integers, floats outside [0, 1], NaN or infinity, other
+      dtypes) raises ``InputError``: guessing a scale would return a plausible-looking wrong mask.
+    """
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16 or (image.dtype.kind in "iu" and image.size and 0 <= image.min() and image.max() <= SIXTEEN_BIT_MAX):
+        return (image.astype(np.float64) / 257.0).round().astype(np.uint8)
+    if image.dtype.kind in "iu":
+        raise InputError(f"{name}: integer samples from {image.min()} to {image.max()}, "
+                         f"expected 0-255 (uint8) or 0-{SIXTEEN_BIT_MAX} (16 bit)")
+    if image.dtype.kind == "f":
+        if not np.isfinite(image).all():
+            raise InputError(f"{name}: float samples include NaN or infinity")
+        lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(f"{name}: float samples from {lo:g} to {hi:g}, expected values in [0, 1]")
+        return (image.astype(np.float64) * 255.0).round().astype(np.uint8)
+    raise InputError(f"{name}: dtype {image.dtype}, expected uint8, 16-bit integers or floats in [0, 1]")
+
+
 def as_rgb_array(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Validate an in-memory image: (H, W), (H, W, 1|3|4), uint8 or uint16 → (H, W, 3) uint8."""
+    """Validate an in-memory image: (H, W) or (H, W, 1|3|4) → (H, W, 3) uint8 (samples scaled by ``to_uint8``)."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"{name}: expected a numpy array, got {type(image).__name__}")
-    if image.dtype == np.uint16:
-        image = (image.astype(np.float64) / 257.0).round().astype(np.uint8)
-    if image.dtype != np.uint8:
-        raise InputError(f"{name}: dtype {image.dtype}, expected uint8 (or uint16)")
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
@@ -75,6 +118,7 @@ def as_rgb_array(image: np.ndarray, name: str = "image") -> np.ndarray:
         raise InputError(f"{name}: {image.shape[1]}x{image.shape[0]} is too small")
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
         raise InputError(f"{name}: {image.shape[1]}x{image.shape[0]} exceeds {MAX_IMAGE_PIXELS} pixels")
+    image = to_uint8(image, name)
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return np.ascontiguousarray(image[..., :3])
@@ -153,6 +197,22 @@ class Prompts:
         return self.box is None and self.points is not None and len(self.points) == 1
 
 
+def point_labels(labels) -> np.ndarray:
+    """Click labels → (N,) int32, each exactly 0 (background) or 1 (foreground).
+
+    Checked before the cast: ``0.5`` or ``"1"`` is refused, never truncated to a label.
+    """
+    try:
+        raw = np.asarray(labels).reshape(-1)
+    except ValueError as exc:
+        raise InputError(f"points: labels {labels!r} are not a flat list of numbers") from exc
+    valid = raw.dtype.kind in "biuf" and bool(np.isin(raw, (0, 1)).all())
+    if not valid:
+        shown = sorted({str(v) for v in raw.tolist()})[:8]
+        raise InputError(f"points: labels must be exactly 0 (background) or 1 (foreground), got {shown}")
+    return raw.astype(np.int32)
+
+
 def make_prompts(
     points: list[tuple[float, float]] | np.ndarray | None,
     labels: list[int] | np.ndarray | None,
@@ -164,11 +224,9 @@ def make_prompts(
     pts = lab = bx = None
     if points is not None and len(points):
         pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
-        lab = np.ones(len(pts), np.int32) if labels is None else np.asarray(labels, dtype=np.int32).reshape(-1)
+        lab = np.ones(len(pts), np.int32) if labels is None else point_labels(labels)
         if len(lab) != len(pts):
             raise InputError(f"points: {len(pts)} points but {len(lab)} labels")
-        if not np.isin(lab, (0, 1)).all():
-            raise InputError(f"points: labels must be 0 (background) or 1 (foreground), got {sorted(set(lab.tolist()))}")
         for x, y in pts:
             if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
                 raise InputError(f"point ({x:g}, {y:g}) lies outside the {w}x{h} image")

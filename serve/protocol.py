@@ -162,7 +162,7 @@ def decode_image_bytes(data: Any, what: str, limits: ServeLimits) -> np.ndarray:
 
     from PIL import Image, UnidentifiedImageError
 
-    from conceptseg_edge.preprocess import load_image
+    from conceptseg_edge.preprocess import decode_failure, load_image
 
     if isinstance(data, np.bytes_):
         data = bytes(data)
@@ -178,9 +178,12 @@ def decode_image_bytes(data: Any, what: str, limits: ServeLimits) -> np.ndarray:
     except Image.DecompressionBombError as exc:  # PIL refuses absurd sizes while reading the header
         raise InputError(f"{what}: exceeds this server's limit of {limits.max_image_pixels} pixels ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{what}: cannot decode image ({exc})") from exc
+        raise InputError(f"{what}: cannot decode image ({decode_failure(exc)})") from exc
     _check_pixels(h, w, what, limits)
-    return load_image(data)
+    try:
+        return load_image(data)
+    except InputError as exc:  # load_image names its source "image bytes": name the input instead
+        raise InputError(str(exc).replace("image bytes", what, 1)) from exc
 
 
 def _image(tensors: Mapping[str, np.ndarray], limits: ServeLimits) -> np.ndarray:
@@ -381,7 +384,9 @@ def request_arrays(
     if points is not None and len(points):
         feeds["POINTS"] = np.asarray(points, dtype=np.float32).reshape(-1, 2)
         if labels is not None:
-            feeds["POINT_LABELS"] = np.asarray(labels, dtype=np.int32).reshape(-1)
+            from conceptseg_edge.preprocess import point_labels
+
+            feeds["POINT_LABELS"] = point_labels(labels)  # 0.5 is refused here, not truncated to 0 on the wire
     if box is not None:
         feeds["BOX"] = np.asarray(box, dtype=np.float32).reshape(4)
     if supports:

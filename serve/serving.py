@@ -31,6 +31,7 @@ import numpy as np
 from conceptseg_edge.errors import ConceptsegError, InputError, ManifestError, RouteUnavailableError
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import PartManifest, TensorSpec, read_manifest
+from conceptseg_edge.preprocess import without_reprs
 from conceptseg_edge.runtime.engine import EngineFactory, OrtEngine, check_feeds, open_engine
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 from conceptseg_edge.serve.parameters import GraphParameters, RouterParameters
@@ -45,12 +46,16 @@ class GraphCallError(ConceptsegError):
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
-    """Map an exception to a Triton error code name and message: the caller's fault or the server's."""
+    """Map an exception to a Triton error code name and message: the caller's fault or the server's.
+
+    The message goes to the client: object reprs (addresses of the server's objects) are removed.
+    """
+    text = without_reprs(str(exc))
     if isinstance(exc, (InputError, RouteUnavailableError)):
-        return "INVALID_ARG", str(exc)
+        return "INVALID_ARG", text
     if isinstance(exc, ConceptsegError):
-        return "INTERNAL", f"{type(exc).__name__}: {exc}"
-    return "INTERNAL", f"unexpected {type(exc).__name__}: {exc}"
+        return "INTERNAL", f"{type(exc).__name__}: {text}"
+    return "INTERNAL", f"unexpected {type(exc).__name__}: {text}"
 
 
 # ---------------------------------------------------------------------------- BLS engine

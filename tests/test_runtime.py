@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_predict_before_set_image_names_the_call(tiny_bundle):
         ({"points": [[-1, 10]]}, "outside"),
         ({"box": [100, 100, 50, 200]}, "X1 > X0"),
         ({"box": [0, 0, 900, 100]}, "outside"),
-        ({"points": [[1, 1]], "labels": [7]}, "labels must be 0"),
+        ({"points": [[1, 1]], "labels": [7]}, "labels must be exactly 0"),
         ({"points": [[1, 1], [2, 2]], "labels": [1]}, "2 points but 1 labels"),
         ({}, "no prompt"),
     ],
@@ -148,10 +149,110 @@ def test_image_modes_are_converted(predictor, image, expect):
     assert predictor.predict(points=[[10, 10]]).mask.shape == expect
 
 
-@pytest.mark.parametrize("image", [np.zeros((40, 50, 3), np.float32), np.zeros((40, 50, 2), np.uint8), np.zeros((1, 1, 3), np.uint8)])
+@pytest.mark.parametrize("image", [np.full((40, 50, 3), 2.0, np.float32), np.zeros((40, 50, 2), np.uint8), np.zeros((1, 1, 3), np.uint8)])
 def test_unusable_arrays_are_refused(predictor, image):
     with pytest.raises(InputError):
         predictor.set_image(image)
+
+
+# ---------------------------------------------------------------- samples wider than 8 bit: one rule, or refused
+
+_RAMP = np.linspace(0.0, 1.0, 40 * 50).reshape(40, 50)
+# (array PIL writes, file format, expected uint8 gray) per mode: float in [0, 1] x 255; 16 bit / 257
+WIDE_IMAGES = {
+    "F-tiff": (_RAMP.astype(np.float32), "tiff", np.round(_RAMP.astype(np.float32).astype(np.float64) * 255)),
+    "I;16-png": ((_RAMP * 65535).round().astype(np.uint16), "png", np.round((_RAMP * 65535).round() / 257)),
+    "I;16-tiff": ((_RAMP * 65535).round().astype(np.uint16), "tiff", np.round((_RAMP * 65535).round() / 257)),
+    "I-tiff": ((_RAMP * 65535).round().astype(np.int32), "tiff", np.round((_RAMP * 65535).round() / 257)),
+}
+REFUSED_IMAGES = {
+    "F-0-255": ((_RAMP * 255).astype(np.float32), "tiff", r"from 0 to 255, expected values in \[0, 1\]"),
+    "F-negative": ((_RAMP - 0.5).astype(np.float32), "tiff", r"expected values in \[0, 1\]"),
+    "F-nan": (np.where(_RAMP > 0.5, np.nan, _RAMP).astype(np.float32), "tiff", "NaN"),
+    "I-negative": ((_RAMP * 100 - 5).astype(np.int32), "tiff", "integer samples from -5"),
+    "I-over-16-bit": ((_RAMP * 70000).astype(np.int32), "tiff", "expected 0-255 .* or 0-65535"),
+}
+
+
+def _written(tmp_path, array: np.ndarray, fmt: str):
+    from PIL import Image
+
+    path = tmp_path / f"image.{fmt}"
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(WIDE_IMAGES))
+def test_wide_sample_images_are_scaled_by_the_documented_rule(tmp_path, name):
+    """A float TIFF of 0-1 values used to decode all black (PIL clips F to 0/1 when converting to RGB)."""
+    from PIL import Image
+
+    from conceptseg_edge.preprocess import load_image
+
+    array, fmt, expected = WIDE_IMAGES[name]
+    path = _written(tmp_path, array, fmt)
+    with Image.open(path) as img:
+        assert img.mode == name.split("-")[0]  # the mode under test is the one PIL reads back
+    got = load_image(path)
+    assert got.dtype == np.uint8 and got.shape == (40, 50, 3)
+    assert np.array_equal(got[..., 0], expected.astype(np.uint8)) and (got == got[..., :1]).all()
+    assert got.max() == 255  # full range kept, not crushed to black
+
+
+@pytest.mark.parametrize("name", list(REFUSED_IMAGES))
+def test_wide_sample_images_outside_the_rule_are_refused(tmp_path, name):
+    from conceptseg_edge.preprocess import as_rgb_array, load_image
+
+    array, fmt, match = REFUSED_IMAGES[name]
+    path = _written(tmp_path, array, fmt)
+    with pytest.raises(InputError, match=match) as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(InputError, match=match):  # the same rule for in-memory arrays
+        as_rgb_array(array)
+
+
+def test_segment_cli_refuses_a_nan_float_tiff_with_one_error_line(tmp_path):
+    array, fmt, _ = REFUSED_IMAGES["F-nan"]
+    path = _written(tmp_path, array, fmt)
+    out = tmp_path / "mask.png"
+    proc = subprocess.run([sys.executable, "-m", "conceptseg_edge", "segment", "conceptseg_edge/assets/conceptseg_tiny",
+                           str(path), "--point", "10,10", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error:"), proc.stderr
+    assert "NaN" in proc.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------- click labels: exactly 0 or 1, never truncated
+
+
+BAD_LABELS = [0.5, 0.999, 2, -1, "1", float("nan")]
+
+
+@pytest.mark.parametrize("label", BAD_LABELS, ids=str)
+def test_point_labels_must_be_exactly_0_or_1(label):
+    from conceptseg_edge.preprocess import make_prompts
+
+    with pytest.raises(InputError, match="labels must be exactly 0"):
+        make_prompts([[5, 5]], [label], None, (40, 50))
+    ok = make_prompts([[5, 5], [6, 6]], [1.0, 0], None, (40, 50))
+    assert ok.labels.tolist() == [1, 0] and ok.labels.dtype == np.int32
+
+
+@pytest.mark.parametrize("label", ["0.5", "2", "-1", "nan"])
+def test_point_flag_refuses_a_label_that_is_not_0_or_1(label):
+    import argparse
+
+    from conceptseg_edge.cli.segment import point_arg
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 0 .background. or 1"):
+        point_arg(f"10,10,{label}")
+    assert point_arg("10,10,0") == [10.0, 10.0, 0.0]
+    proc = subprocess.run([sys.executable, "-m", "conceptseg_edge", "segment", "conceptseg_edge/assets/conceptseg_tiny",
+                           "conceptseg_edge/assets/sample.png", "--point", f"10,10,{label}", "--out", "unused.png"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"label {float(label):g}" in proc.stderr
 
 
 def test_engine_checks_feeds(tiny_bundle):

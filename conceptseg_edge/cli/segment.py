@@ -23,8 +23,11 @@ def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
 
 
 def point_arg(text: str) -> list[float]:
-    """``X,Y`` or ``X,Y,LABEL`` (label 1 foreground, 0 background)."""
-    return _floats(text, (2, 3), "--point")
+    """``X,Y`` or ``X,Y,LABEL`` (label exactly 1 foreground or 0 background: ``0.5`` is refused, not truncated)."""
+    values = _floats(text, (2, 3), "--point")
+    if len(values) == 3 and values[2] not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"--point '{text}': label {values[2]:g}, expected 0 (background) or 1 (foreground)")
+    return values
 
 
 def box_arg(text: str) -> list[float]:
