@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 
 from conceptseg_edge.errors import ManifestError
 from conceptseg_edge.manifest import SCHEMA_VERSION, BundleManifest, load_bundle, read_manifest, write_manifest
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
 
 
 def _raw(bundle):
@@ -112,11 +117,9 @@ def test_router_is_typed_and_written_as_before(bundle_copy):
 def test_quantized_parity_round_trips_and_old_manifests_read_it():
     """The committed ConceptSeg-Tiny bundle predates QuantizedParity: its INT8 decoder's measures
     were distances in ``parity.max_abs_diff``; they read back as the typed record."""
-    from pathlib import Path
-
     from conceptseg_edge.manifest import QuantizedParity
 
-    bundle = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
+    bundle = EMBEDDED
     raw = _raw(bundle)["parts"]["policy_decoder"]
     assert "greedy_token_disagreement" in raw["parity"]["max_abs_diff"] and "quantized_parity" not in raw
     decoder = read_manifest(bundle).part("policy_decoder")
@@ -130,3 +133,91 @@ def test_quantized_parity_round_trips_and_old_manifests_read_it():
     from conceptseg_edge.manifest import PartManifest
 
     assert PartManifest.from_dict(json.loads(json.dumps(written)), "decoder") == decoder
+
+
+# ---------------------------------------------------------------------------- hostile field values
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the JSON parser's recursion limit
+NESTED = "[" * 100 + "]" * 100  # parses, but deeper than any manifest
+
+
+def _set(path: str, value):
+    """A change to the raw manifest: set the value at a dotted path (list indices as numbers)."""
+
+    def change(raw):
+        *parents, last = path.split(".")
+        node = raw
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    return change
+
+
+# (change, the field the error must name). Each would be read (and run) without complaint, or
+# crash with a traceback, before the manifest reader checked types, ranges and depth.
+BAD_FIELDS = {
+    "image_size_string": (_set("preprocessing.image_size", "128"), r"preprocessing\.image_size: expected an integer"),
+    "image_size_zero": (_set("preprocessing.image_size", 0), r"preprocessing\.image_size: expected an integer >= 1"),
+    "image_size_bool": (_set("preprocessing.image_size", True), r"preprocessing\.image_size"),
+    "pixel_std_zeros": (_set("preprocessing.pixel_std", [0, 0, 0]), r"preprocessing\.pixel_std\[0\]: expected a finite positive"),
+    "pixel_mean_two": (_set("preprocessing.pixel_mean", [0.4, 0.4]), r"preprocessing\.pixel_mean: expected 3 numbers"),
+    "mask_threshold_nan": (_set("preprocessing.mask_threshold", float("nan")), r"preprocessing\.mask_threshold: expected a finite"),
+    "shape_int": (_set("parts.sam2_encoder.inputs.0.shape", 3), r"parts\.sam2_encoder\.inputs\[0\]\.shape: expected a list"),
+    "dim_float": (_set("parts.sam2_encoder.inputs.0.shape.2", 128.5), r"parts\.sam2_encoder\.inputs\[0\]\.shape\[2\]"),
+    "dim_negative": (_set("parts.sam2_decoder.inputs.0.shape.0", -1), r"parts\.sam2_decoder\.inputs\[0\]\.shape\[0\]"),
+    "dtype_unknown": (_set("parts.sam2_encoder.inputs.0.dtype", "floaty"), r"parts\.sam2_encoder\.inputs\[0\]\.dtype"),
+    "inputs_object": (_set("parts.sam2_encoder.inputs", {"image": 1}), r"parts\.sam2_encoder\.inputs: expected a list"),
+    "opset_string": (_set("parts.sam2_encoder.opset", "17"), r"parts\.sam2_encoder\.opset"),
+    "sha256_short": (_set("parts.ctm.sha256", "abc"), r"parts\.ctm\.sha256: expected a sha256"),
+    "file_number": (_set("parts.ctm.file", 7), r"parts\.ctm\.file: expected a non-empty relative path"),
+    "router_string": (_set("router", "fast"), r"router: expected an object"),
+    "router_empty_list": (_set("router", []), r"router: expected an object"),
+    "router_zero": (_set("router", 0), r"router: expected an object"),
+    "taus_string": (_set("router.taus", "0.5"), r"router\.taus: expected an object"),
+    "taus_key": (_set("router.taus", {"one": 0.5}), r"router\.taus: key 'one' is not a word count"),
+    "taus_value": (_set("router.taus", {"1": "high"}), r"router\.taus\.1: expected a finite number"),
+    "base_tau_nan": (_set("router.base_tau", float("nan")), r"router\.base_tau: expected a finite number"),
+    "files_list": (_set("files", ["processor/tokenizer.json"]), r"\.files: expected an object"),
+    "files_hash_number": (lambda raw: raw["files"].update({"processor/tokenizer.json": 5}), r"files\['processor/tokenizer\.json'\]: expected a sha256"),
+    "routes_string": (_set("routes", "prompt"), r"routes: expected a list"),
+    "routes_unknown": (_set("routes", ["prompt", "teleport"]), r"routes: expected distinct routes"),
+    "versions_number": (_set("versions.python", 3.11), r"versions\.python: expected a string"),
+    "source_model_list": (_set("source.model", ["x"]), r"source\.model: expected a string"),
+    "nested_deep": (_set("route_parity", "DEEP"), r"nested deeper than"),
+    "nested_past_limit": (_set("route_parity", "NESTED"), r"nested deeper than"),
+}
+
+
+@pytest.fixture
+def embedded_copy(tmp_path):
+    return shutil.copytree(EMBEDDED, tmp_path / "bundle")
+
+
+def _write_bad(bundle, change) -> None:
+    raw = _raw(bundle)
+    change(raw)
+    text = json.dumps(raw).replace('"DEEP"', DEEP).replace('"NESTED"', NESTED)
+    (bundle / "manifest.json").write_text(text)
+
+
+@pytest.mark.parametrize("case", BAD_FIELDS)
+def test_bad_field_values_name_the_field(embedded_copy, case):
+    change, field = BAD_FIELDS[case]
+    _write_bad(embedded_copy, change)
+    with pytest.raises(ManifestError, match=field):
+        read_manifest(embedded_copy)
+
+
+@pytest.mark.parametrize("case", BAD_FIELDS)
+def test_bad_field_values_are_one_error_line_from_segment(embedded_copy, tmp_path, case, capsys):
+    from conceptseg_edge.cli import main
+
+    change, field = BAD_FIELDS[case]
+    _write_bad(embedded_copy, change)
+    out = tmp_path / "mask.png"
+    rc = main(["segment", str(embedded_copy), str(EMBEDDED.parent / "sample.png"), "--point", "10,10",
+               "--out", str(out), "--no-bank"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(field, err[0]) and not out.exists()
