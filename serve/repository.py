@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from conceptseg_edge.errors import InputError, ManifestError
-from conceptseg_edge.fileio import sha256_file, staged_dir, write_json, write_text
+from conceptseg_edge.fileio import contained, sha256_file, staged_dir, write_json, write_text
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, check_keys, load_bundle, tool_versions
 from conceptseg_edge.runtime.engine import Provider
@@ -382,8 +382,8 @@ def _copy_bundle(bundle: Path, manifest: BundleManifest, dst: Path, graphs: bool
     files = [MANIFEST_NAME, *manifest.files]
     if graphs:
         files += [p.file for p in manifest.parts.values()]
-    for rel in files:
-        _place(bundle / rel, dst / rel)
+    for rel in files:  # contained: relative, no '..', no link out, so neither side leaves its directory
+        _place(contained(bundle, rel, f"bundle entry {rel!r}"), dst / rel)
 
 
 def _companions(bundle: Path, manifest: BundleManifest, part: PartManifest) -> list[str]:
@@ -463,7 +463,7 @@ def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
         version_dir = model_dir / VERSION
         version_dir.mkdir(parents=True)
         for rel in (part.file, *_companions(bundle, manifest, part)):
-            _place(bundle / rel, version_dir / Path(rel).name)
+            _place(contained(bundle, rel, f"bundle entry {rel!r}"), version_dir / Path(rel).name)
         if cfg.graph_backend == "python":
             write_text(version_dir / "model.py", GRAPH_MODEL_PY)
         _write_config(model_dir, config)
