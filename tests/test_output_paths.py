@@ -61,22 +61,34 @@ def test_segment_checks_outputs_before_anything_else(place, case, capsys):
     assert not _new_files(place)
 
 
-# ``data make-world --out`` and a bundle writer's ``--out`` (``fileio.staged_dir``, shared by both
-# exports, ``triton build`` and the default-bundle builder).
-DIRECTORIES = {
-    "world_on_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt"], "exists and is not a directory"),
-    "world_under_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt/world"], "is a file, expected a directory"),
-    "world_empty": (lambda p: ["data", "make-world", "--n", "1", "--out", ""], "empty path"),
-    "triton_under_file": (lambda p: ["triton", "build", str(BUNDLE), "--out", f"{p}/file.txt/repo"], "is a file, expected a directory"),
-    "triton_unwritable": (lambda p: ["triton", "build", str(BUNDLE), "--out", "/proc/conceptseg-edge/repo"], "cannot create files in /proc"),
+# Every other command that writes: ``data make-world --out``, a bundle writer's ``--out``
+# (``fileio.staged_dir``, shared by both exports, ``triton build`` and the default-bundle builder),
+# ``bench --json/--png``, ``demo --out`` and ``client --out`` (before any request is sent).
+OTHERS = {
+    "world_on_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt"], "--out", "exists and is not a directory"),
+    "world_under_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt/world"], "--out",
+                         "is a file, expected a directory"),
+    "world_empty": (lambda p: ["data", "make-world", "--n", "1", "--out", ""], "--out", "empty path"),
+    "triton_under_file": (lambda p: ["triton", "build", str(BUNDLE), "--out", f"{p}/file.txt/repo"], "--out",
+                          "is a file, expected a directory"),
+    "triton_unwritable": (lambda p: ["triton", "build", str(BUNDLE), "--out", "/proc/conceptseg-edge/repo"], "--out",
+                          "cannot create files in /proc"),
+    "bench_json_under_file": (lambda p: ["bench", str(p / "no-such-bundle"), "--json", f"{p}/file.txt/b.json"], "--json",
+                              "is a file, expected a directory"),
+    "bench_png_is_dir": (lambda p: ["bench", str(p / "no-such-bundle"), "--route", "all", "--png", f"{p}/dir"], "--png",
+                         "is a directory, expected a file"),
+    "demo_on_file": (lambda p: ["demo", "--bundle", str(p / "no-such-bundle"), "--out", f"{p}/file.txt"], "--out",
+                     "exists and is not a directory"),
+    "client_under_file": (lambda p: ["client", "http://127.0.0.1:9", str(IMAGE), "--point", "1,1",
+                                     "--out", f"{p}/file.txt/m.png"], "--out", "is a file, expected a directory"),
 }
 
 
-@pytest.mark.parametrize("case", DIRECTORIES)
-def test_directory_outputs_are_checked(place, case, capsys):
-    args, says = DIRECTORIES[case]
+@pytest.mark.parametrize("case", OTHERS)
+def test_other_commands_check_outputs_first(place, case, capsys):
+    args, option, says = OTHERS[case]
     rc = main(args(place))
-    _one_error_line(capsys, rc, "--out", says)
+    _one_error_line(capsys, rc, option, says)
     assert not _new_files(place)
 
 

@@ -36,10 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
-    from conceptseg_edge.fileio import write_json
+    from conceptseg_edge.fileio import writable_output, write_json
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs {args.runs} / --warmup {args.warmup}: need runs >= 1 and warmup >= 0")
+    for flag, path in (("--json", args.json_out), ("--png", args.png)):
+        if path is not None:
+            writable_output(path, flag)  # before minutes of timing, not after
     if args.triton:
         from conceptseg_edge.benchmarks.triton import bench_triton, render_triton_table
 

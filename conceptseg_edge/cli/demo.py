@@ -199,6 +199,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from conceptseg_edge.fileio import writable_output
+
+    writable_output(args.out, "--out", directory=True)
     report = run_demo(args.bundle, args.out, DemoConfig(per_level=args.per_level, repeats=args.repeats, provider=args.provider))
     print(render_demo_table(report))
     if Path(args.bundle).resolve() == DEFAULT_BUNDLE:

@@ -103,11 +103,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
+    from conceptseg_edge.fileio import writable_output
     from conceptseg_edge.preprocess import load_image
     from conceptseg_edge.serve.client import TritonSegClient
     from conceptseg_edge.cli.segment import mask_report
     from conceptseg_edge.visualize import save_png
 
+    writable_output(args.out, "--out")  # before the request, not after the server answered
     path = Path(args.image)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
