@@ -40,6 +40,7 @@ from pathlib import Path
 
 from conceptseg_edge.errors import ConceptsegError, InputError
 from conceptseg_edge.fileio import atomic_path, sha256_file
+from conceptseg_edge.serve.gateway import GatewayLimits, HttpGateway
 
 LOOPBACK = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
@@ -204,8 +205,12 @@ class TritonServer:
         http_port, grpc_port, metrics_port: fixed ports, or None for free ones (retried on a clash).
         host: address to bind; loopback unless you mean otherwise.
         binary: an explicit ``tritonserver`` (default: ``find_tritonserver()``).
-        log_path: where the server's output goes (default: a temp file, kept on failure).
+        log_path: where the server's output goes (default: a temp file, kept on failure; appended to on
+            every restart).
         startup_timeout: seconds to wait for readiness (models load and warm up meanwhile).
+        gateway_limits: what one HTTP request may declare. ``http_port`` is an ``HttpGateway``
+            (``conceptseg_edge.serve.gateway``) relaying to ``tritonserver``'s own HTTP frontend on a
+            private loopback port, so a request declaring a huge tensor is refused before Triton allocates it.
     """
 
     def __init__(
@@ -220,6 +225,7 @@ class TritonServer:
         startup_timeout: float = 180.0,
         exit_timeout: int = 5,
         extra_args: Sequence[str] = (),
+        gateway_limits: GatewayLimits = GatewayLimits(),
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -234,8 +240,13 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.exit_timeout = exit_timeout
         self.extra_args = tuple(extra_args)
+        self.gateway_limits = gateway_limits
         self.install: TritonInstall | None = None
         self.process: subprocess.Popen | None = None
+        self.upstream_http_port: int | None = None  # tritonserver's own HTTP frontend, loopback only
+        self._gateway: HttpGateway | None = None
+        self._backends: Path | None = None
+        self._env: dict[str, str] | None = None
         self._log = None
 
     # ------------------------------------------------------------------ addresses
@@ -256,8 +267,8 @@ class TritonServer:
             str(self.install.binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
+            f"--http-address={LOOPBACK}",
+            f"--http-port={self.upstream_http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
@@ -274,35 +285,61 @@ class TritonServer:
         ]
 
     def start(self) -> TritonServer:
-        """Start and wait for readiness; free ports are re-drawn (3 tries) if one was taken meanwhile."""
-        if self.process is not None:
+        """Start the gateway and the server, wait for readiness; free ports are re-drawn (3 tries) on a clash."""
+        if self.process is not None or self._gateway is not None:
             raise ServerStartError("server already started")
         self.install = find_tritonserver(self._binary)
-        backends = prepare_backends(self.install)
-        env = server_environment(self.install)
+        self._backends = prepare_backends(self.install)
+        self._env = server_environment(self.install)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="conceptseg-tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
         attempts = 1 if all(p is not None for p in self._fixed) else 3
         for attempt in range(attempts):
-            drawn = iter(_distinct_ports(3, self.host))
+            drawn = iter(_distinct_ports(4, self.host))
             self.http_port, self.grpc_port, self.metrics_port = (p if p is not None else next(drawn) for p in self._fixed)
-            self._log = open(self.log_path, "ab")
-            self.process = subprocess.Popen(
-                self.command(backends), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
-            )
+            self.upstream_http_port = next(drawn)
             _LIVE.add(self)
             try:
-                self.wait_ready(self.startup_timeout)
+                try:
+                    self._gateway = HttpGateway((self.host, self.http_port), (LOOPBACK, self.upstream_http_port),
+                                                self.gateway_limits).start()
+                except OSError as exc:
+                    raise ServerStartError(f"--http-port {self.http_port}: cannot listen on {self.host} ({exc.strerror}); "
+                                           "already in use?") from exc
+                self._launch()
                 return self
-            except ServerStartError:
-                clash = "already in use" in self.log_tail(40).lower()
+            except ServerStartError as exc:
+                clash = "already in use" in str(exc) or "already in use" in self.log_tail(40).lower()
                 self.stop()
                 if not clash or attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _launch(self) -> None:
+        """Run ``tritonserver`` on the ports already chosen and wait until it is ready."""
+        assert self._backends is not None and self.log_path is not None
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(self._backends), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self._env, start_new_session=True,
+        )
+        self.wait_ready(self.startup_timeout)
+
+    def restart(self) -> None:
+        """Stop ``tritonserver`` (if it still runs) and start it again on the same ports, behind the same gateway.
+
+        The log is appended to, so it keeps what the previous process wrote before it died.
+        """
+        if self._gateway is None:
+            raise ServerStartError("restart: the server was never started")
+        self._stop_process()
+        try:
+            self._launch()
+        except ServerStartError:
+            self._stop_process()  # never leave a half-started server that "runs" but is not ready
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         """Poll ``/v2/health/ready`` until 200; raise ``ServerStartError`` with the log tail otherwise."""
@@ -317,6 +354,11 @@ class TritonServer:
             time.sleep(0.25)
         raise ServerStartError(f"tritonserver not ready after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}")
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of a server that has exited (negative: killed by that signal), else None."""
+        return None if self.process is None else self.process.poll()
+
     def is_ready(self, url: str | None = None) -> bool:
         try:
             with urllib.request.urlopen(url or f"{self.http_url}/v2/health/ready", timeout=2) as response:
@@ -329,9 +371,15 @@ class TritonServer:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        """SIGTERM the server's process group, SIGKILL it after the grace period; idempotent."""
-        process, self.process = self.process, None
+        """SIGTERM the server's process group, SIGKILL it after the grace period, close the gateway; idempotent."""
         _LIVE.discard(self)
+        self._stop_process()
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            gateway.stop()
+
+    def _stop_process(self) -> None:
+        process, self.process = self.process, None
         if process is not None:
             try:
                 pgid = os.getpgid(process.pid)
@@ -365,6 +413,7 @@ class TritonServer:
             "source": self.install.source if self.install else None,
             "repository": str(self.repository),
             "http": self.http_url,
+            "http_upstream": f"http://{LOOPBACK}:{self.upstream_http_port}",
             "grpc": self.grpc_url,
             "metrics": f"http://{self.host}:{self.metrics_port}/metrics",
             "log": str(self.log_path),
@@ -389,23 +438,68 @@ def _stop_all() -> None:  # a server never outlives the interpreter that started
         server.stop()
 
 
-def serve_forever(repository: str | Path, **kwargs) -> int:
-    """Start, print the endpoints, and block until SIGINT/SIGTERM; then stop the server."""
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``serve_forever`` brings a crashed ``tritonserver`` back: exponential backoff, reset by a stable run."""
+
+    first_delay: float = 1.0  # seconds before the first restart
+    max_delay: float = 60.0
+    stable_after: float = 60.0  # a server up this long has its backoff reset
+
+    def delay(self, consecutive: int) -> float:
+        """Seconds to wait before restart number ``consecutive`` (1-based) of a crash streak."""
+        return min(self.first_delay * 2 ** (consecutive - 1), self.max_delay)
+
+
+def serve_forever(repository: str | Path, restart: RestartPolicy = RestartPolicy(), **kwargs) -> int:
+    """Start, print the endpoints, and supervise until SIGINT/SIGTERM; then stop the server.
+
+    A ``tritonserver`` that exits on its own is restarted on the same ports (the HTTP gateway stays up
+    meanwhile) after ``restart.delay(n)`` seconds; every crash and restart is reported on stderr as one
+    ``warning:`` line naming the exit status and the log, which keeps every run's output.
+    """
     import json
 
-    stop = {"flag": False}
+    stop = {"flag": False}  # a plain flag: a signal handler must not take the locks an Event's wait holds
 
     def _handler(signum, frame):  # noqa: ARG001
         stop["flag"] = True
+
+    def stopped_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not stop["flag"] and time.monotonic() < deadline:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        return stop["flag"]
+
+    def report(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with TritonServer(repository, **kwargs) as server:
             print(json.dumps(server.describe(), indent=2), flush=True)
-            while not stop["flag"]:
-                if not server.running:
-                    raise ServerStartError(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}")
-                time.sleep(0.5)
+            streak = 0
+            up_since: float | None = time.monotonic()  # None: the last restart failed
+            while not stopped_within(0.5):
+                if server.running:
+                    continue
+                code = server.returncode
+                what = "is not running" if code is None else f"exited (status {code})"
+                stable = up_since is not None and time.monotonic() - up_since >= restart.stable_after
+                streak = 1 if stable else streak + 1
+                delay = restart.delay(streak)
+                report(f"tritonserver {what}; restart {streak} in {delay:g} s; log {server.log_path}")
+                if stopped_within(delay):
+                    break
+                try:
+                    server.restart()
+                except ServerStartError as exc:
+                    report(f"restart {streak} failed: {str(exc).splitlines()[0]}")
+                    up_since = None
+                    continue
+                up_since = time.monotonic()
+                report(f"tritonserver restarted (pid {server.process.pid if server.process else None}) and ready; "
+                       f"log {server.log_path}")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -413,6 +507,7 @@ def serve_forever(repository: str | Path, **kwargs) -> int:
 
 
 __all__ = [
+    "RestartPolicy",
     "ServerStartError",
     "TritonInstall",
     "TritonServer",
