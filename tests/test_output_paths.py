@@ -61,9 +61,9 @@ def test_segment_checks_outputs_before_anything_else(place, case, capsys):
     assert not _new_files(place)
 
 
-# Every other command that writes: ``data make-world --out``, a bundle writer's ``--out``
-# (``fileio.staged_dir``, shared by both exports, ``triton build`` and the default-bundle builder),
-# ``bench --json/--png``, ``demo --out`` and ``client --out`` (before any request is sent).
+# Every other command that writes: ``data make-world --out``, the exports' ``--out`` (before the
+# checkpoint is loaded), a bundle writer's ``--out`` (``fileio.staged_dir``: ``triton build``, the
+# default-bundle builder), ``bench --json/--png``, ``demo --out``, ``client --out`` (before any request).
 OTHERS = {
     "world_on_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt"], "--out", "exists and is not a directory"),
     "world_under_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt/world"], "--out",
@@ -73,6 +73,9 @@ OTHERS = {
                           "is a file, expected a directory"),
     "triton_unwritable": (lambda p: ["triton", "build", str(BUNDLE), "--out", "/proc/conceptseg-edge/repo"], "--out",
                           "cannot create files in /proc"),
+    "export_concept_under_file": (lambda p: ["export", "concept", str(p / "no-such-checkpoint"), "--out", f"{p}/file.txt/b"],
+                                  "--out", "is a file, expected a directory"),
+    "export_sam2_under_file": (lambda p: ["export", "sam2", "--out", f"{p}/file.txt/b"], "--out", "is a file, expected a directory"),
     "bench_json_under_file": (lambda p: ["bench", str(p / "no-such-bundle"), "--json", f"{p}/file.txt/b.json"], "--json",
                               "is a file, expected a directory"),
     "bench_png_is_dir": (lambda p: ["bench", str(p / "no-such-bundle"), "--route", "all", "--png", f"{p}/dir"], "--png",

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _export_sam2(args: argparse.Namespace) -> int:
     from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
+    from conceptseg_edge.fileio import writable_output
+
+    writable_output(args.out, "--out", directory=True)  # before any progress output or model
 
     manifest = export_sam2(
         SAM2ExportConfig(config=args.config, checkpoint=args.checkpoint, opset=args.opset, image_size=args.image_size,
@@ -51,6 +54,9 @@ def _export_sam2(args: argparse.Namespace) -> int:
 
 def _export_concept(args: argparse.Namespace) -> int:
     from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
+    from conceptseg_edge.fileio import writable_output
+
+    writable_output(args.out, "--out", directory=True)  # before the checkpoint is loaded
 
     manifest = export_concept(
         ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage), args.out
