@@ -653,51 +653,112 @@ def test_native_flavor_bls_router_matches_the_runtime(tiny_bundle, segmenter, sa
         os.kill(pid, 0)
 
 
-@needs_server
-def test_serve_cli_runs_until_sigterm(py_repo, tmp_path):
-    from conceptseg_edge.serve.server import free_port
+class ServeCli:
+    """``conceptseg-edge triton serve`` in a subprocess on three free ports; stderr collected by a thread."""
 
-    ports: list[int] = []
-    for _ in range(50):
-        if len(ports) == 3:
-            break
-        if (p := free_port()) not in ports:
-            ports.append(p)
-    assert len(ports) == 3, "the OS kept handing out the same free port"
-    http, grpc, metrics = ports
-    proc = subprocess.Popen([sys.executable, "-m", "conceptseg_edge", "triton", "serve", str(py_repo),
-                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                             "--log", str(tmp_path / "serve.log")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    server_pid = None
-    try:
+    def __init__(self, repo: Path, log: Path) -> None:
+        from conceptseg_edge.serve.server import free_port
+
+        ports: list[int] = []
+        for _ in range(50):
+            if len(ports) == 3:
+                break
+            if (p := free_port()) not in ports:
+                ports.append(p)
+        assert len(ports) == 3, "the OS kept handing out the same free port"
+        self.http, self.grpc, self.metrics = ports
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "conceptseg_edge", "triton", "serve", str(repo),
+                                      "--http-port", str(self.http), "--grpc-port", str(self.grpc),
+                                      "--metrics-port", str(self.metrics), "--log", str(log)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stderr: list[str] = []
+        threading.Thread(target=lambda: self.stderr.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        self.pids: list[int] = []
+
+    def described(self, timeout: float = 300) -> dict:
         lines = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            line = self.proc.stdout.readline()
             lines.append(line)
             if line.startswith("}"):
                 break
-        assert lines and lines[-1].startswith("}"), f"serve did not report readiness: {''.join(lines)} {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert lines and lines[-1].startswith("}"), f"serve did not report readiness: {''.join(lines)} {self.stderr}"
         described = json.loads("".join(lines))
-        server_pid = described["pid"]
-        assert described["http"] == f"http://127.0.0.1:{http}"
-        from conceptseg_edge.serve.client import TritonSegClient
+        self.pids.append(described["pid"])
+        return described
 
-        with TritonSegClient(described["grpc"]) as c:
-            assert c.is_ready()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        with pytest.raises(ProcessLookupError):
-            os.kill(server_pid, 0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        if server_pid is not None:
+    def wait_stderr(self, pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stderr):
+                if m := re.search(pattern, line):
+                    return m
+            assert self.proc.poll() is None, f"serve exited: {self.stderr}"
+            time.sleep(0.2)
+        raise AssertionError(f"no stderr line matching {pattern!r} within {timeout} s: {self.stderr}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        for pid in self.pids:
             try:
-                os.killpg(server_pid, signal.SIGKILL)  # the server leads its own process group
+                os.killpg(pid, signal.SIGKILL)  # the server leads its own process group
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture
+def serve_cli(py_repo, tmp_path):
+    cli = ServeCli(py_repo, tmp_path / "serve.log")
+    yield cli
+    cli.close()
+
+
+@needs_server
+def test_serve_cli_runs_until_sigterm(serve_cli):
+    from conceptseg_edge.serve.client import TritonSegClient
+
+    described = serve_cli.described()
+    assert described["http"] == f"http://127.0.0.1:{serve_cli.http}"
+    with TritonSegClient(described["grpc"]) as c:
+        assert c.is_ready()
+    serve_cli.proc.send_signal(signal.SIGTERM)
+    assert serve_cli.proc.wait(timeout=60) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(described["pid"], 0)
+
+
+@needs_server
+def test_serve_supervises_and_restarts_a_killed_tritonserver(serve_cli, segmenter, small_image):
+    """kill -9 the tritonserver child: the supervisor reports it, restarts it on the same ports, keeps the log."""
+    from conceptseg_edge.serve.client import TritonSegClient
+
+    described = serve_cli.described()
+    expected = segmenter.segment(small_image, points=[[60.0, 35.0]]).mask
+    os.kill(described["pid"], signal.SIGKILL)
+    serve_cli.wait_stderr(r"warning: tritonserver exited \(status -9\); restart 1 in 1 s; log " + re.escape(str(serve_cli.log)))
+    pid = int(serve_cli.wait_stderr(r"warning: tritonserver restarted \(pid (\d+)\) and ready").group(1))
+    serve_cli.pids.append(pid)
+    assert pid != described["pid"]
+    for url in (described["http"], described["grpc"]):  # the same addresses serve again
+        with TritonSegClient(url) as c:
+            assert np.array_equal(c.segment(small_image, points=[[60.0, 35.0]]).mask, expected)
+    log = serve_cli.log.read_text(errors="replace")
+    assert log.count("Started GRPCInferenceService") == 2  # both runs' output kept in one log
+    serve_cli.proc.send_signal(signal.SIGTERM)
+    assert serve_cli.proc.wait(timeout=60) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_restart_backoff_grows_and_is_capped():
+    from conceptseg_edge.serve.server import RestartPolicy
+
+    policy = RestartPolicy(first_delay=1.0, max_delay=10.0)
+    assert [policy.delay(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
 
 
 # ---------------------------------------------------------------------------- concept routes
