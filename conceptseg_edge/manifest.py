@@ -20,6 +20,7 @@ import dataclasses
 import math
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,7 @@ MAX_DEPTH = 32
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
+Check = Callable[[Any, str], Any]  # (value, field path) → the value typed, or a ManifestError naming the field
 
 
 def _shown(value: Any) -> str:
@@ -67,8 +69,9 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
-def _optional_str(value: Any, where: str) -> str | None:
-    return None if value is None else _str(value, where)
+def _optional(check: Check) -> Check:
+    """``check`` for a field that may also be null."""
+    return lambda value, where: None if value is None else check(value, where)
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -118,6 +121,11 @@ def _check_depth(data: Any, where: str) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
+def read_fields(data: Any, cls: type, where: str, checks: dict[str, Check]) -> dict[str, Any]:
+    """``check_keys``, then every field present through its check: the typed keyword arguments of ``cls``."""
+    return {key: checks[key](value, f"{where}.{key}") for key, value in check_keys(data, cls, where).items()}
+
+
 def check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     """Reject non-objects, unknown keys and missing required keys, naming the field."""
     _object(data, where)
@@ -149,9 +157,11 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> TensorSpec:
-        data = check_keys(data, cls, where)
-        shape = tuple(_dim(d, f"{where}.shape[{i}]") for i, d in enumerate(_list(data["shape"], f"{where}.shape")))
-        return cls(_str(data["name"], f"{where}.name"), _dtype(data["dtype"], f"{where}.dtype"), shape)
+        return cls(**read_fields(data, cls, where, {"name": _str, "dtype": _dtype, "shape": _shape}))
+
+
+def _shape(value: Any, where: str) -> tuple[Dim, ...]:
+    return tuple(_dim(d, f"{where}[{i}]") for i, d in enumerate(_list(value, where)))
 
 
 def _dtype(value: Any, where: str) -> str:
@@ -185,15 +195,8 @@ class ParityReport:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ParityReport:
-        data = check_keys(data, cls, where)
-        mask_iou = data.get("mask_iou")
-        return cls(
-            reference=_str(data["reference"], f"{where}.reference"),
-            max_abs_diff=_float_map(data["max_abs_diff"], f"{where}.max_abs_diff"),
-            atol=_float_map(data["atol"], f"{where}.atol"),
-            passed=_bool(data["passed"], f"{where}.passed"),
-            mask_iou=None if mask_iou is None else _float(mask_iou, f"{where}.mask_iou"),
-        )
+        checks = {"reference": _str, "max_abs_diff": _float_map, "atol": _float_map, "passed": _bool, "mask_iou": _optional(_float)}
+        return cls(**read_fields(data, cls, where, checks))
 
 
 # Manifests written before ``QuantizedParity`` kept a quantized decoder's measures in its
@@ -239,16 +242,9 @@ class QuantizedParity:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> QuantizedParity:
-        data = check_keys(data, cls, where)
-        return cls(
-            reference=_str(data["reference"], f"{where}.reference"),
-            precision=_str(data["precision"], f"{where}.precision"),
-            tokens=_int(data["tokens"], f"{where}.tokens"),
-            decisive_tokens=_int(data["decisive_tokens"], f"{where}.decisive_tokens"),
-            floors=_float_map(data["floors"], f"{where}.floors"),
-            passed=_bool(data["passed"], f"{where}.passed"),
-            **{k: _float(data[k], f"{where}.{k}") for k in _LEGACY_DISTANCES},
-        )
+        checks = {"reference": _str, "precision": _str, "tokens": _int, "decisive_tokens": _int, "floors": _float_map,
+                  "passed": _bool} | dict.fromkeys(_LEGACY_DISTANCES, _float)
+        return cls(**read_fields(data, cls, where, checks))
 
     @classmethod
     def from_legacy(cls, report: ParityReport, precision: str, where: str) -> QuantizedParity:
@@ -307,28 +303,17 @@ class PartManifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> PartManifest:
-        data = check_keys(data, cls, where)
-        parity = ParityReport.from_dict(data["parity"], f"{where}.parity") if data.get("parity") else None
-        quantized = (
-            QuantizedParity.from_dict(data["quantized_parity"], f"{where}.quantized_parity")
-            if data.get("quantized_parity") else None
-        )
+        fields = read_fields(data, cls, where, {
+            "name": _str, "file": relative_path, "sha256": _sha256, "format": _str, "precision": _str,
+            "opset": _optional(lambda v, w: _int(v, w, minimum=1)), "inputs": _specs, "outputs": _specs,
+            "parity": _optional(ParityReport.from_dict), "weight_storage": _str,
+            "quantized_parity": _optional(QuantizedParity.from_dict),
+        })
+        parity = fields.get("parity")
         if parity is not None and QuantizedParity.is_legacy(parity):
-            quantized, parity = QuantizedParity.from_legacy(parity, str(data["precision"]), f"{where}.parity"), None
-        opset = data["opset"]
-        return cls(
-            name=_str(data["name"], f"{where}.name"),
-            file=relative_path(data["file"], f"{where}.file"),
-            sha256=_sha256(data["sha256"], f"{where}.sha256"),
-            format=_str(data["format"], f"{where}.format"),
-            precision=_str(data["precision"], f"{where}.precision"),
-            opset=None if opset is None else _int(opset, f"{where}.opset", minimum=1),
-            inputs=_specs(data["inputs"], f"{where}.inputs"),
-            outputs=_specs(data["outputs"], f"{where}.outputs"),
-            parity=parity,
-            weight_storage=_str(data.get("weight_storage", "fp32"), f"{where}.weight_storage"),
-            quantized_parity=quantized,
-        )
+            fields["quantized_parity"] = QuantizedParity.from_legacy(parity, fields["precision"], f"{where}.parity")
+            fields["parity"] = None
+        return cls(**fields)
 
 
 def _specs(data: Any, where: str) -> tuple[TensorSpec, ...]:
@@ -354,12 +339,9 @@ class SourceInfo:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> SourceInfo:
-        data = check_keys(data, cls, where)
-        return cls(
-            model=_str(data["model"], f"{where}.model"),
-            **{k: _optional_str(data.get(k), f"{where}.{k}")
-               for k in ("checkpoint", "checkpoint_sha256", "backbone_checkpoint", "backbone_sha256")},
-        )
+        checks = {"model": _str} | dict.fromkeys(
+            ("checkpoint", "checkpoint_sha256", "backbone_checkpoint", "backbone_sha256"), _optional(_str))
+        return cls(**read_fields(data, cls, where, checks))
 
 
 @dataclass(frozen=True)
@@ -387,7 +369,6 @@ class Preprocessing:
     def from_dict(cls, data: Any, where: str) -> Preprocessing:
         """Read and range-check: a zero ``pixel_std`` or ``image_size`` would not fail, but give NaN
         scores or an empty input, so both are refused here."""
-        data = check_keys(data, cls, where)
         checks = {
             "image_size": lambda v, w: _int(v, w, minimum=1),
             "resize": _str,
@@ -398,7 +379,7 @@ class Preprocessing:
             "stability_delta": _float,
             "stability_thresh": _float,
         }
-        return cls(**{key: checks[key](value, f"{where}.{key}") for key, value in data.items()})
+        return cls(**read_fields(data, cls, where, checks))
 
 
 def tool_versions() -> dict[str, str]:
