@@ -74,8 +74,8 @@ def build_sam2_model(
     if config not in SAM2_CONFIGS:
         raise InputError(f"--config {config}: unknown SAM2 variant (known: {', '.join(SAM2_CONFIGS)})")
     variant = SAM2_CONFIGS[config]
-    if image_size % 64:
-        raise InputError(f"--image-size {image_size}: must be a multiple of 64 (16x backbone stride x 4)")
+    if image_size < 64 or image_size % 64:  # 0 and negatives pass the modulo alone
+        raise InputError(f"--image-size {image_size}: must be a positive multiple of 64 (16x backbone stride x 4)")
     # apply_postprocessing=True's decoder flags, so eager single-mask calls match the runtime.
     hydra_overrides = [
         f"++model.image_size={image_size}",
