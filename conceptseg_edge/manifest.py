@@ -42,6 +42,9 @@ PROCESSOR_DIR = "processor"
 MAX_DEPTH = 32
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
+#: The one resize the runtime implements (``preprocess.preprocess_image``); a manifest naming another is refused.
+RESIZE = "squash_bilinear_antialias"
+
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
 Check = Callable[[Any, str], Any]  # (value, field path) → the value typed, or a ManifestError naming the field
 
@@ -354,7 +357,7 @@ class Preprocessing:
     """
 
     image_size: int
-    resize: str = "squash_bilinear_antialias"
+    resize: str = RESIZE
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     mask_threshold: float = 0.0
@@ -371,7 +374,7 @@ class Preprocessing:
         scores or an empty input, so both are refused here."""
         checks = {
             "image_size": lambda v, w: _int(v, w, minimum=1),
-            "resize": _str,
+            "resize": _resize,
             "pixel_mean": lambda v, w: _floats(v, w, 3),
             "pixel_std": lambda v, w: _floats(v, w, 3, positive=True),
             "mask_threshold": _float,
@@ -380,6 +383,12 @@ class Preprocessing:
             "stability_thresh": _float,
         }
         return cls(**read_fields(data, cls, where, checks))
+
+
+def _resize(value: Any, where: str) -> str:
+    if value != RESIZE:
+        raise ManifestError(f"{where}: {value!r} is not implemented by this runtime (it resizes with {RESIZE!r})")
+    return value
 
 
 def tool_versions() -> dict[str, str]:

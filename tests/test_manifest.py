@@ -160,6 +160,7 @@ BAD_FIELDS = {
     "image_size_string": (_set("preprocessing.image_size", "128"), r"preprocessing\.image_size: expected an integer"),
     "image_size_zero": (_set("preprocessing.image_size", 0), r"preprocessing\.image_size: expected an integer >= 1"),
     "image_size_bool": (_set("preprocessing.image_size", True), r"preprocessing\.image_size"),
+    "resize_unknown": (_set("preprocessing.resize", "letterbox"), r"preprocessing\.resize: 'letterbox' is not implemented"),
     "pixel_std_zeros": (_set("preprocessing.pixel_std", [0, 0, 0]), r"preprocessing\.pixel_std\[0\]: expected a finite positive"),
     "pixel_mean_two": (_set("preprocessing.pixel_mean", [0.4, 0.4]), r"preprocessing\.pixel_mean: expected 3 numbers"),
     "mask_threshold_nan": (_set("preprocessing.mask_threshold", float("nan")), r"preprocessing\.mask_threshold: expected a finite"),
