@@ -7,10 +7,16 @@ clients are not meant to be shared across threads).
 A request the server refuses raises ``TritonRequestError`` with the server's message, its status
 (``"400"`` over HTTP, ``"StatusCode.INVALID_ARGUMENT"`` over gRPC) and ``client_error`` telling
 the caller's mistakes from the server's.
+
+``timeout`` bounds the whole request (connect, send, answer) in seconds over both protocols: gRPC
+as the call's deadline; HTTP with a ``gevent.Timeout`` around the call, because tritonclient's HTTP
+timeouts apply per socket operation, so a server that answers a byte at a time never trips them. A
+request that runs out of time raises ``TritonRequestError`` with ``status == "timeout"``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +29,8 @@ from conceptseg_edge.serve.model_config import WIRE_TYPES
 from conceptseg_edge.serve.protocol import INPUTS, MODEL_NAME, OUTPUT_NAMES, ServedResult, decode_response, request_arrays
 
 PROTOCOLS = ("http", "grpc")
+TIMEOUT_STATUS = "timeout"
+_DEADLINE_STATUSES = {"StatusCode.DEADLINE_EXCEEDED"}
 _CLIENT_STATUSES = {"400", "404", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"}
 _WIRE = {t.name: t.wire_type for t in INPUTS}
 
@@ -64,8 +72,10 @@ class TritonSegClient:
 
     def __init__(self, url: str, model: str = MODEL_NAME, timeout: float = 120.0, protocol: str | None = None) -> None:
         self.protocol, self.address = parse_url(url, protocol)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
+            raise InputError(f"timeout {timeout!r}: expected a number of seconds > 0")
         self.model = model
-        self.timeout = timeout
+        self.timeout = float(timeout)
         require("tritonclient", extra="serve")
         if self.protocol == "http":
             import tritonclient.http as tc
@@ -97,7 +107,7 @@ class TritonSegClient:
                 return self._client.get_model_config(self.model)
             return self._client.get_model_config(self.model, as_json=True)["config"]
         except self._exception() as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.timeout) from exc
 
     # ------------------------------------------------------------------ inference
 
@@ -122,9 +132,15 @@ class TritonSegClient:
             requested = [tc.InferRequestedOutput(name) for name in outputs]
             kwargs = {"client_timeout": self.timeout}
         try:
-            result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
+            if self.protocol == "http":
+                import gevent
+
+                with gevent.Timeout(self.timeout, TimeoutError):
+                    result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
+            else:
+                result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
         except self._exception() as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.timeout) from exc
         return {name: result.as_numpy(name) for name in outputs}
 
     def segment(
@@ -163,7 +179,9 @@ def _wire_of(value: np.ndarray) -> str:
         raise InputError(f"array of dtype {value.dtype} has no Triton type") from None
 
 
-def _wrap(exc: Exception) -> TritonRequestError:
+def _wrap(exc: Exception, timeout: float) -> TritonRequestError:
     status = exc.status() if hasattr(exc, "status") else None
+    if isinstance(exc, TimeoutError) or str(status) in _DEADLINE_STATUSES:
+        return TritonRequestError(f"no answer within the client's timeout of {timeout:g} s", TIMEOUT_STATUS)
     message = exc.message() if hasattr(exc, "message") else str(exc)
     return TritonRequestError(f"server: {message}" + (f" (status {status})" if status else ""), None if status is None else str(status))

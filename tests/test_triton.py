@@ -667,6 +667,91 @@ def test_client_cli_writes_the_mask(server, segmenter, sample_image, tmp_path):
     assert "cannot decode" in proc.stderr and not (tmp_path / "m2.png").exists()
 
 
+@pytest.fixture
+def trickling_http_server():
+    """A loopback HTTP server that answers one byte every 50 ms: per-socket-operation timeouts never fire."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def trickle(conn) -> None:
+        with conn:
+            try:
+                conn.recv(1 << 20)
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000:
+                    if stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+def test_http_timeout_bounds_the_whole_request(trickling_http_server):
+    """tritonclient's HTTP timeouts are per socket operation: against a server that trickles, --timeout was ignored."""
+    from conceptseg_edge.serve.client import TIMEOUT_STATUS, TritonRequestError, TritonSegClient
+
+    t0 = time.monotonic()
+    with TritonSegClient(trickling_http_server, timeout=1.0) as c, pytest.raises(TritonRequestError, match="timeout of 1 s") as info:
+        c.segment(np.zeros((8, 8, 3), np.uint8), points=[[1, 1]])
+    assert time.monotonic() - t0 < 3.0
+    assert info.value.status == TIMEOUT_STATUS and not info.value.client_error
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_cli_timeout_is_honoured_against_the_real_server(server, protocol, tmp_path):
+    """A 2000x2000 image takes the tiny model ~0.5 s; --timeout 0.05 ends the call, one error line, server unharmed."""
+    big = tmp_path / "big.png"
+    Image.fromarray((np.random.default_rng(0).random((2000, 2000, 3)) * 255).astype(np.uint8)).save(big)
+    url = server.http_url if protocol == "http" else server.grpc_url
+    out = tmp_path / "mask.png"
+    proc = cli("client", url, big, "--point", "10,10", "--out", out, "--timeout", "0.05")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: no answer within the client's timeout of 0.05 s", proc.stderr
+    assert not out.exists() and server.is_ready()
+    assert cli("client", url, big, "--point", "10,10", "--out", out, "--timeout", "60").returncode == 0
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_client_refuses_a_timeout_that_is_not_positive_seconds(timeout, tmp_path):
+    image = tmp_path / "img.png"
+    Image.fromarray(IMG).save(image)
+    proc = cli("client", "http://127.0.0.1:9", image, "--point", "10,10", "--out", tmp_path / "m.png", "--timeout", timeout)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: timeout {float(timeout)!r}: expected a number of seconds > 0"], proc.stderr
+
+
+@pytest.mark.parametrize("label", [0.5, 2, -1, "1"], ids=str)
+def test_client_point_labels_must_be_exactly_0_or_1(label, tmp_path):
+    """Over the wire labels are INT32: the client used to cast 0.5 to 0 before sending."""
+    from conceptseg_edge.serve.protocol import request_arrays
+
+    with pytest.raises(InputError, match="labels must be exactly 0"):
+        request_arrays(IMG, points=[[5, 5]], labels=[label])
+    if isinstance(label, str):
+        return  # a flag's text is a number: "1" is a valid --point label
+    image = tmp_path / "img.png"
+    Image.fromarray(IMG).save(image)
+    proc = cli("client", "http://127.0.0.1:9", image, "--point", f"10,10,{label}", "--out", tmp_path / "m.png")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "expected 0 (background) or 1" in proc.stderr
+
+
 @needs_server
 def test_native_flavor_bls_router_matches_the_runtime(tiny_bundle, segmenter, sample_image, tmp_path):
     """The native layout end to end: graphs as their own models (ORT under the python backend here, since
