@@ -179,15 +179,18 @@ def staged_dir(out: str | os.PathLike[str], marker: str, what: str) -> Iterator[
     """Build a directory atomically: yield a staging directory beside ``out``, swap it in on success.
 
     ``out`` must be absent, empty, or a directory of this kind (it holds ``marker``): anything else is
-    refused rather than replaced. On failure the staging directory is deleted, so nothing
-    half-written is left; on success an older ``out`` is swapped out, then removed.
+    refused rather than replaced. On failure the staging directory is deleted, and so are the
+    parents this call created, so nothing half-written is left; on success an older ``out`` is
+    swapped out, then removed.
     """
     out = writable_output(out, "--out", directory=True)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
         raise InputError(f"--out {out}: exists and is not a {what}; refusing to replace it")
+    created = [parent for parent in out.parents if not parent.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     make_dir_like_mkdir(staging)
+    done = False
     try:
         yield staging
         old = None
@@ -195,7 +198,11 @@ def staged_dir(out: str | os.PathLike[str], marker: str, what: str) -> Iterator[
             old = out.with_name(f".{out.name}.old-{staging.name[-8:]}")
             out.rename(old)
         staging.rename(out)
+        done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in [] if done else created:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                parent.rmdir()

@@ -135,3 +135,17 @@ def test_triton_build_refuses_and_writes_nothing_outside(bundle, tmp_path, hosti
     rc = main(["triton", "build", str(bundle), "--out", str(tmp_path / "repo" / "models"), "--flavor", flavor])
     _one_error_line(capsys, rc, pattern)
     assert {p for p in tmp_path.rglob("*")} == before  # no repository, no staging, nothing beside them
+
+
+def test_a_build_failing_inside_leaves_no_directory_behind(bundle, tmp_path, capsys):
+    """A part named so that Triton cannot serve it fails mid-build: no repository, no staging, and
+    none of the parent directories the build created for ``--out``."""
+    def rename(raw):
+        part = raw["parts"].pop("ctm")
+        raw["parts"]["../ctm"] = part | {"name": "../ctm"}
+
+    _edit(bundle, rename)
+    before = set(tmp_path.rglob("*"))
+    rc = main(["triton", "build", str(bundle), "--out", str(tmp_path / "a" / "b" / "repo"), "--flavor", "native"])
+    _one_error_line(capsys, rc, r"'\.\./ctm': not a valid Triton model name")
+    assert set(tmp_path.rglob("*")) == before
