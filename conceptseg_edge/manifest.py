@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg_edge.errors import ManifestError
-from conceptseg_edge.fileio import contained_tree, relative_path, verify_hashes, write_json
+from conceptseg_edge.fileio import contained, contained_tree, relative_path, verify_hashes, write_json
 from conceptseg_edge.router import ROUTES, RouterConfig
 
 SCHEMA_VERSION = 1
@@ -40,6 +40,8 @@ PROCESSOR_DIR = "processor"
 #: Deepest nesting a manifest may have; its own structure is five levels deep. Checked before any
 #: recursive reader walks it, so a hostile file is a ManifestError, never a RecursionError.
 MAX_DEPTH = 32
+#: Largest manifest.json read (a real one is tens of kB): a hostile file is refused, not loaded into memory.
+MAX_MANIFEST_BYTES = 16 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: The one resize the runtime implements (``preprocess.preprocess_image``); a manifest naming another is refused.
@@ -516,6 +518,9 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (is {bundle_dir} a conceptseg-edge bundle?)")
+    contained(bundle_dir, MANIFEST_NAME, str(path))
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {path.stat().st_size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -100,7 +100,21 @@ def unlisted_symlink(bundle: Path) -> str:
     return r"processor/tokenizer_config\.json.* leads to .*/outside/tokenizer_config\.json, outside"
 
 
-HOSTILE = [part_dotdot, part_absolute, part_symlink, files_absolute, files_dotdot, processor_symlink, unlisted_symlink]
+def manifest_symlink(bundle: Path) -> str:
+    """The manifest itself a link to one outside, whose entries would then be trusted."""
+    shutil.move(bundle / "manifest.json", bundle.parent / "other.json")
+    (bundle / "manifest.json").symlink_to(bundle.parent / "other.json")
+    return r"'manifest\.json' leads to .*/other\.json, outside"
+
+
+def manifest_huge(bundle: Path) -> str:
+    with open(bundle / "manifest.json", "ab") as fh:
+        fh.truncate(17 << 20)  # sparse: 17 MiB of NULs after the JSON, no disk used
+    return r"manifest\.json: 17\d+ bytes, more than a manifest's"
+
+
+HOSTILE = [part_dotdot, part_absolute, part_symlink, files_absolute, files_dotdot, processor_symlink, unlisted_symlink,
+           manifest_symlink, manifest_huge]
 
 
 def _one_error_line(capsys, rc: int, pattern: str) -> str:
