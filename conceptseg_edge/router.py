@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
+import numpy as np
+
 from conceptseg_edge.errors import InputError, RouteUnavailableError
+from conceptseg_edge.preprocess import Prompts, as_rgb_array, make_prompts
 
 # prompt: SAM2 on the user's points/box. shortcut: SAM2 on the bare concept, kept when its object
 # score passes tau(n). reason: the policy, the translator (CTM), then SAM2.
@@ -80,6 +83,35 @@ def count_words(query: str) -> int:
     while text != previous:
         previous, text = text, _PARENTHESES.sub(" ", text)
     return len(text.split())
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    """A request checked and routed before any model runs."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    prompts: Prompts  # points/box in the original frame (empty for a concept-only request)
+    decision: RouteDecision
+
+
+def route_request(
+    image: np.ndarray,
+    query: str | None,
+    points: Sequence[Sequence[float]] | None,
+    labels: Sequence[int] | None,
+    box: Sequence[float] | None,
+    config: RouterConfig,
+    available: Set[str],
+    route: str = AUTO,
+) -> RoutedRequest:
+    """Check a request's image and prompts and choose its route: the prologue of every pipeline's call.
+
+    The torch reference and the runtime both start a request here, so both refuse the same bad input
+    with the same error, before any model runs.
+    """
+    image = as_rgb_array(image)
+    prompts = make_prompts(points, labels, box, image.shape[:2])
+    return RoutedRequest(image, prompts, choose_route(not prompts.empty, query, config, available, route))
 
 
 def choose_route(

@@ -26,8 +26,8 @@ from conceptseg_edge.models.checkpoint import load_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule
 from conceptseg_edge.models.policy import PolicyWrapper
 from conceptseg_edge.models.sam2 import ReferencePrediction, SAM2Reference, build_sam2_model
-from conceptseg_edge.preprocess import Prompts, as_rgb_array, make_prompts
-from conceptseg_edge.router import AUTO, ROUTES, RouterConfig, choose_route, dispatch
+from conceptseg_edge.preprocess import Prompts
+from conceptseg_edge.router import AUTO, ROUTES, RouterConfig, dispatch, route_request
 from conceptseg_edge.tags import ParsedCompletion, parse_output
 from conceptseg_edge.timings import Timings, elapsed_ms
 
@@ -105,12 +105,10 @@ class ConceptSegPipeline:
         route: str = AUTO,
     ) -> ConceptResult:
         """Segment ``image`` ((H, W, 3) uint8) for a query and/or geometric prompts."""
-        image = as_rgb_array(image)
-        prompts = make_prompts(points, labels, box, image.shape[:2])
-        decision = choose_route(not prompts.empty, query, self.router, ROUTES_AVAILABLE, route)
-        self.sam.set_image(image)
-        request = _TorchRequest(self, image, query, supports, prompts, Timings(**self.sam.image_timings))
-        return dispatch(decision, self.router, request)
+        routed = route_request(image, query, points, labels, box, self.router, ROUTES_AVAILABLE, route)
+        self.sam.set_image(routed.image)
+        request = _TorchRequest(self, routed.image, query, supports, routed.prompts, Timings(**self.sam.image_timings))
+        return dispatch(routed.decision, self.router, request)
 
 
 def _result(ref: ReferencePrediction, route: str, reason: str, timings: Timings, **extra) -> ConceptResult:

@@ -25,8 +25,8 @@ from conceptseg_edge.episodes import Support
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import BundleManifest, load_bundle
-from conceptseg_edge.preprocess import as_rgb_array, make_prompts
-from conceptseg_edge.router import AUTO, RouteDecision, RouterConfig, choose_route, dispatch
+from conceptseg_edge.preprocess import as_rgb_array
+from conceptseg_edge.router import AUTO, RouteDecision, RouterConfig, choose_route, dispatch, route_request
 from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
 from conceptseg_edge.runtime.concept import ConceptEncoder, OnnxConceptEncoder
 from conceptseg_edge.runtime.engine import EngineFactory, open_engine
@@ -155,11 +155,9 @@ class ConceptSegmenter:
         route: str = AUTO,
     ) -> SegmentResult:
         """Segment ``image`` ((H, W, 3) uint8) for a concept query and/or points/box (original pixels)."""
-        image = as_rgb_array(image)
-        prompts = make_prompts(points, labels, box, image.shape[:2])
-        decision = self._decide(not prompts.empty, query, route)
-        request = _Request(self, image, query, supports, self._set_image(image), points, labels, box)
-        return dispatch(decision, self.router, request)
+        routed = route_request(image, query, points, labels, box, self.router, self.routes, route)
+        request = _Request(self, routed.image, query, supports, self._set_image(routed.image), points, labels, box)
+        return dispatch(routed.decision, self.router, request)
 
     def segment_concepts(self, image: np.ndarray, queries: Sequence[str], route: str = AUTO) -> list[SegmentResult]:
         """Several concepts on one image: one encoder run, shortcut candidates decoded as one batch."""
