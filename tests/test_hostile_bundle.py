@@ -54,6 +54,12 @@ def _outside(bundle: Path, name: str, src: str = "sam2_decoder.onnx") -> Path:
     return target
 
 
+def _link_out(bundle: Path, rel: str, outside: str) -> None:
+    """Move ``rel`` out of the bundle and leave a symlink to it in its place (same bytes, same hash)."""
+    shutil.move(bundle / rel, bundle.parent / outside)
+    (bundle / rel).symlink_to(bundle.parent / outside)
+
+
 def part_dotdot(bundle: Path) -> str:
     _outside(bundle, "evil.onnx")
     _edit(bundle, lambda raw: raw["parts"]["sam2_decoder"].update(file="../outside/evil.onnx"))
@@ -67,10 +73,8 @@ def part_absolute(bundle: Path) -> str:
 
 
 def part_symlink(bundle: Path) -> str:
-    evil = _outside(bundle, "evil.onnx")
-    (bundle / "sam2_decoder.onnx").unlink()
-    (bundle / "sam2_decoder.onnx").symlink_to(evil)
-    return r"'sam2_decoder\.onnx' leads to .*/outside/evil\.onnx, outside"
+    _link_out(bundle, "sam2_decoder.onnx", "evil.onnx")
+    return r"'sam2_decoder\.onnx' leads to .*/evil\.onnx, outside"
 
 
 def files_absolute(bundle: Path) -> str:
@@ -86,24 +90,20 @@ def files_dotdot(bundle: Path) -> str:
 
 
 def processor_symlink(bundle: Path) -> str:
-    shutil.move(bundle / "processor", bundle.parent / "outside_processor")
-    (bundle / "processor").symlink_to(bundle.parent / "outside_processor")
+    _link_out(bundle, "processor", "outside_processor")
     return r"'processor/.*' leads to .*/outside_processor/.*, outside"
 
 
 def unlisted_symlink(bundle: Path) -> str:
     """A file no manifest entry names, read by the tokenizer loader all the same."""
-    secret = _outside(bundle, "tokenizer_config.json", "processor/tokenizer_config.json")
     _edit(bundle, lambda raw: raw["files"].pop("processor/tokenizer_config.json"))
-    (bundle / "processor" / "tokenizer_config.json").unlink()
-    (bundle / "processor" / "tokenizer_config.json").symlink_to(secret)
-    return r"processor/tokenizer_config\.json.* leads to .*/outside/tokenizer_config\.json, outside"
+    _link_out(bundle, "processor/tokenizer_config.json", "tokenizer_config.json")
+    return r"processor/tokenizer_config\.json.* leads to .*/tokenizer_config\.json, outside"
 
 
 def manifest_symlink(bundle: Path) -> str:
     """The manifest itself a link to one outside, whose entries would then be trusted."""
-    shutil.move(bundle / "manifest.json", bundle.parent / "other.json")
-    (bundle / "manifest.json").symlink_to(bundle.parent / "other.json")
+    _link_out(bundle, "manifest.json", "other.json")
     return r"'manifest\.json' leads to .*/other\.json, outside"
 
 
