@@ -141,11 +141,13 @@ class PolicyBenchReport:
 def _runtime_capture(policy, runs: int, generation: GenerationConfig) -> dict[str, CaptureEntry]:
     """Same-engine capture per setting, settings interleaved so they see the same machine load.
 
-    Baseline = our generate + the official second forward (prefill with the completion appended).
+    Baseline = the official recipe timed on its own: a second generate, then the second forward
+    (prefill with the completion appended). It is not the capture run plus a forward, which would
+    make the ratio < 1 by construction: two independent timings can come out either way.
     """
     prompts = {name: _prompt(name == "with_supports") for name in CAPTURE_SETTINGS}
     gen_ms: dict[str, list[float]] = {name: [] for name in prompts}
-    refeed_ms: dict[str, list[float]] = {name: [] for name in prompts}
+    official_ms: dict[str, list[float]] = {name: [] for name in prompts}
     last: dict[str, Any] = {}
     for _ in range(runs):
         for name, (images, text) in prompts.items():
@@ -153,15 +155,15 @@ def _runtime_capture(policy, runs: int, generation: GenerationConfig) -> dict[st
             gen = policy.generate(images, text, generation.max_new_tokens)
             gen_ms[name].append(_ms(t0))
             t1 = time.perf_counter_ns()
-            state = policy.prefill(images, text, append_ids=gen.token_ids[:-1])  # the official second forward
-            refeed_ms[name].append(_ms(t1))
+            again = policy.generate(images, text, generation.max_new_tokens)
+            state = policy.prefill(images, text, append_ids=again.token_ids[:-1])  # the official second forward
+            official_ms[name].append(_ms(t1))
             last[name] = (gen, state.length)
     entries = {}
     for name in prompts:
         gen, length = last[name]
-        g, r = gen_ms[name], refeed_ms[name]
         entries[f"runtime_{name}"] = CaptureEntry(
-            "runtime (same engines)", name, tuple(g), tuple(a + b for a, b in zip(g, r)),
+            "runtime (same engines)", name, tuple(gen_ms[name]), tuple(official_ms[name]),
             prompt_tokens=length - len(gen.token_ids) + 1, new_tokens=int(len(gen.token_ids)))
     return entries
 

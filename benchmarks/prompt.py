@@ -17,7 +17,15 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.benchmarks.stats import BenchedBundle, StageSeries, environment, p50_ratio, peak_rss_mb
+from conceptseg_edge.benchmarks.reference import is_concept_bundle, torch_checkpoint
+from conceptseg_edge.benchmarks.stats import (
+    BenchedBundle,
+    StageSeries,
+    environment,
+    p50_ratio,
+    peak_rss_mb,
+    stability_note,
+)
 from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.runtime.engine import Provider
 
@@ -29,6 +37,7 @@ class BenchConfig:
     runs: int = field(default=10, metadata={"help": "timed runs per series"})
     warmup: int = field(default=2, metadata={"help": "untimed warm-up runs"})
     compare_torch: bool = field(default=False, metadata={"help": "time PyTorch eager in the same run"})
+    checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
     provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
 
 
@@ -38,13 +47,22 @@ def bench_image(size_hw: tuple[int, int] = (480, 640), seed: int = 0) -> np.ndar
     return (rng.random((*size_hw, 3)) * 255).astype(np.uint8)
 
 
-def _torch_runner(manifest: BundleManifest):
-    """One prompt-route call of the eager reference (upsampling all three masks, as SAM2 does)."""
+def _torch_runner(manifest: BundleManifest, checkpoint: Path | None):
+    """One prompt-route call of the eager reference (upsampling all three masks, as SAM2 does).
+
+    A concept bundle's prompt route is its SAM2 backbone: the one its checkpoint names.
+    """
     import torch
 
     from conceptseg_edge.models.sam2 import SAM2Reference, build_sam2_model
 
-    loaded = build_sam2_model(manifest.source.model, manifest.source.checkpoint, manifest.preprocessing.image_size)
+    if is_concept_bundle(manifest):
+        from conceptseg_edge.models.checkpoint import load_checkpoint
+
+        backbone = load_checkpoint(checkpoint).backbone
+        loaded = build_sam2_model(backbone.config, backbone.checkpoint, backbone.image_size)
+    else:
+        loaded = build_sam2_model(manifest.source.model, checkpoint, manifest.preprocessing.image_size)
     ref = SAM2Reference(loaded.model)
 
     def run(image: np.ndarray, point: tuple[float, float]) -> dict[str, float]:
@@ -83,7 +101,7 @@ class PromptBenchReport:
         return {**ratios, "total": p50_ratio(self.runtime.total, self.torch.total)}
 
     @property
-    def stable(self) -> bool:
+    def stable(self) -> bool | None:
         return self.runtime.stable
 
     def to_json(self) -> dict[str, Any]:
@@ -112,13 +130,14 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
     from conceptseg_edge.runtime.predictor import SAM2Predictor
 
     manifest = load_bundle(bundle)
+    checkpoint = torch_checkpoint(manifest, cfg.checkpoint) if cfg.compare_torch else None  # refused before any timing
     predictor = SAM2Predictor.from_bundle(bundle, provider=cfg.provider, manifest=manifest)
     image = bench_image()
     point = (image.shape[1] * 0.45, image.shape[0] * 0.55)
     torch_run = None
     torch_random = False
     if cfg.compare_torch:
-        torch_run, torch_random = _torch_runner(manifest)
+        torch_run, torch_random = _torch_runner(manifest, checkpoint)
 
     def runtime_once() -> Mapping[str, float]:
         predictor.set_image(image)
@@ -155,7 +174,7 @@ def render_table(report: PromptBenchReport) -> str:
     head = "| stage | p50 ms | p90 ms | p99 ms |" + (" torch p50 ms | runtime/torch |" if has_torch else "")
     sep = "|---|---:|---:|---:|" + ("---:|---:|" if has_torch else "")
     rows = [f"route `{report.route}` · {report.subject.model} @ {report.subject.image_size}px · {report.provider} · "
-            f"{report.runs} runs · peak RSS {report.peak_rss_mb} MB" + ("" if report.stable else " · UNSTABLE (inconclusive)"),
+            f"{report.runs} runs · peak RSS {report.peak_rss_mb} MB" + stability_note(report.stable),
             "", head, sep]
     ratios = report.ratio_runtime_over_torch_p50
     for stage in (*STAGES, "total"):

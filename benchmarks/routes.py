@@ -9,6 +9,7 @@ The shortcut is measured on its own (τ = 0, no fallback) so its latency is not 
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,18 +28,32 @@ from conceptseg_edge.benchmarks.policy import (
     bench_torch_capture,
     cross_capture,
 )
-from conceptseg_edge.benchmarks.stats import BenchedBundle, LatencyStats, StageSeries, environment, p50_ratio, peak_rss_mb
+from conceptseg_edge.benchmarks.reference import torch_checkpoint
+from conceptseg_edge.benchmarks.stats import (
+    BenchedBundle,
+    LatencyStats,
+    StageSeries,
+    all_stable,
+    environment,
+    p50_ratio,
+    peak_rss_mb,
+    stability_note,
+)
 from conceptseg_edge.errors import BenchmarkError
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.router import ROUTES, Route, RouterConfig
+from conceptseg_edge.runtime.bank import ConceptBank
 from conceptseg_edge.runtime.engine import Provider
+from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
 CONCEPTS = ("red circle", "blue square", "striped triangle", "green star")
 #: τ = 0 for every word count: the shortcut is measured on its own, never rejected into a reason run.
 ALWAYS = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
 #: Torch reference routes ↔ the runtime series timed under the same route.
 TORCH_SERIES: dict[Route, str] = {"prompt": "prompt", "shortcut": "shortcut_bank_miss", "reason": "reason"}
+#: Torch pipeline stage → the runtime's name for the same work (``_runtime_names``).
+TORCH_STAGE_NAMES = {"policy_prefill": "concept_tokens"}
 TIMING_SCOPE = "end-to-end per route on host, encoder re-run each call; shortcut measured alone (tau=0)"
 
 
@@ -47,6 +62,7 @@ class RoutesBenchConfig:
     runs: int = field(default=5, metadata={"help": "timed runs per series"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up runs per series"})
     compare_torch: bool = field(default=True, metadata={"help": "time the torch reference pipeline too"})
+    checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
     provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
     generation: GenerationConfig = field(default=BENCH_GENERATION, metadata={"help": "the reason route's budget"})
     compare_bundles: tuple[str, ...] = field(default=(), metadata={"help": "same checkpoint at other policy precisions"})
@@ -88,8 +104,9 @@ class RoutesBenchReport:
         return p50_ratio(self.routes["shortcut_bank_hit"].total, self.routes["prompt"].total)
 
     @property
-    def prefill_ms_p50(self) -> float | None:
-        """The shortcut's text prefill (bank miss); None when the series ran no such stage."""
+    def concept_tokens_ms_p50(self) -> float | None:
+        """A bank miss's concept tokens: the policy's text prefill, the CTM and the bank write (not the
+        policy prefill alone, which ``policy.precisions`` reports); None when the series ran no such stage."""
         stage = self.routes["shortcut_bank_miss"].stages.get("concept_tokens")
         return None if stage is None else stage.p50
 
@@ -100,8 +117,8 @@ class RoutesBenchReport:
         return {r: p50_ratio(self.routes[k].total, self.torch[r].total) for r, k in TORCH_SERIES.items()}
 
     @property
-    def stable(self) -> bool:
-        return all(series.stable for series in self.routes.values())
+    def stable(self) -> bool | None:
+        return all_stable(series.stable for series in self.routes.values())
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -113,7 +130,7 @@ class RoutesBenchReport:
             "routes": {name: series.to_json() for name, series in self.routes.items()},
             "concepts_per_image": self.concepts_per_image.to_json(),
             "ratio_shortcut_hit_over_prompt_p50": self.ratio_shortcut_hit_over_prompt_p50,
-            "policy": {"prefill_ms_p50": self.prefill_ms_p50, "decode_tokens_per_s": self.decode_tokens_per_s,
+            "policy": {"concept_tokens_ms_p50": self.concept_tokens_ms_p50, "decode_tokens_per_s": self.decode_tokens_per_s,
                        **self.policy.to_json()},
             "peak_rss_mb": self.peak_rss_mb,
             "environment": dict(self.environment),
@@ -141,7 +158,6 @@ def _timed(fns: dict[str, Callable[[], Mapping[str, float]]], warmup: int, runs:
 def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = True) -> RoutesBenchReport:
     """Time every route the bundle serves (see ``render_routes_table``, ``plot_routes``, ``to_json``)."""
     from conceptseg_edge.data.world import ConceptWorld
-    from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
     manifest = load_bundle(bundle)
     missing = set(ROUTES) - set(manifest.routes)
@@ -149,11 +165,10 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         raise BenchmarkError("setup", f"{bundle}: bundle lacks routes {sorted(missing)}; export it with `export concept`")
     image = ConceptWorld(seed=7, image_size=256).episode(0, with_supports=False).image
     point = (image.shape[1] / 2, image.shape[0] / 2)
+    checkpoint = torch_checkpoint(manifest, cfg.checkpoint) if cfg.compare_torch else None  # refused before any timing
     with tempfile.TemporaryDirectory(prefix="cse-bank-") as bank_dir:
         seg = ConceptSegmenter.from_bundle(bundle, cfg.provider, bank_dir=bank_dir, generation=cfg.generation,
                                            router=ALWAYS, manifest=manifest)
-        # the same engines without a bank: every shortcut request pays the text prefill
-        no_bank = ConceptSegmenter(seg.predictor, seg.router, seg.routes, seg.concepts)
 
         def fresh(segmenter: ConceptSegmenter, call: Callable[[ConceptSegmenter], Any]) -> Callable[[], Mapping[str, float]]:
             def run() -> Mapping[str, float]:
@@ -165,7 +180,7 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         series = {
             "prompt": fresh(seg, lambda s: s.segment(image, points=[point])),
             "shortcut_bank_hit": fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="shortcut")),
-            "shortcut_bank_miss": fresh(no_bank, lambda s: s.segment(image, query=CONCEPTS[0], route="shortcut")),
+            "shortcut_bank_miss": bank_miss(seg, Path(bank_dir) / "misses", image),
             "reason": fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="reason")),
         }
         for q in CONCEPTS:
@@ -189,10 +204,10 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     policy_runs = max(2, cfg.runs // 2)
     policy = bench_policy(bundle, cfg.compare_bundles, runs=policy_runs, generation=cfg.generation)
     torch_routes = None
-    if cfg.compare_torch and manifest.source.checkpoint and Path(manifest.source.checkpoint).is_dir():
-        policy = policy.with_capture(bench_torch_capture(manifest.source.checkpoint, policy_runs, cfg.generation))
+    if checkpoint is not None:
+        policy = policy.with_capture(bench_torch_capture(checkpoint, policy_runs, cfg.generation))
         policy = policy.with_capture(cross_capture(policy.capture))
-        torch_routes = _torch_routes(manifest.source.checkpoint, image, point, cfg)
+        torch_routes = _torch_routes(checkpoint, image, point, cfg)
     return RoutesBenchReport(
         subject=BenchedBundle.of(bundle, manifest, image.shape[:2]),
         provider=cfg.provider,
@@ -208,7 +223,25 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     )
 
 
-def _torch_routes(checkpoint: str, image: np.ndarray, point, cfg: RoutesBenchConfig) -> dict[Route, StageSeries]:
+def bank_miss(seg: ConceptSegmenter, root: Path, image: np.ndarray) -> Callable[[], Mapping[str, float]]:
+    """A shortcut request whose concept is not in the bank yet, as a first request meets it: the
+    lookup misses, the text prefill and CTM run, the tokens are written to the bank, all inside
+    ``concept_tokens``. Each call gets a new empty bank (under ``root``), created before the clock."""
+    calls = itertools.count()
+
+    def run() -> Mapping[str, float]:
+        bank = ConceptBank(root / str(next(calls)), seg.bank.key)
+        first = ConceptSegmenter(seg.predictor, seg.router, seg.routes, seg.concepts, bank)
+        first.reset()
+        result = first.segment(image, query=CONCEPTS[0], route="shortcut")
+        if result.bank_hit is not False or bank.misses != 1:
+            raise BenchmarkError("bank miss", f"{bank.dir}: expected one miss and a write, got hit={result.bank_hit}")
+        return result.timings
+
+    return run
+
+
+def _torch_routes(checkpoint: Path, image: np.ndarray, point, cfg: RoutesBenchConfig) -> dict[Route, StageSeries]:
     from conceptseg_edge.models.pipeline import ConceptSegPipeline
 
     pipe = ConceptSegPipeline.from_checkpoint(checkpoint, cfg.generation, router=ALWAYS)
@@ -217,14 +250,21 @@ def _torch_routes(checkpoint: str, image: np.ndarray, point, cfg: RoutesBenchCon
         "shortcut": lambda: pipe(image, query=CONCEPTS[0], route="shortcut").timings,
         "reason": lambda: pipe(image, query=CONCEPTS[0], route="reason").timings,
     }
-    return {name: StageSeries.from_samples(samples) for name, samples in _timed(calls, cfg.warmup, cfg.runs).items()}
+    timed = _timed(calls, cfg.warmup, cfg.runs)
+    return {name: StageSeries.from_samples([_runtime_names(s) for s in samples]) for name, samples in timed.items()}
+
+
+def _runtime_names(timings: Mapping[str, float]) -> dict[str, float]:
+    """Torch stages under the runtime's names: the torch shortcut's ``policy_prefill`` is the text
+    prefill *and* the CTM, which the runtime calls ``concept_tokens``."""
+    return {TORCH_STAGE_NAMES.get(k, k): v for k, v in timings.items()}
 
 
 def render_routes_table(report: RoutesBenchReport) -> str:
     """Markdown: one row per route series with p50/p90/p99 and the main stages."""
     torch_route = {series: route for route, series in TORCH_SERIES.items()}
     head = [f"all routes · {report.subject.model} @ {report.subject.image_size}px · {report.provider} · {report.runs} runs · "
-            f"peak RSS {report.peak_rss_mb} MB" + ("" if report.stable else " · UNSTABLE (inconclusive)"), "",
+            f"peak RSS {report.peak_rss_mb} MB" + stability_note(report.stable), "",
             "| route | p50 ms | p90 ms | p99 ms | encoder | concept tokens / policy | decoder |" + (" torch p50 |" if report.torch else ""),
             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if report.torch else "")]
     for name, s in report.routes.items():
@@ -237,7 +277,7 @@ def render_routes_table(report: RoutesBenchReport) -> str:
         head.append(row)
     head += ["", f"shortcut (bank hit) / prompt p50: {report.ratio_shortcut_hit_over_prompt_p50}; "
                  f"4 concepts / 1 concept p50: {report.concepts_per_image.ratio_4_over_1_p50}; "
-                 f"policy prefill p50 {report.prefill_ms_p50} ms, decode {report.decode_tokens_per_s} tok/s",
+                 f"concept tokens on a bank miss (text prefill + CTM + bank write) p50 {report.concept_tokens_ms_p50} ms, decode {report.decode_tokens_per_s} tok/s",
              "", "| policy precision | prefill ms | decode tok/s | speedup | greedy agreement |", "|---|---:|---:|---:|---:|"]
     for row in report.policy.precisions:
         speedup = report.policy.decode_speedup_vs_first(row)

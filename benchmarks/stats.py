@@ -2,10 +2,12 @@
 
 Results are data: ``LatencyStats`` (one series of milliseconds) and ``StageSeries`` (a series per
 stage of a request, and their total) go to JSON; tables and charts are renderers over them. A series
-whose first five and last five samples differ by more than 5 % in median is flagged unstable (the
-machine was busy, or the code warmed up late) so a reader treats it as inconclusive rather than as a
-number. Statistics are kept as the JSON prints them (3 decimals), so a ratio (``p50_ratio``) read
-back from a report is the one the report states.
+whose first and last samples (five each, or half the series when it is shorter than ten) differ by
+more than 5 % in median is flagged unstable (the machine was busy, or the code warmed up late) so a
+reader treats it as inconclusive rather than as a number. Fewer than ``STABILITY_MIN_RUNS`` samples
+cannot show drift at all: their stability is ``None`` ("not measured"), never "stable".
+Statistics are kept as the JSON prints them (3 decimals), so a ratio (``p50_ratio``) read back from a
+report is the one the report states.
 """
 
 from __future__ import annotations
@@ -14,13 +16,42 @@ import os
 import platform
 import resource
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from conceptseg_edge.manifest import BundleManifest, tool_versions
 
 STABILITY_TOLERANCE = 0.05
+#: Shortest series whose stability is measured: two samples at each end.
+STABILITY_MIN_RUNS = 4
+#: Samples compared at each end of a long series.
+STABILITY_WINDOW = 5
+
+
+def stability(samples_ms: Sequence[float]) -> bool | None:
+    """Whether the series' head and tail medians agree within ``STABILITY_TOLERANCE``, in run order;
+    None for a series too short to tell (``STABILITY_MIN_RUNS``)."""
+    if len(samples_ms) < STABILITY_MIN_RUNS:
+        return None
+    k = min(STABILITY_WINDOW, len(samples_ms) // 2)
+    head, tail = statistics.median(samples_ms[:k]), statistics.median(samples_ms[-k:])
+    return abs(head - tail) <= STABILITY_TOLERANCE * max(head, tail)
+
+
+def all_stable(flags: Iterable[bool | None]) -> bool | None:
+    """Several series together: False if any drifted, None if none drifted but some were not measured."""
+    flags = list(flags)
+    if False in flags:
+        return False
+    return None if None in flags else True
+
+
+def stability_note(stable: bool | None) -> str:
+    """A table header's suffix: nothing when stable, else why the numbers are to be read with care."""
+    if stable is None:
+        return f" · stability not measured (fewer than {STABILITY_MIN_RUNS} runs)"
+    return "" if stable else " · UNSTABLE (inconclusive)"
 
 
 @dataclass(frozen=True)
@@ -36,7 +67,7 @@ class LatencyStats:
     p99: float
     min: float
     max: float
-    stable: bool
+    stable: bool | None  # None: too few runs to tell (``stability``)
 
     @classmethod
     def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
@@ -51,11 +82,6 @@ class LatencyStats:
             hi = min(lo + 1, len(xs) - 1)
             return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
-        stable = True
-        if len(samples_ms) >= 10:
-            head = statistics.median(samples_ms[:5])
-            tail = statistics.median(samples_ms[-5:])
-            stable = abs(head - tail) <= STABILITY_TOLERANCE * max(head, tail)
         return cls(
             n=len(xs),
             mean=round(statistics.fmean(xs), 3),
@@ -65,7 +91,7 @@ class LatencyStats:
             p99=round(pct(0.99), 3),
             min=round(xs[0], 3),
             max=round(xs[-1], 3),
-            stable=stable,
+            stable=stability(samples_ms),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,8 +125,8 @@ class StageSeries:
         return self.stages[stage].p50 if stage in self.stages else 0.0
 
     @property
-    def stable(self) -> bool:
-        return all(s.stable for s in (*self.stages.values(), self.total))
+    def stable(self) -> bool | None:
+        return all_stable(s.stable for s in (*self.stages.values(), self.total))
 
     def to_json(self) -> dict[str, dict[str, Any]]:
         return {**{name: s.to_dict() for name, s in self.stages.items()}, "total": self.total.to_dict()}

@@ -56,7 +56,7 @@ ROUTES_LAYOUT = [
     ("concepts_per_image", [("1", STATS), ("4", STATS), ("ratio_4_over_1_p50", None)]),
     ("ratio_shortcut_hit_over_prompt_p50", None),
     ("policy", [
-        *leaves("prefill_ms_p50", "decode_tokens_per_s"),
+        *leaves("concept_tokens_ms_p50", "decode_tokens_per_s"),
         ("precisions", [PRECISION_ROW + leaves("decode_speedup_vs_first"),
                         PRECISION_ROW + leaves("greedy_agreement_vs_first", "decode_speedup_vs_first")]),
         ("capture", [(f"{side}_{s}", CAPTURE_ENTRY) for side in ("runtime", "torch", "runtime_vs_torch") for s in SETTINGS]),
@@ -65,7 +65,7 @@ ROUTES_LAYOUT = [
     ("peak_rss_mb", None), ("environment", "…"),
     ("torch", [
         ("prompt", series(*SAM2_STAGES)),
-        ("shortcut", series("decoder", "encoder", "policy_prefill", "postprocess", "preprocess")),
+        ("shortcut", series("concept_tokens", *SAM2_STAGES)),  # torch's policy_prefill is prefill + CTM: renamed
         ("reason", series("decoder", "encoder", "policy_generate", "postprocess", "preprocess")),
     ]),
     ("ratio_runtime_over_torch_p50", leaves("prompt", "shortcut", "reason")),
@@ -96,10 +96,12 @@ def test_routes_report_json_keeps_every_key_in_place(routes, tmp_path):
     assert layout(report) == ROUTES_LAYOUT
     assert list(report["environment"]) == ENVIRONMENT_KEYS
     assert report["policy"]["max_new_tokens"] == 4
-    assert report["policy"]["prefill_ms_p50"] == report["routes"]["shortcut_bank_miss"]["concept_tokens"]["p50"]
+    assert report["policy"]["concept_tokens_ms_p50"] == report["routes"]["shortcut_bank_miss"]["concept_tokens"]["p50"]
     assert report["ratio_runtime_over_torch_p50"]["shortcut"] == round(
         report["routes"]["shortcut_bank_miss"]["total"]["p50"] / report["torch"]["shortcut"]["total"]["p50"], 3)
-    assert report["stable"] == all(s["stable"] for r in report["routes"].values() for s in r.values())
+    assert report["stable"] is None  # one run: stability not measured, and never "stable"
+    assert {s["stable"] for r in report["routes"].values() for s in r.values()} == {None}
+    assert "stability not measured" in render_routes_table(routes).splitlines()[0]
     table = render_routes_table(routes)
     for name, s in report["routes"].items():
         assert next(line for line in table.splitlines() if line.startswith(f"| {name} |")).split(" | ")[1] == \
@@ -130,10 +132,11 @@ def test_every_setting_is_reported_on_each_side(routes):
         # the support mosaic is a second image in the prompt
         assert entries[f"{side}_with_supports"].prompt_tokens > entries[f"{side}_no_supports"].prompt_tokens
     for setting in SETTINGS:
-        # same engines: the baseline is this very generate plus a forward (torch's is a separate HF
-        # generate, so under load its ratio may exceed 1 and is not bounded here)
+        # same engines: the baseline is its own generate plus the second forward, timed apart from the
+        # capture run, so this ratio is measured (it was capture / (capture + forward), < 1 by
+        # construction). Generate + a full forward taking less than the generate alone would be a bug.
         entry = entries[f"runtime_{setting}"]
-        assert all(b > c for c, b in zip(entry.capture_ms, entry.baseline_ms)) and 0 < entry.ratio < 1
+        assert 0 < entry.ratio < 1
     cross = entries["runtime_vs_torch_no_supports"]
     assert cross.generate_with_capture_ms == entries["runtime_no_supports"].generate_with_capture_ms
     assert cross.generate_then_forward_ms == entries["torch_no_supports"].generate_then_forward_ms

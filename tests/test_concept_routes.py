@@ -11,6 +11,7 @@ import pytest
 
 from conceptseg_edge.data.world import ConceptWorld
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.export.concept import coverage_class, parity_images
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.metrics import iou
@@ -41,24 +42,32 @@ def test_bundle_carries_every_route_and_its_parity(concept_bundle):
     assert {"sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed", "policy_decoder"} <= set(m.parts)
     assert all(p.parity and p.parity.passed for p in m.parts.values())
     assert m.route_parity["shortcut"]["min_mask_iou"] >= 0.98 and m.route_parity["reason"]["min_mask_iou"] >= 0.98
+    assert m.route_parity["shortcut"]["samples"] >= 1 and m.route_parity["reason"]["samples"] >= 1
     assert any(f.startswith("processor/") for f in m.files) and m.source.backbone_sha256
 
 
 @pytest.mark.parametrize("route", ["prompt", "shortcut", "reason"])
 def test_each_route_matches_the_torch_pipeline(runtime, reference, route):
-    """Samples the export did not check (another ConceptWorld seed), all three levels."""
+    """Samples the export did not check (another ConceptWorld seed), on masks that can disagree: only
+    runtime masks covering PARTIAL_COVERAGE of the image are compared (a near-whole mask matches any
+    other, two empty ones have IoU 1 by convention); at least two per route, screened from images and
+    their inverses as the export screens them."""
     world = ConceptWorld(seed=99, image_size=192)
-    levels = set()
-    for i in range(6):
-        ep = world.episode(i, with_supports=False)
-        levels.add(ep.level)
+    compared = 0
+    for ep, image in parity_images(world, 24):
         kwargs = {"points": [[96, 96]]} if route == "prompt" else {"query": ep.query, "route": route}
-        a, b = runtime.segment(ep.image, **kwargs), reference(ep.image, **kwargs)
+        a = runtime.segment(image, **kwargs)
+        if coverage_class(a.mask) != "partial":
+            continue
+        b = reference(image, **kwargs)
         assert a.route == b.route == route
         assert iou(a.mask, b.mask) >= 0.98
         if route == "reason":
             assert a.completion == b.completion
-    assert len(levels) >= 2
+        compared += 1
+        if compared == 3:
+            break
+    assert compared >= 2, f"{route}: fewer than 2 partial masks among 24 images"
 
 
 def test_reason_route_with_supports(runtime, reference):

@@ -356,6 +356,10 @@ def test_bad_requests(policy, image):
 # ----------------------------------------------------------------------------- quantized
 
 
+#: The kernels that hold each precision's quantized weights.
+QUANTIZED_OPS = {"int8": {"DynamicQuantizeMatMul", "MatMulInteger"}, "int4": {"MatMulNBits"}}
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_decoders_meet_their_floors(exported, wrapper, precision):
     bundle, parts = exported[precision]
@@ -366,9 +370,11 @@ def test_quantized_decoders_meet_their_floors(exported, wrapper, precision):
     measured = report.measures()
     assert set(report.floors) == set(measured) and all(measured[k] >= report.floors[k] for k in measured)
     assert report.tokens >= report.decisive_tokens > 0
-    op = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}[precision]
+    # Each precision's own kernel: int4 weights live only in MatMulNBits; an int8 graph (MatMulInteger
+    # or DynamicQuantizeMatMul) must not pass as int4, nor a 4-bit one as int8.
     ops = graph_op_types(bundle / "policy_decoder.onnx")
-    assert op in ops or "MatMulInteger" in ops
+    assert QUANTIZED_OPS[precision] & ops, (precision, sorted(ops))
+    assert not (set().union(*(v for k, v in QUANTIZED_OPS.items() if k != precision)) & ops), (precision, sorted(ops))
     fp32_size = (exported["fp32"][0] / "policy_decoder.onnx").stat().st_size
     assert (bundle / "policy_decoder.onnx").stat().st_size < fp32_size
 

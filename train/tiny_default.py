@@ -15,10 +15,12 @@ runs, with the YAMLs in ``train/configs/tiny/``:
 6. ``export``    ``export_concept`` → ``OUT/bundle`` (ONNX graphs, parity-checked route by route),
    with ``export.yaml``'s policy precision and weight storage; ``--bundle`` copies it there atomically;
 7. ``report``    held-out foreground IoU per level (CI/CD/CR) and per route the router took, against
-   the empty-mask and whole-image baselines, run through the exported torch-free bundle (through the
-   torch pipeline with ``--no-export``); warmstart's held-out format rate; stage 2's held-out reward
-   next to stage 1's; the route mix; wall and CPU seconds per stage. Written to ``OUT/report.json``
-   and ``OUT/report.md``.
+   baselines it can lose to (each route forced alone, the policy's box, the whole image), run
+   through the exported torch-free bundle (through the torch pipeline with ``--no-export``); warmstart's held-out format rate; stage 2's held-out reward
+   next to stage 1's; the route mix after calibration; wall and CPU seconds per stage; the commit
+   (``git describe --dirty``) and command that produced it. Written to ``OUT/report.json`` and
+   ``OUT/report.md``, the page ``docs/conceptseg_tiny_report.md`` copies from the run that trained
+   the committed bundle.
 
 Each stage writes its own directory (metrics.csv, curves.png, a JSON summary); a rerun with the same
 ``--out`` resumes the stage that was interrupted and skips the finished ones (their summaries are
@@ -32,15 +34,18 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from conceptseg_edge.episodes import Support
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import staged_dir, write_text
 from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.manifest import MANIFEST_NAME
+from conceptseg_edge.router import AUTO
 from conceptseg_edge.train.items import VAL_OFFSET
 from conceptseg_edge.train.loop import StageClock, write_summary
 
@@ -73,9 +78,33 @@ class ReportConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
-def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[str, Any]:
-    """Held-out foreground IoU of ``segment(image, query, supports) -> (mask, route)`` per level and per
-    route taken, with the empty-mask and whole-image baselines on the same items."""
+class Segment(Protocol):
+    """A route-forcing segmenter: ``ConceptSegmenter.segment`` or ``ConceptSegPipeline.__call__``."""
+
+    def __call__(self, image: np.ndarray, query: str, supports: Sequence[Support], route: str) -> Any:
+        """A result with ``mask``, ``route`` and ``box`` (the reason route's box in image pixels, or None)."""
+
+
+#: The held-out table's columns: the router's result, then the baselines it can lose to.
+BASELINES = {"shortcut_only": "shortcut only", "reason_only": "reason only", "policy_box": "policy box",
+             "whole_image": "whole image"}
+
+
+def _box_mask(box: tuple[float, float, float, float] | None, shape: tuple[int, int]) -> np.ndarray:
+    """The filled box (image pixels, exclusive corners) as a mask; empty without a box."""
+    mask = np.zeros(shape, bool)
+    if box is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    return mask
+
+
+def evaluate_default(segment: Segment, cfg: ReportConfig, progress: bool = True) -> dict[str, Any]:
+    """Held-out foreground IoU of the routed result per level and per route taken, next to baselines
+    on the same items that it can lose to: each route forced alone (shortcut only, reason only), the
+    box from the policy's ``<bbox>`` filled as a mask (what the policy localised without SAM2), and
+    the whole image. (An empty mask is no baseline here: the items are filtered to non-empty masks,
+    so it scores 0 by construction.)"""
     from tqdm import tqdm
 
     from conceptseg_edge.data.world import ConceptWorld
@@ -87,14 +116,16 @@ def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[
         ep = world.episode(i)
         if not ep.mask.any():
             continue
-        mask, route = segment(ep.image, ep.query, ep.supports if cfg.with_supports else ())
-        rows.append({"level": ep.level, "route": route, "iou": iou(mask, ep.mask),
-                     "whole": iou(np.ones_like(ep.mask), ep.mask), "empty": iou(np.zeros_like(ep.mask), ep.mask)})
+        supports = ep.supports if cfg.with_supports else ()
+        routed = segment(ep.image, ep.query, supports, AUTO)
+        forced = {r: routed if routed.route == r else segment(ep.image, ep.query, supports, r) for r in ("shortcut", "reason")}
+        rows.append({"level": ep.level, "route": routed.route, "fg_iou": iou(routed.mask, ep.mask),
+                     "shortcut_only": iou(forced["shortcut"].mask, ep.mask), "reason_only": iou(forced["reason"].mask, ep.mask),
+                     "policy_box": iou(_box_mask(forced["reason"].box, ep.mask.shape), ep.mask),
+                     "whole_image": iou(np.ones_like(ep.mask), ep.mask)})
 
     def summary(sel: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"n": len(sel), "fg_iou": round(float(np.mean([r["iou"] for r in sel])), 4),
-                "empty_mask": round(float(np.mean([r["empty"] for r in sel])), 4),
-                "whole_image": round(float(np.mean([r["whole"] for r in sel])), 4)}
+        return {"n": len(sel), **{k: round(float(np.mean([r[k] for r in sel])), 4) for k in ("fg_iou", *BASELINES)}}
 
     by_level = {lv: summary([r for r in rows if r["level"] == lv]) for lv in LEVELS if any(r["level"] == lv for r in rows)}
     by_route = {rt: summary([r for r in rows if r["route"] == rt]) for rt in sorted({r["route"] for r in rows})}
@@ -104,6 +135,33 @@ def evaluate_default(segment, cfg: ReportConfig, progress: bool = True) -> dict[
         if (sel := [r for r in rows if r["level"] == lv and r["route"] == rt])
     }
     return {"all": summary(rows), "by_level": by_level, "by_route": by_route, "by_level_route": by_level_route}
+
+
+def _command(out: Path, configs: Path, bundle: str | os.PathLike[str] | None, stage2: bool, export: bool) -> str:
+    """The ``conceptseg-edge`` command line equivalent to this run, paths relative to the working directory."""
+    def rel(p: str | os.PathLike[str]) -> str:
+        return os.path.relpath(p) if Path(p).resolve().is_relative_to(Path.cwd()) else str(p)
+
+    parts = ["conceptseg-edge train tiny-default --out", rel(out)]
+    if Path(configs).resolve() != CONFIG_DIR:
+        parts += ["--configs", rel(configs)]
+    if bundle is not None:
+        parts += ["--bundle", rel(bundle)]
+    parts += [flag for flag, on in (("--skip-stage2", not stage2), ("--no-export", not export)) if on]
+    return " ".join(parts)
+
+
+def produced_by() -> str:
+    """``git describe --always --dirty`` of the checkout this code runs from, or why there is none:
+    the report says which commit produced it, and "dirty" when the tree had uncommitted changes."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown (git: {exc})"
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown (not a git checkout)"
 
 
 def _stage_time(summary: dict[str, Any] | None) -> dict[str, float] | None:
@@ -224,9 +282,8 @@ def run_tiny_default(
 
         runtime = ConceptSegmenter.from_bundle(bundle_dir, generation=GenerationConfig(rep_cfg.max_new_tokens))
 
-        def segment(image, query, supports):
-            r = runtime.segment(image, query=query, supports=supports)
-            return r.mask, r.route
+        def segment(image, query, supports, route):
+            return runtime.segment(image, query=query, supports=supports, route=route)
 
         evaluated_with = "exported bundle, torch-free runtime (ConceptSegmenter)"
     else:
@@ -234,15 +291,15 @@ def run_tiny_default(
 
         pipeline = ConceptSegPipeline.from_checkpoint(final_ckpt, GenerationConfig(rep_cfg.max_new_tokens))
 
-        def segment(image, query, supports):
-            r = pipeline(image, query, supports=supports)
-            return r.mask, r.route
+        def segment(image, query, supports, route):
+            return pipeline(image, query, supports=supports, route=route)
 
         evaluated_with = "torch pipeline (ConceptSegPipeline)"
     heldout = evaluate_default(segment, rep_cfg, progress)
     times["report"] = clock.elapsed()
     train_stages = [t for k, t in times.items() if k in ("backbone", "warmstart", "stage1", "stage2", "calibrate") and t]
     report = {
+        "produced_by": {"commit": produced_by(), "command": _command(out, configs, bundle, stage2, export)},
         "checkpoint": str(final_ckpt),
         "export": export_info,
         "heldout": {"evaluated_with": evaluated_with, "episodes": rep_cfg.episodes, **heldout},
@@ -267,15 +324,35 @@ def _warmstart_heldout(summary: dict[str, Any]) -> dict[str, Any] | None:
     return {k: v for k, v in heldout.items() if k != "samples"} if isinstance(heldout, dict) else None
 
 
+def _route_mix_lines(router: dict[str, Any], heldout: dict[str, Any]) -> list[str]:
+    """The route mix after calibration: on the calibration split (per level, shares) and on the
+    held-out episodes above (counts)."""
+    lines = ["Route mix after calibration:", "", "| split | queries | shortcut | reason |", "|---|---|---|---|"]
+    for level, row in (router.get("route_mix_calibration_split") or {}).items():
+        lines.append(f"| calibration {level} | {row['queries']} | {row['shortcut']:.3f} | {row['reason']:.3f} |")
+    n = heldout["all"]["n"]
+    taken = {rt: row["n"] for rt, row in heldout["by_route"].items()}
+    if n:
+        lines.append(f"| held-out all | {n} | {taken.get('shortcut', 0) / n:.3f} | {taken.get('reason', 0) / n:.3f} |")
+    return lines
+
+
 def render_report(report: dict[str, Any]) -> str:
     """The report as a short Markdown page."""
     h = report["heldout"]
+    made = report["produced_by"]
+    cols = ("fg_iou", *BASELINES)
     lines = ["# ConceptSeg-Tiny: held-out report", "",
-             f"Evaluated with: {h['evaluated_with']}; {h['all']['n']} ConceptWorld episodes never trained on.", "",
-             "| split | n | fg IoU | empty mask | whole image |", "|---|---|---|---|---|"]
+             f"Produced by commit `{made['commit']}` with `{made['command']}` (bundle, checkpoint and this report "
+             "come from that one run).", "",
+             f"Evaluated with: {h['evaluated_with']}; {h['all']['n']} ConceptWorld episodes never trained on. "
+             "fg IoU is the routed result; the other columns are baselines on the same episodes: each route forced "
+             "alone, the policy's `<bbox>` filled as a mask, the whole image.", "",
+             "| split | n | fg IoU | " + " | ".join(BASELINES.values()) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, row in [("all", h["all"]), *h["by_level"].items(), *[(f"route {k}", v) for k, v in h["by_route"].items()],
                       *h["by_level_route"].items()]:
-        lines.append(f"| {name} | {row['n']} | {row['fg_iou']:.3f} | {row['empty_mask']:.3f} | {row['whole_image']:.3f} |")
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+    lines += ["", *_route_mix_lines(report["router"], h)]
     ws = report.get("warmstart_heldout")
     if ws:
         lines += ["", f"Warmstart, held-out greedy completions ({ws['n']} episodes, at most {ws['max_new_tokens']} tokens):", "",

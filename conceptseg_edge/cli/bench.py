@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--route", default="prompt", choices=BENCH_ROUTES,
                         help="prompt: the SAM2 route vs torch eager; all: every route of a concept bundle")
     parser.add_argument("--compare-torch", action="store_true", help="time the PyTorch reference in the same run")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="--compare-torch with these weights (checked against the bundle's recorded hash) instead of "
+                             "the path the manifest records, which may be where the bundle was exported, not here")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
@@ -40,6 +43,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs {args.runs} / --warmup {args.warmup}: need runs >= 1 and warmup >= 0")
+    if args.checkpoint is not None and not args.compare_torch:
+        raise InputError(f"--checkpoint {args.checkpoint}: only used with --compare-torch")
     for flag, path in (("--json", args.json_out), ("--png", args.png)):
         if path is not None:
             writable_output(path, flag)  # before minutes of timing, not after
@@ -57,7 +62,7 @@ def _bench(args: argparse.Namespace) -> int:
         from conceptseg_edge.generation import GenerationConfig
 
         cfg = RoutesBenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                                provider=args.provider, generation=GenerationConfig(args.max_new_tokens),
+                                checkpoint=args.checkpoint, provider=args.provider, generation=GenerationConfig(args.max_new_tokens),
                                 compare_bundles=tuple(args.compare_bundle))
         routes = bench_routes(args.bundle, cfg)
         report, table = routes.to_json(), render_routes_table(routes)
@@ -66,7 +71,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from conceptseg_edge.benchmarks.prompt import BenchConfig, bench_prompt_route, render_table
 
-        cfg = BenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch, provider=args.provider)
+        cfg = BenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
+                          checkpoint=args.checkpoint, provider=args.provider)
         prompt = bench_prompt_route(args.bundle, cfg)
         report, table = prompt.to_json(), render_table(prompt)
     if args.json_out:
