@@ -6,7 +6,10 @@
   ``GraphParameters``): ``to_parameters()`` for ``config.pbtxt``, a strict ``from_parameters()`` back;
 - ``repository``: ``build_repository(bundle, out, RepositoryConfig(flavor=...))``;
 - ``serving``: what runs inside the python backend (router model, the BLS engine factory, python-served graphs);
-- ``server``: ``TritonServer`` (find, prepare, start on loopback, wait, stop);
+- ``server``: ``TritonServer`` (find, prepare, start on loopback, wait, restart, stop) and ``serve_forever``
+  (the supervisor behind ``triton serve``: restarts a crashed server with backoff);
+- ``gateway``: ``HttpGateway``, the public HTTP port, refusing requests whose declared tensors Triton's
+  own HTTP frontend would allocate before checking (``GatewayLimits``);
 - ``client``: ``TritonSegClient`` over HTTP or gRPC (tritonclient).
 
 Public names load lazily: importing this package imports neither tritonclient nor the runtime.
@@ -26,6 +29,9 @@ _EXPORTS = {
     "RepositoryManifest": "conceptseg_edge.serve.repository",
     "build_repository": "conceptseg_edge.serve.repository",
     "TritonServer": "conceptseg_edge.serve.server",
+    "RestartPolicy": "conceptseg_edge.serve.server",
+    "GatewayLimits": "conceptseg_edge.serve.gateway",
+    "HttpGateway": "conceptseg_edge.serve.gateway",
     "find_tritonserver": "conceptseg_edge.serve.server",
     "TritonSegClient": "conceptseg_edge.serve.client",
     "ServedResult": "conceptseg_edge.serve.protocol",
