@@ -107,7 +107,7 @@ class TritonSegClient:
                 return self._client.get_model_config(self.model)
             return self._client.get_model_config(self.model, as_json=True)["config"]
         except self._exception() as exc:
-            raise _wrap(exc, self.timeout) from exc
+            raise _wrap(exc, self.url, self.timeout) from exc
 
     # ------------------------------------------------------------------ inference
 
@@ -140,7 +140,7 @@ class TritonSegClient:
             else:
                 result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
         except self._exception() as exc:
-            raise _wrap(exc, self.timeout) from exc
+            raise _wrap(exc, self.url, self.timeout) from exc
         return {name: result.as_numpy(name) for name in outputs}
 
     def segment(
@@ -179,9 +179,11 @@ def _wire_of(value: np.ndarray) -> str:
         raise InputError(f"array of dtype {value.dtype} has no Triton type") from None
 
 
-def _wrap(exc: Exception, timeout: float) -> TritonRequestError:
+def _wrap(exc: Exception, url: str, timeout: float) -> TritonRequestError:
     status = exc.status() if hasattr(exc, "status") else None
     if isinstance(exc, TimeoutError) or str(status) in _DEADLINE_STATUSES:
         return TritonRequestError(f"no answer within the client's timeout of {timeout:g} s", TIMEOUT_STATUS)
+    if isinstance(exc, OSError):  # the server never answered: do not present the socket's words as the server's
+        return TritonRequestError(f"{url}: cannot reach the server ({exc.strerror or type(exc).__name__})")
     message = exc.message() if hasattr(exc, "message") else str(exc)
     return TritonRequestError(f"server: {message}" + (f" (status {status})" if status else ""), None if status is None else str(status))

@@ -737,6 +737,17 @@ def test_client_refuses_a_timeout_that_is_not_positive_seconds(timeout, tmp_path
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: timeout {float(timeout)!r}: expected a number of seconds > 0"], proc.stderr
 
 
+def test_client_cli_names_an_unreachable_server(tmp_path):
+    """Nothing listens on port 9: the error names the URL, it does not quote the socket as the server's words."""
+    from conceptseg_edge.serve.server import free_port
+
+    image = tmp_path / "img.png"
+    Image.fromarray(IMG).save(image)
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = cli("client", url, image, "--point", "10,10", "--out", tmp_path / "m.png", "--timeout", "5")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {url}: cannot reach the server (Connection refused)", proc.stderr
+
+
 @pytest.mark.parametrize("label", [0.5, 2, -1, "1"], ids=str)
 def test_client_point_labels_must_be_exactly_0_or_1(label, tmp_path):
     """Over the wire labels are INT32: the client used to cast 0.5 to 0 before sending."""
