@@ -16,8 +16,9 @@ runs, with the YAMLs in ``train/configs/tiny/``:
    with ``export.yaml``'s policy precision and weight storage; ``--bundle`` copies it there atomically;
 7. ``report``    held-out foreground IoU per level (CI/CD/CR) and per route the router took, against
    baselines it can lose to (each route forced alone, the policy's box, the whole image), run
-   through the exported torch-free bundle (through the torch pipeline with ``--no-export``); warmstart's held-out format rate; stage 2's held-out reward
-   next to stage 1's; the route mix after calibration; wall and CPU seconds per stage; the commit
+   through the exported torch-free bundle (through the torch pipeline with ``--no-export``);
+   warmstart's held-out format rate; stage 2's held-out reward next to stage 1's; the route mix
+   after calibration; wall and CPU seconds per stage; the commit
    (``git describe --dirty``) and command that produced it. Written to ``OUT/report.json`` and
    ``OUT/report.md``, the page ``docs/conceptseg_tiny_report.md`` copies from the run that trained
    the committed bundle.
@@ -171,6 +172,69 @@ def _stage_time(summary: dict[str, Any] | None) -> dict[str, float] | None:
     return t.get("total", t) if isinstance(t, dict) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyStages:
+    """Every stage's config of one run, as the stages will run it (the run's paths filled in)."""
+
+    backbone: Any  # BackboneConfig
+    warmstart: Any  # WarmstartConfig
+    stage1: Any  # Stage1Config
+    stage2: Any | None  # Stage2Config; None with --skip-stage2
+    calibrate: Any  # CalibrateConfig
+    export: Any | None  # ConceptExportConfig; None with --no-export
+    report: ReportConfig
+
+
+def stage_configs(out: Path, configs: Path, *, stage2: bool, export: bool, progress: bool) -> TinyStages:
+    """Every stage's config for a run into ``out``: read from ``configs`` with ``load_config``, the
+    paths the run chains (``OUT/<stage>``, each stage's input checkpoint) filled in, and validated,
+    all before the first stage runs, so a bad value in report.yaml is an error now, not after an
+    hour of training."""
+    from conceptseg_edge.train.backbone import BackboneConfig
+    from conceptseg_edge.train.calibrate import CalibrateConfig
+    from conceptseg_edge.train.config import load_config
+    from conceptseg_edge.train.stage1 import Stage1Config
+    from conceptseg_edge.train.warmstart import WarmstartConfig
+
+    def read(name: str, cls: type) -> Any:
+        return load_config(_config(configs, f"{name}.yaml"), cls)
+
+    bb = dataclasses.replace(read("backbone", BackboneConfig), out_dir=str(out / "backbone"), progress=progress)
+    ws = dataclasses.replace(read("warmstart", WarmstartConfig), out_dir=str(out / "warmstart"), progress=progress)
+    s1 = dataclasses.replace(
+        read("stage1", Stage1Config), out_dir=str(out / "stage1"), progress=progress,
+        backbone_config=bb.sam2_config, backbone_checkpoint=str(out / "backbone" / "backbone.pt"),
+        backbone_image_size=bb.image_size, init_checkpoint=None, policy_path=None,
+        policy_checkpoint=str(out / "warmstart" / "checkpoint"),
+    )
+    policy_ckpt = out / "stage1" / "checkpoint"
+    s2 = None
+    if stage2:
+        from conceptseg_edge.train.stage2 import Stage2Config
+
+        s2 = read("stage2", Stage2Config)
+        # Stage 1 trains on world seed 0, episodes [0, n): stage 2's held-out episodes ([m, m + k) of
+        # its own world) must come from another world, or "stage 1 vs stage 2" is scored on stage-1
+        # training data.
+        data = s2.data
+        if data.source == "conceptworld" and data.world_seed == s1.data.seed:
+            data = dataclasses.replace(data, world_seed=s1.data.seed + 1)
+        s2 = dataclasses.replace(s2, stage1_checkpoint=str(policy_ckpt), out_dir=str(out / "stage2"),
+                                 progress=progress, data=data)
+        policy_ckpt = out / "stage2" / "checkpoint"
+    cal = dataclasses.replace(read("calibrate", CalibrateConfig), checkpoint=str(policy_ckpt),
+                              out_checkpoint=str(out / "checkpoint"), out_dir=str(out / "calibrate"),
+                              progress=progress)
+    ex = None
+    if export:
+        from conceptseg_edge.export.concept import ConceptExportConfig
+
+        ex = dataclasses.replace(read("export", ConceptExportConfig), checkpoint=str(out / "checkpoint"))
+    for cfg in (bb, ws, s1, cal):  # stage 2 and export check themselves when built
+        cfg.validate()
+    return TinyStages(bb, ws, s1, s2, cal, ex, read("report", ReportConfig))
+
+
 def run_tiny_default(
     out: str | os.PathLike[str],
     *,
@@ -180,86 +244,72 @@ def run_tiny_default(
     export: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ConceptSeg-Tiny under ``out``; returns the report (also ``out/report.json``)."""
-    from conceptseg_edge.train.backbone import BackboneConfig, train_backbone
-    from conceptseg_edge.train.calibrate import CalibrateConfig, calibrate_router
-    from conceptseg_edge.train.config import load_config, save_config
-    from conceptseg_edge.train.stage1 import Stage1Config, train_stage1
-    from conceptseg_edge.train.warmstart import WarmstartConfig, train_warmstart
+    """Train ConceptSeg-Tiny under ``out``; returns the report (also ``out/report.json``).
+
+    Every stage's config is read and checked (``stage_configs``) and ``out`` checked writable before
+    the first stage runs; a first run that fails before any stage kept something leaves no ``out``.
+    """
+    from conceptseg_edge.train.loop import stage_output
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     configs = Path(configs) if configs else CONFIG_DIR
+    cfgs = stage_configs(out, configs, stage2=stage2, export=export, progress=progress)
+    with stage_output(out, "--out", resumable=lambda p: any(p.iterdir())) as out:
+        return _run_stages(out, cfgs, configs, bundle, stage2, export, progress)
+
+
+def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.PathLike[str] | None,
+                stage2: bool, export: bool, progress: bool) -> dict[str, Any]:
+    """``run_tiny_default`` once everything is checked: each stage in turn, skipping finished ones."""
+    from conceptseg_edge.train.backbone import train_backbone
+    from conceptseg_edge.train.calibrate import calibrate_router
+    from conceptseg_edge.train.config import save_config
+    from conceptseg_edge.train.stage1 import train_stage1
+    from conceptseg_edge.train.warmstart import train_warmstart
+
     times: dict[str, Any] = {}
 
-    def step_stage(name: str, cls: type, train: Any, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    def step_stage(name: str, cfg: Any, train: Any) -> dict[str, Any]:
         """Run one step-loop stage into ``out/name`` unless its summary says it finished."""
-        cfg = dataclasses.replace(load_config(_config(configs, f"{name}.yaml"), cls), out_dir=str(out / name),
-                                  progress=progress, **overrides)
         summary = _read_json(out / name / f"{name}.json")
         if summary is None:
             summary = train(cfg).summary
         times[name] = _stage_time(summary)
-        return cfg, summary
+        return summary
 
     # 1. backbone, 2. policy warm start, 3. stage 1 (the CTM of the warm policy through that backbone)
-    bb_cfg, bb_summary = step_stage("backbone", BackboneConfig, train_backbone)
-    _, ws_summary = step_stage("warmstart", WarmstartConfig, train_warmstart)
-    s1_cfg, s1_summary = step_stage(
-        "stage1", Stage1Config, train_stage1, backbone_config=bb_cfg.sam2_config,
-        backbone_checkpoint=str(out / "backbone" / "backbone.pt"), backbone_image_size=bb_cfg.image_size,
-        init_checkpoint=None, policy_path=None, policy_checkpoint=str(out / "warmstart" / "checkpoint"),
-    )
-    policy_ckpt = out / "stage1" / "checkpoint"
+    bb_summary = step_stage("backbone", cfgs.backbone, train_backbone)
+    ws_summary = step_stage("warmstart", cfgs.warmstart, train_warmstart)
+    s1_summary = step_stage("stage1", cfgs.stage1, train_stage1)
 
     # 4. stage 2
     s2_report = None
-    if stage2:
-        import yaml
+    if cfgs.stage2 is not None:
+        from conceptseg_edge.train.stage2 import train_stage2
 
-        from conceptseg_edge.train.stage2 import run_stage2
-
-        s2_dir = out / "stage2"
-        raw = yaml.safe_load(_config(configs, "stage2.yaml").read_text(encoding="utf-8")) or {}
-        raw.update(stage1_checkpoint=str(policy_ckpt), out_dir=str(s2_dir), progress=progress)
-        # Stage 1 trains on world seed 0, episodes [0, n): stage 2's held-out episodes ([m, m + k) of
-        # its own world) must come from another world, or "stage 1 vs stage 2" is scored on stage-1
-        # training data.
-        data = dict(raw.get("data") or {})
-        if data.get("source", "conceptworld") == "conceptworld" and data.get("world_seed", 0) == s1_cfg.data.seed:
-            data["world_seed"] = s1_cfg.data.seed + 1
-        raw["data"] = data
-        s2_yaml = out / "stage2.yaml"
-        write_text(s2_yaml, yaml.safe_dump(raw, sort_keys=False))
+        s2_dir = Path(cfgs.stage2.out_dir)
         done = _read_json(s2_dir / "tiny_default_stage2.json")
         if done is None:
             clock = StageClock()
-            policy_ckpt = Path(run_stage2(s2_yaml))
-            done = {"checkpoint": str(policy_ckpt), "time": {"total": clock.elapsed()}}
+            done = {"checkpoint": str(train_stage2(cfgs.stage2)), "time": {"total": clock.elapsed()}}
             write_summary(s2_dir / "tiny_default_stage2.json", done)
-        policy_ckpt = Path(done["checkpoint"])
         times["stage2"] = _stage_time(done)
         s2_report = _read_json(s2_dir / "eval.json")
 
     # 5. calibrate the router into OUT/checkpoint
-    final_ckpt = out / "checkpoint"
-    cal_dir = out / "calibrate"
-    cal_cfg = load_config(_config(configs, "calibrate.yaml"), CalibrateConfig)
-    cal_cfg = dataclasses.replace(cal_cfg, checkpoint=str(policy_ckpt), out_checkpoint=str(final_ckpt),
-                                  out_dir=str(cal_dir), progress=progress)
-    cal_summary = _read_json(cal_dir / "calibrate.json")
+    final_ckpt = Path(cfgs.calibrate.out_checkpoint)
+    cal_summary = _read_json(Path(cfgs.calibrate.out_dir) / "calibrate.json")
     if cal_summary is None or not final_ckpt.is_dir():
-        cal_summary = calibrate_router(cal_cfg)
+        cal_summary = calibrate_router(cfgs.calibrate)
     times["calibrate"] = _stage_time(cal_summary)
 
     # 6. export
     bundle_dir = out / "bundle"
     export_info: dict[str, Any] | None = None
-    if export:
-        from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
+    if cfgs.export is not None:
+        from conceptseg_edge.export.concept import export_concept
 
-        ex_cfg = dataclasses.replace(load_config(_config(configs, "export.yaml"), ConceptExportConfig),
-                                     checkpoint=str(final_ckpt))
+        ex_cfg = cfgs.export
         if not (bundle_dir / MANIFEST_NAME).is_file():
             clock = StageClock()
             export_concept(ex_cfg, bundle_dir, progress=progress)
@@ -274,7 +324,7 @@ def run_tiny_default(
             export_info["copied_to"] = str(bundle)
 
     # 7. held-out report
-    rep_cfg = load_config(_config(configs, "report.yaml"), ReportConfig)
+    rep_cfg = cfgs.report
     save_config(out / "report.yaml", rep_cfg)
     clock = StageClock()
     if export:
