@@ -17,8 +17,12 @@ from conceptseg_edge.benchmarks.routes import CONCEPTS, bank_miss
 from conceptseg_edge.benchmarks.stats import STABILITY_MIN_RUNS, LatencyStats, StageSeries, stability_note
 from conceptseg_edge.cli import main
 from conceptseg_edge.export.concept import PARTIAL_COVERAGE, coverage_class
+from conceptseg_edge.data.world import ConceptWorld
 from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.metrics import iou
+from conceptseg_edge.router import RouterConfig
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+from conceptseg_edge.train.items import VAL_OFFSET
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
 
@@ -121,20 +125,31 @@ def test_route_parity_is_recorded_on_partial_masks(concept_bundle):
 
 def test_heldout_report_has_baselines_that_can_win_and_says_what_produced_it(concept_bundle):
     from conceptseg_edge.generation import GenerationConfig
-    from conceptseg_edge.train.tiny_default import BASELINES, ReportConfig, evaluate_default, produced_by, render_report
+    from conceptseg_edge.train.tiny_default import (
+        BASELINES,
+        SHORTCUT_ALONE,
+        ReportConfig,
+        evaluate_default,
+        produced_by,
+        render_report,
+    )
 
-    runtime = ConceptSegmenter.from_bundle(concept_bundle, generation=GenerationConfig(8))
-
-    def segment(image, query, supports, route):
-        return runtime.segment(image, query=query, supports=supports, route=route)
-
-    held = evaluate_default(segment, ReportConfig(image_size=128, episodes=4, max_new_tokens=8), progress=False)
+    # every shortcut rejected (tau 1): the router sends every query to reason, and "shortcut only" must
+    # still be the shortcut's own mask, not the forced shortcut's fallback to reason
+    never = RouterConfig(taus={n: 1.0 for n in range(1, 5)})
+    segment = ConceptSegmenter.from_bundle(concept_bundle, generation=GenerationConfig(8), router=never).segment
+    alone = ConceptSegmenter.from_bundle(concept_bundle, generation=GenerationConfig(8), router=SHORTCUT_ALONE).segment
+    cfg = ReportConfig(image_size=128, episodes=4, max_new_tokens=8)
+    held = evaluate_default(segment, alone, cfg, progress=False)
     row = held["all"]
     assert row["n"] >= 1 and "empty_mask" not in row
-    assert set(row) == {"n", "fg_iou", *BASELINES}
-    for route in held["by_route"]:
-        # the route the router took is that route forced alone: the same mask, the same IoU
-        assert held["by_route"][route]["fg_iou"] == held["by_route"][route][f"{route}_only"]
+    assert set(row) == {"n", "fg_iou", *BASELINES} and set(held["by_route"]) == {"reason"}
+    assert row["fg_iou"] == row["reason_only"]  # routed = reason here
+    world = ConceptWorld(cfg.seed, cfg.image_size)
+    episodes = [ep for ep in (world.episode(i) for i in range(VAL_OFFSET, VAL_OFFSET + cfg.episodes)) if ep.mask.any()]
+    shortcuts = [alone(ep.image, query=ep.query, supports=ep.supports, route="shortcut") for ep in episodes]
+    assert {r.route for r in shortcuts} == {"shortcut"}
+    assert row["shortcut_only"] == round(float(np.mean([iou(r.mask, ep.mask) for r, ep in zip(shortcuts, episodes)])), 4)
     assert all(0 <= row[k] <= 1 for k in BASELINES) and row["whole_image"] > 0  # non-empty ground truth
 
     describe = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
@@ -149,5 +164,4 @@ def test_heldout_report_has_baselines_that_can_win_and_says_what_produced_it(con
     assert f"Produced by commit `{describe}` with `conceptseg-edge train tiny-default --out runs/tiny`" in page
     assert "| split | n | fg IoU | shortcut only | reason only | policy box | whole image |" in page
     assert "Route mix after calibration:" in page and "| calibration CD | 5 | 0.600 | 0.400 |" in page
-    taken = held["by_route"].get("shortcut", {}).get("n", 0) / row["n"]
-    assert f"| held-out all | {row['n']} | {taken:.3f} |" in page
+    assert f"| held-out all | {row['n']} | 0.000 | 1.000 |" in page  # every held-out query reasoned

@@ -46,7 +46,7 @@ from conceptseg_edge.fileio import staged_dir, write_text
 from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.manifest import MANIFEST_NAME
-from conceptseg_edge.router import AUTO
+from conceptseg_edge.router import AUTO, RouterConfig
 from conceptseg_edge.train.items import VAL_OFFSET
 from conceptseg_edge.train.loop import StageClock, write_summary
 
@@ -80,10 +80,15 @@ class ReportConfig:
 
 
 class Segment(Protocol):
-    """A route-forcing segmenter: ``ConceptSegmenter.segment`` or ``ConceptSegPipeline.__call__``."""
+    """A route-forcing segmenter: ``ConceptSegmenter.segment`` or a ``ConceptSegPipeline``."""
 
-    def __call__(self, image: np.ndarray, query: str, supports: Sequence[Support], route: str) -> Any:
+    def __call__(self, image: np.ndarray, *, query: str, supports: Sequence[Support], route: str) -> Any:
         """A result with ``mask``, ``route`` and ``box`` (the reason route's box in image pixels, or None)."""
+
+
+#: Thresholds under which the shortcut keeps every mask, whatever the query's length: a forced shortcut
+#: under the calibrated router still falls back to reason when rejected, so it is no "shortcut only".
+SHORTCUT_ALONE = RouterConfig(base_tau=0.0, max_shortcut_words=1 << 16)
 
 
 #: The held-out table's columns: the router's result, then the baselines it can lose to.
@@ -100,9 +105,10 @@ def _box_mask(box: tuple[float, float, float, float] | None, shape: tuple[int, i
     return mask
 
 
-def evaluate_default(segment: Segment, cfg: ReportConfig, progress: bool = True) -> dict[str, Any]:
-    """Held-out foreground IoU of the routed result per level and per route taken, next to baselines
-    on the same items that it can lose to: each route forced alone (shortcut only, reason only), the
+def evaluate_default(segment: Segment, shortcut_alone: Segment, cfg: ReportConfig, progress: bool = True) -> dict[str, Any]:
+    """Held-out foreground IoU of ``segment``'s routed result per level and per route taken, next to
+    baselines on the same items that it can lose to: each route alone (shortcut only through
+    ``shortcut_alone``, a segmenter under ``SHORTCUT_ALONE``; reason only), the
     box from the policy's ``<bbox>`` filled as a mask (what the policy localised without SAM2), and
     the whole image. (An empty mask is no baseline here: the items are filtered to non-empty masks,
     so it scores 0 by construction.)"""
@@ -118,8 +124,9 @@ def evaluate_default(segment: Segment, cfg: ReportConfig, progress: bool = True)
         if not ep.mask.any():
             continue
         supports = ep.supports if cfg.with_supports else ()
-        routed = segment(ep.image, ep.query, supports, AUTO)
-        forced = {r: routed if routed.route == r else segment(ep.image, ep.query, supports, r) for r in ("shortcut", "reason")}
+        routed = segment(ep.image, query=ep.query, supports=supports, route=AUTO)
+        forced = {r: routed if routed.route == r else alone(ep.image, query=ep.query, supports=supports, route=r)
+                  for r, alone in (("shortcut", shortcut_alone), ("reason", segment))}
         rows.append({"level": ep.level, "route": routed.route, "fg_iou": iou(routed.mask, ep.mask),
                      "shortcut_only": iou(forced["shortcut"].mask, ep.mask), "reason_only": iou(forced["reason"].mask, ep.mask),
                      "policy_box": iou(_box_mask(forced["reason"].box, ep.mask.shape), ep.mask),
@@ -330,22 +337,19 @@ def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.Pat
     if export:
         from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
-        runtime = ConceptSegmenter.from_bundle(bundle_dir, generation=GenerationConfig(rep_cfg.max_new_tokens))
-
-        def segment(image, query, supports, route):
-            return runtime.segment(image, query=query, supports=supports, route=route)
+        generation = GenerationConfig(rep_cfg.max_new_tokens)
+        segment = ConceptSegmenter.from_bundle(bundle_dir, generation=generation).segment
+        shortcut_alone = ConceptSegmenter.from_bundle(bundle_dir, generation=generation, router=SHORTCUT_ALONE).segment
 
         evaluated_with = "exported bundle, torch-free runtime (ConceptSegmenter)"
     else:
         from conceptseg_edge.models.pipeline import ConceptSegPipeline
 
-        pipeline = ConceptSegPipeline.from_checkpoint(final_ckpt, GenerationConfig(rep_cfg.max_new_tokens))
-
-        def segment(image, query, supports, route):
-            return pipeline(image, query, supports=supports, route=route)
+        segment = ConceptSegPipeline.from_checkpoint(final_ckpt, GenerationConfig(rep_cfg.max_new_tokens))
+        shortcut_alone = segment.with_router(SHORTCUT_ALONE)
 
         evaluated_with = "torch pipeline (ConceptSegPipeline)"
-    heldout = evaluate_default(segment, rep_cfg, progress)
+    heldout = evaluate_default(segment, shortcut_alone, rep_cfg, progress)
     times["report"] = clock.elapsed()
     train_stages = [t for k, t in times.items() if k in ("backbone", "warmstart", "stage1", "stage2", "calibrate") and t]
     report = {
