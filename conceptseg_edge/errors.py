@@ -34,6 +34,10 @@ class CheckpointError(ConceptsegError):
     """A checkpoint cannot be loaded: missing file, wrong keys, wrong format."""
 
 
+class TrainingError(ConceptsegError):
+    """A training run cannot go on: a non-finite loss, or weights that would be written with inf/NaN."""
+
+
 class RouteUnavailableError(ConceptsegError):
     """The requested route needs parts that the bundle does not carry."""
 

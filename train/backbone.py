@@ -609,42 +609,42 @@ def train_backbone(
 ) -> StageResult:
     """Train (or resume) the backbone; ``stop_after`` ends the run early after that many total steps
     (an interruption: the state is saved, no final export), which is how resume is tested."""
-    out, clock = begin_stage(cfg, out_dir)
-    world = ConceptWorld(cfg.data.seed, cfg.data.image_size)
-    model = build_model(cfg)
-    optimizer = make_optimizer(cfg, model)
-    modules = {"backbone": model}
-    end, logger = run_steps(
-        "backbone", cfg, out, modules, optimizer, cfg.steps,
-        step=lambda i: train_step(cfg, model, optimizer, world, i),
-        evaluate=lambda: {"val_box_iou": quick_val_iou(cfg, model, world)},
-        postfix=lambda row: {"loss": f"{row['loss']:.3f}", "iou": f"{row['train_iou']:.2f}"},
-        stop_after=stop_after,
-    )
-    logger.plot(out / "curves.png", title="backbone pretraining")
-    if end < cfg.steps:
-        return StageResult(out, out / "backbone.pt", {"stopped_at": end})
-    ckpt = out / "backbone.pt"
-    write_backbone(ckpt, model.sam)
-    from safetensors.torch import save_file
+    with begin_stage(cfg, out_dir) as (out, clock):
+        world = ConceptWorld(cfg.data.seed, cfg.data.image_size)
+        model = build_model(cfg)
+        optimizer = make_optimizer(cfg, model)
+        modules = {"backbone": model}
+        end, logger = run_steps(
+            "backbone", cfg, out, modules, optimizer, cfg.steps,
+            step=lambda i: train_step(cfg, model, optimizer, world, i),
+            evaluate=lambda: {"val_box_iou": quick_val_iou(cfg, model, world)},
+            postfix=lambda row: {"loss": f"{row['loss']:.3f}", "iou": f"{row['train_iou']:.2f}"},
+            stop_after=stop_after,
+        )
+        logger.plot(out / "curves.png", title="backbone pretraining")
+        if end < cfg.steps:
+            return StageResult(out, out / "backbone.pt", {"stopped_at": end})
+        ckpt = out / "backbone.pt"
+        write_backbone(ckpt, model.sam)
+        from safetensors.torch import save_file
 
-    save_file({"table": model.concepts.table.detach().contiguous()}, out / "concepts.safetensors",
-              metadata={"concepts": "\n".join(CONCEPTS)})
-    train_time = clock.elapsed()
-    report = evaluate_backbone(ckpt, cfg.sam2_config, cfg.image_size, model.concepts.table.detach(),
-                               world, cfg.data.val_episodes)
-    summary = {
-        "sam2_config": cfg.sam2_config,
-        "image_size": cfg.image_size,
-        "checkpoint": ckpt.name,
-        "sha256": sha256_file(ckpt),
-        "steps": cfg.steps,
-        "final": logger.rows[-1] if logger.rows else {},
-        "heldout": report,
-        "time": {"train": train_time, "total": clock.elapsed()},
-    }
-    write_summary(out / "backbone.json", summary)
-    return StageResult(out, ckpt, summary)
+        save_file({"table": model.concepts.table.detach().contiguous()}, out / "concepts.safetensors",
+                  metadata={"concepts": "\n".join(CONCEPTS)})
+        train_time = clock.elapsed()
+        report = evaluate_backbone(ckpt, cfg.sam2_config, cfg.image_size, model.concepts.table.detach(),
+                                   world, cfg.data.val_episodes)
+        summary = {
+            "sam2_config": cfg.sam2_config,
+            "image_size": cfg.image_size,
+            "checkpoint": ckpt.name,
+            "sha256": sha256_file(ckpt),
+            "steps": cfg.steps,
+            "final": logger.rows[-1] if logger.rows else {},
+            "heldout": report,
+            "time": {"train": train_time, "total": clock.elapsed()},
+        }
+        write_summary(out / "backbone.json", summary)
+        return StageResult(out, ckpt, summary)
 
 
 def write_backbone(path: Path, sam: torch.nn.Module) -> None:

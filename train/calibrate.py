@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 
 from conceptseg_edge.errors import InputError
+from conceptseg_edge.fileio import writable_output
 from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from conceptseg_edge.metrics import iou
 from conceptseg_edge.router import RouterConfig, count_words
 from conceptseg_edge.train.config import check_types, load_config, require_fraction, require_positive, save_config
 from conceptseg_edge.train.items import DataSource, check_source
-from conceptseg_edge.train.loop import StageClock, set_threads, write_summary
+from conceptseg_edge.train.loop import StageClock, set_threads, stage_output, write_summary
 
 #: Calibration episodes of ConceptWorld start here: apart from training ([0, n)) and from the
 #: held-out report (1_000_000 on), so τ is never fitted on the data it is judged on.
@@ -244,28 +245,30 @@ def calibrate_router(cfg: CalibrateConfig, checkpoint: str | None = None) -> dic
     if checkpoint is not None:
         cfg = dataclasses.replace(cfg, checkpoint=str(checkpoint))
     cfg.validate()
-    set_threads(cfg.threads)
-    clock = StageClock()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out / "config.yaml", cfg)
-    pipeline = ConceptSegPipeline.from_checkpoint(cfg.checkpoint, GenerationConfig(cfg.max_new_tokens))
-    queries, long_by_level = measure(cfg, pipeline)
-    if not queries:
-        raise InputError(f"calibrate.data: no queries of 1..{pipeline.router.max_shortcut_words} words to calibrate on")
-    curves = sweep(queries, cfg.tau_grid)
-    taus = choose_taus(curves, cfg.tolerance)
-    target, router = write_taus(cfg.checkpoint, cfg.out_checkpoint, taus)
-    write_curves(out, curves, taus)
-    summary = {
-        "checkpoint": str(target),
-        "taus": {str(n): t for n, t in sorted(taus.items())},
-        "queries_per_word_count": {str(n): sum(q.n_words == n for q in queries) for n in sorted(curves)},
-        **route_mix(queries, long_by_level, router),
-        "tolerance": cfg.tolerance,
-        "time": clock.elapsed(),
-    }
-    write_summary(out / "calibrate.json", summary)
+    if cfg.out_checkpoint:
+        writable_output(cfg.out_checkpoint, "calibrate.out_checkpoint", directory=True)
+    # nothing here resumes: a failed first run leaves no out_dir; config.yaml is written with the outputs
+    with stage_output(cfg.out_dir, "calibrate.out_dir", resumable=lambda _: False) as out:
+        set_threads(cfg.threads)
+        clock = StageClock()
+        pipeline = ConceptSegPipeline.from_checkpoint(cfg.checkpoint, GenerationConfig(cfg.max_new_tokens))
+        queries, long_by_level = measure(cfg, pipeline)
+        if not queries:
+            raise InputError(f"calibrate.data: no queries of 1..{pipeline.router.max_shortcut_words} words to calibrate on")
+        curves = sweep(queries, cfg.tau_grid)
+        taus = choose_taus(curves, cfg.tolerance)
+        target, router = write_taus(cfg.checkpoint, cfg.out_checkpoint, taus)
+        write_curves(out, curves, taus)
+        save_config(out / "config.yaml", cfg)
+        summary = {
+            "checkpoint": str(target),
+            "taus": {str(n): t for n, t in sorted(taus.items())},
+            "queries_per_word_count": {str(n): sum(q.n_words == n for q in queries) for n in sorted(curves)},
+            **route_mix(queries, long_by_level, router),
+            "tolerance": cfg.tolerance,
+            "time": clock.elapsed(),
+        }
+        write_summary(out / "calibrate.json", summary)
     return summary
 
 

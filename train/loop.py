@@ -1,5 +1,12 @@
-"""The run a training stage is: seeding, threads, the clock, the learning-rate schedule, and the one
-step loop (resume, evaluate, log, save) that backbone, warmstart and stage 1 share.
+"""The run a training stage is: its output directory, seeding, threads, the clock, the learning-rate
+schedule, and the one step loop (resume, evaluate, log, save) that backbone, warmstart and stage 1
+share.
+
+A stage's output directory is checked before any work (one clean error for a path under a file or
+an unwritable place) and, when the stage fails before it wrote anything a rerun resumes from, the
+directory this run created is removed again (``stage_output``). ``config.yaml`` is written with each
+resumable state, so it always describes the state beside it. A non-finite loss stops the loop at
+once, naming the step (``require_finite_loss``); non-finite weights are never saved (``save_state``).
 """
 
 from __future__ import annotations
@@ -7,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -17,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from conceptseg_edge.errors import InputError
-from conceptseg_edge.fileio import write_json
+from conceptseg_edge.errors import InputError, TrainingError
+from conceptseg_edge.fileio import writable_output, write_json
 from conceptseg_edge.train.config import save_config
 from conceptseg_edge.train.log import MetricsLogger
-from conceptseg_edge.train.state import has_state, load_state, save_state
+from conceptseg_edge.train.state import clean_state_dir, has_state, load_state, save_state
 
 
 @dataclass(frozen=True)
@@ -79,17 +87,53 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def begin_stage(cfg: Any, out_dir: str | os.PathLike[str] | None) -> tuple[Path, StageClock]:
-    """Validate ``cfg``, create the output directory (``out_dir`` or ``cfg.out_dir``), set torch's
-    threads, keep the config beside the outputs (checkpoints name what produced them) and start the
-    clock the summary reports."""
+@contextmanager
+def stage_output(
+    path: str | os.PathLike[str], where: str, resumable: Callable[[Path], bool],
+) -> Iterator[Path]:
+    """Check that ``path`` can be written (``InputError`` naming ``where``, before any work), create
+    it, and yield it. If the block fails and ``path`` was new (absent, or an empty directory), what
+    this run put there is removed again, parents it created included, unless ``resumable(path)``:
+    a failed first run leaves nothing behind, and a directory that already held something is never
+    touched."""
+    path = writable_output(path, where, directory=True)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    fresh = bool(created) or not any(path.iterdir())
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if fresh and not resumable(path):
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:  # something else appeared in it meanwhile
+                    break
+        raise
+
+
+@contextmanager
+def begin_stage(cfg: Any, out_dir: str | os.PathLike[str] | None) -> Iterator[tuple[Path, StageClock]]:
+    """Validate ``cfg``, check and create the output directory (``out_dir`` or ``cfg.out_dir``) with
+    ``stage_output`` (a failure before the first state leaves no directory behind), set torch's
+    threads and start the clock the summary reports."""
     cfg.validate()
-    out = Path(out_dir or cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
-    clock = StageClock()
-    save_config(out / "config.yaml", cfg)
-    return out, clock
+    with stage_output(out_dir or cfg.out_dir, "out_dir", has_state) as out:
+        set_threads(cfg.threads)
+        yield out, StageClock()
+
+
+def require_finite_loss(loss: float, where: str, step: int) -> None:
+    """``TrainingError`` naming the step when its loss is inf or NaN: every update after it would
+    only spread the NaN into the weights."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"{where}: step {step}: the loss is {loss}; training stopped before anything from "
+                            "this step was written. A non-finite loss usually means the learning rate is too high")
 
 
 def run_steps(
@@ -104,21 +148,28 @@ def run_steps(
     postfix: Callable[[dict[str, float]], dict[str, str]],
     stop_after: int | None = None,
 ) -> tuple[int, MetricsLogger]:
-    """The step loop every stage shares: resume from ``out/state`` (when ``cfg.resume``), run
-    ``step(i)`` up to ``total`` (or ``stop_after``, for tests), add ``evaluate()`` every
+    """The step loop every stage shares: clear what a killed save left (``clean_state_dir``), resume
+    from ``out``'s last complete state (when ``cfg.resume``), run ``step(i)`` up to ``total`` (or
+    ``stop_after``, for tests), stop on a non-finite ``"loss"`` in its row, add ``evaluate()`` every
     ``cfg.eval_every`` steps and at the end, log each step to ``out/metrics.csv``, and write resumable
-    state every ``cfg.save_every`` steps and where the run stops. ``cfg`` is a ``LoopConfig``.
+    state (and ``config.yaml``) every ``cfg.save_every`` steps and where the run stops. ``cfg`` is a
+    ``LoopConfig``.
 
     Returns the step it stopped after and the logger (for the curves).
+
+    Raises:
+        TrainingError: a non-finite loss, or weights that turned non-finite (nothing is written).
     """
     from tqdm import tqdm
 
+    clean_state_dir(out)
     start = load_state(out, modules, optimizer)[0] if cfg.resume and has_state(out) else 0
     logger = MetricsLogger(out)
     end = total if stop_after is None else min(total, stop_after)
     with tqdm(total=total, initial=start, desc=name, unit="step", disable=not cfg.progress) as bar:
         for i in range(start, end):
             row = step(i)
+            require_finite_loss(row["loss"], str(out), i + 1)
             if (i + 1) % cfg.eval_every == 0 or i + 1 == total:
                 row.update(evaluate())
             logger.log(i + 1, **row)
@@ -126,6 +177,7 @@ def run_steps(
             bar.update()
             if (i + 1) % cfg.save_every == 0 or i + 1 == end:
                 save_state(out, i + 1, modules, optimizer)
+                save_config(out / "config.yaml", cfg)
     return end, logger
 
 

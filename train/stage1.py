@@ -417,42 +417,42 @@ def train_stage1(
     """Train (or resume) the CTM; ``stop_after`` interrupts after that many total steps (tests)."""
     from conceptseg_edge.models.checkpoint import save_checkpoint
 
-    out, clock = begin_stage(cfg, out_dir)
-    frozen, ctm = load_frozen(cfg, out)
-    items = load_items(cfg.data, "train", "stage1.data")
-    cache = FeatureCache(frozen, items, cfg.cache, cfg.progress, "stage1 cache")
-    total = cfg.total_steps(len(items))
-    optimizer = torch.optim.AdamW(ctm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    modules = {"ctm": ctm}
-    val_cache = functools.cache(
-        lambda: FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache"))
-    end, logger = run_steps(
-        "stage1", cfg, out, modules, optimizer, total,
-        step=lambda i: train_step(cfg, frozen, cache, ctm, optimizer, i, total),
-        evaluate=lambda: {"val_loss": evaluate(cfg, frozen, val_cache(), ctm)["loss_reason_box"]},
-        postfix=lambda row: {"loss": f"{row['loss']:.3f}"},
-        stop_after=stop_after,
-    )
-    logger.plot(out / "curves.png", title="stage 1 (CTM)")
-    if end < total:
-        return StageResult(out, out / "checkpoint", {"stopped_at": end})
-    ckpt = save_checkpoint(out / "checkpoint", frozen.policy.model, ctm.eval(), frozen.policy.processor,
-                           RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
-    train_time = clock.elapsed()
-    losses = [r["loss"] for r in logger.rows if "loss" in r]
-    summary = {
-        "checkpoint": str(ckpt),
-        "steps": total,
-        "train_items": len(items),
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,
-        "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
-        "heldout": evaluate(cfg, frozen, val_cache(), ctm),
-        "time": {"train": train_time, "total": clock.elapsed()},
-    }
-    write_summary(out / "stage1.json", summary)
-    return StageResult(out, ckpt, summary)
+    with begin_stage(cfg, out_dir) as (out, clock):
+        items = load_items(cfg.data, "train", "stage1.data")  # bad data fails before a model is built
+        frozen, ctm = load_frozen(cfg, out)
+        cache = FeatureCache(frozen, items, cfg.cache, cfg.progress, "stage1 cache")
+        total = cfg.total_steps(len(items))
+        optimizer = torch.optim.AdamW(ctm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        modules = {"ctm": ctm}
+        val_cache = functools.cache(
+            lambda: FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache"))
+        end, logger = run_steps(
+            "stage1", cfg, out, modules, optimizer, total,
+            step=lambda i: train_step(cfg, frozen, cache, ctm, optimizer, i, total),
+            evaluate=lambda: {"val_loss": evaluate(cfg, frozen, val_cache(), ctm)["loss_reason_box"]},
+            postfix=lambda row: {"loss": f"{row['loss']:.3f}"},
+            stop_after=stop_after,
+        )
+        logger.plot(out / "curves.png", title="stage 1 (CTM)")
+        if end < total:
+            return StageResult(out, out / "checkpoint", {"stopped_at": end})
+        ckpt = save_checkpoint(out / "checkpoint", frozen.policy.model, ctm.eval(), frozen.policy.processor,
+                               RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
+        train_time = clock.elapsed()
+        losses = [r["loss"] for r in logger.rows if "loss" in r]
+        summary = {
+            "checkpoint": str(ckpt),
+            "steps": total,
+            "train_items": len(items),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,
+            "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
+            "heldout": evaluate(cfg, frozen, val_cache(), ctm),
+            "time": {"train": train_time, "total": clock.elapsed()},
+        }
+        write_summary(out / "stage1.json", summary)
+        return StageResult(out, ckpt, summary)
 
 
 def run_stage1(config_path: str | os.PathLike[str], out_dir: str | None = None) -> Path:

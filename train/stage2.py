@@ -24,9 +24,11 @@ The mask reward needs the completion's hidden states at scoring time, before TRL
 takes them from one teacher-forced forward per completion (``PolicyWrapper``), as the official code
 does, so it works with any generation backend.
 
-``run_stage2(config_path)`` is the whole stage: load the stage-1 checkpoint, score it on held-out
-episodes, train (resuming from the newest TRL checkpoint in ``out_dir/trainer``), score again, and
-write a ``save_checkpoint`` directory. Outputs under ``out_dir``::
+``train_stage2(cfg)`` (``run_stage2(config_path)`` from YAML) is the whole stage: load the stage-1
+checkpoint, score it on held-out episodes, train (resuming from the newest TRL checkpoint in
+``out_dir/trainer``), score again, and write a ``save_checkpoint`` directory. A non-finite loss stops
+training naming the step, and no checkpoint is written with inf/NaN weights. Outputs under
+``out_dir``::
 
     stage2.yaml           the config as run
     reference_policy/     the KL reference (stage-1 policy, transformers format; full fine-tuning, beta > 0)
@@ -71,7 +73,7 @@ from conceptseg_edge.models.ctm import ConceptTranslationModule
 from conceptseg_edge.models.policy import PolicyWrapper
 from conceptseg_edge.models.sam2 import build_sam2_model
 from conceptseg_edge.tags import parse_output
-from conceptseg_edge.train.config import load_config, save_config
+from conceptseg_edge.train.config import check_types, load_config, save_config
 from conceptseg_edge.train.log import MetricsLogger
 from conceptseg_edge.train.rewards import (
     ConceptMasker,
@@ -80,8 +82,9 @@ from conceptseg_edge.train.rewards import (
     format_reward,
     mask_reward,
 )
-from conceptseg_edge.train.loop import set_threads
+from conceptseg_edge.train.loop import require_finite_loss, set_threads, stage_output
 from conceptseg_edge.train.sam2_batch import bce_dice
+from conceptseg_edge.train.state import require_finite
 
 #: Name of the CTM submodule on the policy while training.
 CTM_ATTR = "ctm"
@@ -115,6 +118,7 @@ class Stage2Data:
     cache_size: int = field(default=256, metadata={"help": "episodes (and their SAM2 features) kept in memory"})
 
     def __post_init__(self) -> None:
+        check_types(self, "stage2.data")
         if self.source not in SOURCES:
             raise InputError(f"data.source: expected one of {SOURCES}, got {self.source!r}")
         if self.source == "all_meta" and not self.root:
@@ -194,6 +198,7 @@ class Stage2Config:
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (null: torch's default)"})
 
     def __post_init__(self) -> None:
+        check_types(self, "stage2")  # before the comparisons below: a string or inf never reaches them
         checks = {
             "num_generations": self.num_generations >= 2,
             "beta": self.beta >= 0,
@@ -214,37 +219,44 @@ class Stage2Config:
             raise InputError(f"Stage2Config.loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
 
     def grpo_config(self, output_dir: Path) -> GRPOConfig:
-        """TRL's config for this stage; ``per_device_train_batch_size`` counts completions."""
-        return GRPOConfig(
-            output_dir=str(output_dir),
-            num_generations=self.num_generations,
-            beta=self.beta,
-            epsilon=self.epsilon,
-            learning_rate=self.learning_rate,
-            temperature=self.temperature,
-            top_p=1.0,
-            top_k=0,
-            max_completion_length=self.max_completion_length,
-            loss_type=self.loss_type,
-            scale_rewards="group",
-            num_iterations=self.num_iterations,
-            per_device_train_batch_size=self.prompts_per_device * self.num_generations,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            num_train_epochs=self.num_train_epochs,
-            max_steps=self.max_steps,
-            bf16=self.bf16,
-            use_cpu=self.use_cpu,
-            activation_checkpointing=self.gradient_checkpointing,
-            seed=self.seed,
-            logging_steps=self.logging_steps,
-            save_strategy="steps",
-            save_steps=self.save_steps,
-            save_total_limit=self.save_total_limit,
-            remove_unused_columns=False,
-            report_to="none",
-            disable_tqdm=not self.progress,
-            dataloader_num_workers=0,
-        )
+        """TRL's config for this stage; ``per_device_train_batch_size`` counts completions.
+
+        Raises:
+            InputError: TRL refuses the combination (e.g. bf16 on a machine without bf16 support).
+        """
+        try:
+            return GRPOConfig(
+                output_dir=str(output_dir),
+                num_generations=self.num_generations,
+                beta=self.beta,
+                epsilon=self.epsilon,
+                learning_rate=self.learning_rate,
+                temperature=self.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_completion_length=self.max_completion_length,
+                loss_type=self.loss_type,
+                scale_rewards="group",
+                num_iterations=self.num_iterations,
+                per_device_train_batch_size=self.prompts_per_device * self.num_generations,
+                gradient_accumulation_steps=self.gradient_accumulation_steps,
+                num_train_epochs=self.num_train_epochs,
+                max_steps=self.max_steps,
+                bf16=self.bf16,
+                use_cpu=self.use_cpu,
+                activation_checkpointing=self.gradient_checkpointing,
+                seed=self.seed,
+                logging_steps=self.logging_steps,
+                save_strategy="steps",
+                save_steps=self.save_steps,
+                save_total_limit=self.save_total_limit,
+                remove_unused_columns=False,
+                report_to="none",
+                disable_tqdm=not self.progress,
+                dataloader_num_workers=0,
+            )
+        except ValueError as exc:
+            raise InputError(f"stage2: TRL refuses these settings: {exc}") from None
 
 
 # --------------------------------------------------------------------------- episodes and dataset
@@ -433,13 +445,14 @@ class MetaGRPOTrainer(GRPOTrainer):
         self.last_batch = inputs  # the scored rollouts this loss saw: completions, advantages, reference log-probs
         with capture_last_hidden(self.policy) as captured:
             loss = super()._compute_loss(model, inputs)
-        if self.seg_loss_weight == 0:
-            return loss
-        seg = self.segmentation_loss(torch.cat(captured), inputs)
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["seg_loss"].append(self.accelerator.gather(seg.detach()).mean().item())
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1
-        return loss + self.seg_loss_weight * seg / normalizer
+        if self.seg_loss_weight != 0:
+            seg = self.segmentation_loss(torch.cat(captured), inputs)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["seg_loss"].append(self.accelerator.gather(seg.detach()).mean().item())
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1
+            loss = loss + self.seg_loss_weight * seg / normalizer
+        require_finite_loss(loss.item(), str(Path(self.args.output_dir).parent), self.state.global_step + 1)
+        return loss
 
     def segmentation_loss(
         self, hidden: torch.Tensor, inputs: dict[str, Any], ctm: nn.Module | None = None
@@ -498,6 +511,7 @@ class MetaGRPOTrainer(GRPOTrainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        require_finite(self.accelerator.unwrap_model(model).state_dict(), str(run_dir / name))
         self._staging = run_dir / f"{_STAGING}{name}"
         try:
             super()._save_checkpoint(model, trial)
@@ -635,49 +649,63 @@ def build_trainer(cfg: Stage2Config) -> tuple[MetaGRPOTrainer, ConceptCheckpoint
 
 
 def run_stage2(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Run stage 2 from a YAML config (``Stage2Config``); returns the output checkpoint directory.
-
-    ``out_dir`` overrides the config's.
-
-    Scores the stage-1 policy + CTM on the held-out episodes (reused from ``eval.json`` when resuming
-    on the same episodes), trains, resuming from the newest trainer checkpoint when ``resume`` is
-    set, scores again, and writes ``out_dir/checkpoint`` with ``save_checkpoint``.
-    """
+    """Run stage 2 from a YAML config (``Stage2Config``, ``out_dir`` overriding the config's); returns
+    the output checkpoint directory (``train_stage2``)."""
     cfg = load_config(config_path, Stage2Config)
     if out_dir is not None:
         cfg = dataclasses.replace(cfg, out_dir=os.fspath(out_dir))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out / "stage2.yaml", cfg)
-    trainer, stage1 = build_trainer(cfg)
-    main = trainer.accelerator.is_main_process
-    eval_ids = trainer.episodes.eval_ids()
-    max_new = cfg.eval_max_new_tokens or cfg.max_completion_length
-    report_path = out / "eval.json"
-    report: dict[str, Any] = {"episodes": eval_ids}
-    previous = _read_json(report_path)
-    if previous.get("episodes") == eval_ids and "stage1" in previous:
-        report["stage1"] = previous["stage1"]
-    elif eval_ids and main:
-        report["stage1"] = trainer.heldout_rewards(eval_ids, max_new, desc="stage1")
-    if main:
-        write_json(report_path, report)
+    return train_stage2(cfg)
 
-    last = get_last_checkpoint(trainer.args.output_dir) if cfg.resume and os.path.isdir(trainer.args.output_dir) else None
-    trainer.train(resume_from_checkpoint=last)
 
-    result = out / "checkpoint"
-    if main:
-        if eval_ids:
-            report["stage2"] = trainer.heldout_rewards(eval_ids, max_new, desc="stage2")
-            report["stage2_minus_stage1"] = report["stage2"]["total"] - report["stage1"]["total"]
-        write_json(report_path, report)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            model = model.merge_and_unload()
-        ctm = detach_ctm(model)
-        save_checkpoint(result, model.eval(), ctm.eval(), stage1.processor, stage1.router, stage1.backbone, overwrite=True)
-    trainer.accelerator.wait_for_everyone()
+def _has_trainer_checkpoint(out: Path) -> bool:
+    return any((out / "trainer").glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+
+
+def train_stage2(cfg: Stage2Config) -> Path:
+    """Stage 2 as configured; returns the output checkpoint directory.
+
+    Scores the stage-1 policy + CTM on the held-out episodes (reused from ``eval.json`` when resuming
+    on the same episodes), trains, resuming from the newest trainer checkpoint when ``resume`` is
+    set, scores again, and writes ``out_dir/checkpoint`` with ``save_checkpoint``. ``out_dir`` is
+    checked before anything loads; a first run that fails before its first trainer checkpoint leaves
+    no ``out_dir`` (``stage_output``), and ``stage2.yaml`` is written only once training starts.
+
+    Raises:
+        TrainingError: a non-finite loss, or non-finite weights at a save.
+    """
+    with stage_output(cfg.out_dir, "stage2.out_dir", _has_trainer_checkpoint) as out:
+        trainer, stage1 = build_trainer(cfg)
+        main = trainer.accelerator.is_main_process
+        eval_ids = trainer.episodes.eval_ids()
+        max_new = cfg.eval_max_new_tokens or cfg.max_completion_length
+        report_path = out / "eval.json"
+        report: dict[str, Any] = {"episodes": eval_ids}
+        previous = _read_json(report_path)
+        if previous.get("episodes") == eval_ids and "stage1" in previous:
+            report["stage1"] = previous["stage1"]
+        elif eval_ids and main:
+            report["stage1"] = trainer.heldout_rewards(eval_ids, max_new, desc="stage1")
+        if main:
+            write_json(report_path, report)
+            save_config(out / "stage2.yaml", cfg)
+
+        last = get_last_checkpoint(trainer.args.output_dir) if cfg.resume and os.path.isdir(trainer.args.output_dir) else None
+        trainer.train(resume_from_checkpoint=last)
+
+        result = out / "checkpoint"
+        if main:
+            if eval_ids:
+                report["stage2"] = trainer.heldout_rewards(eval_ids, max_new, desc="stage2")
+                report["stage2_minus_stage1"] = report["stage2"]["total"] - report["stage1"]["total"]
+            write_json(report_path, report)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+                model = model.merge_and_unload()
+            require_finite(model.state_dict(), str(result))
+            ctm = detach_ctm(model)
+            save_checkpoint(result, model.eval(), ctm.eval(), stage1.processor, stage1.router, stage1.backbone,
+                            overwrite=True)
+        trainer.accelerator.wait_for_everyone()
     return result
 
 

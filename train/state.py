@@ -8,6 +8,13 @@
 Every stage draws its data from ``numpy.random.default_rng([seed, step])`` and has no dropout, so
 weights + optimizer state + step are the whole state: a resumed run takes exactly the step an
 uninterrupted one would.
+
+A kill at any instant leaves a complete state to resume from. ``save_state`` builds the new state in
+``.state.<id>.tmp`` (files and directory fsynced), moves the current ``state`` aside to
+``.state.<id>.old``, renames the new one into place, fsyncs ``out_dir`` and only then deletes the old
+one. Between the two renames there is no ``state/``: ``state_path`` then falls back to the moved-aside
+one, the last complete state. ``clean_state_dir`` removes what a kill leaves behind. Inf or NaN in any
+tensor is refused (``require_finite``): a diverged run never overwrites the last good state.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 
 import torch
 
-from conceptseg_edge.errors import CheckpointError
+from conceptseg_edge.errors import CheckpointError, TrainingError
 from conceptseg_edge.fileio import sha256_file, verify_hashes, write_json
 
 STATE_DIR = "state"
@@ -71,6 +78,35 @@ def _optimizer_load(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """``TrainingError`` if a floating-point tensor holds inf or NaN; ``what`` names what would have
+    been written (the run's directory and step)."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingError(f"{what}: {len(bad)} of {len(tensors)} tensors hold inf or NaN (first: {bad[0]}); "
+                            "not written. The run diverged: lower the learning rate and start again, or resume "
+                            "from the last state")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk: a rename is durable once its directory is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _moved_aside(out_dir: Path) -> list[Path]:
+    """The ``.state.<id>.old`` directories in ``out_dir`` (at most one outside a ``save_state`` call)."""
+    return sorted(p for p in out_dir.glob(f".{STATE_DIR}.*.old") if p.is_dir())
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def save_state(
     out_dir: str | os.PathLike[str],
     step: int,
@@ -78,27 +114,32 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir/state`` atomically: built beside it, then swapped in; returns its path."""
+    """Write ``out_dir/state`` durably: built beside it, then swapped in; returns its path.
+
+    Raises:
+        TrainingError: a weight or optimizer tensor holds inf or NaN (nothing is written).
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     final = out_dir / STATE_DIR
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for mod_name, module in modules.items():
+        for key, value in module.state_dict().items():
+            # safetensors refuses shared storage; a tied alias is stored once and re-tied on load
+            if value.numel() and value.data_ptr() in seen:
+                continue
+            seen[value.data_ptr()] = key
+            tensors[f"model.{mod_name}.{key}"] = value.detach().cpu().contiguous()
+    optim_tensors, optim_meta = _optimizer_split(optimizer)
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in optim_tensors.items()})
+    require_finite(tensors, f"{final}: state of step {step}")
+    tensors["rng.torch"] = torch.get_rng_state()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{STATE_DIR}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        seen: dict[int, str] = {}
-        for mod_name, module in modules.items():
-            for key, value in module.state_dict().items():
-                # safetensors refuses shared storage; a tied alias is stored once and re-tied on load
-                if value.numel() and value.data_ptr() in seen:
-                    continue
-                seen[value.data_ptr()] = key
-                tensors[f"model.{mod_name}.{key}"] = value.detach().cpu().contiguous()
-        optim_tensors, optim_meta = _optimizer_split(optimizer)
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in optim_tensors.items()})
-        tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, tmp / _TENSORS)
         write_json(tmp / _META, {
             "format": _STATE_FORMAT,
@@ -107,20 +148,40 @@ def save_state(
             "extra": extra or {},
             "sha256": sha256_file(tmp / _TENSORS),
         })
+        for path in (tmp / _TENSORS, tmp / _META, tmp):
+            _fsync(path)
         if final.exists():
-            old = out_dir / f".{STATE_DIR}.{uuid.uuid4().hex[:12]}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+            _remove(_moved_aside(out_dir))  # ``state`` is complete: anything moved aside before it is stale
+            os.replace(final, out_dir / f".{STATE_DIR}.{uuid.uuid4().hex[:12]}.old")
+        # a kill here leaves no ``state``: state_path() falls back to the one just moved aside
+        os.replace(tmp, final)
+        _fsync(out_dir)
+        _remove(_moved_aside(out_dir))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def state_path(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The directory holding ``out_dir``'s last complete state: ``state``, or, after a kill between
+    ``save_state``'s two renames, the state it had just moved aside; ``None`` when there is none."""
+    out_dir = Path(out_dir)
+    candidates = [out_dir / STATE_DIR, *_moved_aside(out_dir)]
+    return next((p for p in candidates if (p / _META).is_file()), None)
+
+
 def has_state(out_dir: str | os.PathLike[str]) -> bool:
-    return (Path(out_dir) / STATE_DIR / _META).is_file()
+    return state_path(out_dir) is not None
+
+
+def clean_state_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Remove what a killed ``save_state`` left in ``out_dir``: ``.state.*.tmp`` staging directories
+    (never swapped in, so never the last complete state), and moved-aside ``.state.*.old`` ones once
+    ``state`` is complete."""
+    out_dir = Path(out_dir)
+    _remove(sorted(p for p in out_dir.glob(f".{STATE_DIR}.*.tmp") if p.is_dir()))
+    if (out_dir / STATE_DIR / _META).is_file():
+        _remove(_moved_aside(out_dir))
 
 
 def load_state(
@@ -128,15 +189,18 @@ def load_state(
     modules: Mapping[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
 ) -> tuple[int, dict[str, Any]]:
-    """Restore modules, optimizer and torch RNG from ``out_dir/state``; returns ``(step, extra)``.
+    """Restore modules, optimizer and torch RNG from ``out_dir``'s last complete state
+    (``state_path``); returns ``(step, extra)``.
 
     Raises:
-        CheckpointError: missing or tampered files, or weights that do not fit the modules.
+        CheckpointError: no state, missing or tampered files, or weights that do not fit the modules.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(out_dir) / STATE_DIR
+    path = state_path(out_dir)
+    if path is None:
+        raise CheckpointError(f"{Path(out_dir) / STATE_DIR}: no training state to resume from")
     try:
         meta = json.loads((path / _META).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

@@ -341,47 +341,47 @@ def train_warmstart(
     that many total steps (tests)."""
     from conceptseg_edge.models.tokenizer import PAD_TOKEN
 
-    out, clock = begin_stage(cfg, out_dir)
-    seed_everything(cfg.seed)
-    policy, processor = initial_policy(cfg, out)
-    policy.float().train()
-    pad_id = processor.tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    items = load_items(cfg.data, "train", "warmstart.data")
-    examples = build_examples(policy, processor, items, cfg.progress, "warmstart examples")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    modules = {"policy": policy}
-    val_items = functools.cache(lambda: load_items(cfg.data, "val", "warmstart.data"))
-    val_examples = functools.cache(lambda: build_examples(policy, processor, val_items(), False, ""))
-    end, logger = run_steps(
-        "warmstart", cfg, out, modules, optimizer, cfg.steps,
-        step=lambda i: train_step(cfg, policy, examples, pad_id, optimizer, i),
-        evaluate=lambda: {"val_loss": heldout_loss(policy, val_examples(), pad_id, cfg.batch_size)},
-        postfix=lambda row: {"loss": f"{row['loss']:.3f}", "acc": f"{row['token_acc']:.2f}"},
-        stop_after=stop_after,
-    )
-    logger.plot(out / "curves.png", title="warmstart (policy SFT on the tag template)")
-    if end < cfg.steps:
-        return StageResult(out, out / "checkpoint", {"stopped_at": end})
-    policy.eval()
-    ckpt = _save(out / "checkpoint", policy, processor, overwrite=True)
-    train_time = clock.elapsed()
-    heldout = evaluate(policy, processor, val_items(), cfg.eval_max_new_tokens, cfg.progress)
-    losses = [r["loss"] for r in logger.rows if "loss" in r]
-    lengths = [e.completion_tokens for e in examples]
-    summary = {
-        "checkpoint": str(ckpt),
-        "steps": cfg.steps,
-        "train_items": len(items),
-        "completion_tokens": {"mean": round(float(np.mean(lengths)), 1), "max": int(max(lengths))},
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
-        "val_loss": next((r["val_loss"] for r in reversed(logger.rows) if "val_loss" in r), None),
-        "heldout": heldout,
-        "time": {"train": train_time, "total": clock.elapsed()},
-    }
-    write_summary(out / "warmstart.json", summary)
-    return StageResult(out, ckpt, summary)
+    with begin_stage(cfg, out_dir) as (out, clock):
+        seed_everything(cfg.seed)
+        items = load_items(cfg.data, "train", "warmstart.data")  # bad data fails before a model is built
+        policy, processor = initial_policy(cfg, out)
+        policy.float().train()
+        pad_id = processor.tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+        examples = build_examples(policy, processor, items, cfg.progress, "warmstart examples")
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        modules = {"policy": policy}
+        val_items = functools.cache(lambda: load_items(cfg.data, "val", "warmstart.data"))
+        val_examples = functools.cache(lambda: build_examples(policy, processor, val_items(), False, ""))
+        end, logger = run_steps(
+            "warmstart", cfg, out, modules, optimizer, cfg.steps,
+            step=lambda i: train_step(cfg, policy, examples, pad_id, optimizer, i),
+            evaluate=lambda: {"val_loss": heldout_loss(policy, val_examples(), pad_id, cfg.batch_size)},
+            postfix=lambda row: {"loss": f"{row['loss']:.3f}", "acc": f"{row['token_acc']:.2f}"},
+            stop_after=stop_after,
+        )
+        logger.plot(out / "curves.png", title="warmstart (policy SFT on the tag template)")
+        if end < cfg.steps:
+            return StageResult(out, out / "checkpoint", {"stopped_at": end})
+        policy.eval()
+        ckpt = _save(out / "checkpoint", policy, processor, overwrite=True)
+        train_time = clock.elapsed()
+        heldout = evaluate(policy, processor, val_items(), cfg.eval_max_new_tokens, cfg.progress)
+        losses = [r["loss"] for r in logger.rows if "loss" in r]
+        lengths = [e.completion_tokens for e in examples]
+        summary = {
+            "checkpoint": str(ckpt),
+            "steps": cfg.steps,
+            "train_items": len(items),
+            "completion_tokens": {"mean": round(float(np.mean(lengths)), 1), "max": int(max(lengths))},
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
+            "val_loss": next((r["val_loss"] for r in reversed(logger.rows) if "val_loss" in r), None),
+            "heldout": heldout,
+            "time": {"train": train_time, "total": clock.elapsed()},
+        }
+        write_summary(out / "warmstart.json", summary)
+        return StageResult(out, ckpt, summary)
 
 
 def run_warmstart(config_path: str | os.PathLike[str], out_dir: str | None = None) -> Path:
