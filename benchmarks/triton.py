@@ -16,7 +16,8 @@ At concurrency 1 the two sides alternate request by request (ABBA), so both see 
 load; at higher concurrency each level runs the two sides as series back to back, alternating which
 goes first, with separate untimed warm-up requests. Throughput is completed requests / wall time of
 the timed phase (at concurrency 1: / summed latency).
-A series whose first and last five samples differ by > 5 % in median is flagged unstable.
+A series is flagged unstable as ``benchmarks.stats.stability`` says (head vs tail median); a series too short to
+tell reads "not measured", never stable.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.benchmarks.stats import LatencyStats, environment, peak_rss_mb
+from conceptseg_edge.benchmarks.stats import LatencyStats, all_stable, environment, peak_rss_mb, stability_note
 from conceptseg_edge.errors import BenchmarkError, InputError
 from conceptseg_edge.manifest import load_bundle
 
@@ -179,7 +180,7 @@ class SeriesResult:
 
     @classmethod
     def from_samples(cls, samples: list[float], server_ms: list[float], errors: list[str], wall_s: float) -> SeriesResult:
-        """``samples`` in request order (the stability check compares the first and last five)."""
+        """``samples`` in request order (the stability check compares the head and tail of the series)."""
         return cls(
             completed=len(samples),
             errors=len(errors),
@@ -191,8 +192,8 @@ class SeriesResult:
         )
 
     @property
-    def stable(self) -> bool:
-        return self.latency_ms is not None and self.latency_ms.stable
+    def stable(self) -> bool | None:
+        return self.latency_ms.stable if self.latency_ms is not None else None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"completed": self.completed, "errors": self.errors, "error_examples": list(self.error_examples),
@@ -274,8 +275,8 @@ class TritonBenchReport:
         return sum(side.errors for level in self.levels for side in level.sides())
 
     @property
-    def stable(self) -> bool:
-        return all(side.stable for level in self.levels for side in level.sides())
+    def stable(self) -> bool | None:
+        return all_stable(side.stable for level in self.levels for side in level.sides())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -428,7 +429,7 @@ def render_triton_table(report: TritonBenchReport) -> str:
     head = (f"route `{report.route}` · {report.model} @ {report.image_size}px · {report.protocol} "
             f"{report.url} · {report.served_instances} instance(s) · {report.runs} requests per series · "
             f"image {report.input_image_hw[0]}×{report.input_image_hw[1]}"
-            + ("" if report.stable else " · UNSTABLE (inconclusive)")
+            + stability_note(report.stable)
             + (f" · {report.errors} FAILED REQUESTS" if report.errors else ""))
     rows = [head, "",
             "| clients | Triton p50 ms | p90 | p99 | req/s | server p50 ms | in-process p50 ms | p90 | p99 | req/s | p50 Triton/in-process |",
