@@ -295,14 +295,12 @@ def render_routes_table(report: RoutesBenchReport) -> str:
 
 def plot_routes(report: RoutesBenchReport, png: str | Path) -> Path:
     """Stacked bars of p50 per stage for each route (PNG, written atomically)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from conceptseg_edge.fileio import write_bytes
+    from conceptseg_edge.visualize import save_figure
 
     routes = list(report.routes)
     stages = sorted({k for series in report.routes.values() for k in series.stages})
@@ -315,9 +313,4 @@ def plot_routes(report: RoutesBenchReport, png: str | Path) -> Path:
     ax.set_ylabel("p50 latency (ms)")
     ax.set_title(f"{report.subject.model} @ {report.subject.image_size}px, {report.provider}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(png, buf.getvalue())
-    return Path(png)
+    return save_figure(fig, png)

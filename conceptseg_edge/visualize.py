@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from conceptseg_edge.preprocess import Prompts
@@ -43,3 +45,19 @@ def save_png(path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     write_bytes(path, buf.getvalue())
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it (training curves, benchmark charts)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from conceptseg_edge.fileio import write_bytes
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -11,7 +11,8 @@ import io
 import math
 from pathlib import Path
 
-from conceptseg_edge.fileio import write_bytes, write_text
+from conceptseg_edge.fileio import write_text
+from conceptseg_edge.visualize import save_figure
 
 
 class MetricsLogger:
@@ -56,9 +57,4 @@ class MetricsLogger:
         axes[-1, 0].set_xlabel("step")
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        write_bytes(png, buf.getvalue())
-        return Path(png)
+        return save_figure(fig, png)
