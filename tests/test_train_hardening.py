@@ -386,3 +386,26 @@ def test_a_bad_out_dir_is_one_error_before_training(stage, kind, tmp_path, capsy
     err = one_error_line(capsys)
     assert str(out) in err and needle in err, err
     assert (tmp_path / "file").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("name,edit,needle", [
+    *[(n, "zzz: 1\nzzz: 2\n", "duplicate key 'zzz'")
+      for n in ("backbone", "warmstart", "stage1", "stage2", "calibrate", "export", "report")],
+    ("report", "episodes: .nan\n", "ReportConfig.episodes: expected int, got nan"),
+    ("calibrate", "tolerance: 2.0\n", "calibrate.tolerance: expected a fraction"),
+])
+def test_tiny_default_checks_every_stage_config_before_training(name, edit, needle, tmp_path, capsys):
+    """A bad value in the last stage's YAML is an error before the first stage trains, not after."""
+    from conceptseg_edge.train.tiny_default import CONFIG_DIR
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, configs)
+    path = configs / f"{name}.yaml"
+    lines = [line for line in path.read_text().splitlines(keepends=True)
+             if line.split(":")[0] not in ("episodes", "tolerance")]
+    path.write_text("".join(lines) + edit)
+    out = tmp_path / "run"
+    assert main(["train", "tiny-default", "--out", str(out), "--configs", str(configs)]) == 2
+    err = one_error_line(capsys)
+    assert needle in err and (str(path) in err or name == "calibrate" and edit.startswith("tol")), err
+    assert not out.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -289,3 +290,24 @@ def test_lora_trains_adapters_and_the_ctm(stage1, tmp_path):
     assert any(not torch.equal(p, before.ctm.state_dict()[n]) for n, p in after.ctm.state_dict().items())
     assert (tmp_path / "out" / "trainer" / "checkpoint-1" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "out" / "reference_policy").exists()  # the reference is the base, adapters off
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_naming_the_step_and_writes_no_nan(stage1, tmp_path, capsys):
+    """A learning rate the policy cannot survive: Meta-GRPO stops with one error line naming the step
+    (a non-finite loss, sampling from inf/NaN probabilities, or a save that would hold inf/NaN); no
+    result checkpoint, and every trainer checkpoint that was written is finite."""
+    from conceptseg_edge.cli import main
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", stage1, out, learning_rate=1.0e30, max_steps=4, seg_loss_weight=0.0,
+                          data={"eval_episodes": 0})
+    assert main(["train", "stage2", "--config", str(config)]) == 2
+    err = capsys.readouterr().err  # transformers' own progress bars come before it
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.endswith(errors[0].split("\r")[-1] + "\n") and "Traceback" not in err, err
+    assert re.search(r"step \d: (the loss is (nan|inf|-inf)|the policy's sampling probabilities are inf/NaN)"
+                     r"|checkpoint-\d: \d+ of \d+ tensors hold inf or NaN", err), err
+    assert not (out / "checkpoint").exists()
+    for ckpt in (out / "trainer").glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in tensors(ckpt).values() if t.is_floating_point()), ckpt

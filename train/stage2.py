@@ -66,7 +66,7 @@ from trl import GRPOConfig, GRPOTrainer
 from conceptseg_edge.data.meta import ConceptSegDataset
 from conceptseg_edge.data.world import ConceptWorld
 from conceptseg_edge.episodes import SYSTEM_PROMPT, MetaEpisode, build_meta_episode
-from conceptseg_edge.errors import InputError
+from conceptseg_edge.errors import InputError, TrainingError
 from conceptseg_edge.fileio import write_json
 from conceptseg_edge.models.checkpoint import ConceptCheckpoint, load_checkpoint, save_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule
@@ -419,7 +419,15 @@ class MetaGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         inputs = [{**x, **self.episodes.row(x["episode_id"])} for x in inputs]
-        output = super()._generate_and_score_completions(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        except RuntimeError as exc:  # torch.multinomial's refusal: a diverged policy samples from NaN
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise TrainingError(
+                f"{Path(self.args.output_dir).parent}: step {self.state.global_step + 1}: the policy's sampling "
+                "probabilities are inf/NaN (its weights diverged); training stopped. A learning rate this high "
+                "does not train") from None
         ids, mask = output["completion_ids"], output["completion_mask"].bool()
         texts = self.processing_class.batch_decode(
             [row[m].tolist() for row, m in zip(ids, mask)], skip_special_tokens=True
