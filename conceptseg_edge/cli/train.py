@@ -1,7 +1,10 @@
 """``conceptseg-edge train``: backbone, warmstart, stage1, stage2, calibrate-router, tiny-default.
 
-Each leaf reads a typed YAML config (``--config``; unknown keys and bad values are clean errors),
-runs the stage with progress bars, and prints a one-object JSON summary on stdout.
+Each leaf reads a typed YAML config (``--config``, through ``train.config.load_config``: bytes that
+are not UTF-8, duplicate or unknown keys, wrong types and non-finite numbers are one ``error:`` line
+naming the file and field), checks its output directory before anything is built, runs the stage
+with progress bars, and prints a one-object JSON summary on stdout. A diverging run (non-finite
+loss) is an ``error:`` line naming the step.
 """
 
 from __future__ import annotations
