@@ -99,7 +99,7 @@ def to_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     if image.dtype.kind == "f":
         if not np.isfinite(image).all():
             raise InputError(f"{name}: float samples include NaN or infinity")
-        lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
+        lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
         if lo < 0.0 or hi > 1.0:
             raise InputError(f"{name}: float samples from {lo:g} to {hi:g}, expected values in [0, 1]")
         return (image.astype(np.float64) * 255.0).round().astype(np.uint8)

@@ -346,8 +346,8 @@ def test_bad_requests(policy, image):
         policy.generate(image, "dog", max_new_tokens=0)
     with pytest.raises(InputError, match="empty"):
         policy.generate(None, "", max_new_tokens=4)
-    with pytest.raises(InputError, match="image"):
-        policy.generate(np.zeros((4, 4), np.float32), "dog", max_new_tokens=4)
+    with pytest.raises(InputError, match="image: float samples from 2 to 2"):  # floats must lie in [0, 1]
+        policy.generate(np.full((4, 4), 2.0, np.float32), "dog", max_new_tokens=4)
     text_only = OnnxPolicy(None, policy.embed, policy.decoder, policy.tokenizer, policy.image_config)
     with pytest.raises(InputError, match="no vision graph"):
         text_only.generate(image, "dog", max_new_tokens=4)
