@@ -267,7 +267,12 @@ def run_tiny_default(
 
 def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.PathLike[str] | None,
                 stage2: bool, export: bool, progress: bool) -> dict[str, Any]:
-    """``run_tiny_default`` once everything is checked: each stage in turn, skipping finished ones."""
+    """``run_tiny_default`` once everything is checked: each stage in turn, skipping finished ones.
+
+    The commit is read before the first stage: with ``bundle`` the run itself rewrites tracked files
+    (the embedded bundle), which must not make the report call its own checkout dirty.
+    """
+    commit = produced_by()
     from conceptseg_edge.train.backbone import train_backbone
     from conceptseg_edge.train.calibrate import calibrate_router
     from conceptseg_edge.train.config import save_config
@@ -353,7 +358,7 @@ def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.Pat
     times["report"] = clock.elapsed()
     train_stages = [t for k, t in times.items() if k in ("backbone", "warmstart", "stage1", "stage2", "calibrate") and t]
     report = {
-        "produced_by": {"commit": produced_by(), "command": _command(out, configs, bundle, stage2, export)},
+        "produced_by": {"commit": commit, "command": _command(out, configs, bundle, stage2, export)},
         "checkpoint": str(final_ckpt),
         "export": export_info,
         "heldout": {"evaluated_with": evaluated_with, "episodes": rep_cfg.episodes, **heldout},
