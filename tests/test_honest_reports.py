@@ -5,7 +5,9 @@ can beat the model and it says which commit produced it."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from conceptseg_edge.benchmarks.stats import STABILITY_MIN_RUNS, LatencyStats, S
 from conceptseg_edge.cli import main
 from conceptseg_edge.export.concept import PARTIAL_COVERAGE, coverage_class
 from conceptseg_edge.data.world import ConceptWorld
-from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.manifest import MANIFEST_NAME, load_bundle
 from conceptseg_edge.metrics import iou
 from conceptseg_edge.router import RouterConfig
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
@@ -60,14 +62,18 @@ def _one_error_line(capsys, rc: int, pattern: str) -> None:
 @pytest.mark.parametrize("route", ["prompt", "all"])
 @pytest.mark.parametrize("case", ["recorded_path_missing", "other_weights"])
 def test_compare_torch_refuses_a_reference_it_cannot_load(route, case, concept_checkpoint, tmp_path, capsys):
-    """The embedded bundle names the temp directory it was exported from: refused, naming that path
+    """A bundle whose recorded checkpoint is not on this machine: refused, naming that path
     and --checkpoint (the prompt route said "unknown SAM2 variant", the routes bench dropped torch
     silently); a checkpoint whose weights are not the bundle's is refused by hash. Before any timing."""
-    recorded = load_bundle(EMBEDDED).source.checkpoint
-    args = ["bench", str(EMBEDDED), "--route", route, "--compare-torch", "--runs", "1", "--warmup", "0",
+    bundle = shutil.copytree(EMBEDDED, tmp_path / "bundle")
+    # the bundle records where it was trained; on another machine (or after `rm -rf runs`) that is gone
+    recorded = str(tmp_path / "gone" / "checkpoint")
+    raw = json.loads((bundle / MANIFEST_NAME).read_text())
+    raw["source"]["checkpoint"] = recorded
+    (bundle / MANIFEST_NAME).write_text(json.dumps(raw))
+    args = ["bench", str(bundle), "--route", route, "--compare-torch", "--runs", "1", "--warmup", "0",
             "--json", str(tmp_path / "b.json")]
     if case == "recorded_path_missing":
-        assert not Path(recorded).exists()
         pattern = rf"source\.checkpoint {re.escape(recorded)}: not found .*pass --checkpoint"
     else:
         args += ["--checkpoint", str(concept_checkpoint)]

@@ -114,24 +114,41 @@ def test_router_is_typed_and_written_as_before(bundle_copy):
         BundleManifest.from_dict(raw)
 
 
-def test_quantized_parity_round_trips_and_old_manifests_read_it():
-    """The committed ConceptSeg-Tiny bundle predates QuantizedParity: its INT8 decoder's measures
-    were distances in ``parity.max_abs_diff``; they read back as the typed record."""
-    from conceptseg_edge.manifest import QuantizedParity
+# The INT8 decoder's record as manifests before QuantizedParity wrote it (ConceptSeg-Tiny at 7d13ad9):
+# the measures were distances in parity.max_abs_diff.
+LEGACY_QUANTIZED_PARITY = {
+    "reference": "transformers Qwen2_5_VLForConditionalGeneration modules, torch eager fp32; teacher-forced greedy "
+                 "completions, 156 slots (122 decisive); distances are 1 - agreement / 1 - mean cosine",
+    "max_abs_diff": {"greedy_token_disagreement": 0.02564102564102566, "decisive_token_disagreement": 0.0,
+                     "hidden_cosine_distance": 0.00047713518142700195},
+    "atol": {"greedy_token_disagreement": 1.0, "decisive_token_disagreement": 0.09999999999999998,
+             "hidden_cosine_distance": 0.09999999999999998},
+    "passed": True,
+    "mask_iou": None,
+}
 
-    bundle = EMBEDDED
-    raw = _raw(bundle)["parts"]["policy_decoder"]
-    assert "greedy_token_disagreement" in raw["parity"]["max_abs_diff"] and "quantized_parity" not in raw
-    decoder = read_manifest(bundle).part("policy_decoder")
+
+def test_quantized_parity_round_trips_and_old_manifests_read_it():
+    """The committed ConceptSeg-Tiny carries a QuantizedParity record; a manifest written before it
+    (measures as distances in ``parity.max_abs_diff``) reads back as the same typed record."""
+    from conceptseg_edge.manifest import PartManifest, QuantizedParity
+
+    raw = _raw(EMBEDDED)["parts"]["policy_decoder"]
+    assert raw["parity"] is None and raw["quantized_parity"]["precision"] == "int8"
+    current = read_manifest(EMBEDDED).part("policy_decoder")
+    legacy_raw = {**raw, "parity": LEGACY_QUANTIZED_PARITY}
+    del legacy_raw["quantized_parity"]
+    decoder = PartManifest.from_dict(json.loads(json.dumps(legacy_raw)), "decoder")
     q = decoder.quantized_parity
     assert decoder.parity is None and isinstance(q, QuantizedParity) and q.passed and q.precision == "int8"
     assert (q.tokens, q.decisive_tokens) == (156, 122)
-    assert q.greedy_token_agreement == pytest.approx(1 - raw["parity"]["max_abs_diff"]["greedy_token_disagreement"])
+    assert q.greedy_token_agreement == pytest.approx(1 - LEGACY_QUANTIZED_PARITY["max_abs_diff"]["greedy_token_disagreement"])
     assert q.floors == pytest.approx({"greedy_token_agreement": 0.0, "decisive_token_agreement": 0.9, "hidden_cosine": 0.9})
+    # the retrained bundle measured the same decoder on the same slots (its greedy figure uses today's budget)
+    cq = current.quantized_parity
+    assert (cq.tokens, cq.decisive_tokens, cq.decisive_token_agreement) == (q.tokens, q.decisive_tokens, 1.0)
     written = decoder.to_dict()
     assert written["parity"] is None and written["quantized_parity"]["tokens"] == 156
-    from conceptseg_edge.manifest import PartManifest
-
     assert PartManifest.from_dict(json.loads(json.dumps(written)), "decoder") == decoder
 
 
