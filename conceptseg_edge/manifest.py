@@ -30,6 +30,7 @@ import numpy as np
 
 from conceptseg_edge.errors import ManifestError
 from conceptseg_edge.fileio import contained, contained_tree, relative_path, verify_hashes, write_json
+from conceptseg_edge.profiles import PartProfile
 from conceptseg_edge.router import ROUTES, RouterConfig
 
 SCHEMA_VERSION = 1
@@ -274,6 +275,89 @@ class QuantizedParity:
 
 
 @dataclass(frozen=True)
+class QdqReport:
+    """A part's explicit (Q/DQ) quantization, measured on ONNX Runtime CPU against its fp32 graph.
+
+    Calibrated on ``calibration`` (``calibration_samples`` inputs), measured on ``held_out`` images the
+    calibration never saw: end-to-end ``mask_iou`` of the bundle with this part quantized against the
+    fp32 bundle, and the part's own ``max_abs_diff`` per output. ``passed`` says every measure met its
+    floor; a part that failed keeps its fp32 graph and this record of why.
+    """
+
+    precision: str  # "int8" | "fp8": the precision tried
+    tool: str
+    calibration: str
+    calibration_samples: int
+    held_out: str
+    held_out_samples: int
+    mask_iou: float | None
+    max_abs_diff: dict[str, float]
+    floors: dict[str, float]
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> QdqReport:
+        checks = {"precision": _str, "tool": _str, "calibration": _str, "calibration_samples": _int, "held_out": _str,
+                  "held_out_samples": _int, "mask_iou": _optional(_float), "max_abs_diff": _float_map,
+                  "floors": _float_map, "passed": _bool}
+        return cls(**read_fields(data, cls, where, checks))
+
+
+#: TensorRT's hardware-compatibility levels (``trt.HardwareCompatibilityLevel``, trtexec ``--hardwareCompatibilityLevel``).
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+_COMPUTE_CAPABILITY = re.compile(r"\d+\.\d+")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """How and where a TensorRT engine was built: it deserializes only on a matching TensorRT and GPU.
+
+    ``onnx_sha256`` is the graph it was built from; ``recipe`` the ``trtexec`` command file beside it (in
+    the manifest's ``files``), written from the same ``profile`` and ``builder_flags``.
+    """
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "8.7" (Orin), "9.0" (H100/H200)
+    precision: str  # the build precision asked for: fp32 | fp16 | int8 | best
+    profile: PartProfile
+    builder_flags: tuple[str, ...]
+    hardware_compatibility: str
+    onnx_sha256: str
+    recipe: str
+    workspace_gb: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "profile": self.profile.to_dict(), "builder_flags": list(self.builder_flags)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> EngineInfo:
+        checks = {
+            "tensorrt_version": _str, "gpu_name": _str, "compute_capability": _compute_capability, "precision": _str,
+            "profile": PartProfile.from_dict,
+            "builder_flags": lambda v, w: tuple(_str(f, f"{w}[{i}]") for i, f in enumerate(_list(v, w))),
+            "hardware_compatibility": _hardware_compatibility, "onnx_sha256": _sha256, "recipe": relative_path,
+            "workspace_gb": _optional(lambda v, w: _float(v, w, positive=True)),
+        }
+        return cls(**read_fields(data, cls, where, checks))
+
+
+def _compute_capability(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _COMPUTE_CAPABILITY.fullmatch(value):
+        raise ManifestError(f"{where}: expected a compute capability like '8.7', got {_shown(value)}")
+    return value
+
+
+def _hardware_compatibility(value: Any, where: str) -> str:
+    if value not in HARDWARE_COMPATIBILITY:
+        raise ManifestError(f"{where}: expected one of {list(HARDWARE_COMPATIBILITY)}, got {_shown(value)}")
+    return value
+
+
+@dataclass(frozen=True)
 class PartManifest:
     """One exported graph (or engine) inside the bundle."""
 
@@ -290,6 +374,8 @@ class PartManifest:
     # graph (folded by ONNX Runtime at load). Manifests written before this field read as "fp32".
     weight_storage: str = "fp32"
     quantized_parity: QuantizedParity | None = None  # quantized graphs (precision int8 / int4)
+    qdq: QdqReport | None = None  # explicit quantization tried (``export qdq``), kept or not
+    engine: EngineInfo | None = None  # format "tensorrt": how and where the engine was built
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -304,6 +390,8 @@ class PartManifest:
             "parity": self.parity.to_dict() if self.parity else None,
             "weight_storage": self.weight_storage,
             "quantized_parity": self.quantized_parity.to_dict() if self.quantized_parity else None,
+            "qdq": self.qdq.to_dict() if self.qdq else None,
+            "engine": self.engine.to_dict() if self.engine else None,
         }
 
     @classmethod
@@ -312,8 +400,12 @@ class PartManifest:
             "name": _str, "file": relative_path, "sha256": _sha256, "format": _str, "precision": _str,
             "opset": _optional(lambda v, w: _int(v, w, minimum=1)), "inputs": _specs, "outputs": _specs,
             "parity": _optional(ParityReport.from_dict), "weight_storage": _str,
-            "quantized_parity": _optional(QuantizedParity.from_dict),
+            "quantized_parity": _optional(QuantizedParity.from_dict), "qdq": _optional(QdqReport.from_dict),
+            "engine": _optional(EngineInfo.from_dict),
         })
+        if (fields["format"] == "tensorrt") != (fields.get("engine") is not None):
+            raise ManifestError(f"{where}.engine: a 'tensorrt' part records its engine, and only a 'tensorrt' part "
+                                f"(format {fields['format']!r}, engine {'set' if fields.get('engine') else 'missing'})")
         parity = fields.get("parity")
         if parity is not None and QuantizedParity.is_legacy(parity):
             fields["quantized_parity"] = QuantizedParity.from_legacy(parity, fields["precision"], f"{where}.parity")
