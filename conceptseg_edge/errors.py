@@ -52,3 +52,8 @@ class BenchmarkError(ConceptsegError):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(f"[{stage}] {message}")
         self.stage = stage
+
+
+class ExportError(ConceptsegError):
+    """An exported graph cannot serve its declared target: e.g. TensorRT's ONNX parser documents an op,
+    attribute or input of it as unsupported (``export/trt_check.py``). The message names every node."""

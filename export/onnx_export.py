@@ -2,7 +2,8 @@
 
 Exports validate themselves: the written graph (its large weights stored as the chosen
 ``WeightStorage``) is run in ONNX Runtime on every parity case, compared output by output with the
-eager reference within the part's ``atol``, and checked for banned ops. All outputs are measured
+eager reference within the part's ``atol``, and checked for banned ops and against TensorRT's documented
+ONNX parser support (``export/trt_check.py``). All outputs are measured
 before anything is raised, so the error lists every failure at once. Quantization
 (``export/quantize.py``) is an optional step after this one, on the fp32 graph it produced.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from conceptseg_edge.errors import ExportParityError
 from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, PartSpec, weight_storage
+from conceptseg_edge.export.trt_check import require_tensorrt_parse
 from conceptseg_edge.fileio import atomic_path, sha256_file
 from conceptseg_edge.manifest import ParityReport, PartManifest
 from conceptseg_edge.metrics import iou as mask_iou
@@ -161,6 +163,8 @@ def export_and_validate(
     Raises:
         ExportParityError: an output differs past its ``atol``, the mask IoU is below the floor,
             or the graph holds a banned op.
+        ExportError: the graph breaks a documented TensorRT ONNX parser restriction
+            (``export/trt_check.py``); checked before parity, so no time is spent validating it.
     """
     spec = spec.with_storage(weight_storage)
     path = bundle_dir / spec.file
@@ -169,6 +173,7 @@ def export_and_validate(
     banned = graph_op_types(path) & spec.forbidden_ops
     if banned:
         raise ExportParityError(f"{spec.name}: graph contains ops {sorted(banned)} that TensorRT/serving forbid")
+    require_tensorrt_parse(path, spec.name)  # the caller's staged bundle directory drops the file on raise
     report = check_parity(spec, path, cases, reference, reference_name)
     if not report.passed:
         diffs = ", ".join(f"{n}={d:.3g} (atol {report.atol[n]:.0e})" for n, d in report.max_abs_diff.items())

@@ -12,6 +12,12 @@ records a ``QuantizedParity`` (the policy decoder: ``export/policy.py``).
 
 Both read weights from initializers, so the fp32 graph must store them as fp32 (``weight_storage``
 "fp32": an fp16-stored weight reaches its MatMul through a Cast, and would be skipped).
+
+Both are ONNX-Runtime-only formats: TensorRT's ONNX parser refuses ``DynamicQuantizeLinear`` and
+``MatMulInteger`` (int8) and the ``com.microsoft`` ``MatMulNBits`` (int4). The fp32 graph they start
+from passed ``export/trt_check.py`` inside ``export_and_validate``; the quantized copy is deliberately
+not checked here, since ONNX Runtime is its target. An engine build refuses it with
+``check_tensorrt_parse``, and ``conceptseg-edge export check`` reports it as violations.
 """
 
 from __future__ import annotations

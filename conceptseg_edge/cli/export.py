@@ -1,4 +1,4 @@
-"""``conceptseg-edge export sam2 ...``."""
+"""``conceptseg-edge export sam2|concept|check ...``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="every fp32 graph (SAM2, CTM, policy; not a quantized decoder): store large weights "
                               "as fp16 with a Cast back (half the file; computes in fp32)")
     concept.set_defaults(func=_export_concept)
+
+    check = kinds.add_parser("check", help="check a bundle's ONNX graphs against TensorRT's documented ONNX parser "
+                                           "support; exit 1 on any violation")
+    check.add_argument("bundle", help="bundle directory (its ONNX parts are checked; engines are left out)")
+    check.set_defaults(func=_check)
 
 
 def _export_sam2(args: argparse.Namespace) -> int:
@@ -71,3 +76,15 @@ def _export_concept(args: argparse.Namespace) -> int:
         "route_parity": manifest.route_parity,
     }, indent=2))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from conceptseg_edge.export.trt_check import SOURCE, check_bundle
+
+    results = check_bundle(args.bundle)
+    print(json.dumps({
+        "bundle": args.bundle,
+        "source": SOURCE,
+        "parts": {name: [v.to_dict() for v in found] if found else "ok" for name, found in results.items()},
+    }, indent=2))
+    return 1 if any(results.values()) else 0
