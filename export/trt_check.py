@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conceptseg_edge.errors import ExportError
 
 SOURCE = ("onnx/onnx-tensorrt docs/operators.md, branch 10.1-GA "
@@ -76,6 +78,11 @@ SUPPORTED_DTYPES = frozenset({"DOUBLE", "FLOAT", "FLOAT16", "BFLOAT16", "INT32",
 # "INT8, INT4, and FP8 are treated as Quantized Types ... available only through quantization from a
 # floating-point type with higher precision."
 QUANTIZED_DTYPES = frozenset({"INT8", "INT4", "FLOAT8E4M3FN"})
+
+# The "Supported Types" of the two Q/DQ rows (the type of input `x`): what explicit quantization may
+# carry. An int32 bias DequantizeLinear (ONNX Runtime's QuantizeBias) is outside them.
+QDQ_INPUT_TYPES = {"QuantizeLinear": frozenset({"FLOAT", "FLOAT16", "BFLOAT16"}),
+                   "DequantizeLinear": QUANTIZED_DTYPES}
 
 # Inputs that "must be an initializer" (Unsqueeze: "a constant tensor"): op -> (input index, name).
 INITIALIZER_INPUTS: dict[str, tuple[int, str]] = {
@@ -172,10 +179,10 @@ class _Scope:
         self.constants: dict[str, Any] = {}  # name -> TensorProto (value readable) or None
         self.producers: dict[str, Any] = {}  # name -> NodeProto
         self.inputs: set[str] = set()
+        self.types: dict[str, int] = {}  # name -> TensorProto data type, where declared or inferred
 
     def add_graph(self, graph) -> None:
-        from onnx import AttributeProto
-
+        self.types.update(_tensor_types(graph))
         for init in graph.initializer:
             self.constants[init.name] = init
         self.inputs.update(i.name for i in graph.input if i.name not in self.constants)
@@ -183,8 +190,7 @@ class _Scope:
             for out in node.output:
                 self.producers[out] = node
             if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-                value = next((a.t for a in node.attribute if a.name == "value" and a.type == AttributeProto.TENSOR), None)
-                self.constants[node.output[0]] = value
+                self.constants[node.output[0]] = _constant_tensor(node)
 
     def lookup(self, table: str, name: str) -> tuple[bool, Any]:
         scope: _Scope | None = self
@@ -194,6 +200,12 @@ class _Scope:
                 return True, entries[name] if isinstance(entries, dict) else None
             scope = scope.outer
         return False, None
+
+    def dtype(self, name: str) -> str | None:
+        from onnx import TensorProto
+
+        found, code = self.lookup("types", name)
+        return TensorProto.DataType.Name(code) if found else None
 
     def is_constant(self, name: str) -> bool:
         return self.lookup("constants", name)[0]
@@ -225,6 +237,21 @@ class _Scope:
             if node is not None and node.op_type not in ("Shape", "Size"):
                 todo.extend(node.input)
         return sources
+
+
+def _constant_tensor(node):
+    """A Constant node's value as a TensorProto (``value`` or a numeric ``value_*``), None for the others."""
+    from onnx import numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t
+        if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
+            values = {"value_int": attr.i, "value_ints": list(attr.ints), "value_float": attr.f,
+                      "value_floats": list(attr.floats)}[attr.name]
+            dtype = np.int64 if "int" in attr.name else np.float32
+            return numpy_helper.from_array(np.asarray(values, dtype=dtype), node.output[0])
+    return None
 
 
 def _default_opset(model) -> int:
@@ -332,6 +359,10 @@ def _deform_conv_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
 
 
 def _qdq_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
+    types = QDQ_INPUT_TYPES[node.op_type]
+    dtype = scope.dtype(node.input[0])
+    if dtype is not None and dtype not in types:
+        yield "qdq-type", f"input `x` ({node.input[0]!r}) is {dtype}; {node.op_type} supports {sorted(types)}"
     which = "x_zero_point" if node.op_type == "DequantizeLinear" else "y_zero_point"
     zero_point = _input(node, 2)
     if not zero_point:
@@ -339,8 +370,8 @@ def _qdq_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
     value = scope.value(zero_point)
     if value is None:
         yield "qdq-zero-point", f"`{which}` ({zero_point!r}) is not a constant, so it cannot be shown to be 0"
-    elif value.astype("float64").any():
-        nonzero = sorted({float(v) for v in value.astype("float64").ravel() if v})[:4]
+    elif np.any(value.astype(np.float64)):
+        nonzero = sorted({float(v) for v in value.astype(np.float64).ravel() if v})[:4]
         yield "qdq-zero-point", f"`{which}` ({zero_point!r}) must be 0; it holds {nonzero}"
 
 

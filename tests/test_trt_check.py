@@ -71,15 +71,18 @@ def test_topk_k_limit_and_source():
         helper.make_node("TopK", ["x", "k_big"], ["big_v", "big_i"], name="topk_big"),
         helper.make_node("TopK", ["x", "k_fed"], ["fed_v", "fed_i"], name="topk_fed"),
         helper.make_node("TopK", ["x", "k_ok"], ["ok_v", "ok_i"], name="topk_unsorted", sorted=0),
+        helper.make_node("Constant", [], ["k_attr"], name="k_attr", value_ints=[3840]),
+        helper.make_node("TopK", ["x", "k_attr"], ["attr_v", "attr_i"], name="topk_attr"),
         # K computed from shapes only (argsort over a dynamic axis): bounded by the engine profile.
         helper.make_node("Shape", ["x"], ["shape"], name="shape", start=1),
         helper.make_node("TopK", ["x", "shape"], ["arg_v", "arg_i"], name="topk_argsort"),
     ]
     outs = [value(f"{p}_{s}", F if s == "v" else TensorProto.INT64, [1, None])
-            for p in ("big", "fed", "ok", "arg") for s in ("v", "i")]
+            for p in ("big", "fed", "ok", "attr", "arg") for s in ("v", "i")]
     model = graph_model(nodes, [x, value("k_fed", TensorProto.INT64, [1])], outs,
                         [const("k_big", np.array([4000], np.int64)), const("k_ok", np.array([8], np.int64))])
-    assert rules(model) == {"topk_big": {"topk-k"}, "topk_fed": {"topk-k"}, "topk_unsorted": {"topk-sorted"}}
+    assert rules(model) == {"topk_big": {"topk-k"}, "topk_fed": {"topk-k"}, "topk_unsorted": {"topk-sorted"},
+                            "topk_attr": {"topk-k"}}
     details = {v.node: v.detail for v in check_tensorrt_parse(model)}
     assert "4000" in details["topk_big"] and str(TOPK_K_LIMIT) in details["topk_big"]
     assert "'k_fed'" in details["topk_fed"]
@@ -113,6 +116,15 @@ def test_qdq_zero_point_must_be_zero():
                         [const("scale", np.array(0.1, np.float32)), const("zp3", np.array(3, np.int8)),
                          const("zp0", np.array(0, np.int8))])
     assert rules(model) == {"q_zp3": {"qdq-zero-point"}, "dq_zp3": {"qdq-zero-point"}}
+
+
+def test_dequantize_of_an_int32_bias_refused():
+    """ONNX Runtime's QuantizeBias writes int32 biases behind a DequantizeLinear; the DQ row lists INT8/FP8/INT4."""
+    bias = helper.make_node("DequantizeLinear", ["bias_q", "bias_scale"], ["bias"], name="bias_dq")
+    add = helper.make_node("Add", ["x", "bias"], ["y"], name="add")
+    model = graph_model([bias, add], [value("x", F, [4])], [value("y", F, [4])],
+                        [const("bias_q", np.array([1, 2, 3, 4], np.int32)), const("bias_scale", np.array(0.5, np.float32))])
+    assert rules(model) == {"bias_dq": {"qdq-type"}}
 
 
 def test_unsupported_ops_and_domains():
@@ -153,6 +165,39 @@ def test_axes_initializer_opset_and_dtypes():
                             "cast_u8": {"dtype-uint8"}}
     newer = graph_model([helper.make_node("Relu", ["x"], ["r"], name="relu")], [x], [value("r", F, [2, 3])], opset=21)
     assert [(v.node, v.rule) for v in check_tensorrt_parse(newer)] == [("<graph>", "opset")]
+
+
+def test_ort_static_qdq_symmetric_int8_passes_asymmetric_uint8_caught(tmp_path):
+    """ONNX Runtime's quantize_static in QDQ format: symmetric int8 without bias quantization is what
+    TensorRT takes; its uint8 (asymmetric) activations and int32 biases are caught."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(0)
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(graph_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "m"], ["y"], name="mm")],
+        [value("x", F, [1, 3, 16, 16])], [value("y", F, [1, 8, 16, 16])],
+        [const("w", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)), const("b", rng.standard_normal(8).astype(np.float32)),
+         const("m", rng.standard_normal((16, 16)).astype(np.float32))]), str(fp32))
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    symmetric = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    quantize_static(str(fp32), str(tmp_path / "int8.onnx"), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={**symmetric, "QuantizeBias": False})
+    assert check_tensorrt_parse(tmp_path / "int8.onnx") == []
+    quantize_static(str(fp32), str(tmp_path / "uint8.onnx"), Feeds(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    found = {(v.node, v.rule) for v in check_tensorrt_parse(tmp_path / "uint8.onnx")}
+    assert {("x_QuantizeLinear", "qdq-zero-point"), ("x_DequantizeLinear", "qdq-type"),
+            ("b_DequantizeLinear", "qdq-type")} <= found
 
 
 def test_ort_only_quantized_formats_are_refused(tmp_path):
