@@ -1,12 +1,15 @@
-"""``conceptseg-edge export sam2|concept|check ...``."""
+"""``conceptseg-edge export sam2|concept|check|tensorrt ...``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 # Torch-free modules: the choices are read while arguments are parsed, for every command.
 from conceptseg_edge.export.parts import PRECISIONS, WEIGHT_STORAGES
+from conceptseg_edge.export.tensorrt import TRT_PRECISIONS, TrtBuildConfig
+from conceptseg_edge.manifest import HARDWARE_COMPATIBILITY
 from conceptseg_edge.models.sam2_variants import DEFAULT_CONFIG, SAM2_CONFIGS
 
 
@@ -39,6 +42,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "support; exit 1 on any violation")
     check.add_argument("bundle", help="bundle directory (its ONNX parts are checked; engines are left out)")
     check.set_defaults(func=_check)
+
+    trt_help = {f.name: f.metadata["help"] for f in dataclasses.fields(TrtBuildConfig)}
+    tensorrt = kinds.add_parser("tensorrt", help="build one TensorRT engine per part, with its trtexec recipe")
+    tensorrt.add_argument("bundle", help="ONNX bundle directory (an 'export qdq' bundle for int8/best)")
+    tensorrt.add_argument("--out", required=True, help="engine bundle directory to write")
+    tensorrt.add_argument("--precision", default="fp16", choices=TRT_PRECISIONS, help=trt_help["precision"])
+    tensorrt.add_argument("--calib", default=None, metavar="DIR|world:N", help=trt_help["calib"])
+    tensorrt.add_argument("--profile", action="append", default=[], metavar="PART:INPUT=MIN,OPT,MAX", help=trt_help["profiles"])
+    tensorrt.add_argument("--workspace", type=float, default=None, metavar="GB", help=trt_help["workspace_gb"])
+    tensorrt.add_argument("--timing-cache", default=None, metavar="FILE", help=trt_help["timing_cache"])
+    tensorrt.add_argument("--hardware-compatibility", default="none", choices=HARDWARE_COMPATIBILITY,
+                          help=trt_help["hardware_compatibility"])
+    tensorrt.add_argument("--max-new-tokens", type=int, default=TrtBuildConfig.max_new_tokens, help=trt_help["max_new_tokens"])
+    tensorrt.add_argument("--recipes-only", action="store_true", help=trt_help["recipes_only"])
+    tensorrt.set_defaults(func=_export_tensorrt)
 
 
 def _export_sam2(args: argparse.Namespace) -> int:
@@ -88,3 +106,23 @@ def _check(args: argparse.Namespace) -> int:
         "parts": {name: [v.to_dict() for v in found] if found else "ok" for name, found in results.items()},
     }, indent=2))
     return 1 if any(results.values()) else 0
+
+
+def _export_tensorrt(args: argparse.Namespace) -> int:
+    from conceptseg_edge.export.tensorrt import build_engine_bundle
+    from conceptseg_edge.fileio import writable_output
+
+    writable_output(args.out, "--out", directory=True)  # before TensorRT is looked for or a graph is read
+    cfg = TrtBuildConfig(precision=args.precision, calib=args.calib, profiles=tuple(args.profile), workspace_gb=args.workspace,
+                         timing_cache=args.timing_cache, hardware_compatibility=args.hardware_compatibility,
+                         max_new_tokens=args.max_new_tokens, recipes_only=args.recipes_only)
+    manifest = build_engine_bundle(args.bundle, args.out, cfg)
+    print(json.dumps({
+        "bundle": args.out,
+        "precision": args.precision,
+        "recipes_only": args.recipes_only,
+        "parts": {name: {"format": p.format, "file": p.file, "precision": p.precision,
+                         "engine": p.engine.to_dict() if p.engine else None}
+                  for name, p in manifest.parts.items()},
+    }, indent=2))
+    return 0
