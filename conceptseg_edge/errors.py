@@ -57,3 +57,18 @@ class BenchmarkError(ConceptsegError):
 class ExportError(ConceptsegError):
     """An exported graph cannot serve its declared target: e.g. TensorRT's ONNX parser documents an op,
     attribute or input of it as unsupported (``export/trt_check.py``). The message names every node."""
+
+
+class EngineUnavailableError(DependencyError):
+    """A TensorRT engine cannot run in this install: ``tensorrt`` or the CUDA Python bindings do not
+    import. The message names the missing module and the package that brings it (the ``gpu`` extra,
+    or JetPack's own TensorRT on a Jetson)."""
+
+
+class EngineCompatibilityError(ManifestError):
+    """A TensorRT engine was built for another TensorRT release or GPU than this machine's: named with
+    the recorded and the found values, and the command that rebuilds the engine here."""
+
+
+class EngineRunError(EngineIOError):
+    """TensorRT or CUDA refused a call while loading or running an engine; the message names the call."""
