@@ -318,6 +318,7 @@ class TrtEngine:
         self.outputs: tuple[TensorSpec, ...] = part.outputs
         self.provider = f"TensorRT {machine.tensorrt_version}"
         self._profile = part.engine.profile
+        self._device = device
         self._cuda(f"cudaSetDevice({device})", self._cudart.cudaSetDevice(device))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -372,6 +373,8 @@ class TrtEngine:
         checked = check_feeds(self.name, self.inputs, feeds)
         self._profile.check({name: value.shape for name, value in checked.items()})
         cudart, context, stream = self._cudart, self._context, self._stream
+        # The engine, its stream and buffers live on its device; another engine may have made another current.
+        self._cuda(f"cudaSetDevice({self._device})", cudart.cudaSetDevice(self._device))
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, value in checked.items():
             if not context.set_input_shape(name, value.shape):
