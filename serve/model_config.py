@@ -6,8 +6,9 @@ the ``ModelConfig`` message that tritonclient ships (``tritonclient.grpc.model_c
 same .proto the server compiles) and then checks that the parsed message says exactly what the
 description said, field by field, so a rendering bug cannot slip through as a silently different
 config. Semantic rules Triton enforces at load time (a batch dimension needs ``max_batch_size > 0``,
-dynamic batching needs batching, names are unique, dims are positive or -1) are checked in
-``__post_init__`` so an invalid config is never written.
+dynamic batching needs batching, names are unique, dims are positive or -1, a warm-up sample feeds
+every required input at a shape the config accepts) are checked in ``__post_init__`` so an invalid
+config is never written.
 
 Dtypes are given as numpy names (``"float32"``, ``"uint8"``, ``"bool"``) or ``"bytes"``; the
 Triton enum (``TYPE_FP32`` …, ``TYPE_STRING`` for bytes) is derived here and nowhere else.
@@ -42,6 +43,8 @@ TRITON_TYPES: dict[str, str] = {
 WIRE_TYPES: dict[str, str] = {k: ("BYTES" if k == "bytes" else v.removeprefix("TYPE_")) for k, v in TRITON_TYPES.items()}
 
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO", "KIND_MODEL")
+# ``ModelWarmup.Input``'s synthetic data kinds (its ``input_data_file`` needs files we never write).
+WARMUP_DATA = ("zero_data", "random_data")
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "ensemble")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -120,6 +123,53 @@ class DynamicBatching:
 
 
 @dataclass(frozen=True)
+class WarmupInput:
+    """One input of a warm-up sample: its dtype, full dims (no batch dim when the model batches) and data.
+
+    Unlike ``TensorConfig.dims`` these are concrete sizes (Triton refuses a warm-up dim of -1) and may be 0.
+    """
+
+    dtype: str
+    dims: tuple[int, ...]
+    data: str = "zero_data"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TRITON_TYPES:
+            raise ModelConfigError(f"warmup input dtype: {self.dtype!r}, expected one of {sorted(TRITON_TYPES)}")
+        dims = tuple(self.dims)
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in dims):
+            raise ModelConfigError(f"warmup input dims: {list(dims)}, each dim must be an int >= 0")
+        if self.data not in WARMUP_DATA:
+            raise ModelConfigError(f"warmup input data: {self.data!r}, expected one of {WARMUP_DATA}")
+        object.__setattr__(self, "dims", dims)
+
+    @property
+    def triton_type(self) -> str:
+        return TRITON_TYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelWarmup:
+    """``model_warmup``: one sample Triton runs on every instance before the model reports ready.
+
+    ``batch_size`` requests of one item each when the model batches; exactly 1 when it does not.
+    """
+
+    name: str
+    inputs: Mapping[str, WarmupInput]
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ModelConfigError("model_warmup.name: must not be empty")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ModelConfigError(f"model_warmup {self.name}.batch_size: {self.batch_size!r}, expected an int >= 1")
+        if not self.inputs:
+            raise ModelConfigError(f"model_warmup {self.name}: needs at least one input")
+        object.__setattr__(self, "inputs", dict(self.inputs))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole ``config.pbtxt``. Exactly one of ``backend`` / ``platform`` is set."""
 
@@ -133,6 +183,7 @@ class ModelConfig:
     dynamic_batching: DynamicBatching | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
+    warmup: tuple[ModelWarmup, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
@@ -172,6 +223,31 @@ class ModelConfig:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ModelConfigError(f"{where}.parameters[{key!r}]: keys and values must be strings")
         object.__setattr__(self, "parameters", dict(self.parameters))
+        object.__setattr__(self, "warmup", tuple(self.warmup))
+        for sample in self.warmup:
+            self._check_warmup(sample)
+
+    def _check_warmup(self, sample: ModelWarmup) -> None:
+        """Triton runs the sample through the model's own input checks: refuse here what it would refuse there."""
+        where = f"model {self.name!r}.model_warmup {sample.name}"
+        if self.max_batch_size == 0 and sample.batch_size != 1:
+            raise ModelConfigError(f"{where}.batch_size: {sample.batch_size}, a model without batching takes 1")
+        if sample.batch_size > max(self.max_batch_size, 1):
+            raise ModelConfigError(f"{where}.batch_size: {sample.batch_size} > max_batch_size {self.max_batch_size}")
+        known = {t.name: t for t in self.inputs}
+        unknown = sorted(set(sample.inputs) - set(known))
+        if unknown:
+            raise ModelConfigError(f"{where}: inputs {unknown} are not inputs of the model")
+        missing = [t.name for t in self.inputs if not t.optional and t.name not in sample.inputs]
+        if missing:
+            raise ModelConfigError(f"{where}: required inputs {missing} have no warm-up data")
+        for name, value in sample.inputs.items():
+            tensor = known[name]
+            if value.dtype != tensor.dtype:
+                raise ModelConfigError(f"{where}.inputs[{name}].dtype: {value.dtype}, the input is {tensor.dtype}")
+            fits = len(value.dims) == len(tensor.dims) and all(d == -1 or d == v for d, v in zip(tensor.dims, value.dims))
+            if not fits:
+                raise ModelConfigError(f"{where}.inputs[{name}].dims: {list(value.dims)} do not fit the input's {list(tensor.dims)}")
 
     # ------------------------------------------------------------------ lookups
 
@@ -219,6 +295,8 @@ class ModelConfig:
             lines.append("}")
         for key in sorted(self.parameters):
             lines.append(f"parameters {{\n  key: {_q(key)}\n  value {{ string_value: {_q(self.parameters[key])} }}\n}}")
+        if self.warmup:
+            lines += ["model_warmup [", ",\n".join(_warmup_block(w) for w in self.warmup), "]"]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +318,22 @@ def _tensor_block(kind: str, tensors: Sequence[TensorConfig]) -> list[str]:
             body.append("    allow_ragged_batch: true")
         items.append("  {\n" + "\n".join(body) + "\n  }")
     return [f"{kind} [", ",\n".join(items), "]"]
+
+
+def _warmup_block(sample: ModelWarmup) -> str:
+    body = [f"    name: {_q(sample.name)}", f"    batch_size: {sample.batch_size}"]
+    for name, value in sample.inputs.items():
+        body += [
+            "    inputs {",
+            f"      key: {_q(name)}",
+            "      value {",
+            f"        data_type: {value.triton_type}",
+            f"        dims: [ {', '.join(map(str, value.dims))} ]",
+            f"        {value.data}: true",
+            "      }",
+            "    }",
+        ]
+    return "  {\n" + "\n".join(body) + "\n  }"
 
 
 # ---------------------------------------------------------------------------- protobuf validation
@@ -311,6 +405,13 @@ def _compare(m, cfg: ModelConfig, pb2, where: str) -> None:
         check("dynamic_batching.max_queue_delay_microseconds", db.max_queue_delay_microseconds,
               cfg.dynamic_batching.max_queue_delay_microseconds)
     check("parameters", {k: v.string_value for k, v in m.parameters.items()}, dict(cfg.parameters))
+    check("model_warmup count", len(m.model_warmup), len(cfg.warmup))
+    for p, w in zip(m.model_warmup, cfg.warmup):
+        at = f"model_warmup {w.name}"
+        check(f"{at}.name", p.name, w.name)
+        check(f"{at}.batch_size", p.batch_size, w.batch_size)
+        parsed = {k: (pb2.DataType.Name(v.data_type), tuple(v.dims), v.WhichOneof("input_data_type")) for k, v in p.inputs.items()}
+        check(f"{at}.inputs", parsed, {k: (v.triton_type, v.dims, v.data) for k, v in w.inputs.items()})
 
 
 def read_config(path) -> Any:

@@ -13,6 +13,12 @@ Two flavors:
   embed / decoder) for every graph run. This is the one for the NGC Triton container on GPUs. ``graph_backend="python"`` serves the graphs with ONNX Runtime under the
   python backend instead, for a server without the onnxruntime backend (and for tests here).
 
+The bundle decides the flavor when none is given: an engine bundle (parts of format ``tensorrt``, from
+``export tensorrt``) builds the native flavor, each engine a ``tensorrt_plan`` model (``model.plan``,
+``KIND_GPU``) whose dims and ``max_batch_size`` are read from the engine's optimization profile
+(``plan_model_config``) and which warms up at the profile's opt shapes; such a bundle on ``--device cpu``
+is refused. Any other bundle builds the python flavor.
+
 Every ``config.pbtxt`` is generated from a ``ModelConfig`` derived from the bundle manifest (IO names,
 dtypes, symbolic shapes are never re-typed) and parsed back with Triton's own protobuf before it is
 written. ``conceptseg_repository.json`` at the root records what was built from what; Triton ignores
@@ -25,7 +31,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,14 +40,17 @@ from typing import Any, Literal, get_args
 from conceptseg_edge.errors import InputError, ManifestError
 from conceptseg_edge.fileio import contained, sha256_file, staged_dir, write_json, write_text
 from conceptseg_edge.generation import GenerationConfig
-from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, check_keys, load_bundle, tool_versions
+from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, Dim, PartManifest, check_keys, load_bundle, tool_versions
+from conceptseg_edge.profiles import InputProfile
 from conceptseg_edge.runtime.engine import Provider
 from conceptseg_edge.serve.model_config import (
     TRITON_TYPES,
     DynamicBatching,
     InstanceGroup,
     ModelConfig,
+    ModelWarmup,
     TensorConfig,
+    WarmupInput,
     validate_pbtxt,
 )
 from conceptseg_edge.serve.parameters import GraphParameters, RouterParameters
@@ -64,6 +73,11 @@ VERSION = "1"
 _KIND: dict[Device, str] = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 _PROVIDER: dict[Device, Provider] = {"cpu": "cpu", "gpu": "cuda"}  # the ONNX Runtime provider on each device
 _PLATFORM = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+PLAN_FILE = "model.plan"  # the tensorrt backend's default model file name
+# Inputs whose zeros are no valid sample: an engine taking one gets no model_warmup (its first request pays
+# the warm-up instead). Qwen2.5-VL's grid (t, h, w) divides the patch indices: a zero grid divides by zero
+# and gathers out of bounds on the GPU, which can take the server's CUDA context down with it.
+NO_ZERO_WARMUP = frozenset({"image_grid_thw"})
 
 # The python backend's model.py files. Both are glue only; the logic is conceptseg_edge.serve.serving.
 _PRELUDE = '''\
@@ -141,19 +155,20 @@ class TritonPythonModel:
 class RepositoryConfig:
     """Arguments of ``conceptseg-edge triton build``."""
 
-    flavor: Flavor = field(default="python", metadata={"help": "python (runtime in one model) or native (graphs + BLS)"})
-    max_batch: int | None = field(default=None, metadata={"help": "native: max_batch_size of batchable graphs (default 8)"})
+    flavor: Flavor | None = field(default=None, metadata={
+        "help": "python (runtime in one model) or native (graphs + BLS); default: native for an engine bundle, else python"})
+    max_batch: int | None = field(default=None, metadata={"help": "native: max_batch_size of batchable graphs (default 8, or an engine's profile max)"})
     instances: int = field(default=1, metadata={"help": "instances per model (instance_group count)"})
-    device: Device | None = field(default=None, metadata={"help": "cpu or gpu (default: python→cpu, native→gpu)"})
+    device: Device | None = field(default=None, metadata={"help": "cpu or gpu (default: python→cpu, native→gpu; engines need gpu)"})
     bundle_mode: BundleMode = field(default="copy", metadata={"help": "python flavor: copy the bundle in, or reference it"})
     graph_backend: GraphBackend = field(default="onnxruntime", metadata={"help": "native: onnxruntime (platform) or python (ORT in python backend)"})
     limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "per-request limits"})
-    warmup: bool = field(default=True, metadata={"help": "run one request at load time"})
+    warmup: bool = field(default=True, metadata={"help": "warm up at load time (router request, engines' model_warmup)"})
     bank_dir: str | None = field(default=None, metadata={"help": "concept bank directory (shortcut route)"})
     generation: GenerationConfig | None = field(default=None, metadata={"help": "reason route generation budget (default: the runtime's)"})
 
     def __post_init__(self) -> None:
-        if self.flavor not in FLAVORS:
+        if self.flavor is not None and self.flavor not in FLAVORS:
             raise InputError(f"--flavor {self.flavor}: expected one of {', '.join(FLAVORS)}")
         if self.device is not None and self.device not in DEVICES:
             raise InputError(f"--device {self.device}: expected one of {', '.join(DEVICES)}")
@@ -173,16 +188,25 @@ class RepositoryConfig:
 
     @property
     def resolved_device(self) -> Device:
-        return self.device or ("cpu" if self.flavor == "python" else "gpu")
+        return self.device or ("gpu" if self.flavor == "native" else "cpu")
 
-    @property
-    def resolved_max_batch(self) -> int:
-        if self.flavor == "python":
-            return 0
-        return DEFAULT_NATIVE_MAX_BATCH if self.max_batch is None else self.max_batch
+    def for_bundle(self, manifest: BundleManifest) -> RepositoryConfig:
+        """This config with the flavor the bundle decides when none was given, and the device checked against it.
+
+        An engine bundle (any part of format ``tensorrt``) builds the native flavor, whose graph models are
+        ``tensorrt_plan``; any other bundle the python flavor. TensorRT engines run on a GPU only, so an
+        engine bundle on cpu (``--device cpu``, or the python flavor's default) is an ``InputError``.
+        """
+        engines = sorted(name for name, part in manifest.parts.items() if part.format == "tensorrt")
+        cfg = self if self.flavor is not None else dataclasses.replace(self, flavor="native" if engines else "python")
+        if engines and cfg.resolved_device == "cpu":
+            given = "--device cpu" if cfg.device else f"--flavor {cfg.flavor} (on cpu unless --device gpu)"
+            raise InputError(f"{given}: parts {engines} are TensorRT engines, which run on a GPU only; build with "
+                             "--device gpu, or build a CPU server from the ONNX bundle the engines came from")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``config`` of ``conceptseg_repository.json``: the flags as given (``max_new_tokens`` flat)."""
+        """The ``config`` of ``conceptseg_repository.json``: the flags, flavor resolved (``max_new_tokens`` flat)."""
         out = dataclasses.asdict(self)
         del out["generation"]
         out["max_new_tokens"] = None if self.generation is None else self.generation.max_new_tokens
@@ -314,32 +338,40 @@ def batch_axis(part: PartManifest) -> str | None:
     return None
 
 
-def _tensor(spec, batched: bool, where: str) -> TensorConfig:
+def _tensor(spec, batched: bool, where: str, shape: Sequence[Dim] | None = None) -> TensorConfig:
+    """``spec`` as a config tensor: ``shape`` (default: the manifest's), symbolic dims -1, no batch axis when batched."""
     if spec.dtype not in TRITON_TYPES or spec.dtype == "bytes":
         raise ManifestError(f"{where}.{spec.name}: dtype {spec.dtype!r} has no Triton tensor type")
-    shape = spec.shape[1:] if batched else spec.shape
+    shape = tuple(spec.shape if shape is None else shape)[1 if batched else 0:]
     return TensorConfig(spec.name, spec.dtype, tuple(d if isinstance(d, int) else -1 for d in shape))
 
 
 def graph_model_config(
-    part: PartManifest, max_batch: int, device: Device, instances: int, graph_backend: GraphBackend = "onnxruntime"
+    part: PartManifest,
+    max_batch: int | None,
+    device: Device,
+    instances: int,
+    graph_backend: GraphBackend = "onnxruntime",
+    warmup: bool = True,
 ) -> ModelConfig:
     """The ``config.pbtxt`` of one bundle part, derived from its ``PartManifest``.
 
-    Batched (``max_batch_size = max_batch``, dims without the leading axis, dynamic batching with
+    An engine part (format ``tensorrt``) is a ``tensorrt_plan`` model shaped by its engine's profile
+    (``plan_model_config``, which also takes ``warmup``). An ONNX graph is batched (``max_batch_size =
+    max_batch``, default ``DEFAULT_NATIVE_MAX_BATCH``, dims without the leading axis, dynamic batching with
     preferred sizes of powers of two) when ``batch_axis(part)`` finds one shared symbolic axis and
     ``max_batch > 0``; otherwise ``max_batch_size: 0`` with the full shapes.
     """
     where = f"parts.{part.name}"
     if part.format not in _PLATFORM:
         raise ManifestError(f"{where}.format: {part.format!r}, expected one of {sorted(_PLATFORM)}")
+    if part.format == "tensorrt" and graph_backend == "onnxruntime":
+        return plan_model_config(part, max_batch, instances, warmup)
+    max_batch = DEFAULT_NATIVE_MAX_BATCH if max_batch is None else max_batch
     batched = max_batch > 0 and batch_axis(part) is not None
     inputs = tuple(_tensor(t, batched, f"{where}.inputs") for t in part.inputs)
     outputs = tuple(_tensor(t, batched, f"{where}.outputs") for t in part.outputs)
-    dynamic = None
-    if batched:
-        preferred = tuple(b for b in (2, 4, 8, 16, 32, 64) if b <= max_batch) or (max_batch,)
-        dynamic = DynamicBatching(preferred_batch_size=preferred, max_queue_delay_microseconds=500)
+    dynamic = _dynamic_batching(max_batch) if batched else None
     group = (InstanceGroup(instances, _KIND[device]),)
     file_name = Path(part.file).name
     if graph_backend == "python":
@@ -350,6 +382,98 @@ def graph_model_config(
                            instance_groups=group, dynamic_batching=dynamic, parameters=params.to_parameters())
     return ModelConfig(part.name, inputs, outputs, platform=_PLATFORM[part.format], max_batch_size=max_batch if batched else 0,
                        instance_groups=group, dynamic_batching=dynamic, default_model_filename=file_name)
+
+
+def _dynamic_batching(max_batch: int) -> DynamicBatching:
+    preferred = tuple(b for b in (2, 4, 8, 16, 32, 64) if b <= max_batch) or (max_batch,)
+    return DynamicBatching(preferred_batch_size=preferred, max_queue_delay_microseconds=500)
+
+
+def _profile_bounds(part: PartManifest) -> dict[str, InputProfile]:
+    """Every input's min/opt/max shape in the engine: its profile entry, or its one static shape.
+
+    Raises ``ManifestError`` when the profile and the part's inputs disagree (a profile for an input the
+    part lacks, a dynamic input without one, another rank, a static axis the profile moves).
+    """
+    where = f"parts.{part.name}.engine.profile"
+    assert part.engine is not None
+    profiles = {p.name: p for p in part.engine.profile.inputs}
+    unknown = sorted(set(profiles) - {t.name for t in part.inputs})
+    if unknown:
+        raise ManifestError(f"{where}: profiles for {unknown}, which are not inputs of {part.name}")
+    bounds = {}
+    for spec in part.inputs:
+        profile = profiles.get(spec.name)
+        if profile is None:
+            if not all(isinstance(d, int) for d in spec.shape):
+                raise ManifestError(f"{where}: input {spec.name} has dynamic shape {list(spec.shape)} but no profile")
+            profile = InputProfile(spec.name, *(tuple(spec.shape),) * 3)
+        if len(profile.min) != len(spec.shape) or any(
+            isinstance(d, int) and not profile.min[i] == profile.max[i] == d for i, d in enumerate(spec.shape)
+        ):
+            raise ManifestError(f"{where}.{spec.name}: min {list(profile.min)} / max {list(profile.max)} do not fit the "
+                                f"input's shape {list(spec.shape)}")
+        bounds[spec.name] = profile
+    return bounds
+
+
+def _plan_dim(lo: int, hi: int) -> int:
+    """A config dim from an engine axis's [min, max]: the size when fixed, else -1 (also for a fixed 0, which
+    Triton's config cannot write; the engine's own range check still holds it to 0)."""
+    return lo if lo == hi and lo > 0 else -1
+
+
+def plan_model_config(part: PartManifest, max_batch: int | None, instances: int, warmup: bool = True) -> ModelConfig:
+    """The ``tensorrt_plan`` model of one engine part, its dims and batching read from the engine's profile.
+
+    The tensorrt backend refuses a config whose dims fall outside the engine's profile, or whose
+    ``max_batch_size`` exceeds the profile's largest batch. So: batched only when every input and output
+    shares one symbolic leading axis (``batch_axis``) whose profile range holds 1 (the batcher sends single
+    requests too); then ``max_batch_size`` is ``max_batch``, or the smallest profile max of that axis when
+    ``max_batch`` is None, and dims start at axis 1. Otherwise (e.g. the SAM2 decoder, whose image features
+    are batch-1 fixed) ``max_batch_size: 0`` and full dims. A dim is -1 exactly where the profile lets it vary;
+    output dims named like an input axis the profile fixes take that size. With ``warmup``, one ``model_warmup``
+    sample at the profile's opt shapes, zero-filled: ``random_data`` is raw random bytes, NaN/Inf as floats and
+    out-of-range token or position ids as int64 (no sample for an engine taking an input of ``NO_ZERO_WARMUP``).
+
+    Raises:
+        ManifestError: the part has no engine record, or its profile does not fit its inputs.
+        InputError: ``max_batch`` exceeds what the engine's profile serves.
+    """
+    where = f"parts.{part.name}"
+    if part.engine is None:
+        raise ManifestError(f"{where}.engine: a 'tensorrt' part must record its engine (export tensorrt writes it)")
+    bounds = _profile_bounds(part)
+    batched, mbs = False, 0
+    if batch_axis(part) is not None and max_batch != 0:
+        lo, hi = max(b.min[0] for b in bounds.values()), min(b.max[0] for b in bounds.values())
+        if lo <= 1 <= hi:  # the dynamic batcher also sends single requests
+            if max_batch is not None and max_batch > hi:
+                raise InputError(f"--max-batch {max_batch}: the {part.name} engine serves batches up to {hi} (its "
+                                 "profile); lower --max-batch or rebuild the engine with a larger batch range")
+            batched, mbs = True, hi if max_batch is None else max_batch
+    input_dims = {t.name: [_plan_dim(lo, hi) for lo, hi in zip(bounds[t.name].min, bounds[t.name].max)] for t in part.inputs}
+    # Symbolic dim name → the config dims of the input axes that carry it (an output axis of that name is
+    # fixed only when they all agree on one size).
+    named: dict[str, set[int]] = {}
+    for spec in part.inputs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                named.setdefault(dim, set()).add(input_dims[spec.name][axis])
+    inputs = tuple(_tensor(t, batched, f"{where}.inputs", input_dims[t.name]) for t in part.inputs)
+    outputs = tuple(
+        _tensor(t, batched, f"{where}.outputs", [next(iter(named[d])) if len(named.get(d, ())) == 1 else d for d in t.shape])
+        for t in part.outputs
+    )
+    samples = ()
+    if warmup and not NO_ZERO_WARMUP & {t.name for t in part.inputs}:  # batched: opt-batch requests of one item each
+        batch = min(max(bounds[part.inputs[0].name].opt[0], 1), mbs) if batched else 1
+        opt = {t.name: WarmupInput(t.dtype, bounds[t.name].opt[1 if batched else 0:]) for t in part.inputs}
+        samples = (ModelWarmup("profile_opt", opt, batch_size=batch),)
+    return ModelConfig(part.name, inputs, outputs, platform=_PLATFORM["tensorrt"], max_batch_size=mbs,
+                       instance_groups=(InstanceGroup(instances, _KIND["gpu"]),),
+                       dynamic_batching=_dynamic_batching(mbs) if batched else None,
+                       default_model_filename=PLAN_FILE, warmup=samples)
 
 
 def router_model_config(cfg: RepositoryConfig, parameters: RouterParameters) -> ModelConfig:
@@ -395,11 +519,13 @@ def _companions(bundle: Path, manifest: BundleManifest, part: PartManifest) -> l
 def build_repository(bundle: str | Path, out: str | Path, cfg: RepositoryConfig = RepositoryConfig()) -> RepositoryManifest:
     """Build a model repository for ``bundle`` at ``out``; returns its ``RepositoryManifest``.
 
-    The bundle is verified (every file hash) first. ``out`` must be absent, empty, or a repository this
-    function built; it is replaced only once the new repository is complete.
+    The bundle is verified (every file hash) first, and decides the flavor when ``cfg`` names none
+    (``RepositoryConfig.for_bundle``: an engine bundle is native and GPU-only). ``out`` must be absent, empty,
+    or a repository this function built; it is replaced only once the new repository is complete.
     """
     bundle = Path(bundle).resolve()
     manifest = load_bundle(bundle)
+    cfg = cfg.for_bundle(manifest)
     out = Path(out)
     with staged_dir(out, REPOSITORY_MANIFEST, "conceptseg-edge Triton repository") as staging:
         if MODEL_NAME in manifest.parts:
@@ -458,12 +584,16 @@ def _build_native(bundle: Path, manifest: BundleManifest, staging: Path, cfg: Re
     graph_models: dict[str, str] = {}
     records: dict[str, ServedModelRecord] = {}
     for name, part in manifest.parts.items():
-        config = graph_model_config(part, cfg.resolved_max_batch, cfg.resolved_device, cfg.instances, cfg.graph_backend)
+        config = graph_model_config(part, cfg.max_batch, cfg.resolved_device, cfg.instances, cfg.graph_backend, cfg.warmup)
         model_dir = staging / config.name
         version_dir = model_dir / VERSION
         version_dir.mkdir(parents=True)
-        for rel in (part.file, *_companions(bundle, manifest, part)):
-            _place(contained(bundle, rel, f"bundle entry {rel!r}"), version_dir / Path(rel).name)
+        if config.platform == _PLATFORM["tensorrt"]:  # a plan is one self-contained file, under the backend's name
+            files = {part.file: PLAN_FILE}
+        else:
+            files = {rel: Path(rel).name for rel in (part.file, *_companions(bundle, manifest, part))}
+        for rel, placed in files.items():
+            _place(contained(bundle, rel, f"bundle entry {rel!r}"), version_dir / placed)
         if cfg.graph_backend == "python":
             write_text(version_dir / "model.py", GRAPH_MODEL_PY)
         _write_config(model_dir, config)

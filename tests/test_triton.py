@@ -245,6 +245,7 @@ def _part(name: str, inputs, outputs) -> PartManifest:
 
 
 def test_shared_batch_axis_gets_dynamic_batching():
+    from conceptseg_edge.errors import ManifestError
     from conceptseg_edge.serve.repository import batch_axis, graph_model_config
 
     ctm = _part("ctm", [("hidden_states", "float32", ("batch", "seq", 128))], [("concept_tokens", "float32", ("batch", 8, 256))])
@@ -258,7 +259,8 @@ def test_shared_batch_axis_gets_dynamic_batching():
     assert batch_axis(mixed) is None
     assert graph_model_config(mixed, max_batch=8, device="gpu", instances=1).max_batch_size == 0
     plan = PartManifest("enc", "enc.plan", "0" * 64, "tensorrt", "fp16", None, ctm.inputs, ctm.outputs)
-    assert graph_model_config(plan, 8, "gpu", 1).platform == "tensorrt_plan"
+    with pytest.raises(ManifestError, match="must record its engine"):  # plan models: tests/test_triton_plan.py
+        graph_model_config(plan, 8, "gpu", 1)
 
 
 def test_bls_engine_factory_builds_each_part_from_its_manifest(tiny_bundle):

@@ -27,17 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("bundle")
     build.add_argument("--out", required=True, help="repository directory to write (replaced atomically)")
     build.add_argument("--flavor", default=RepositoryConfig.flavor, choices=FLAVORS,
-                       help="python: the runtime in one python-backend model; native: graph models + BLS router")
+                       help="python: the runtime in one python-backend model; native: graph models + BLS router "
+                            "(default: native for an engine bundle, whose engines become tensorrt_plan models; else python)")
     build.add_argument("--max-batch", type=int, default=None, metavar="N",
-                       help="native: max_batch_size of graphs with a shared batch axis (default 8; 0 disables)")
+                       help="native: max_batch_size of graphs with a shared batch axis (default 8, or an engine's "
+                            "profile max; 0 disables)")
     build.add_argument("--instances", type=int, default=RepositoryConfig.instances, metavar="K", help="instances per model (default 1)")
-    build.add_argument("--device", default=None, choices=DEVICES, help="default: python→cpu, native→gpu")
+    build.add_argument("--device", default=None, choices=DEVICES,
+                       help="default: python→cpu, native→gpu (an engine bundle needs gpu)")
     build.add_argument("--graph-backend", default=RepositoryConfig.graph_backend, choices=GRAPH_BACKENDS,
                        help="native: serve onnx graphs with the onnxruntime backend, or with ORT inside the python backend")
     build.add_argument("--reference-bundle", action="store_true",
                        help="python flavor: point at the bundle by absolute path instead of copying it in")
     build.add_argument("--max-image-pixels", type=int, default=None, metavar="N", help="largest H*W a request may send")
-    build.add_argument("--no-warmup", action="store_true", help="skip the warm-up request at model load")
+    build.add_argument("--no-warmup", action="store_true",
+                       help="skip the warm-up at model load (the router's request, the engines' model_warmup)")
     build.add_argument("--bank", default=None, help="concept bank directory for the shortcut route")
     build.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="reason-route generation budget")
     build.set_defaults(func=_build)
