@@ -6,7 +6,7 @@ the ``ModelConfig`` message that tritonclient ships (``tritonclient.grpc.model_c
 same .proto the server compiles) and then checks that the parsed message says exactly what the
 description said, field by field, so a rendering bug cannot slip through as a silently different
 config. Semantic rules Triton enforces at load time (a batch dimension needs ``max_batch_size > 0``,
-dynamic batching needs batching, names are unique, dims are positive or -1, a warm-up sample feeds
+dynamic batching needs batching, names are unique, dims are non-empty, positive or -1, a warm-up sample feeds
 every required input at a shape the config accepts) are checked in ``__post_init__`` so an invalid
 config is never written.
 
@@ -210,9 +210,10 @@ class ModelConfig:
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ModelConfigError(f"{where}.{kind}: duplicate names {dupes}")
-            for t in tensors:
-                if not t.dims and self.max_batch_size == 0:
-                    raise ModelConfigError(f"{where}.{kind} {t.name}: empty dims need max_batch_size > 0")
+            for t in tensors:  # Triton's ValidateIOShape: "must specify 'dims'", batching or not
+                if not t.dims:
+                    raise ModelConfigError(f"{where}.{kind} {t.name}: empty dims (Triton needs at least one; a scalar "
+                                           "per batch item would need dims [1] and a reshape)")
         for t in self.outputs:
             if t.optional or t.allow_ragged_batch:
                 raise ModelConfigError(f"{where}.output {t.name}: optional / allow_ragged_batch are input-only")

@@ -329,8 +329,12 @@ def read_repository(repo: str | Path) -> RepositoryManifest:
 
 
 def batch_axis(part: PartManifest) -> str | None:
-    """The symbolic leading axis every input and output of ``part`` shares, or None (not batchable)."""
-    heads = {t.shape[0] if t.shape else None for t in (*part.inputs, *part.outputs)}
+    """The symbolic leading axis every input and output of ``part`` shares, or None (not batchable).
+
+    A tensor that is only that axis (``[batch]``) makes the part unbatchable: without the batch axis its
+    Triton dims would be empty, which Triton refuses.
+    """
+    heads = {t.shape[0] if len(t.shape) > 1 else None for t in (*part.inputs, *part.outputs)}
     if len(heads) == 1:
         (head,) = heads
         if isinstance(head, str):

@@ -213,7 +213,7 @@ def test_an_onnx_bundle_still_defaults_to_the_python_flavor(tmp_path):
 
 def _batched_part(ranges_max_batch: int = 4, overrides=(), batch_min: int | None = None) -> PartManifest:
     """A CTM-like engine whose every input and output leads with the symbolic ``batch``."""
-    inputs = (TensorSpec("hidden_states", "float32", ("batch", "seq", 128)), TensorSpec("lengths", "int64", ("batch",)))
+    inputs = (TensorSpec("hidden_states", "float32", ("batch", "seq", 128)), TensorSpec("lengths", "int64", ("batch", 1)))
     outputs = (TensorSpec("concept_tokens", "float32", ("batch", 8, 256)), TensorSpec("echo", "float32", ("batch", "seq")))
     ranges = bundle_dim_ranges(64, max_batch=ranges_max_batch) | {"seq": bundle_dim_ranges(64)["completion_len"]}
     if batch_min is not None:
@@ -226,19 +226,27 @@ def test_a_shared_batch_axis_batches_up_to_the_profile_max():
     part = _batched_part(ranges_max_batch=4)
     config = plan_model_config(part, None, 1)
     assert config.max_batch_size == 4 and config.dynamic_batching.preferred_batch_size == (2, 4)
-    assert [t.dims for t in config.inputs] == [(-1, 128), ()] and [t.dims for t in config.outputs] == [(8, 256), (-1,)]
+    assert [t.dims for t in config.inputs] == [(-1, 128), (1,)] and [t.dims for t in config.outputs] == [(8, 256), (-1,)]
     (warmup,) = config.warmup
-    assert warmup.batch_size == 1 and {k: v.dims for k, v in warmup.inputs.items()} == {"hidden_states": (64, 128), "lengths": ()}
+    assert warmup.batch_size == 1 and {k: v.dims for k, v in warmup.inputs.items()} == {"hidden_states": (64, 128), "lengths": (1,)}
     message = validate_pbtxt(config.to_pbtxt(), expected=config)
     assert message.max_batch_size == 4 and list(message.model_warmup[0].inputs["hidden_states"].dims) == [64, 128]
     assert plan_model_config(part, 2, 1).max_batch_size == 2  # fewer than the engine allows is fine
     unbatched = plan_model_config(part, 0, 1)  # --max-batch 0: full shapes, the batch axis dynamic
     assert unbatched.max_batch_size == 0 and unbatched.dynamic_batching is None
-    assert [t.dims for t in unbatched.inputs] == [(-1, -1, 128), (-1,)] and unbatched.warmup[0].inputs["lengths"].dims == (1,)
+    assert [t.dims for t in unbatched.inputs] == [(-1, -1, 128), (-1, 1)] and unbatched.warmup[0].inputs["lengths"].dims == (1, 1)
     with pytest.raises(InputError, match=r"--max-batch 16: the ctm_b engine serves batches up to 4 \(its profile\)"):
         plan_model_config(part, 16, 1)
     no_single = plan_model_config(_batched_part(batch_min=2), None, 1)  # the batcher's single requests would not fit
     assert no_single.max_batch_size == 0 and no_single.inputs[0].dims == (-1, -1, 128)
+    # A [batch]-only tensor would have empty dims once batched, which Triton refuses: not batched.
+    flat = dataclasses.replace(part, inputs=(part.inputs[0], TensorSpec("lengths", "int64", ("batch",))),
+                               engine=dataclasses.replace(part.engine, profile=PartProfile("ctm_b", (
+                                   part.engine.profile.inputs[0], InputProfile("lengths", (1,), (1,), (4,))))))
+    assert plan_model_config(flat, None, 1).max_batch_size == 0 and plan_model_config(flat, None, 1).inputs[1].dims == (-1,)
+    with pytest.raises(ModelConfigError, match="lengths: empty dims"):
+        ModelConfig("m", (TensorConfig("lengths", "int64", ()),), (TensorConfig("y", "float32", (2,)),),
+                    platform="tensorrt_plan", max_batch_size=4)
 
 
 def test_a_dim_the_profile_fixes_is_written_and_carried_to_outputs_of_that_name():
@@ -255,7 +263,7 @@ def test_a_profile_that_does_not_fit_the_part_is_a_manifest_error():
     with pytest.raises(ManifestError, match=r"parts.ctm_b.engine.profile: profiles for \['nope'\]"):
         plan_model_config(dataclasses.replace(part, engine=stray), None, 1)
     missing = dataclasses.replace(part.engine, profile=PartProfile("ctm_b", part.engine.profile.inputs[:1]))
-    with pytest.raises(ManifestError, match=r"input lengths has dynamic shape \['batch'\] but no profile"):
+    with pytest.raises(ManifestError, match=r"input lengths has dynamic shape \['batch', 1\] but no profile"):
         plan_model_config(dataclasses.replace(part, engine=missing), None, 1)
     rank = dataclasses.replace(part.engine, profile=PartProfile("ctm_b", (InputProfile("hidden_states", (1, 1), (1, 1), (1, 1)),
                                                                          part.engine.profile.inputs[1])))
