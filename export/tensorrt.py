@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -226,16 +227,37 @@ def plan_bundle(bundle_dir: str | Path, manifest: BundleManifest, cfg: TrtBuildC
         ExportError: TensorRT's ONNX parser documents a node of a part as unsupported, or a pinned layer
             name cannot be written in a trtexec recipe.
     """
+    bundle_dir = Path(bundle_dir)
+    models = check_buildable(bundle_dir, manifest, cfg)
+    ranges = dim_ranges(bundle_dir, cfg.max_new_tokens)
+    qdq = {name: any(node.op_type in _QDQ_OPS for node in model.graph.node) for name, model in models.items()}
+    if cfg.precision in ("int8", "best") and not any(qdq.values()) and not _has_qdq_record(manifest):
+        raise InputError(
+            f"--precision {cfg.precision}: {bundle_dir} has no Q/DQ graph and no 'export qdq' record; TensorRT 10 "
+            "builds INT8 from explicit quantization only: run 'conceptseg-edge export qdq' first, or pass --calib DIR|world:N"
+        )
+    overrides = cfg.overrides()
+    return {
+        name: _plan_part(part, models[name], qdq[name], derive_profile(name, part.inputs, ranges, overrides.get(name, ())), cfg)
+        for name, part in manifest.parts.items()
+    }
+
+
+def check_buildable(bundle_dir: Path, manifest: BundleManifest, cfg: TrtBuildConfig) -> dict[str, Any]:
+    """Every part's graph (``onnx.ModelProto`` by part), once ``--profile`` names only the bundle's parts and
+    TensorRT's ONNX parser can take every graph (``export/trt_check.py``).
+
+    Raises:
+        InputError: a ``--profile`` for a part the bundle lacks, naming the bundle's parts.
+        ExportError: the first part with parser violations, listing them and the fix.
+    """
     import onnx
 
     from conceptseg_edge.export.trt_check import check_tensorrt_parse
 
-    bundle_dir = Path(bundle_dir)
-    overrides = cfg.overrides()
-    unknown = sorted(set(overrides) - set(manifest.parts))
+    unknown = sorted(set(cfg.overrides()) - set(manifest.parts))
     if unknown:
         raise InputError(f"--profile {unknown[0]}: the bundle has no part {unknown[0]!r} (parts: {', '.join(manifest.parts)})")
-    ranges = dim_ranges(bundle_dir, cfg.max_new_tokens)
     models = {name: onnx.load(str(bundle_dir / part.file), load_external_data=False) for name, part in manifest.parts.items()}
     for name, model in models.items():
         violations = check_tensorrt_parse(model)
@@ -247,16 +269,7 @@ def plan_bundle(bundle_dir: str | Path, manifest: BundleManifest, cfg: TrtBuildC
                 "('export concept --policy-precision fp32', then 'export qdq' for INT8), or export a prompt-only "
                 "bundle with 'export sam2'"
             )
-    qdq = {name: any(node.op_type in _QDQ_OPS for node in model.graph.node) for name, model in models.items()}
-    if cfg.precision in ("int8", "best") and not any(qdq.values()) and not any(p.qdq for p in manifest.parts.values()):
-        raise InputError(
-            f"--precision {cfg.precision}: {bundle_dir} has no Q/DQ graph and no 'export qdq' record; TensorRT 10 "
-            "builds INT8 from explicit quantization only: run 'conceptseg-edge export qdq' first, or pass --calib DIR|world:N"
-        )
-    return {
-        name: _plan_part(part, models[name], qdq[name], derive_profile(name, part.inputs, ranges, overrides.get(name, ())), cfg)
-        for name, part in manifest.parts.items()
-    }
+    return models
 
 
 def _plan_part(part: PartManifest, model, has_qdq: bool, profile: PartProfile, cfg: TrtBuildConfig) -> BuildPlan:
@@ -316,8 +329,9 @@ def build_engine_bundle(src_bundle: str | Path, out_dir: str | Path, cfg: TrtBui
     Returns the manifest as written (re-read and re-hashed). Nothing is left at ``out_dir`` on failure.
 
     Raises:
-        DependencyError: TensorRT is not importable and ``recipes_only`` is off (before anything is read).
-        InputError, ExportError: see ``plan_bundle``; ExportError also when TensorRT fails to build a part.
+        EngineUnavailableError: TensorRT is not importable and ``recipes_only`` is off (before anything is read).
+        InputError, ExportError: see ``plan_bundle``; InputError also for --calib on a bundle that went through
+            ``export qdq`` already; ExportError also when TensorRT fails to build a part.
     """
     if not cfg.recipes_only:
         from conceptseg_edge.runtime.trt_engine import import_tensorrt
@@ -326,11 +340,15 @@ def build_engine_bundle(src_bundle: str | Path, out_dir: str | Path, cfg: TrtBui
     src_bundle = Path(src_bundle)
     manifest = load_bundle(src_bundle)
     with tempfile.TemporaryDirectory(prefix="conceptseg-qdq-") as scratch:
-        if cfg.calib is not None and not _has_qdq_record(manifest):
+        if cfg.calib is not None:
+            if _has_qdq_record(manifest):
+                raise InputError(f"--calib: {src_bundle} already went through 'export qdq' (its parts record the Q/DQ "
+                                 "measurement); build it without --calib")
             from conceptseg_edge.export.qdq import QdqConfig, export_qdq
 
+            check_buildable(src_bundle, manifest, cfg)  # refuse before calibrating, not after
             quantized = Path(scratch) / "qdq"
-            manifest = export_qdq(src_bundle, quantized, QdqConfig(calib=cfg.calib))
+            manifest = export_qdq(src_bundle, quantized, QdqConfig(calibration=cfg.calib), progress=progress)
             src_bundle = quantized
         plans = plan_bundle(src_bundle, manifest, cfg)
         return _write_bundle(src_bundle, manifest, plans, Path(out_dir), cfg.recipes_only, progress)

@@ -240,6 +240,41 @@ def test_missing_tensorrt_fails_before_any_work(tiny_bundle, tmp_path, monkeypat
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.fixture(scope="module")
+def qdq_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with its decoder as a Q/DQ graph (floor 0: kept whatever it measures)."""
+    from conceptseg_edge.export.qdq import QdqConfig, export_qdq
+
+    out = tmp_path_factory.mktemp("qdq") / "bundle"
+    export_qdq(tiny_bundle, out, QdqConfig(calibration="world:2", held_out=2, parts=("sam2_decoder",),
+                                           floors={"sam2_decoder": 0.0}), progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_int8_builds_qdq_parts_strongly_typed(qdq_bundle):
+    manifest = load_bundle(qdq_bundle)
+    assert manifest.parts["sam2_decoder"].qdq.passed and manifest.parts["sam2_encoder"].qdq is None
+    int8 = _plans(qdq_bundle, precision="int8")
+    decoder, encoder = int8["sam2_decoder"], int8["sam2_encoder"]
+    assert (decoder.computes, decoder.strongly_typed, decoder.fp16, decoder.int8) == ("int8", True, False, False)
+    assert decoder.builder_flags() == ("NetworkDefinitionCreationFlag.STRONGLY_TYPED",)
+    assert "--stronglyTyped" in decoder.trtexec_args() and not {"--fp16", "--int8"} & set(decoder.trtexec_args())
+    assert (encoder.computes, encoder.strongly_typed, encoder.builder_flags()) == ("fp32", False, ())  # no Q/DQ graph
+    best = _plans(qdq_bundle, precision="best")
+    assert (best["sam2_decoder"].computes, best["sam2_decoder"].strongly_typed) == ("int8", False)
+    assert {"--fp16", "--int8", "--precisionConstraints=obey"} <= set(best["sam2_decoder"].trtexec_args())
+    assert best["sam2_encoder"].computes == "fp16" and not best["sam2_encoder"].int8
+
+
+@pytest.mark.slow
+def test_calib_on_a_qdq_bundle_is_refused(qdq_bundle, tmp_path):
+    out = tmp_path / "engines"
+    with pytest.raises(InputError, match="already went through 'export qdq'"):
+        build_engine_bundle(qdq_bundle, out, TrtBuildConfig(precision="int8", calib="world:2", recipes_only=True), progress=False)
+    assert not out.exists()
+
+
 # --- real engines (TensorRT + a CUDA device) --------------------------------------------------------------------------
 
 

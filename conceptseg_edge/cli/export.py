@@ -121,8 +121,9 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
         "bundle": args.out,
         "precision": args.precision,
         "recipes_only": args.recipes_only,
+        "recipes": sorted(rel for rel in manifest.files if rel.endswith(".sh")),
         "parts": {name: {"format": p.format, "file": p.file, "precision": p.precision,
-                         "engine": p.engine.to_dict() if p.engine else None}
+                         "qdq": p.qdq.to_dict() if p.qdq else None, "engine": p.engine.to_dict() if p.engine else None}
                   for name, p in manifest.parts.items()},
     }, indent=2))
     return 0
