@@ -28,6 +28,8 @@ import numpy as np
 
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.runtime.providers import ProviderConfig
+from conceptseg_edge.timings import describe_providers
 
 #: The benchmarks' generation budget: short, so a latency run is not dominated by one long completion.
 BENCH_GENERATION = GenerationConfig(max_new_tokens=32)
@@ -99,6 +101,7 @@ class PrecisionRow:
     prefill_ms_p50: float
     decode_tokens_per_s: float | None  # None: the completion was one token, no decoding step
     new_tokens: int
+    provider: str  # what ran the policy graphs (``describe_providers``)
     greedy_agreement_vs_first: float | None = None  # None on the first bundle (the reference)
 
 
@@ -123,7 +126,8 @@ class PolicyBenchReport:
         return round(row.decode_tokens_per_s / base, 3)
 
     def _row_json(self, row: PrecisionRow) -> dict[str, Any]:
-        out: dict[str, Any] = {"bundle": row.bundle, "precision": row.precision, "prefill_ms_p50": row.prefill_ms_p50,
+        out: dict[str, Any] = {"bundle": row.bundle, "precision": row.precision, "provider": row.provider,
+                               "prefill_ms_p50": row.prefill_ms_p50,
                                "decode_tokens_per_s": row.decode_tokens_per_s, "new_tokens": row.new_tokens}
         if row.greedy_agreement_vs_first is not None:
             out["greedy_agreement_vs_first"] = row.greedy_agreement_vs_first
@@ -169,9 +173,14 @@ def _runtime_capture(policy, runs: int, generation: GenerationConfig) -> dict[st
 
 
 def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: int = 3,
-                 generation: GenerationConfig = BENCH_GENERATION) -> PolicyBenchReport:
-    """Decode rate and agreement per precision; capture-vs-refeed ratios (both settings) on the first bundle."""
+                 generation: GenerationConfig = BENCH_GENERATION, provider: ProviderConfig = ProviderConfig()) -> PolicyBenchReport:
+    """Decode rate and agreement per precision; capture-vs-refeed ratios (both settings) on the first bundle.
+
+    Every bundle's policy runs on ``provider`` (each row records the provider that ran it)."""
+    from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.policy import OnnxPolicy
+
+    factory = engine_factory_for(provider)
 
     images, text = _prompt(with_supports=False)
     rows: list[PrecisionRow] = []
@@ -179,7 +188,7 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
     capture: dict[str, CaptureEntry] = {}
     for path in (bundle, *compare):
         manifest = load_bundle(path)
-        policy = OnnxPolicy.from_bundle(path, manifest)
+        policy = OnnxPolicy.from_bundle(path, manifest, provider.name, factory)
         gens, decode_rates, prefill_ms = [], [], []
         for _ in range(runs):
             gens.append(policy.generate(images, text, generation.max_new_tokens))
@@ -201,6 +210,7 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
             prefill_ms_p50=round(statistics.median(prefill_ms), 2),
             decode_tokens_per_s=round(statistics.median(decode_rates), 2) if decode_rates else None,
             new_tokens=int(len(tokens)),
+            provider=describe_providers(policy.providers()),
             greedy_agreement_vs_first=agreement,
         ))
     return PolicyBenchReport(tuple(rows), capture, generation, runs)

@@ -27,7 +27,8 @@ from conceptseg_edge.benchmarks.stats import (
     stability_note,
 )
 from conceptseg_edge.manifest import BundleManifest, load_bundle
-from conceptseg_edge.runtime.engine import Provider
+from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
+from conceptseg_edge.timings import describe_providers
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 
@@ -39,6 +40,11 @@ class BenchConfig:
     compare_torch: bool = field(default=False, metadata={"help": "time PyTorch eager in the same run"})
     checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
     provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
+    allow_fallback: bool = field(default=False, metadata={"help": "run on the next provider if this one is missing"})
+
+    @property
+    def provider_config(self) -> ProviderConfig:
+        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback)
 
 
 def bench_image(size_hw: tuple[int, int] = (480, 640), seed: int = 0) -> np.ndarray:
@@ -79,7 +85,8 @@ class PromptBenchReport:
 
     subject: BenchedBundle
     manifest_sha256: Mapping[str, str]  # per part
-    provider: str
+    provider_requested: str
+    providers: Mapping[str, str]  # part → the provider that ran it
     warmup: int
     runs: int
     runtime: StageSeries
@@ -91,6 +98,11 @@ class PromptBenchReport:
     route: ClassVar[str] = "prompt"
     timing_scope: ClassVar[str] = ("end-to-end prompt route on host: numpy preprocess + encoder + decoder + "
                                    "postprocess; one click; no device transfers")
+
+    @property
+    def provider(self) -> str:
+        """The provider that ran (or each one with its parts, if they differ)."""
+        return describe_providers(self.providers)
 
     @property
     def ratio_runtime_over_torch_p50(self) -> dict[str, float]:
@@ -110,7 +122,7 @@ class PromptBenchReport:
             **self.subject.to_json(),
             "manifest_sha256": dict(self.manifest_sha256),
             "timing_scope": self.timing_scope,
-            "provider": self.provider,
+            **provider_record(self.provider_requested, self.providers),
             "warmup": self.warmup,
             "runs": self.runs,
             "runtime": self.runtime.to_json(),
@@ -127,11 +139,13 @@ class PromptBenchReport:
 
 def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = True) -> PromptBenchReport:
     """Time the prompt route (see ``render_table`` for the table, ``to_json`` for the JSON)."""
+    from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.predictor import SAM2Predictor
 
+    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     manifest = load_bundle(bundle)
     checkpoint = torch_checkpoint(manifest, cfg.checkpoint) if cfg.compare_torch else None  # refused before any timing
-    predictor = SAM2Predictor.from_bundle(bundle, provider=cfg.provider, manifest=manifest)
+    predictor = SAM2Predictor.from_bundle(bundle, provider=cfg.provider, manifest=manifest, engine_factory=factory)
     image = bench_image()
     point = (image.shape[1] * 0.45, image.shape[0] * 0.55)
     torch_run = None
@@ -157,7 +171,8 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
     return PromptBenchReport(
         subject=BenchedBundle.of(bundle, manifest, image.shape[:2]),
         manifest_sha256={name: p.sha256 for name, p in manifest.parts.items()},
-        provider=predictor.encoder.provider,
+        provider_requested=cfg.provider,
+        providers=predictor.providers(),
         warmup=cfg.warmup,
         runs=cfg.runs,
         runtime=StageSeries.from_samples(ort_samples, STAGES),
@@ -173,7 +188,7 @@ def render_table(report: PromptBenchReport) -> str:
     has_torch = report.torch is not None
     head = "| stage | p50 ms | p90 ms | p99 ms |" + (" torch p50 ms | runtime/torch |" if has_torch else "")
     sep = "|---|---:|---:|---:|" + ("---:|---:|" if has_torch else "")
-    rows = [f"route `{report.route}` · {report.subject.model} @ {report.subject.image_size}px · {report.provider} · "
+    rows = [f"route `{report.route}` · {report.subject.model} @ {report.subject.image_size}px · {provider_note(report.provider_requested, report.providers)} · "
             f"{report.runs} runs · peak RSS {report.peak_rss_mb} MB" + stability_note(report.stable),
             "", head, sep]
     ratios = report.ratio_runtime_over_torch_p50

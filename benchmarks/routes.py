@@ -44,8 +44,10 @@ from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.router import ROUTES, Route, RouterConfig
 from conceptseg_edge.runtime.bank import ConceptBank
-from conceptseg_edge.runtime.engine import Provider
+from conceptseg_edge.runtime.engine import engine_factory_for
+from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+from conceptseg_edge.timings import describe_providers
 
 CONCEPTS = ("red circle", "blue square", "striped triangle", "green star")
 #: τ = 0 for every word count: the shortcut is measured on its own, never rejected into a reason run.
@@ -64,8 +66,14 @@ class RoutesBenchConfig:
     compare_torch: bool = field(default=True, metadata={"help": "time the torch reference pipeline too"})
     checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
     provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
+    allow_fallback: bool = field(default=False, metadata={"help": "run on the next provider if this one is missing"})
     generation: GenerationConfig = field(default=BENCH_GENERATION, metadata={"help": "the reason route's budget"})
     compare_bundles: tuple[str, ...] = field(default=(), metadata={"help": "same checkpoint at other policy precisions"})
+
+    @property
+    def provider_config(self) -> ProviderConfig:
+        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback,
+                              max_new_tokens=self.generation.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ class RoutesBenchReport:
     """Every route of a concept bundle, per stage; the policy's precisions and capture; torch alongside."""
 
     subject: BenchedBundle
-    provider: str
+    provider_requested: str
+    providers: Mapping[str, str]  # part → the provider that ran it
     runs: int
     warmup: int
     routes: Mapping[str, StageSeries]  # prompt, shortcut_bank_hit, shortcut_bank_miss, reason
@@ -98,6 +107,11 @@ class RoutesBenchReport:
     peak_rss_mb: float
     environment: Mapping[str, Any]
     torch: Mapping[Route, StageSeries] | None = None
+
+    @property
+    def provider(self) -> str:
+        """The provider that ran (or each one with its parts, if they differ)."""
+        return describe_providers(self.providers)
 
     @property
     def ratio_shortcut_hit_over_prompt_p50(self) -> float:
@@ -123,7 +137,7 @@ class RoutesBenchReport:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             **self.subject.to_json(),
-            "provider": self.provider,
+            **provider_record(self.provider_requested, self.providers),
             "timing_scope": TIMING_SCOPE,
             "runs": self.runs,
             "warmup": self.warmup,
@@ -159,6 +173,7 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     """Time every route the bundle serves (see ``render_routes_table``, ``plot_routes``, ``to_json``)."""
     from conceptseg_edge.data.world import ConceptWorld
 
+    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     manifest = load_bundle(bundle)
     missing = set(ROUTES) - set(manifest.routes)
     if missing:
@@ -168,7 +183,7 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     checkpoint = torch_checkpoint(manifest, cfg.checkpoint) if cfg.compare_torch else None  # refused before any timing
     with tempfile.TemporaryDirectory(prefix="cse-bank-") as bank_dir:
         seg = ConceptSegmenter.from_bundle(bundle, cfg.provider, bank_dir=bank_dir, generation=cfg.generation,
-                                           router=ALWAYS, manifest=manifest)
+                                           router=ALWAYS, engine_factory=factory, manifest=manifest)
 
         def fresh(segmenter: ConceptSegmenter, call: Callable[[ConceptSegmenter], Any]) -> Callable[[], Mapping[str, float]]:
             def run() -> Mapping[str, float]:
@@ -197,12 +212,14 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         routes = {name: StageSeries.from_samples(timed[name]) for name in series}
         multi = ConceptsPerImage(*(LatencyStats.from_samples([t["total_ms"] for t in timed[f"concepts_{n}"]]) for n in (1, 4)))
         generations = [seg.segment(image, query=CONCEPTS[0], route="reason") for _ in range(max(2, cfg.runs // 2))]
+        providers = seg.providers()
 
     rss_mb = round(peak_rss_mb(), 1)  # the routes' footprint, before the policy and torch benchmarks load more
     decode_ms = [g.timings.get("policy_decode", 0.0) for g in generations]
     steps = [max(0, (g.new_tokens or 0) - 1) for g in generations]  # the first token comes from the prefill
     policy_runs = max(2, cfg.runs // 2)
-    policy = bench_policy(bundle, cfg.compare_bundles, runs=policy_runs, generation=cfg.generation)
+    policy = bench_policy(bundle, cfg.compare_bundles, runs=policy_runs, generation=cfg.generation,
+                          provider=cfg.provider_config)
     torch_routes = None
     if checkpoint is not None:
         policy = policy.with_capture(bench_torch_capture(checkpoint, policy_runs, cfg.generation))
@@ -210,7 +227,8 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
         torch_routes = _torch_routes(checkpoint, image, point, cfg)
     return RoutesBenchReport(
         subject=BenchedBundle.of(bundle, manifest, image.shape[:2]),
-        provider=cfg.provider,
+        provider_requested=cfg.provider,
+        providers=providers,
         runs=cfg.runs,
         warmup=cfg.warmup,
         routes=routes,
@@ -263,7 +281,8 @@ def _runtime_names(timings: Mapping[str, float]) -> dict[str, float]:
 def render_routes_table(report: RoutesBenchReport) -> str:
     """Markdown: one row per route series with p50/p90/p99 and the main stages."""
     torch_route = {series: route for route, series in TORCH_SERIES.items()}
-    head = [f"all routes · {report.subject.model} @ {report.subject.image_size}px · {report.provider} · {report.runs} runs · "
+    head = [f"all routes · {report.subject.model} @ {report.subject.image_size}px · "
+            f"{provider_note(report.provider_requested, report.providers)} · {report.runs} runs · "
             f"peak RSS {report.peak_rss_mb} MB" + stability_note(report.stable), "",
             "| route | p50 ms | p90 ms | p99 ms | encoder | concept tokens / policy | decoder |" + (" torch p50 |" if report.torch else ""),
             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if report.torch else "")]
@@ -278,11 +297,12 @@ def render_routes_table(report: RoutesBenchReport) -> str:
     head += ["", f"shortcut (bank hit) / prompt p50: {report.ratio_shortcut_hit_over_prompt_p50}; "
                  f"4 concepts / 1 concept p50: {report.concepts_per_image.ratio_4_over_1_p50}; "
                  f"concept tokens on a bank miss (text prefill + CTM + bank write) p50 {report.concept_tokens_ms_p50} ms, decode {report.decode_tokens_per_s} tok/s",
-             "", "| policy precision | prefill ms | decode tok/s | speedup | greedy agreement |", "|---|---:|---:|---:|---:|"]
+             "", "| policy precision | provider | prefill ms | decode tok/s | speedup | greedy agreement |",
+             "|---|---|---:|---:|---:|---:|"]
     for row in report.policy.precisions:
         speedup = report.policy.decode_speedup_vs_first(row)
         agreement = row.greedy_agreement_vs_first
-        head.append(f"| {row.precision} | {row.prefill_ms_p50} | {row.decode_tokens_per_s} | "
+        head.append(f"| {row.precision} | {row.provider} | {row.prefill_ms_p50} | {row.decode_tokens_per_s} | "
                     f"{'–' if speedup is None else speedup} | {'reference' if agreement is None else agreement} |")
     head += ["", "| hidden-state capture | engines | setting | prompt / new tokens | with capture ms | generate + forward ms "
                  "| ratio | target |", "|---|---|---|---:|---:|---:|---:|---|"]

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from conceptseg_edge.benchmarks.stats import LatencyStats, all_stable, environment, peak_rss_mb, stability_note
+from conceptseg_edge.benchmarks.stats import (
+    LatencyStats,
+    all_stable,
+    environment,
+    peak_rss_mb,
+    stability_note,
+)
 from conceptseg_edge.errors import BenchmarkError, InputError
 from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
 
@@ -47,7 +54,8 @@ class TritonBenchConfig:
     runs: int = field(default=24, metadata={"help": "timed requests per level and side"})
     warmup: int = field(default=2, metadata={"help": "untimed requests per level and side (at least one per client)"})
     image_hw: tuple[int, int] = field(default=(480, 640), metadata={"help": "request image size"})
-    provider: str = field(default="cpu", metadata={"help": "in-process ONNX Runtime provider"})
+    provider: Provider = field(default="cpu", metadata={"help": "in-process ONNX Runtime provider"})
+    allow_fallback: bool = field(default=False, metadata={"help": "in-process: run on the next provider if this one is missing"})
     instances: int | None = field(default=None, metadata={"help": "in-process segmenters (default: the served model's instance count)"})
     timeout: float = field(default=300.0, metadata={"help": "per-request client timeout, seconds"})
 
@@ -58,6 +66,10 @@ class TritonBenchConfig:
             raise InputError(f"runs {self.runs} / warmup {self.warmup}: need runs >= 1 and warmup >= 0")
         if self.instances is not None and self.instances < 1:
             raise InputError(f"instances {self.instances}: expected >= 1")
+
+    @property
+    def provider_config(self) -> ProviderConfig:
+        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback)
 
 
 class FairPool:
@@ -259,7 +271,9 @@ class TritonBenchReport:
     manifest_sha256: dict[str, str]  # part → graph sha256
     served_instances: int
     inprocess_instances: int
-    provider: str
+    served_provider: str  # the served model's configured provider (its engines refuse to load on any other)
+    provider_requested: str  # in-process
+    providers: dict[str, str]  # in-process: part → the provider that ran it
     runs: int
     warmup: int
     levels: tuple[LevelResult, ...]
@@ -293,7 +307,8 @@ class TritonBenchReport:
             "timing_scope": self.timing_scope,
             "served_instances": self.served_instances,
             "inprocess_instances": self.inprocess_instances,
-            "provider": self.provider,
+            "served_provider": self.served_provider,
+            **provider_record(self.provider_requested, self.providers),
             "runs": self.runs,
             "warmup": self.warmup,
             "levels": [level.to_json() for level in self.levels],
@@ -352,7 +367,10 @@ def bench_triton(
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
     from conceptseg_edge.serve.client import TritonSegClient
 
+    from conceptseg_edge.runtime.engine import engine_factory_for
+
     cfg = cfg or TritonBenchConfig(concurrency=tuple(concurrency), runs=runs, warmup=warmup)
+    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     manifest = load_bundle(bundle)
     probe = TritonSegClient(url, timeout=cfg.timeout)
     if not probe.is_ready():
@@ -363,7 +381,9 @@ def bench_triton(
     groups = served.get("instance_group") or [{}]
     served_instances = int(groups[0].get("count", 1))
     instances = cfg.instances or served_instances
-    segmenters = FairPool([ConceptSegmenter.from_bundle(bundle, provider=cfg.provider) for _ in range(instances)])
+    loaded = [ConceptSegmenter.from_bundle(bundle, provider=cfg.provider, engine_factory=factory) for _ in range(instances)]
+    providers = loaded[0].providers()
+    segmenters = FairPool(loaded)
     h, w = cfg.image_hw
     point = [[w * 0.45, h * 0.55]]
 
@@ -415,7 +435,9 @@ def bench_triton(
         manifest_sha256={name: p.sha256 for name, p in manifest.parts.items()},
         served_instances=served_instances,
         inprocess_instances=instances,
-        provider=cfg.provider,
+        served_provider=served_provider(served),
+        provider_requested=cfg.provider,
+        providers=providers,
         runs=cfg.runs,
         warmup=cfg.warmup,
         levels=tuple(levels),
@@ -424,10 +446,23 @@ def bench_triton(
     )
 
 
+def served_provider(config: Mapping[str, Any]) -> str:
+    """The provider the served ``conceptseg`` model's engines run on, from its config's parameters.
+
+    A served engine never falls back (``OrtEngine`` refuses a missing provider, so the model does not
+    load): the configured provider is the one that runs. A native (BLS) router runs no graph itself.
+    """
+    params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+    if params.get("engines") == "bls":
+        return "graph models (BLS): each graph model's own"
+    return params.get("provider", "unknown")
+
+
 def render_triton_table(report: TritonBenchReport) -> str:
     """Markdown: per concurrency, Triton and in-process p50/p90/p99 and throughput, and the p50 ratio."""
     head = (f"route `{report.route}` · {report.model} @ {report.image_size}px · {report.protocol} "
-            f"{report.url} · {report.served_instances} instance(s) · {report.runs} requests per series · "
+            f"{report.url} · {report.served_instances} instance(s) on {report.served_provider} · in-process on "
+            f"{provider_note(report.provider_requested, report.providers)} · {report.runs} requests per series · "
             f"image {report.input_image_hw[0]}×{report.input_image_hw[1]}"
             + stability_note(report.stable)
             + (f" · {report.errors} FAILED REQUESTS" if report.errors else ""))

@@ -54,6 +54,12 @@ class BenchmarkError(ConceptsegError):
         self.stage = stage
 
 
+class ProviderError(InputError):
+    """The requested execution provider cannot run here: absent from this onnxruntime build, or dropped
+    by ONNX Runtime when it created the session (missing CUDA/TensorRT libraries). Never a silent
+    fallback: the message names the provider, what this build has, and how to fix it."""
+
+
 class ExportError(ConceptsegError):
     """An exported graph cannot serve its declared target: e.g. TensorRT's ONNX parser documents an op,
     attribute or input of it as unsupported (``export/trt_check.py``). The message names every node."""

@@ -46,6 +46,8 @@ class ConceptEncoder(Protocol):
 
     def reason(self, image: np.ndarray, query: str, supports: Sequence[Support]) -> ReasonOutput: ...
 
+    def providers(self) -> dict[str, str]: ...
+
 
 class OnnxConceptEncoder:
     """The ``ConceptEncoder`` the segmenter uses, over the policy's and the CTM's engines."""
@@ -68,6 +70,10 @@ class OnnxConceptEncoder:
         ctm = open_part(bundle, manifest, "ctm", provider, engine_factory)
         return cls(OnnxPolicy.from_bundle(bundle, manifest, provider, engine_factory), ctm, generation)
 
+    def providers(self) -> dict[str, str]:
+        """Part → the provider (or engine) that runs it."""
+        return {"ctm": self.ctm.provider} | self.policy.providers()  # the order bundles list their parts
+
     def _tokens(self, hidden: np.ndarray) -> np.ndarray:
         return self.ctm.run({"hidden_states": hidden[None].astype(np.float32)})["concept_tokens"][0]
 
@@ -80,7 +86,7 @@ class OnnxConceptEncoder:
         generation = self.policy.generate(episode.images(), episode.prompt, self.generation.max_new_tokens)
         t0 = time.perf_counter_ns()
         tokens = self._tokens(generation.hidden_states)
-        ctm = Timings(ctm=elapsed_ms(t0))
+        ctm = Timings(ctm=elapsed_ms(t0), providers={"ctm": self.ctm.provider})
         parsed = parse_output(generation.text, has_hidden_box=episode.has_hidden_box)
         return ReasonOutput(
             completion=generation.text,

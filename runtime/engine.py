@@ -9,35 +9,40 @@ the session's device as ORT values, so a KV cache returned by one call is fed to
 round trip through numpy (on CUDA: without leaving the GPU). Engines without it keep ``run``.
 
 Every ``from_bundle`` builds its engines through an ``EngineFactory`` (one bundle part in, one engine
-out). The default, ``open_engine``, opens ONNX parts with ONNX Runtime and refuses other formats by
-name; a TensorRT engine or Triton's BLS calls plug in as another factory, not as another loader.
+out). The default, ``open_engine``, opens ONNX parts with ONNX Runtime (strictly: the provider asked
+for or a ``ProviderError``), TensorRT engines as ``TrtEngine``s, and refuses other formats by name;
+``OrtEngineFactory(config)`` is the same with a ``ProviderConfig`` (fallback allowed, TensorRT caches,
+fp16). Triton's BLS calls plug in as another factory, not as another loader.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
 from conceptseg_edge.fileio import contained
 from conceptseg_edge.manifest import BundleManifest, PartManifest, TensorSpec
+from conceptseg_edge.runtime.providers import (  # the names --provider takes, re-exported for callers
+    CPU_EP,
+    PROVIDER_NAMES,  # noqa: F401
+    PROVIDERS,  # noqa: F401
+    Provider,  # noqa: F401
+    ProviderConfig,
+    as_config,
+    check_provider,
+    check_session,
+    ort_providers,
+    warmup_feeds,
+)
 
 if TYPE_CHECKING:
     from onnxruntime import OrtValue
-
-# Provider names users type → ONNX Runtime execution providers, in fallback order.
-Provider = Literal["cpu", "cuda", "tensorrt"]
-PROVIDERS: dict[Provider, tuple[str, ...]] = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-#: The names ``--provider`` accepts, in the order help lists them.
-PROVIDER_NAMES: tuple[Provider, ...] = tuple(PROVIDERS)
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -92,41 +97,56 @@ def check_feed(name: str, spec: TensorSpec, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=spec.dtype)
 
 
-def resolve_providers(provider: str, available: Sequence[str]) -> list[str]:
-    """Map a provider name to ORT providers present in this build, warning on each fallback."""
-    if provider not in PROVIDERS:
-        raise InputError(f"provider '{provider}': expected one of {sorted(PROVIDERS)}")
-    wanted = PROVIDERS[provider]
-    chosen = [p for p in wanted if p in available]
-    if wanted[0] not in available:
-        warnings.warn(
-            f"provider '{provider}' ({wanted[0]}) is not available in this onnxruntime build "
-            f"(has {list(available)}); falling back to {chosen[0]}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return chosen
-
-
 class OrtEngine:
-    """An ONNX Runtime session behind the ``Engine`` protocol."""
+    """An ONNX Runtime session behind the ``Engine`` protocol.
 
-    def __init__(self, path: str | Path, provider: str = "cpu") -> None:
+    ``provider`` is the execution provider that runs the session (``session.get_providers()[0]``),
+    never just the one asked for; ``part`` (the manifest's record, when the graph comes from a bundle)
+    gives the TensorRT provider its profile and the warm-up run its shapes.
+
+    Raises:
+        ProviderError: the provider asked for is not available or did not start (unless fallback is allowed).
+        EngineIOError: ONNX Runtime cannot load the file.
+    """
+
+    def __init__(self, path: str | Path, provider: str | ProviderConfig = "cpu", part: PartManifest | None = None) -> None:
         import onnxruntime as ort
 
+        config = as_config(provider)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # shape-merge notes from the exporter are not user errors
-        providers = resolve_providers(provider, ort.get_available_providers())
+        chosen = check_provider(config, ort.get_available_providers())
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=ort_providers(config, part, chosen)
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types for corrupt files
             raise EngineIOError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
         self.name = Path(path).stem
-        self.provider = self._session.get_providers()[0]
+        self.provider = check_session(config, chosen, self._session.get_providers(), str(path))
         self.inputs = tuple(self._spec(t) for t in self._session.get_inputs())
         self.outputs = tuple(self._spec(t) for t in self._session.get_outputs())
         self._output_names = [t.name for t in self.outputs]
         self.device = "cuda" if self.provider in _CUDA_PROVIDERS else "cpu"
+        if self.provider != CPU_EP and part is not None and config.warmup:
+            self._warm_up(warmup_feeds(part, config))
+
+    def _warm_up(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """One run at load: TensorRT builds its engine (or loads it from the cache) and CUDA picks its
+        kernels here, not inside the first timed request.
+
+        Zeros are not valid data for every graph (the policy's vision graph divides by its image grid),
+        so a failed warm-up is a warning that the first request pays the build, not a load failure.
+        """
+        try:
+            self.run(feeds)
+        except Exception as exc:  # ORT's own error types
+            warnings.warn(
+                f"{self.name}: warm-up on {self.provider} with zero feeds failed ({str(exc)[:200]}); "
+                "the first request builds the engine",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _spec(arg) -> TensorSpec:
@@ -145,21 +165,58 @@ class OrtEngine:
 class EngineFactory(Protocol):
     """Builds the engine that runs one part of a bundle (``bundle_dir / part.file``) on ``provider``."""
 
-    def __call__(self, bundle_dir: Path, part: PartManifest, provider: str) -> Engine: ...
+    def __call__(self, bundle_dir: Path, part: PartManifest, provider: str | ProviderConfig) -> Engine: ...
 
 
-def open_engine(bundle_dir: Path, part: PartManifest, provider: str) -> Engine:
-    """The default ``EngineFactory``: an ``onnx`` part on ONNX Runtime, any other format refused.
+def open_engine(bundle_dir: Path, part: PartManifest, provider: str | ProviderConfig) -> Engine:
+    """The default ``EngineFactory``: an ``onnx`` part on ONNX Runtime, a ``tensorrt`` part as a
+    ``TrtEngine``, any other format refused. A provider name is strict (no fallback); a
+    ``ProviderConfig`` says whether falling back is allowed.
 
     Raises:
-        ManifestError: the part's format is not ``onnx`` (naming the part and the format).
+        ManifestError: the part's format is neither (naming the part and the format).
+        ProviderError: the provider is not available here (see ``OrtEngine``).
     """
+    if part.format == "tensorrt":
+        from conceptseg_edge.runtime.trt_engine import open_trt_engine
+
+        return open_trt_engine(bundle_dir, part, provider)
     if part.format != "onnx":
         raise ManifestError(
-            f"parts.{part.name}.format: {part.format!r} cannot be opened with ONNX Runtime (it opens 'onnx'); "
-            "pass an engine_factory that opens this format"
+            f"parts.{part.name}.format: {part.format!r} cannot be opened (ONNX Runtime opens 'onnx', TensorRT "
+            "'tensorrt'); pass an engine_factory that opens this format"
         )
-    return OrtEngine(contained(bundle_dir, part.file, f"parts.{part.name}.file"), provider)
+    return OrtEngine(contained(bundle_dir, part.file, f"parts.{part.name}.file"), provider, part)
+
+
+@dataclass(frozen=True)
+class OrtEngineFactory:
+    """``open_engine`` with a ``ProviderConfig``: ``from_bundle(bundle, config.name, engine_factory=OrtEngineFactory(config))``.
+
+    The provider a ``from_bundle`` passes on must be the config's: a factory never runs a part on a
+    provider other than the one the caller named.
+    """
+
+    config: ProviderConfig
+
+    def __call__(self, bundle_dir: Path, part: PartManifest, provider: str) -> Engine:
+        if provider != self.config.name:
+            raise InputError(f"provider '{provider}': this engine factory is configured for '{self.config.name}'")
+        return open_engine(bundle_dir, part, self.config)
+
+
+def engine_factory_for(config: ProviderConfig) -> OrtEngineFactory:
+    """The factory that opens parts on ``config``'s provider, after checking that provider exists in
+    this onnxruntime build: a command calls it before it loads anything, so a missing GPU provider
+    fails (or, with ``allow_fallback``, warns) before any model runs.
+
+    Raises:
+        ProviderError: the provider is not in this build and fallback is off.
+    """
+    import onnxruntime as ort
+
+    check_provider(config, ort.get_available_providers())
+    return OrtEngineFactory(config)
 
 
 def open_part(

@@ -154,6 +154,11 @@ class OnnxPolicy:
         proc = contained(bundle, PROCESSOR_DIR, PROCESSOR_DIR)
         return cls(vision, embed, decoder, PolicyTokenizer.from_dir(proc), PolicyImageConfig.from_dir(proc))
 
+    def providers(self) -> dict[str, str]:
+        """Part → the provider (or engine) that runs it."""
+        engines = {"policy_vision": self.vision, "policy_embed": self.embed, "policy_decoder": self.decoder}
+        return {name: engine.provider for name, engine in engines.items() if engine is not None}
+
     # ------------------------------------------------------------------ pieces
 
     def build_input_ids(self, num_images: int, text: str, grids: Sequence[np.ndarray]) -> np.ndarray:
@@ -201,7 +206,9 @@ class OnnxPolicy:
                 out = self.vision.run({"pixel_values": pixel_values, "image_grid_thw": grid[None]})
                 image_embeds.append(out["image_embeds"])
                 grids.append(grid)
-            image_timings = Timings(policy_preprocess=(t1 - t0) / 1e6, policy_vision=elapsed_ms(t1))
+            image_timings = Timings(
+                policy_preprocess=(t1 - t0) / 1e6, policy_vision=elapsed_ms(t1), providers={"policy_vision": self.vision.provider}
+            )
         t2 = time.perf_counter_ns()
         ids = self.build_input_ids(len(images), text, grids)
         ids = np.concatenate([ids, np.asarray(append_ids, dtype=np.int64).reshape(-1)])
@@ -218,7 +225,7 @@ class OnnxPolicy:
         )
         out = self.decoder.run({**decoder_feeds(embeds, positions, len(ids)), **self._empty_cache})
         logits = out["logits"][0]
-        timings = image_timings | Timings(policy_prefill=elapsed_ms(t2))
+        timings = image_timings | Timings(policy_prefill=elapsed_ms(t2), providers={"policy_prefill": self.decoder.provider})
         return PrefillState(
             input_ids=ids,
             hidden_states=out["last_hidden_state"][0],
@@ -259,7 +266,7 @@ class OnnxPolicy:
             logits, row = decoder.step(self._token_embedding(token), position, total)
             position += 1
             rows.append(row)
-        timings = state.timings | Timings(policy_decode=elapsed_ms(t0))
+        timings = state.timings | Timings(policy_decode=elapsed_ms(t0), providers={"policy_decode": self.decoder.provider})
         token_ids = np.asarray(tokens, dtype=np.int64)
         hidden = np.stack(rows[: len(tokens)]).astype(np.float32, copy=False)
         return PolicyGeneration(self.tokenizer.decode(token_ids), token_ids, hidden, timings)

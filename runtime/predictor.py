@@ -79,6 +79,10 @@ class SAM2Predictor:
         encoder, decoder = (open_part(bundle, manifest, name, provider, engine_factory) for name in SAM2_PARTS)
         return cls(encoder, decoder, manifest.preprocessing)
 
+    def providers(self) -> dict[str, str]:
+        """Part → the provider (or engine) that runs it."""
+        return {"sam2_encoder": self.encoder.provider, "sam2_decoder": self.decoder.provider}
+
     # ------------------------------------------------------------------ image state
 
     def set_image(self, image: np.ndarray) -> None:
@@ -89,7 +93,9 @@ class SAM2Predictor:
         x = preprocess_image(image, self.pre.image_size, self.pre.pixel_mean, self.pre.pixel_std)
         t1 = time.perf_counter_ns()
         self._features = self.encoder.run({"image": x})
-        self.image_timings = Timings(preprocess=(t1 - t0) / 1e6, encoder=elapsed_ms(t1))
+        self.image_timings = Timings(
+            preprocess=(t1 - t0) / 1e6, encoder=elapsed_ms(t1), providers={"encoder": self.encoder.provider}
+        )
         self._image_hw = image.shape[:2]
 
     def reset(self) -> None:
@@ -155,7 +161,8 @@ class SAM2Predictor:
         out = self.decode(coords, point_labels, tokens)
         t1 = time.perf_counter_ns()
         prediction = self.postprocess(out, 0, prompts.multimask if multimask is None else multimask)
-        return replace(prediction, timings=self.image_timings | Timings(decoder=(t1 - t0) / 1e6, postprocess=elapsed_ms(t1)))
+        stages = Timings(decoder=(t1 - t0) / 1e6, postprocess=elapsed_ms(t1), providers={"decoder": self.decoder.provider})
+        return replace(prediction, timings=self.image_timings | stages)
 
     def postprocess(self, out: dict[str, np.ndarray], index: int, multimask: bool) -> Prediction:
         """Pick a mask from row ``index`` of a decoder output and bring it to the original size."""

@@ -31,7 +31,7 @@ from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
 from conceptseg_edge.runtime.concept import ConceptEncoder, OnnxConceptEncoder
 from conceptseg_edge.runtime.engine import EngineFactory, open_engine
 from conceptseg_edge.runtime.predictor import Prediction, SAM2Predictor
-from conceptseg_edge.timings import Timings, elapsed_ms
+from conceptseg_edge.timings import Timings, describe_providers, elapsed_ms
 
 
 @dataclass
@@ -64,7 +64,8 @@ class _Candidate:
 
 def _result(prediction: Prediction, route: str, why: str, timings: Timings, **extra) -> SegmentResult:
     """A result with the request's stages so far and the prediction's decoder and postprocess."""
-    own = Timings(decoder=prediction.timings.decoder, postprocess=prediction.timings.postprocess)
+    own = Timings(decoder=prediction.timings.decoder, postprocess=prediction.timings.postprocess,
+                  providers=prediction.timings.provider_map())
     return SegmentResult(prediction.mask, route, why, prediction.score, prediction.object_score,
                          timings=timings | own, **extra)
 
@@ -119,6 +120,10 @@ class ConceptSegmenter:
         bank = ConceptBank(bank_dir, bundle_key(manifest)) if bank_dir is not None and concepts else None
         return cls(predictor, router or manifest.router or RouterConfig(), manifest.routes, concepts, bank)
 
+    def providers(self) -> dict[str, str]:
+        """Part → the provider (or engine) that runs it: what reports record as having run."""
+        return self.predictor.providers() | (self.concepts.providers() if self.concepts is not None else {})
+
     # ------------------------------------------------------------------ image state
 
     def reset(self) -> None:
@@ -143,6 +148,13 @@ class ConceptSegmenter:
         if self.bank is not None:
             return self.bank.get_or_compute(phrase, self.concepts.from_text)
         return self.concepts.from_text(phrase), False
+
+    def _token_stage(self, ms: float, hit: bool) -> Timings:
+        """The ``concept_tokens`` stage; a bank miss ran the text prefill and the CTM, a hit no graph."""
+        if hit:
+            return Timings(concept_tokens=ms)
+        ran = {k: v for k, v in self.concepts.providers().items() if k in ("policy_embed", "policy_decoder", "ctm")}
+        return Timings(concept_tokens=ms, providers={"concept_tokens": describe_providers(ran)})
 
     def segment(
         self,
@@ -190,7 +202,8 @@ class ConceptSegmenter:
         for row, (_, hit) in enumerate(looked_up):
             t2 = time.perf_counter_ns()
             prediction = self.predictor.postprocess(out, row, multimask=False)
-            stages = Timings(concept_tokens=token_ms, decoder=decode_ms, postprocess=elapsed_ms(t2))
+            decoded = Timings(decoder=decode_ms, postprocess=elapsed_ms(t2), providers={"decoder": self.predictor.decoder.provider})
+            stages = self._token_stage(token_ms, hit) | decoded
             candidates.append(_Candidate(replace(prediction, timings=stages), hit, image_timings | stages))
         return candidates
 
@@ -221,7 +234,7 @@ class _Request:
         if candidate is None:
             t0 = time.perf_counter_ns()
             tokens, hit = self.seg.concept_tokens(self.query)
-            self.timings = self.timings | Timings(concept_tokens=elapsed_ms(t0))
+            self.timings = self.timings | self.seg._token_stage(elapsed_ms(t0), hit)
             prediction = self.seg.predictor.predict(concept_tokens=tokens, multimask=False)
             candidate = _Candidate(prediction, hit, self.timings)
         prediction = candidate.prediction

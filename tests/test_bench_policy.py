@@ -32,7 +32,7 @@ PROMPT_STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 PROMPT_LAYOUT = [
     *leaves("route", "bundle", "model", "image_size", "input_image_hw"),
     ("precision", SAM2_PARTS), ("manifest_sha256", SAM2_PARTS),
-    *leaves("timing_scope", "provider", "warmup", "runs"),
+    *leaves("timing_scope", "provider_requested", "provider"), ("providers", SAM2_PARTS), *leaves("warmup", "runs"),
     ("runtime", series(*PROMPT_STAGES)), ("peak_rss_mb", None), ("environment", "…"),
     ("torch", series(*PROMPT_STAGES)), ("torch_weights", None),
     ("ratio_runtime_over_torch_p50", leaves(*PROMPT_STAGES, "total")), ("stable", None),
@@ -40,12 +40,13 @@ PROMPT_LAYOUT = [
 CAPTURE_ENTRY = [*leaves("engines", "setting", "prompt_tokens", "new_tokens", "generate_with_capture_ms",
                          "generate_then_forward_ms", "ratio", "target", "meets_target"),
                  ("samples_ms", leaves("capture", "baseline"))]
-PRECISION_ROW = leaves("bundle", "precision", "prefill_ms_p50", "decode_tokens_per_s", "new_tokens")
+PRECISION_ROW = leaves("bundle", "precision", "provider", "prefill_ms_p50", "decode_tokens_per_s", "new_tokens")
+CONCEPT_PARTS = leaves("sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed", "policy_decoder")
 SAM2_STAGES = ("decoder", "encoder", "postprocess", "preprocess")  # sorted: the routes report sorts stage names
 ROUTES_LAYOUT = [
     *leaves("bundle", "model", "image_size", "input_image_hw"),
-    ("precision", leaves("sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed", "policy_decoder")),
-    *leaves("provider", "timing_scope", "runs", "warmup"),
+    ("precision", CONCEPT_PARTS),
+    *leaves("provider_requested", "provider"), ("providers", CONCEPT_PARTS), *leaves("timing_scope", "runs", "warmup"),
     ("routes", [
         ("prompt", series(*SAM2_STAGES)),
         ("shortcut_bank_hit", series("concept_tokens", *SAM2_STAGES)),
@@ -96,6 +97,7 @@ def test_routes_report_json_keeps_every_key_in_place(routes, tmp_path):
     assert layout(report) == ROUTES_LAYOUT
     assert list(report["environment"]) == ENVIRONMENT_KEYS
     assert report["policy"]["max_new_tokens"] == 4
+    assert report["provider"] == "CPUExecutionProvider" and {r["provider"] for r in report["policy"]["precisions"]} == {"CPUExecutionProvider"}
     assert report["policy"]["concept_tokens_ms_p50"] == report["routes"]["shortcut_bank_miss"]["concept_tokens"]["p50"]
     assert report["ratio_runtime_over_torch_p50"]["shortcut"] == round(
         report["routes"]["shortcut_bank_miss"]["total"]["p50"] / report["torch"]["shortcut"]["total"]["p50"], 3)
@@ -116,6 +118,7 @@ def test_prompt_report_json_keeps_every_key_in_place(tiny_bundle):
     assert layout(report) == PROMPT_LAYOUT
     assert list(report["environment"]) == ENVIRONMENT_KEYS
     assert report["torch_weights"] == "bundle checkpoint"
+    assert report["provider_requested"] == "cpu" and set(report["providers"].values()) == {report["provider"]} == {"CPUExecutionProvider"}
     rows = render_table(typed).splitlines()
     assert rows[-1].startswith(f"| total | {report['runtime']['total']['p50']:.1f} |")
 
@@ -150,5 +153,5 @@ def test_table_lists_every_capture_row_and_precision(routes):
         assert str(entry.ratio) in row and ("NOT met" in row) != entry.meets_target
     first, second = routes.policy.precisions
     assert first.greedy_agreement_vs_first is None and second.greedy_agreement_vs_first == 1.0  # the same bundle
-    assert f"| {second.precision} | {second.prefill_ms_p50} | {second.decode_tokens_per_s} |" in table
+    assert f"| {second.precision} | {second.provider} | {second.prefill_ms_p50} | {second.decode_tokens_per_s} |" in table
     assert "| reference |" in table

@@ -13,7 +13,7 @@ import pytest
 from conceptseg_edge.errors import EngineIOError, InputError, ManifestError
 from conceptseg_edge.manifest import TensorSpec, load_bundle
 from conceptseg_edge.metrics import iou
-from conceptseg_edge.runtime.engine import OrtEngine, open_engine, resolve_providers
+from conceptseg_edge.runtime.engine import OrtEngine, open_engine
 from conceptseg_edge.runtime.predictor import SAM2Predictor
 
 
@@ -100,8 +100,11 @@ def test_every_part_is_opened_by_the_engine_factory(tiny_bundle, sample_image):
 
 def test_default_factory_refuses_a_format_it_cannot_open(tiny_bundle):
     manifest = load_bundle(tiny_bundle)
-    engine = dataclasses.replace(manifest.part("sam2_decoder"), format="tensorrt")
-    with pytest.raises(ManifestError, match=r"parts\.sam2_decoder\.format: 'tensorrt' cannot be opened with ONNX Runtime"):
+    unknown = dataclasses.replace(manifest.part("sam2_decoder"), format="openvino")
+    with pytest.raises(ManifestError, match=r"parts\.sam2_decoder\.format: 'openvino' cannot be opened"):
+        SAM2Predictor.from_bundle(tiny_bundle, manifest=manifest.with_parts(sam2_decoder=unknown))
+    engine = dataclasses.replace(manifest.part("sam2_decoder"), format="tensorrt")  # goes to TrtEngine: no engine record
+    with pytest.raises(ManifestError, match=r"parts\.sam2_decoder: format 'tensorrt' with no engine record"):
         SAM2Predictor.from_bundle(tiny_bundle, manifest=manifest.with_parts(sam2_decoder=engine))
 
 
@@ -263,13 +266,6 @@ def test_engine_checks_feeds(tiny_bundle):
         engine.run({"image": np.zeros((3, 512, 512), np.float32)})
     with pytest.raises(EngineIOError, match="expected"):
         engine.run({"image": np.zeros((1, 3, 256, 256), np.float32)})
-
-
-def test_missing_provider_falls_back_with_a_warning():
-    with pytest.warns(RuntimeWarning, match="'cuda'.*not available.*falling back to CPUExecutionProvider"):
-        assert resolve_providers("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    with pytest.raises(InputError, match="provider 'metal'"):
-        resolve_providers("metal", ["CPUExecutionProvider"])
 
 
 def test_tampered_onnx_is_refused_at_load(bundle_copy):

@@ -946,6 +946,8 @@ def test_benchmark_reports_both_sides_per_concurrency(server, tiny_bundle):
 
     report = bench_triton(server.grpc_url, tiny_bundle, concurrency=(1, 2), runs=1, warmup=0, progress=False)
     assert report.errors == 0 and report.served_instances == report.inprocess_instances == 1
+    assert report.served_provider == "cpu" and report.provider_requested == "cpu"  # the served model's engines are strict
+    assert set(report.providers.values()) == {"CPUExecutionProvider"}
     assert [lv.concurrency for lv in report.levels] == [1, 2]
     for level in report.levels:
         for side in level.sides():
@@ -965,7 +967,8 @@ def test_benchmark_reports_both_sides_per_concurrency(server, tiny_bundle):
 
 
 REPORT_KEYS = ["route", "url", "protocol", "bundle", "model", "image_size", "input_image_hw", "precision", "manifest_sha256",
-               "payload", "timing_scope", "served_instances", "inprocess_instances", "provider", "runs", "warmup", "levels",
+               "payload", "timing_scope", "served_instances", "inprocess_instances", "served_provider", "provider_requested",
+               "provider", "providers", "runs", "warmup", "levels",
                "errors", "stable", "peak_rss_mb", "environment"]
 
 

@@ -6,8 +6,8 @@ import argparse
 from typing import Literal
 
 from conceptseg_edge.benchmarks.policy import BENCH_GENERATION
+from conceptseg_edge.cli.providers import add_provider_arguments
 from conceptseg_edge.router import Route
-from conceptseg_edge.runtime.engine import PROVIDER_NAMES
 
 #: ``--route``: the prompt route alone (vs torch eager), or every route of a concept bundle.
 BENCH_ROUTES: tuple[Route | Literal["all"], ...] = ("prompt", "all")
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "the path the manifest records, which may be where the bundle was exported, not here")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
+    add_provider_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=BENCH_GENERATION.max_new_tokens,
                         help="reason-route generation budget (--route all)")
     parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
@@ -49,20 +49,23 @@ def _bench(args: argparse.Namespace) -> int:
         if path is not None:
             writable_output(path, flag)  # before minutes of timing, not after
     if args.triton:
-        from conceptseg_edge.benchmarks.triton import bench_triton, render_triton_table
+        from conceptseg_edge.benchmarks.triton import TritonBenchConfig, bench_triton, render_triton_table
 
         try:
             levels = tuple(int(c) for c in args.concurrency.split(","))
         except ValueError:
             raise InputError(f"--concurrency {args.concurrency}: expected comma-separated integers") from None
-        served = bench_triton(args.triton, args.bundle, concurrency=levels, runs=args.runs, warmup=args.warmup)
+        cfg = TritonBenchConfig(concurrency=levels, runs=args.runs, warmup=args.warmup, provider=args.provider,
+                                allow_fallback=args.allow_fallback)
+        served = bench_triton(args.triton, args.bundle, cfg=cfg)
         report, table = served.to_json(), render_triton_table(served)
     elif args.route == "all":
         from conceptseg_edge.benchmarks.routes import RoutesBenchConfig, bench_routes, plot_routes, render_routes_table
         from conceptseg_edge.generation import GenerationConfig
 
         cfg = RoutesBenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                                checkpoint=args.checkpoint, provider=args.provider, generation=GenerationConfig(args.max_new_tokens),
+                                checkpoint=args.checkpoint, provider=args.provider, allow_fallback=args.allow_fallback,
+                                generation=GenerationConfig(args.max_new_tokens),
                                 compare_bundles=tuple(args.compare_bundle))
         routes = bench_routes(args.bundle, cfg)
         report, table = routes.to_json(), render_routes_table(routes)
@@ -72,7 +75,7 @@ def _bench(args: argparse.Namespace) -> int:
         from conceptseg_edge.benchmarks.prompt import BenchConfig, bench_prompt_route, render_table
 
         cfg = BenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                          checkpoint=args.checkpoint, provider=args.provider)
+                          checkpoint=args.checkpoint, provider=args.provider, allow_fallback=args.allow_fallback)
         prompt = bench_prompt_route(args.bundle, cfg)
         report, table = prompt.to_json(), render_table(prompt)
     if args.json_out:

@@ -23,7 +23,8 @@ import numpy as np
 
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.runtime.engine import PROVIDER_NAMES, Provider
+from conceptseg_edge.cli.providers import add_provider_arguments
+from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
 from conceptseg_edge.timings import elapsed_ms
 
 #: The committed ConceptSeg-Tiny bundle (``conceptseg-edge train tiny-default`` writes it).
@@ -41,6 +42,11 @@ class DemoConfig:
     image_size: int | None = None
     repeats: int = 3  # timed calls per sample (the encoder included each time); the median is reported
     provider: Provider = "cpu"
+    allow_fallback: bool = False  # run on the next provider (warning) when ``provider`` is missing
+
+    @property
+    def provider_config(self) -> ProviderConfig:
+        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback)
 
 
 @dataclass
@@ -53,6 +59,7 @@ class DemoSample:
     latency_ms: float
     timings: dict[str, float]
     completion: str | None
+    providers: dict[str, str]  # stage → the provider that ran it
 
 
 def pick_samples(world: Any, per_level: int) -> list[Any]:
@@ -85,15 +92,17 @@ def run_demo(bundle: str | Path = DEFAULT_BUNDLE, out: str | Path | None = None,
     from conceptseg_edge.episodes import box_from_mask
     from conceptseg_edge.manifest import load_bundle
     from conceptseg_edge.metrics import iou
+    from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
     if cfg.per_level < 1 or cfg.repeats < 1:
         raise InputError(f"per_level {cfg.per_level} / repeats {cfg.repeats}: both must be >= 1")
+    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     bundle = Path(bundle)
     manifest = load_bundle(bundle)
     if "reason" not in manifest.routes:
         raise InputError(f"{bundle}: a concept bundle is needed (routes {manifest.routes}); export one with `export concept`")
-    segmenter = ConceptSegmenter.from_bundle(bundle, cfg.provider)
+    segmenter = ConceptSegmenter.from_bundle(bundle, cfg.provider, engine_factory=factory)
     world = ConceptWorld(cfg.seed, cfg.image_size or manifest.preprocessing.image_size)
     episodes = pick_samples(world, cfg.per_level)
 
@@ -119,6 +128,7 @@ def run_demo(bundle: str | Path = DEFAULT_BUNDLE, out: str | Path | None = None,
         "checkpoint": manifest.source.checkpoint,
         "image_size": int(world.size),
         "repeats": cfg.repeats,
+        **provider_record(cfg.provider, segmenter.providers()),
         "samples": [vars(s) for s in samples],
         "by_route": _summarise(samples, "route"),
         "by_level": _summarise([s for s in samples if s.query != "(box prompt)"], "level"),
@@ -136,7 +146,8 @@ def run_demo(bundle: str | Path = DEFAULT_BUNDLE, out: str | Path | None = None,
 
 def _sample(level: str, query: str, result: Any, score: float, ms: float) -> DemoSample:
     return DemoSample(level, query, result.route, result.reason, round(score, 4), round(ms, 2),
-                      {k: round(v, 2) for k, v in result.timings.to_dict().items()}, result.completion)
+                      {k: round(v, 2) for k, v in result.timings.to_dict().items()}, result.completion,
+                      result.timings.provider_map())
 
 
 def _summarise(samples: list[DemoSample], key: str) -> dict[str, dict[str, float]]:
@@ -178,7 +189,8 @@ def render_grid(panels: list[tuple[Any, Any, Any]], samples: list[DemoSample], s
 
 def render_demo_table(report: dict[str, Any]) -> str:
     """The markdown the CLI prints: one line per sample, then latency and IoU per route."""
-    lines = ["| level | query | route | fg IoU | ms | stages (ms) |", "|---|---|---|---|---|---|"]
+    lines = [f"provider: {provider_note(report['provider_requested'], report['providers'])}", "",
+             "| level | query | route | fg IoU | ms | stages (ms) |", "|---|---|---|---|---|---|"]
     for s in report["samples"]:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in s["timings"].items() if "tokens" not in k)
         lines.append(f"| {s['level']} | {s['query'][:48]} | {s['route']} | {s['iou']:.3f} | {s['latency_ms']:.1f} | {stages} |")
@@ -194,15 +206,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="out/demo", help="writes demo.json and grid.png here")
     parser.add_argument("--per-level", type=int, default=3, help="samples per concept level (CI, CD, CR)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per sample; the median is reported")
-    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
+    add_provider_arguments(parser)
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from conceptseg_edge.fileio import writable_output
 
+    cfg = DemoConfig(per_level=args.per_level, repeats=args.repeats, provider=args.provider, allow_fallback=args.allow_fallback)
     writable_output(args.out, "--out", directory=True)
-    report = run_demo(args.bundle, args.out, DemoConfig(per_level=args.per_level, repeats=args.repeats, provider=args.provider))
+    report = run_demo(args.bundle, args.out, cfg)
     print(render_demo_table(report))
     if Path(args.bundle).resolve() == DEFAULT_BUNDLE:
         print(f"\n{args.per_level} samples per level; ConceptSeg-Tiny's held-out report over 60 episodes, per level "

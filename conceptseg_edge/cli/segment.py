@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from conceptseg_edge.cli.providers import add_provider_arguments, provider_config
 from conceptseg_edge.router import AUTO, ROUTE_CHOICES
-from conceptseg_edge.runtime.engine import PROVIDER_NAMES
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="auto (router decides), prompt, shortcut or reason")
     parser.add_argument("--out", required=True, help="mask PNG (0/255)")
     parser.add_argument("--overlay", default=None, help="also write the mask tinted over the image")
-    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
+    add_provider_arguments(parser)
     parser.add_argument("--bank", default=None, help=f"concept bank directory (default {default_bank_dir()})")
     parser.add_argument("--no-bank", action="store_true", help="do not read or write the concept bank")
     parser.add_argument("--json", action="store_true", help="print route, scores and per-stage ms as JSON")
@@ -116,9 +116,13 @@ def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.fileio import atomic_paths
     from conceptseg_edge.preprocess import load_image, make_prompts
+    from conceptseg_edge.runtime.engine import engine_factory_for
+    from conceptseg_edge.runtime.providers import provider_record
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
     from conceptseg_edge.visualize import overlay, save_png
 
+    config = provider_config(args)
+    factory = engine_factory_for(config)  # a missing GPU provider fails here, before anything is read or written
     outputs, bank = output_paths(args)
     image = load_image(args.image)
     points = [p[:2] for p in args.point] or None
@@ -127,7 +131,7 @@ def _segment(args: argparse.Namespace) -> int:
     if prompts.empty and not (args.concept and args.concept.strip()):
         raise InputError("no prompt: give --point X,Y, --box X0,Y0,X1,Y1 or --concept TEXT")
     supports = load_supports(args.support)
-    segmenter = ConceptSegmenter.from_bundle(args.bundle, provider=args.provider, bank_dir=bank)
+    segmenter = ConceptSegmenter.from_bundle(args.bundle, provider=config.name, bank_dir=bank, engine_factory=factory)
     result = segmenter.segment(image, query=args.concept, points=points, labels=labels, box=args.box,
                                supports=supports, route=args.route)
     with atomic_paths(*outputs) as staged:  # the mask and its overlay are written both or neither
@@ -137,11 +141,13 @@ def _segment(args: argparse.Namespace) -> int:
             save_png(staged[1], overlay(image, result.mask, shown))
     report = mask_report(result, args.out) | {
         "bank_hit": result.bank_hit,
+        **provider_record(config.name, result.timings.provider_map()),
         "timings_ms": {k: round(v, 2) for k, v in result.timings.to_dict().items()} | {"total": round(result.timings.total(), 2)},
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{args.out}: route {result.route} ({result.reason}), score {result.score:.3f}, "
-              f"{100 * report['area_fraction']:.1f}% of the image, {report['timings_ms']['total']:.0f} ms", file=sys.stderr)
+              f"{100 * report['area_fraction']:.1f}% of the image, {report['timings_ms']['total']:.0f} ms on {report['provider']}",
+              file=sys.stderr)
     return 0

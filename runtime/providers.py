@@ -1,0 +1,227 @@
+"""Execution providers: what ``--provider`` asks for, what ONNX Runtime may use, and what really ran.
+
+A user who asks for ``cuda`` or ``tensorrt`` and silently gets CPU reads CPU latencies as GPU ones,
+so nothing here falls back on its own: a provider this onnxruntime build lacks is a ``ProviderError``
+before any model loads (``check_provider``), and so is one ONNX Runtime drops while it creates a
+session (it does that when CUDA or TensorRT libraries fail to load, and only logs it:
+``check_session``). ``ProviderConfig(allow_fallback=True)`` turns both into one warning and the next
+provider in the chain; every report then records the provider that executed beside the one asked for.
+
+``ProviderConfig`` also holds what the GPU providers need to run well, turned into ONNX Runtime's
+provider options by pure functions (``cuda_options``, ``tensorrt_options``, ``ort_providers``):
+TensorRT's fp16/int8 flags, engine and timing caches, and the optimization profile of each part,
+derived from the manifest's symbolic dims by ``conceptseg_edge.profiles`` (the same profile the
+``export tensorrt`` engines and their trtexec recipes use).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from conceptseg_edge.errors import InputError, ProviderError
+from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS
+from conceptseg_edge.manifest import PartManifest
+from conceptseg_edge.profiles import DimRange, PartProfile, bundle_dim_ranges, derive_profile
+from conceptseg_edge.timings import describe_providers
+
+# Provider names users type → ONNX Runtime execution providers, in fallback order.
+Provider = Literal["cpu", "cuda", "tensorrt"]
+PROVIDERS: dict[Provider, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+#: The names ``--provider`` accepts, in the order help lists them.
+PROVIDER_NAMES: tuple[Provider, ...] = tuple(PROVIDERS)
+
+TENSORRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+_FIX = "install onnxruntime-gpu (pip install 'conceptseg-edge[gpu]'), or pass --allow-fallback to run on {next}"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Which provider to run on, whether falling back is allowed, and the GPU providers' settings."""
+
+    name: Provider = field(default="cpu", metadata={"help": "execution provider: cpu, cuda or tensorrt"})
+    allow_fallback: bool = field(
+        default=False, metadata={"help": "run on the next available provider (with a warning) instead of failing"}
+    )
+    device_id: int = field(default=0, metadata={"help": "CUDA device the CUDA/TensorRT providers use"})
+    fp16: bool = field(default=False, metadata={"help": "let TensorRT choose fp16 kernels (trt_fp16_enable)"})
+    cache_dir: Path | None = field(
+        default=None, metadata={"help": "TensorRT engine + timing cache directory (None: rebuild every session)"}
+    )
+    workspace_gb: float | None = field(default=None, metadata={"help": "TensorRT builder workspace, GiB"})
+    # Exhaustive cuDNN search re-runs for every new input shape; our decoders see a new point count per
+    # request, so the heuristic choice is the steadier default.
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "the policy's token budget, which bounds the KV-cache profile"}
+    )
+    dim_ranges: Mapping[str, DimRange] | None = field(
+        default=None, metadata={"help": "size range per symbolic dim (None: bundle_dim_ranges(max_new_tokens))"}
+    )
+    warmup: bool = field(default=True, metadata={"help": "one run per GPU session at load (TensorRT builds its engine)"})
+
+    def __post_init__(self) -> None:
+        if self.name not in PROVIDERS:
+            raise InputError(f"provider '{self.name}': expected one of {list(PROVIDER_NAMES)}")
+        if self.workspace_gb is not None and not self.workspace_gb > 0:
+            raise InputError(f"workspace_gb: expected > 0, got {self.workspace_gb}")
+
+    def ranges(self) -> Mapping[str, DimRange]:
+        return self.dim_ranges if self.dim_ranges is not None else bundle_dim_ranges(self.max_new_tokens)
+
+
+def as_config(provider: str | ProviderConfig) -> ProviderConfig:
+    """A provider name (strict: no fallback) or a full config, as a config."""
+    return provider if isinstance(provider, ProviderConfig) else ProviderConfig(provider)
+
+
+def check_provider(config: ProviderConfig, available: Sequence[str]) -> list[str]:
+    """The ONNX Runtime providers to ask for, in order; call it before loading anything.
+
+    Raises:
+        ProviderError: the requested provider is not in ``available`` (``ort.get_available_providers()``)
+            and ``allow_fallback`` is off; with it on, one ``RuntimeWarning`` names the fallback.
+    """
+    wanted = PROVIDERS[config.name]
+    chosen = [p for p in wanted if p in available]
+    if wanted[0] not in available:
+        _refuse(config, f"{wanted[0]} is not in this onnxruntime build (it has {list(available)})", chosen[0])
+    return chosen
+
+
+def check_session(config: ProviderConfig, chosen: Sequence[str], session_providers: Sequence[str], where: str) -> str:
+    """The provider that runs a created session; refuses one that lost the provider it was given first.
+
+    ONNX Runtime drops a provider whose libraries fail to load while it builds the session (an
+    onnxruntime-gpu wheel without CUDA, TensorRT or cuDNN libraries, or without a GPU) and only logs
+    it: ``session_providers`` (``session.get_providers()``) is the truth. ``chosen``: what
+    ``check_provider`` asked the session for.
+
+    Raises:
+        ProviderError: ``chosen[0]`` is not among the session's providers and fallback is off.
+    """
+    wanted = chosen[0]
+    if wanted not in session_providers:
+        _refuse(
+            config,
+            f"{where}: ONNX Runtime could not start {wanted} for this session (the session runs on "
+            f"{list(session_providers)}; check the CUDA/cuDNN/TensorRT libraries it loads)",
+            session_providers[0],
+        )
+    return session_providers[0]
+
+
+def _refuse(config: ProviderConfig, why: str, fallback: str) -> None:
+    if not config.allow_fallback:
+        raise ProviderError(f"provider '{config.name}': {why}; " + _FIX.format(next=fallback))
+    warnings.warn(f"provider '{config.name}': {why}; --allow-fallback: running on {fallback}", RuntimeWarning, stacklevel=3)
+
+
+def provider_record(requested: str, executed: Mapping[str, str]) -> dict[str, object]:
+    """What every report writes about providers: the one asked for, the one that ran (or the mix, see
+    ``describe_providers``), and what ran each part or stage. A fallback shows as requested != provider."""
+    return {"provider_requested": requested, "provider": describe_providers(executed), "providers": dict(executed)}
+
+
+def provider_note(requested: str, providers: Mapping[str, str]) -> str:
+    """A report header's provider: what ran (a mix names each provider's parts), and what was asked for
+    when a part ran elsewhere (``--allow-fallback``), so a CPU number never reads as a GPU one."""
+    ran = describe_providers(providers)
+    wanted = PROVIDERS[requested][0] if requested in PROVIDERS else requested
+    fell_back = [part for part, provider in providers.items() if provider != wanted]
+    if not fell_back:
+        return ran
+    where = "" if len(fell_back) == len(providers) else f" on {', '.join(fell_back)}"
+    return f"{ran} (asked for {requested}: FALLBACK{where})"
+
+
+def part_profile(part: PartManifest, config: ProviderConfig) -> PartProfile:
+    """The optimization profile of ``part`` (one per dynamic input) from the config's dim ranges."""
+    return derive_profile(part.name, part.inputs, config.ranges())
+
+
+def explicit_int8(part: PartManifest) -> bool:
+    """Whether ``part``'s graph carries INT8 Q/DQ nodes (``export qdq`` kept them: its measurement passed).
+
+    TensorRT builds such a graph with its INT8 flag and takes every scale from the graph; ORT's TensorRT
+    provider reads a calibration table only when one is named, and none is. An int8 part quantized any
+    other way (ORT's dynamic MatMulInteger graphs) is not TensorRT INT8: ORT places those nodes itself.
+    """
+    return part.qdq is not None and part.qdq.passed and part.qdq.precision == "int8"
+
+
+def cuda_options(config: ProviderConfig) -> dict[str, str]:
+    """ONNX Runtime CUDA provider options (string values, as ORT's Python API takes them)."""
+    return {
+        "device_id": str(config.device_id),
+        "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
+        # Copies on the compute stream: feeds are ready when a kernel reads them.
+        "do_copy_in_default_stream": "1",
+        # Grow the arena by what is asked, not in powers of two: a Jetson shares its memory with the CPU.
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+
+
+def tensorrt_options(config: ProviderConfig, part: PartManifest) -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options for one part.
+
+    fp16 when asked; INT8 for a Q/DQ part (explicit quantization: scales come from the graph, no
+    calibration table); engine and timing caches under ``cache_dir``; the part's optimization profile
+    pinned with explicit min/opt/max shapes, so TensorRT builds one engine for the whole range instead
+    of rebuilding whenever a request's shape leaves the range it has seen.
+    """
+    options = {
+        "device_id": str(config.device_id),
+        "trt_fp16_enable": _flag(config.fp16),
+        "trt_int8_enable": _flag(explicit_int8(part)),
+    }
+    if config.workspace_gb is not None:
+        options["trt_max_workspace_size"] = str(int(config.workspace_gb * (1 << 30)))
+    if config.cache_dir is not None:
+        cache = str(Path(config.cache_dir))
+        options |= {
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": cache,
+        }
+    return options | part_profile(part, config).ort_trt_options()
+
+
+def ort_providers(config: ProviderConfig, part: PartManifest | None, chosen: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """``providers=`` for ``ort.InferenceSession``: each chosen provider with its options.
+
+    ``part`` None (a graph opened without a manifest) leaves TensorRT without an explicit profile.
+    """
+    options: dict[str, dict[str, str]] = {CUDA_EP: cuda_options(config)}
+    if TENSORRT_EP in chosen:
+        options[TENSORRT_EP] = (
+            tensorrt_options(config, part) if part is not None else {"device_id": str(config.device_id)}
+        )
+    return [(name, options.get(name, {})) for name in chosen]
+
+
+def warmup_feeds(part: PartManifest, config: ProviderConfig) -> dict[str, np.ndarray]:
+    """Zeros at every input's static shape, or its profile's opt shape: the warm-up run's feeds."""
+    profile = part_profile(part, config)
+    dynamic = {p.name: p.opt for p in profile.inputs}
+    return {
+        spec.name: np.zeros(dynamic.get(spec.name, spec.shape), dtype=spec.dtype)
+        for spec in part.inputs
+    }
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
