@@ -154,7 +154,9 @@ def require_tensorrt_parse(path: str | Path, part_name: str) -> None:
     violations = check_tensorrt_parse(path)
     if violations:
         listed = "\n  ".join(str(v) for v in violations)
-        raise ExportError(f"{part_name} ({path}): {len(violations)} TensorRT ONNX parser violation(s) "
+        # The file's name, not its path: during export the path is a staging directory that the
+        # error removes.
+        raise ExportError(f"{part_name} ({Path(path).name}): {len(violations)} TensorRT ONNX parser violation(s) "
                           f"(per {SOURCE}):\n  {listed}")
 
 
@@ -296,15 +298,15 @@ def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _input(node, index: int) -> str:
-    return node.input[index] if len(node.input) > index else ""
+def _at(names, index: int) -> str:
+    """The ``index``-th input or output name, "" when it is absent (an omitted optional one)."""
+    return names[index] if len(names) > index else ""
 
 
 def _node_rules(node, scope: _Scope, opset: int) -> Iterator[tuple[str, str]]:
     if node.domain not in DEFAULT_DOMAINS:
-        yield "unsupported-op", (f"domain {node.domain!r}: the support matrix lists ai.onnx operators only "
-                                 "(this is an ONNX Runtime contrib op)" if node.domain == "com.microsoft"
-                                 else f"domain {node.domain!r}: the support matrix lists ai.onnx operators only")
+        contrib = " (ONNX Runtime contrib ops)" if node.domain == "com.microsoft" else ""
+        yield "unsupported-op", f"domain {node.domain!r}{contrib}: the support matrix lists ai.onnx operators only"
         return
     if node.op_type in UNSUPPORTED_OPS:
         yield "unsupported-op", f"{node.op_type} is marked unsupported (N) in the support matrix"
@@ -315,7 +317,7 @@ def _node_rules(node, scope: _Scope, opset: int) -> Iterator[tuple[str, str]]:
     attrs = _attrs(node)
     if node.op_type in INITIALIZER_INPUTS:
         index, what = INITIALIZER_INPUTS[node.op_type]
-        source = _input(node, index)
+        source = _at(node.input, index)
         if source and not scope.is_constant(source):
             yield "initializer-input", f"input {index} `{what}` ({source!r}) must be an initializer, not a computed tensor"
     check = _OP_RULES.get(node.op_type)
@@ -335,16 +337,12 @@ def _pool_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
         yield "pool-dilations", f"`dilations` {list(dilations)} must be empty or all ones"
     if node.op_type in ("AveragePool", "MaxPool") and len(attrs.get("kernel_shape", [])) not in (2, 3):
         yield "pool-rank", f"`kernel_shape` {list(attrs.get('kernel_shape', []))}: 2D or 3D pooling only"
-    if node.op_type == "MaxPool" and _input_or_output(node.output, 1):
+    if node.op_type == "MaxPool" and _at(node.output, 1):
         yield "maxpool-indices", f"the `Indices` output ({node.output[1]!r}) is unsupported"
 
 
-def _input_or_output(names, index: int) -> str:
-    return names[index] if len(names) > index else ""
-
-
 def _dropout_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
-    training = _input(node, 2)
+    training = _at(node.input, 2)
     if training:
         value = scope.value(training)
         if value is None or bool(value):
@@ -364,7 +362,7 @@ def _qdq_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
     if dtype is not None and dtype not in types:
         yield "qdq-type", f"input `x` ({node.input[0]!r}) is {dtype}; {node.op_type} supports {sorted(types)}"
     which = "x_zero_point" if node.op_type == "DequantizeLinear" else "y_zero_point"
-    zero_point = _input(node, 2)
+    zero_point = _at(node.input, 2)
     if not zero_point:
         return
     value = scope.value(zero_point)
@@ -406,7 +404,7 @@ def _recurrent_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
 
 
 def _onehot_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
-    depth = _input(node, 1)
+    depth = _at(node.input, 1)
     if not scope.is_constant(depth):
         yield "onehot-depth", f"input `depth` ({depth!r}) must be a build-time constant, not a computed tensor"
 
@@ -423,7 +421,7 @@ def _resize_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
     policy = _text(attrs.get("keep_aspect_ratio_policy", "stretch"))
     if policy != "stretch":
         yield "resize-aspect-policy", f"`keep_aspect_ratio_policy`={policy!r}; only 'stretch' is supported"
-    scales, axes = _input(node, 2), list(attrs.get("axes", []))
+    scales, axes = _at(node.input, 2), list(attrs.get("axes", []))
     if scales and axes and not scope.is_constant(scales) and axes != list(range(len(axes))):
         yield "resize-axes", f"`scales` ({scales!r}) is a tensor, so `axes` must be an iota vector; got {axes}"
 
@@ -440,7 +438,7 @@ def _topk_rule(node, attrs, scope, opset) -> Iterator[tuple[str, str]]:
     if opset < 10:
         k_value, k_name = attrs.get("k"), "attribute k"
     else:
-        k_name = _input(node, 1)
+        k_name = _at(node.input, 1)
         value = scope.value(k_name)
         k_value = None if value is None else int(value.reshape(-1)[0])
         if value is None:

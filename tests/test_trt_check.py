@@ -250,7 +250,7 @@ def test_export_and_validate_refuses_a_planted_violation(tmp_path):
         return {"top": -np.sort(-feeds["scores"], axis=-1)[:, :4000]}
 
     out = tmp_path / "bundle"
-    with pytest.raises(ExportError, match=r"(?s)^top_scores .*/TopK \(TopK\) \[topk-k\]: `K`=4000"):
+    with pytest.raises(ExportError, match=r"(?s)^top_scores \(top_scores.onnx\): 1 .*\n  /TopK \(TopK\) \[topk-k\]: `K`=4000"):
         with staged_dir(out, MANIFEST_NAME, "bundle") as staging:
             export_and_validate(TopScores(), spec, cases, reference, "numpy", staging, opset=17)
     assert not reached_parity
