@@ -186,7 +186,8 @@ def open_engine(bundle_dir: Path, part: PartManifest, provider: str | ProviderCo
             f"parts.{part.name}.format: {part.format!r} cannot be opened (ONNX Runtime opens 'onnx', TensorRT "
             "'tensorrt'); pass an engine_factory that opens this format"
         )
-    return OrtEngine(contained(bundle_dir, part.file, f"parts.{part.name}.file"), provider, part)
+    config = as_config(provider).for_bundle(bundle_dir)
+    return OrtEngine(contained(bundle_dir, part.file, f"parts.{part.name}.file"), config, part)
 
 
 @dataclass(frozen=True)

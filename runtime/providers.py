@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from conceptseg_edge.errors import InputError, ProviderError
 from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS
-from conceptseg_edge.manifest import PartManifest
+from conceptseg_edge.manifest import PROCESSOR_DIR, PartManifest
 from conceptseg_edge.profiles import DimRange, PartProfile, bundle_dim_ranges, derive_profile
 from conceptseg_edge.timings import describe_providers
 
@@ -68,7 +68,7 @@ class ProviderConfig:
         default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "the policy's token budget, which bounds the KV-cache profile"}
     )
     dim_ranges: Mapping[str, DimRange] | None = field(
-        default=None, metadata={"help": "size range per symbolic dim (None: bundle_dim_ranges(max_new_tokens))"}
+        default=None, metadata={"help": "size range per symbolic dim (None: the bundle's, see bundle_ranges)"}
     )
     warmup: bool = field(default=True, metadata={"help": "one run per GPU session at load (TensorRT builds its engine)"})
 
@@ -80,6 +80,25 @@ class ProviderConfig:
 
     def ranges(self) -> Mapping[str, DimRange]:
         return self.dim_ranges if self.dim_ranges is not None else bundle_dim_ranges(self.max_new_tokens)
+
+    def for_bundle(self, bundle_dir: Path) -> ProviderConfig:
+        """This config with the dim ranges of ``bundle_dir`` filled in (unless set explicitly)."""
+        if self.dim_ranges is not None:
+            return self
+        return replace(self, dim_ranges=bundle_ranges(bundle_dir, self.max_new_tokens))
+
+
+def bundle_ranges(bundle_dir: Path, max_new_tokens: int) -> dict[str, DimRange]:
+    """``bundle_dim_ranges`` sized by the bundle's policy processor (its patch range and merge size), so a
+    TensorRT profile admits every image the processor can produce; the defaults for a bundle without one."""
+    from conceptseg_edge.runtime.policy_image import PolicyImageConfig
+
+    processor = Path(bundle_dir) / PROCESSOR_DIR
+    if not processor.is_dir():
+        return bundle_dim_ranges(max_new_tokens)
+    image = PolicyImageConfig.from_dir(processor)
+    return bundle_dim_ranges(max_new_tokens, min_patches=image.min_pixels // image.patch_size**2,
+                             max_patches=image.max_pixels // image.patch_size**2, merge_size=image.merge_size)
 
 
 def as_config(provider: str | ProviderConfig) -> ProviderConfig:

@@ -162,6 +162,18 @@ def test_tensorrt_profile_shapes_follow_the_manifest_dims(manifest, name):
             assert shapes[spec.name] == expected, (key, spec)
 
 
+def test_profile_ranges_come_from_the_bundles_processor(tmp_path):
+    from conceptseg_edge.runtime.policy_image import PolicyImageConfig
+
+    image = PolicyImageConfig.from_dir(BUNDLE / "processor")
+    ranges = ProviderConfig("tensorrt").for_bundle(BUNDLE).ranges()
+    patches = ranges["num_patches"]
+    assert (patches.min, patches.max) == (image.min_pixels // image.patch_size**2, image.max_pixels // image.patch_size**2)
+    explicit = ProviderConfig(dim_ranges=bundle_dim_ranges(8))
+    assert explicit.for_bundle(BUNDLE) is explicit  # ranges given by the caller are kept
+    assert ProviderConfig().for_bundle(tmp_path).ranges() == bundle_dim_ranges(ProviderConfig().max_new_tokens)  # no processor
+
+
 def test_tensorrt_options_flags_and_caches(manifest, tmp_path):
     encoder = manifest.part("sam2_encoder")  # all static: no profile
     plain = tensorrt_options(ProviderConfig("tensorrt"), encoder)
