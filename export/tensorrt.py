@@ -36,10 +36,12 @@ bundle as it is (still runnable with ONNX Runtime) plus the recipes and ``build_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shlex
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
@@ -418,9 +420,22 @@ def _engine_part(part: PartManifest, plan: BuildPlan, staging: Path, machine, on
 def build_engine(plan: BuildPlan, bundle_dir: Path) -> None:
     """Build ``plan`` with polygraphy's TensorRT backend: ``bundle_dir/plan.onnx`` → ``bundle_dir/plan.engine``.
 
+    polygraphy and TensorRT log to stdout; their warnings go to stderr here, so stdout stays the
+    command's JSON.
+
     Raises:
         ExportError: TensorRT refused the graph or the build (polygraphy's message attached).
     """
+    with contextlib.redirect_stdout(sys.stderr):
+        from polygraphy.logger import G_LOGGER
+
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            engine = _engine_bytes(plan, bundle_dir)
+    with atomic_path(bundle_dir / plan.engine) as tmp:
+        tmp.write_bytes(engine)
+
+
+def _engine_bytes(plan: BuildPlan, bundle_dir: Path) -> bytes:
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessNetwork, Profile
     from polygraphy.exception import PolygraphyException
@@ -442,11 +457,9 @@ def build_engine(plan: BuildPlan, bundle_dir: Path) -> None:
                                       if plan.hardware_compatibility != "none" else None),
     )
     try:
-        engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=plan.timing_cache)()
+        return bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=plan.timing_cache)())
     except PolygraphyException as exc:
         raise ExportError(f"{plan.part}: TensorRT could not build the engine ({exc}); recipe: {plan.recipe}") from exc
-    with atomic_path(bundle_dir / plan.engine) as tmp:
-        tmp.write_bytes(bytes(engine))
 
 
 def _pin_fp32(network, plan: BuildPlan, trt) -> None:
