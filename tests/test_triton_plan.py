@@ -5,8 +5,10 @@ bundle with every part rewritten to format ``tensorrt``, an ``EngineInfo`` whose
 ``derive_profile`` of that part, a placeholder ``.plan`` and a trtexec recipe, all with their sha256s. Every
 generated ``config.pbtxt`` is read back through Triton's protobuf and checked against the profile the way
 the tensorrt backend checks it at load (tensorrt_backend ``ValidateDimension``: a config dim that is not -1
-must lie in the profile's [min, max]; ``max_batch_size`` at most the profile's batch max). The ``trt``+``gpu``
-test serves real engines through a tritonserver that has the tensorrt backend.
+must lie in the profile's [min, max]; ``max_batch_size`` at most the profile's batch max). A real CPU
+tritonserver (the nvidia-pytriton wheel's, no tensorrt backend) runs a plan model's warm-up sample on the
+decoder's python-backend graph model, and fails the load on a sample that fails. The ``trt``+``gpu`` test
+serves real engines through a tritonserver that has the tensorrt backend.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from conceptseg_edge.serve.model_config import (
     validate_pbtxt,
 )
 from conceptseg_edge.serve.repository import NO_ZERO_WARMUP, PLAN_FILE, RepositoryConfig, build_repository, plan_model_config
+
+from test_triton import needs_server  # the same tritonserver check as the other Triton tests
 
 KIND_CPU, KIND_GPU = 2, 1  # model_config_pb2.ModelInstanceGroup.Kind
 
@@ -271,6 +275,38 @@ def test_a_profile_that_does_not_fit_the_part_is_a_manifest_error():
         plan_model_config(dataclasses.replace(part, engine=rank), None, 1)
     with pytest.raises(ManifestError, match=r"parts.ctm_b.engine: a 'tensorrt' part must record its engine"):
         plan_model_config(dataclasses.replace(part, engine=None), None, 1)
+
+
+@needs_server
+def test_tritonserver_runs_the_plan_warmup_at_load_and_fails_the_load_when_it_fails(tiny_bundle, tmp_path):
+    """The warm-up a plan model gets, as Triton's core reads and runs it. Without the tensorrt backend here,
+    the decoder's python-backend graph model (ONNX Runtime) carries the decoder engine's sample: it loads READY,
+    and a sample ONNX Runtime refuses (2 points, 3 labels) fails the load, so the first one really ran."""
+    from conceptseg_edge.serve.repository import graph_model_config
+    from conceptseg_edge.serve.server import ServerStartError, TritonServer
+
+    built = tmp_path / "built"
+    build_repository(tiny_bundle, built, RepositoryConfig(flavor="native", device="cpu", graph_backend="python"))
+    part = load_bundle(tiny_bundle).part("sam2_decoder")
+    profile = derive_profile(part.name, part.inputs, bundle_dim_ranges(DEFAULT_MAX_NEW_TOKENS))
+    plan = plan_model_config(dataclasses.replace(part, format="tensorrt", engine=engine_info(part, profile, "r.sh")), None, 1)
+    (warmup,) = plan.warmup
+    bad = ModelWarmup("mismatched", {**warmup.inputs, "point_labels": WarmupInput("int32", (1, 3))})
+    served = graph_model_config(part, None, "cpu", 1, "python")
+    for sample in (warmup, bad):
+        repo = tmp_path / sample.name
+        shutil.copytree(built / "sam2_decoder", repo / "sam2_decoder")
+        (repo / "sam2_decoder" / "config.pbtxt").write_text(dataclasses.replace(served, warmup=(sample,)).to_pbtxt())
+        server = TritonServer(repo, log_path=tmp_path / f"{sample.name}.log", startup_timeout=300)
+        if sample is warmup:
+            with server:
+                assert server.is_ready()
+            continue
+        try:
+            with pytest.raises(ServerStartError, match="failed to run warmup sample 'mismatched'"):
+                server.start()
+        finally:
+            server.stop()
 
 
 # ---------------------------------------------------------------------------- model_warmup in ModelConfig
