@@ -166,7 +166,9 @@ class BuildPlan:
 
     def trtexec_args(self) -> list[str]:
         """The ``trtexec`` arguments of this build, paths relative to the bundle directory."""
-        args = [f"--onnx={self.onnx}", f"--saveEngine={self.engine}", *self.profile.trtexec_flags(), "--noTF32"]
+        # polygraphy's defaults, spelled out: TF32 off, detailed layer info; and no timing run after the build.
+        args = [f"--onnx={self.onnx}", f"--saveEngine={self.engine}", *self.profile.trtexec_flags(), "--noTF32",
+                "--profilingVerbosity=detailed", "--skipInference"]
         if self.strongly_typed:
             args.append("--stronglyTyped")
         if self.fp16:
