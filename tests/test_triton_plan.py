@@ -166,15 +166,23 @@ def test_an_engine_bundle_builds_plan_models_shaped_by_their_profiles(engine_bun
 def test_the_router_calls_the_plan_models_by_part_name(engine_bundle, plan_repo):
     """BLS calls carry the manifest's names and dtypes: the router finds each part's model and the same IO."""
     from conceptseg_edge.serve.parameters import RouterParameters
+    from conceptseg_edge.serve.serving import ServedModel
+
+    def params_dict(message) -> dict[str, str]:
+        return {k: v.string_value for k, v in message.parameters.items()}
 
     manifest = load_bundle(engine_bundle)
     router = read_config(plan_repo / "conceptseg" / "config.pbtxt")
-    params = RouterParameters.from_parameters({k: v.string_value for k, v in router.parameters.items()})
+    params = RouterParameters.from_parameters(params_dict(router))
     assert params.engines == "bls" and dict(params.graph_models) == {n: n for n in manifest.parts}
     assert router.instance_group[0].kind == KIND_CPU  # the BLS glue needs no GPU
     copied = plan_repo / "conceptseg" / "1" / "bundle"
     assert (copied / "manifest.json").is_file() and all((copied / rel).is_file() for rel in manifest.files)
     assert not list(copied.glob("*.plan"))  # the engines live in their own models only
+    # The router model as Triton's python backend builds it (no BLS call is made while building): every
+    # route of the engine bundle comes up, each part a BLS engine to its plan model.
+    served = ServedModel.from_parameters(params_dict(router), plan_repo / "conceptseg" / "1", pb_utils=object())
+    assert served.segmenter.providers() == {n: f"triton-bls:{n}" for n in manifest.parts}
     for name, part in manifest.parts.items():
         message = read_config(plan_repo / name / "config.pbtxt")
         assert [(t.name, _dtype(t.dtype)) for t in part.inputs] == [(i.name, i.data_type) for i in message.input]
