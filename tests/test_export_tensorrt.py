@@ -28,6 +28,7 @@ from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS
 from conceptseg_edge.manifest import PROCESSOR_DIR, load_bundle
 from conceptseg_edge.profiles import InputProfile, PartProfile, bundle_dim_ranges
 from conceptseg_edge.runtime.policy_image import PolicyImageConfig
+from conceptseg_edge.runtime.predictor import SAM2Predictor
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
 
@@ -179,7 +180,7 @@ def test_recipe_flags_are_the_plan(tiny_bundle, tmp_path):
     assert not any(a.startswith(("--layerPrecisions", "--memPoolSize", "--timingCacheFile", "--hardware")) for a in fp32)
 
 
-def test_recipes_only_bundle(tiny_bundle, tmp_path, capsys):
+def test_recipes_only_bundle(tiny_bundle, sample_image, tmp_path, capsys):
     out = tmp_path / "recipes"
     code = main(["export", "tensorrt", str(tiny_bundle), "--out", str(out), "--recipes-only", "--precision", "fp16",
                  "--profile", "sam2_decoder:point_coords=1x1x2,1x2x2,2x4x2"])
@@ -206,6 +207,13 @@ def test_recipes_only_bundle(tiny_bundle, tmp_path, capsys):
                    env={**os.environ, "TRTEXEC": str(recorder), "RECORD": str(record)})
     assert record.read_text().splitlines() == [arg for plan in plans.values() for arg in plan.trtexec_args()]
     assert all((out / plan.onnx).is_file() and not (out / plan.engine).exists() for plan in plans.values())
+    # Still an ONNX bundle: it segments with ONNX Runtime as its source does.
+    masks = []
+    for bundle in (tiny_bundle, out):
+        predictor = SAM2Predictor.from_bundle(bundle)
+        predictor.set_image(sample_image)
+        masks.append(predictor.predict(box=[40, 30, 200, 160]).mask)
+    assert np.array_equal(*masks)
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------------
