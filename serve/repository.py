@@ -470,7 +470,8 @@ def plan_model_config(part: PartManifest, max_batch: int | None, instances: int,
         for t in part.outputs
     )
     samples = ()
-    if warmup and not NO_ZERO_WARMUP & {t.name for t in part.inputs}:  # batched: opt-batch requests of one item each
+    if warmup and not NO_ZERO_WARMUP & {t.name for t in part.inputs}:
+        # Batched: opt-batch requests of one item each (Triton prepends the batch axis of 1 to these dims).
         batch = min(max(bounds[part.inputs[0].name].opt[0], 1), mbs) if batched else 1
         opt = {t.name: WarmupInput(t.dtype, bounds[t.name].opt[1 if batched else 0:]) for t in part.inputs}
         samples = (ModelWarmup("profile_opt", opt, batch_size=batch),)
