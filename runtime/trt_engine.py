@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -44,9 +44,7 @@ from conceptseg_edge.fileio import contained
 from conceptseg_edge.manifest import EngineInfo, PartManifest, TensorSpec
 from conceptseg_edge.profiles import InputProfile
 from conceptseg_edge.runtime.engine import check_feeds
-
-if TYPE_CHECKING:
-    from conceptseg_edge.runtime.providers import ProviderConfig
+from conceptseg_edge.runtime.providers import ProviderConfig, as_config
 
 TENSORRT_MISSING = "tensorrt not importable: install conceptseg-edge[gpu] (on Jetson: JetPack's python3-libnvinfer)"
 CUDA_MISSING = "cuda-python not importable: install conceptseg-edge[gpu] (cuda-python, the CUDA runtime bindings)"
@@ -455,13 +453,13 @@ def open_trt_engine(bundle_dir: Path, part: PartManifest, provider: str | Provid
             ``tensorrt``: an engine cannot run on ONNX Runtime, and no fallback can run it either.
         EngineUnavailableError, EngineCompatibilityError, EngineRunError: see ``TrtEngine``.
     """
-    name, device = (provider, 0) if isinstance(provider, str) else (provider.name, provider.device_id)
+    config = as_config(provider)
     if part.format != "tensorrt" or part.engine is None:
         raise ManifestError(f"parts.{part.name}: format {part.format!r} with no engine record is not a TensorRT engine")
-    if name != "tensorrt":
+    if config.name != "tensorrt":
         raise InputError(
-            f"provider '{name}': part {part.name} of this bundle is a TensorRT engine, which only TensorRT "
+            f"provider '{config.name}': part {part.name} of this bundle is a TensorRT engine, which only TensorRT "
             "runs; pass --provider tensorrt, or use the ONNX bundle it was built from"
         )
     path = contained(bundle_dir, part.file, f"parts.{part.name}.file")
-    return TrtEngine(path, part, bundle_dir=bundle_dir, device=device)
+    return TrtEngine(path, part, bundle_dir=bundle_dir, device=config.device_id)

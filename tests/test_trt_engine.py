@@ -31,6 +31,9 @@ from conceptseg_edge.errors import (
 from conceptseg_edge.fileio import sha256_file
 from conceptseg_edge.manifest import EngineInfo, PartManifest, load_bundle, write_manifest
 from conceptseg_edge.profiles import InputProfile, PartProfile, bundle_dim_ranges, derive_profile, parse_profile_override
+from conceptseg_edge.runtime.engine import open_engine
+from conceptseg_edge.runtime.predictor import SAM2Predictor
+from conceptseg_edge.runtime.providers import ProviderConfig
 from conceptseg_edge.runtime.trt_engine import (
     TrtEngine,
     TrtMachine,
@@ -131,21 +134,24 @@ def test_recipe_without_trtexec_is_quoted_whole():
 
 @pytest.fixture
 def engine_bundle(tmp_path) -> Path:
-    """The embedded bundle with its CTM part recorded as a TensorRT engine built on an Orin.
+    """The embedded bundle with its CTM and SAM2 encoder parts recorded as TensorRT engines built on an Orin.
 
-    The .plan is a placeholder: these tests stop before anything would deserialize it. The manifest
-    and hashes are real, so the bundle passes ``load_bundle``.
+    The .plan files are placeholders: these tests stop before anything would deserialize them. The
+    manifest and hashes are real, so the bundle passes ``load_bundle``.
     """
     bundle = tmp_path / "engines"
     shutil.copytree(DEFAULT_BUNDLE, bundle)
     manifest = load_bundle(bundle)
-    plan = bundle / "ctm.plan"
-    plan.write_bytes(b"placeholder, not a TensorRT engine")
-    (bundle / "ctm.trtexec.sh").write_text(RECIPE, encoding="utf-8")
-    ctm = dataclasses.replace(manifest.part("ctm"), file="ctm.plan", sha256=sha256_file(plan), format="tensorrt",
-                              precision="fp16", opset=None, parity=None, engine=_info(tensorrt_version="8.6.0"))
-    files = {**manifest.files, "ctm.trtexec.sh": sha256_file(bundle / "ctm.trtexec.sh")}
-    write_manifest(bundle, dataclasses.replace(manifest.with_parts(ctm=ctm), files=files))
+    parts, files = {}, dict(manifest.files)
+    for name, profile in (("ctm", CTM_PROFILE), ("sam2_encoder", PartProfile("sam2_encoder"))):  # the encoder is static
+        plan, recipe = bundle / f"{name}.plan", bundle / f"{name}.trtexec.sh"
+        plan.write_bytes(b"placeholder, not a TensorRT engine")
+        recipe.write_text(RECIPE.replace("ctm", name), encoding="utf-8")
+        info = _info(tensorrt_version="8.6.0", profile=profile, recipe=recipe.name)
+        parts[name] = dataclasses.replace(manifest.part(name), file=plan.name, sha256=sha256_file(plan), format="tensorrt",
+                                          precision="fp16", opset=None, parity=None, engine=info)
+        files[recipe.name] = sha256_file(recipe)
+    write_manifest(bundle, dataclasses.replace(manifest.with_parts(**parts), files=files))
     return bundle
 
 
@@ -163,12 +169,23 @@ def test_engine_part_needs_tensorrt(engine_bundle):
     assert isinstance(caught.value, DependencyError)  # the CLI's one-line error for a missing extra
 
 
-@pytest.mark.parametrize("provider", ["cpu", "cuda"])
+@pytest.mark.parametrize("provider", ["cpu", "cuda", ProviderConfig("cpu", allow_fallback=True)])
 def test_engine_part_runs_only_on_tensorrt(engine_bundle, provider):
     part = load_bundle(engine_bundle).part("ctm")
     with pytest.raises(InputError, match=r"part ctm of this bundle is a TensorRT engine.*pass --provider tensorrt, "
                                          r"or use the ONNX bundle"):
         open_trt_engine(engine_bundle, part, provider)
+
+
+def test_runtime_opens_engine_parts_with_trt_engine(engine_bundle):
+    """The default engine factory dispatches a tensorrt part here; a predictor over the bundle gets the same errors."""
+    expected = EngineCompatibilityError if is_available("tensorrt") else EngineUnavailableError
+    with pytest.raises(expected):
+        open_engine(engine_bundle, load_bundle(engine_bundle).part("ctm"), "tensorrt")
+    with pytest.raises(expected):
+        SAM2Predictor.from_bundle(engine_bundle, "tensorrt")
+    with pytest.raises(InputError, match="part sam2_encoder of this bundle is a TensorRT engine"):
+        SAM2Predictor.from_bundle(engine_bundle, "cpu")
 
 
 def test_onnx_part_is_not_an_engine(engine_bundle):
