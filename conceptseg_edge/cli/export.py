@@ -8,6 +8,7 @@ import json
 
 # Torch-free modules: the choices are read while arguments are parsed, for every command.
 from conceptseg_edge.export.parts import PRECISIONS, WEIGHT_STORAGES
+from conceptseg_edge.export.qdq import QDQ_PRECISIONS, QdqConfig, export_qdq
 from conceptseg_edge.export.tensorrt import TRT_PRECISIONS, TrtBuildConfig
 from conceptseg_edge.manifest import HARDWARE_COMPATIBILITY
 from conceptseg_edge.models.sam2_variants import DEFAULT_CONFIG, SAM2_CONFIGS
@@ -42,6 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "support; exit 1 on any violation")
     check.add_argument("bundle", help="bundle directory (its ONNX parts are checked; engines are left out)")
     check.set_defaults(func=_check)
+
+    qdq_help = {f.name: f.metadata["help"] for f in dataclasses.fields(QdqConfig)}
+    qdq = kinds.add_parser("qdq", help="explicit quantization: Q/DQ ONNX graphs for TensorRT INT8/FP8, measured on "
+                                       "ONNX Runtime CPU (a part below its floor stays fp32)")
+    qdq.add_argument("bundle", help="fp32 bundle directory")
+    qdq.add_argument("--out", required=True, help="Q/DQ bundle directory to write")
+    qdq.add_argument("--precision", default="int8", choices=QDQ_PRECISIONS, help=qdq_help["precision"])
+    qdq.add_argument("--calib", default=QdqConfig.calibration, metavar="DIR|world:N", help=qdq_help["calibration"])
+    qdq.add_argument("--held-out", type=int, default=QdqConfig.held_out, metavar="N", help=qdq_help["held_out"])
+    qdq.add_argument("--parts", nargs="+", default=None, metavar="PART", help=qdq_help["parts"])
+    qdq.set_defaults(func=_export_qdq)
 
     trt_help = {f.name: f.metadata["help"] for f in dataclasses.fields(TrtBuildConfig)}
     tensorrt = kinds.add_parser("tensorrt", help="build one TensorRT engine per part, with its trtexec recipe")
@@ -92,6 +104,18 @@ def _export_concept(args: argparse.Namespace) -> int:
                          "quantized_parity": p.quantized_parity.to_dict() if p.quantized_parity else None}
                   for name, p in manifest.parts.items()},
         "route_parity": manifest.route_parity,
+    }, indent=2))
+    return 0
+
+
+def _export_qdq(args: argparse.Namespace) -> int:
+    cfg = QdqConfig(precision=args.precision, calibration=args.calib, held_out=args.held_out,
+                    parts=tuple(args.parts) if args.parts else None)
+    manifest = export_qdq(args.bundle, args.out, cfg)
+    print(json.dumps({
+        "bundle": args.out,
+        "precision": args.precision,
+        "parts": {name: {"precision": p.precision, "qdq": p.qdq.to_dict()} for name, p in manifest.parts.items() if p.qdq},
     }, indent=2))
     return 0
 
