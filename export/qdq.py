@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import atomic_path, contained, sha256_file, staged_dir, writable_output
-from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, QdqReport, load_bundle, read_manifest, write_manifest
+from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, QdqReport, load_bundle, write_manifest
 from conceptseg_edge.metrics import iou
 from conceptseg_edge.router import RouterConfig, count_words
 from conceptseg_edge.runtime.engine import Engine, OrtEngine, open_engine
@@ -532,6 +532,9 @@ def export_qdq(src_bundle: str | Path, out_dir: str | Path, cfg: QdqConfig, prog
 
     Every input is checked before any model runs (``--out``, the parts, the calibration source).
 
+    A record's ``calibration_samples`` counts the part's runs its calibration recorded, and
+    ``held_out_samples`` the held-out requests (image × route running the part) its mask IoU averages.
+
     Returns:
         The written bundle's manifest: passed parts with their Q/DQ file, precision and ``qdq``
         record; failed parts unchanged but for their ``qdq`` record; ``route_parity`` (the fp32 bundle
@@ -558,6 +561,7 @@ def export_qdq(src_bundle: str | Path, out_dir: str | Path, cfg: QdqConfig, prog
     run_routes(src, manifest, calibration, routes, recorder, "calibrate (fp32)", progress)
     reference = RecordingFactory(parts)
     reference_masks = run_routes(src, manifest, held_out, routes, reference, "held-out (fp32)", progress)
+    request_routes = [route for s in held_out.samples for route, _ in s.requests(routes, ALWAYS_SHORTCUT.max_shortcut_words)]
 
     with staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         work = staging / ".qdq"
@@ -567,10 +571,10 @@ def export_qdq(src_bundle: str | Path, out_dir: str | Path, cfg: QdqConfig, prog
             part = manifest.parts[name]
             graph = work / Path(part.file).name
             tool = quantize_qdq(contained(src, part.file, f"parts.{name}.file"), graph, recorder.feeds[name], cfg.precision)
-            measured = run_routes(src, manifest, held_out, routes, RecordingFactory(replaced={name: graph}),
+            measured = run_routes(src, manifest, held_out, part_routes[name], RecordingFactory(replaced={name: graph}),
                                   f"held-out ({name} {cfg.precision})", progress)
-            used = [i for i, r in enumerate(_request_routes(held_out, routes)) if r in part_routes[name]]
-            mask_iou = mean_iou([measured[i] for i in used], [reference_masks[i] for i in used]) if used else None
+            fp32 = [mask for mask, route in zip(reference_masks, request_routes) if route in part_routes[name]]
+            mask_iou = mean_iou(measured, fp32) if measured else None
             diffs = part_diffs(OrtEngine(contained(src, part.file, f"parts.{name}.file"), "cpu", part),
                                OrtEngine(graph, "cpu", part), reference.feeds[name])
             floor = cfg.floors.get(name, MASK_IOU_FLOORS[name])
@@ -579,18 +583,14 @@ def export_qdq(src_bundle: str | Path, out_dir: str | Path, cfg: QdqConfig, prog
                 precision=cfg.precision, tool=tool, calibration=calibration.description,
                 calibration_samples=len(recorder.feeds[name]),
                 held_out=f"{held_out.description}; mask_iou = mean over its requests on {', '.join(part_routes[name])}",
-                held_out_samples=len(used), mask_iou=mask_iou, max_abs_diff=diffs,
+                held_out_samples=len(measured), mask_iou=mask_iou, max_abs_diff=diffs,
                 floors={"mask_iou": floor}, passed=passed,
             )
             if passed:
                 require_parse(graph, name)
-                import onnx
-
-                opset = next(o.version for o in onnx.load(str(graph), load_external_data=False).opset_import
-                             if o.domain in ("", "ai.onnx"))
                 shutil.move(graph, staging / part.file)
                 new_parts[name] = dataclasses.replace(
-                    part, sha256=sha256_file(staging / part.file), precision=cfg.precision, opset=opset,
+                    part, sha256=sha256_file(staging / part.file), precision=cfg.precision, opset=_opset(staging / part.file),
                     parity=None, quantized_parity=None, weight_storage="fp32", qdq=report)
             else:
                 new_parts[name] = dataclasses.replace(part, qdq=report)
@@ -606,9 +606,10 @@ def export_qdq(src_bundle: str | Path, out_dir: str | Path, cfg: QdqConfig, prog
     return load_bundle(out)
 
 
-def _request_routes(samples: SampleSet, routes: Sequence[str]) -> list[str]:
-    """The route of each request ``run_routes`` makes, in its order."""
-    return [route for s in samples.samples for route, _ in s.requests(routes, ALWAYS_SHORTCUT.max_shortcut_words)]
+def _opset(path: Path) -> int:
+    import onnx
+
+    return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _copy(src: Path, dst: Path, rel: str) -> None:
