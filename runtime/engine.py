@@ -186,7 +186,9 @@ def open_engine(bundle_dir: Path, part: PartManifest, provider: str | ProviderCo
             f"parts.{part.name}.format: {part.format!r} cannot be opened (ONNX Runtime opens 'onnx', TensorRT "
             "'tensorrt'); pass an engine_factory that opens this format"
         )
-    config = as_config(provider).for_bundle(bundle_dir)
+    config = as_config(provider)
+    if config.name != "cpu":  # the GPU providers' profiles and warm-up are sized by the bundle's dims
+        config = config.for_bundle(bundle_dir)
     return OrtEngine(contained(bundle_dir, part.file, f"parts.{part.name}.file"), config, part)
 
 

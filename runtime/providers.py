@@ -30,21 +30,19 @@ from conceptseg_edge.manifest import PROCESSOR_DIR, PartManifest
 from conceptseg_edge.profiles import DimRange, PartProfile, bundle_dim_ranges, derive_profile
 from conceptseg_edge.timings import describe_providers
 
-# Provider names users type → ONNX Runtime execution providers, in fallback order.
-Provider = Literal["cpu", "cuda", "tensorrt"]
-PROVIDERS: dict[Provider, tuple[str, ...]] = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-#: The names ``--provider`` accepts, in the order help lists them.
-PROVIDER_NAMES: tuple[Provider, ...] = tuple(PROVIDERS)
-
 TENSORRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
-_FIX = "install onnxruntime-gpu (pip install 'conceptseg-edge[gpu]'), or pass --allow-fallback to run on {next}"
+# Provider names users type → ONNX Runtime execution providers, in fallback order.
+Provider = Literal["cpu", "cuda", "tensorrt"]
+PROVIDERS: dict[Provider, tuple[str, ...]] = {
+    "cpu": (CPU_EP,),
+    "cuda": (CUDA_EP, CPU_EP),
+    "tensorrt": (TENSORRT_EP, CUDA_EP, CPU_EP),
+}
+#: The names ``--provider`` accepts, in the order help lists them.
+PROVIDER_NAMES: tuple[Provider, ...] = tuple(PROVIDERS)
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,8 @@ def check_provider(config: ProviderConfig, available: Sequence[str]) -> list[str
     wanted = PROVIDERS[config.name]
     chosen = [p for p in wanted if p in available]
     if wanted[0] not in available:
-        _refuse(config, f"{wanted[0]} is not in this onnxruntime build (it has {list(available)})", chosen[0])
+        _refuse(config, f"{wanted[0]} is not in this onnxruntime build (it has {list(available)})",
+                "install onnxruntime-gpu (pip install 'conceptseg-edge[gpu]'; on a Jetson, JetPack's wheel)", chosen[0])
     return chosen
 
 
@@ -135,16 +134,17 @@ def check_session(config: ProviderConfig, chosen: Sequence[str], session_provide
     if wanted not in session_providers:
         _refuse(
             config,
-            f"{where}: ONNX Runtime could not start {wanted} for this session (the session runs on "
-            f"{list(session_providers)}; check the CUDA/cuDNN/TensorRT libraries it loads)",
+            f"{where}: ONNX Runtime could not start {wanted} for this session (it runs on {list(session_providers)})",
+            "make the GPU and the CUDA/cuDNN/TensorRT libraries this onnxruntime-gpu loads available "
+            "(ONNX Runtime's log at severity 0-2 names the missing one)",
             session_providers[0],
         )
     return session_providers[0]
 
 
-def _refuse(config: ProviderConfig, why: str, fallback: str) -> None:
+def _refuse(config: ProviderConfig, why: str, fix: str, fallback: str) -> None:
     if not config.allow_fallback:
-        raise ProviderError(f"provider '{config.name}': {why}; " + _FIX.format(next=fallback))
+        raise ProviderError(f"provider '{config.name}': {why}; {fix}, or pass --allow-fallback to run on {fallback}")
     warnings.warn(f"provider '{config.name}': {why}; --allow-fallback: running on {fallback}", RuntimeWarning, stacklevel=3)
 
 
@@ -193,18 +193,19 @@ def cuda_options(config: ProviderConfig) -> dict[str, str]:
     }
 
 
-def tensorrt_options(config: ProviderConfig, part: PartManifest) -> dict[str, str]:
+def tensorrt_options(config: ProviderConfig, part: PartManifest | None) -> dict[str, str]:
     """ONNX Runtime TensorRT provider options for one part.
 
     fp16 when asked; INT8 for a Q/DQ part (explicit quantization: scales come from the graph, no
     calibration table); engine and timing caches under ``cache_dir``; the part's optimization profile
     pinned with explicit min/opt/max shapes, so TensorRT builds one engine for the whole range instead
-    of rebuilding whenever a request's shape leaves the range it has seen.
+    of rebuilding whenever a request's shape leaves the range it has seen. ``part`` None (a graph
+    opened without its manifest record) leaves the profile to TensorRT's own shape tracking.
     """
     options = {
         "device_id": str(config.device_id),
         "trt_fp16_enable": _flag(config.fp16),
-        "trt_int8_enable": _flag(explicit_int8(part)),
+        "trt_int8_enable": _flag(part is not None and explicit_int8(part)),
     }
     if config.workspace_gb is not None:
         options["trt_max_workspace_size"] = str(int(config.workspace_gb * (1 << 30)))
@@ -216,20 +217,13 @@ def tensorrt_options(config: ProviderConfig, part: PartManifest) -> dict[str, st
             "trt_timing_cache_enable": "1",
             "trt_timing_cache_path": cache,
         }
-    return options | part_profile(part, config).ort_trt_options()
+    return options if part is None else options | part_profile(part, config).ort_trt_options()
 
 
 def ort_providers(config: ProviderConfig, part: PartManifest | None, chosen: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
-    """``providers=`` for ``ort.InferenceSession``: each chosen provider with its options.
-
-    ``part`` None (a graph opened without a manifest) leaves TensorRT without an explicit profile.
-    """
-    options: dict[str, dict[str, str]] = {CUDA_EP: cuda_options(config)}
-    if TENSORRT_EP in chosen:
-        options[TENSORRT_EP] = (
-            tensorrt_options(config, part) if part is not None else {"device_id": str(config.device_id)}
-        )
-    return [(name, options.get(name, {})) for name in chosen]
+    """``providers=`` for ``ort.InferenceSession``: each chosen provider with its options."""
+    options = {CUDA_EP: cuda_options, TENSORRT_EP: lambda c: tensorrt_options(c, part)}
+    return [(name, options[name](config) if name in options else {}) for name in chosen]
 
 
 def warmup_feeds(part: PartManifest, config: ProviderConfig) -> dict[str, np.ndarray]:
