@@ -260,7 +260,12 @@ def quantizable_parts(manifest: BundleManifest, requested: Sequence[str] | None)
 
 
 class RecordingEngine:
-    """A real engine that keeps a copy of every run's feeds (the calibration data of its part)."""
+    """A real engine that keeps every run's feeds (the calibration data of its part).
+
+    It keeps the arrays themselves, not copies: the runtime never writes into a feed after the
+    call, and the image features every prompt on one image feeds the decoder are then held once
+    (at 1024 px, 28 MB per image rather than per request).
+    """
 
     def __init__(self, engine: Engine, feeds: list[dict[str, np.ndarray]]) -> None:
         self._engine = engine
@@ -268,7 +273,7 @@ class RecordingEngine:
         self.feeds = feeds
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.feeds.append({name: np.array(value) for name, value in feeds.items()})
+        self.feeds.append(dict(feeds))
         return self._engine.run(feeds)
 
 
