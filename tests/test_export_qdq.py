@@ -157,6 +157,26 @@ def test_calibration_from_a_folder_of_images(tmp_path):
     assert record.passed and str(tmp_path / "imgs") in record.calibration and record.held_out_samples > 0
 
 
+@pytest.mark.slow
+def test_fp8_qdq_graph_runs_on_onnx_runtime_cpu(tmp_path):
+    import onnx
+
+    out = tmp_path / "fp8"
+    manifest = export_qdq(EMBEDDED, out, QdqConfig(**FAST, precision="fp8", parts=("ctm",), floors={"ctm": 0.0}),
+                          progress=False)
+    part = manifest.parts["ctm"]
+    assert part.precision == "fp8" and part.opset >= 19 and part.qdq.passed and "8.9" in part.qdq.tool
+    model = _graph(out, "ctm")
+    weights = [v for v in _constants(model).values() if v.dtype.name.startswith("float8") and v.ndim == 2]
+    assert weights  # FP8 E4M3 weights, per output channel
+    from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+
+    result = ConceptSegmenter.from_bundle(out).segment(load_world_image(), query="circle", route="shortcut")
+    assert result.route == "shortcut" and result.mask.shape == (128, 128)
+    assert np.isfinite([result.score, result.object_score]).all()
+    assert onnx.TensorProto.FLOAT8E4M3FN in {init.data_type for init in model.graph.initializer}
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda tmp: QdqConfig(calibration="world:0"), "world:N with N >= 1"),
     (lambda tmp: QdqConfig(precision="int4"), "--precision int4"),
@@ -168,6 +188,7 @@ def test_calibration_from_a_folder_of_images(tmp_path):
     (lambda tmp: export_qdq(EMBEDDED, tmp / "file", QdqConfig()), "not a directory"),
     (lambda tmp: export_qdq(EMBEDDED, EMBEDDED, QdqConfig()), "source bundle"),
     (lambda tmp: export_qdq(EMBEDDED, tmp / "q", QdqConfig(calibration=str(tmp / "bad"), held_out=1)), "cannot decode"),
+    (lambda tmp: export_qdq(EMBEDDED, tmp / "q", QdqConfig(calibration=str(tmp / "linked"), held_out=1)), "outside"),
 ])
 def test_bad_inputs_are_typed_errors_before_any_work(tmp_path, make, match):
     (tmp_path / "empty").mkdir()
@@ -176,6 +197,8 @@ def test_bad_inputs_are_typed_errors_before_any_work(tmp_path, make, match):
     (tmp_path / "file").write_text("x")
     _write_pngs(tmp_path / "bad", 2)
     (tmp_path / "bad" / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    _write_pngs(tmp_path / "linked", 1)
+    (tmp_path / "linked" / "out.png").symlink_to(tmp_path / "bad" / "img0.png")  # an image outside the folder
     with pytest.raises(InputError, match=match):
         make(tmp_path)
     assert not (tmp_path / "q").exists()
