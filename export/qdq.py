@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from conceptseg_edge.episodes import Support
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import atomic_path, contained, sha256_file, staged_dir, writable_output
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, PartManifest, QdqReport, load_bundle, write_manifest
@@ -158,7 +159,7 @@ class Sample:
     image: np.ndarray
     box: tuple[float, float, float, float] | None
     query: str | None
-    supports: tuple = ()
+    supports: tuple[Support, ...] = ()
 
     def requests(self, routes: Iterable[str], max_shortcut_words: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """(route, ``segment`` keywords) for each route in ``routes`` this sample can take."""
@@ -186,8 +187,8 @@ def calibration_sets(spec: str, held_out: int, image_size: int) -> tuple[SampleS
     """(calibration, held-out) sample sets from ``world:N`` or a folder, disjoint by construction.
 
     Raises:
-        InputError: a folder that does not exist, holds no
-            PNG/JPEG, holds no more images than ``held_out``, or has an unreadable image.
+        InputError: a folder that does not exist, holds no PNG/JPEG, holds no more images than
+            ``held_out``, or has an unreadable image or a link out of the folder.
     """
     if spec.startswith("world:"):  # N checked by QdqConfig
         return (_world_set(CALIBRATION_OFFSET, int(spec.removeprefix("world:")), image_size),
@@ -203,6 +204,8 @@ def _world_set(offset: int, n: int, image_size: int) -> SampleSet:
     world = ConceptWorld(WORLD_SEED, image_size)
     samples, index = [], offset
     while len(samples) < n:
+        if index - offset > 1000 * n:
+            raise InputError(f"--calib world:{n}: ConceptWorld gave {len(samples)} non-empty masks in {index - offset} episodes")
         ep = world.episode(index)
         index += 1
         if ep.mask.any():
