@@ -27,24 +27,18 @@ from conceptseg_edge.benchmarks.stats import (
     stability_note,
 )
 from conceptseg_edge.manifest import BundleManifest, load_bundle
-from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
+from conceptseg_edge.runtime.providers import ProviderChoice, provider_note, provider_record
 from conceptseg_edge.timings import describe_providers
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(ProviderChoice):
     runs: int = field(default=10, metadata={"help": "timed runs per series"})
     warmup: int = field(default=2, metadata={"help": "untimed warm-up runs"})
     compare_torch: bool = field(default=False, metadata={"help": "time PyTorch eager in the same run"})
     checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
-    provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
-    allow_fallback: bool = field(default=False, metadata={"help": "run on the next provider if this one is missing"})
-
-    @property
-    def provider_config(self) -> ProviderConfig:
-        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback)
 
 
 def bench_image(size_hw: tuple[int, int] = (480, 640), seed: int = 0) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.router import ROUTES, Route, RouterConfig
 from conceptseg_edge.runtime.bank import ConceptBank
 from conceptseg_edge.runtime.engine import engine_factory_for
-from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
+from conceptseg_edge.runtime.providers import ProviderChoice, ProviderConfig, provider_note, provider_record
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 from conceptseg_edge.timings import describe_providers
 
@@ -60,20 +60,17 @@ TIMING_SCOPE = "end-to-end per route on host, encoder re-run each call; shortcut
 
 
 @dataclass(frozen=True)
-class RoutesBenchConfig:
+class RoutesBenchConfig(ProviderChoice):
     runs: int = field(default=5, metadata={"help": "timed runs per series"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up runs per series"})
     compare_torch: bool = field(default=True, metadata={"help": "time the torch reference pipeline too"})
     checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
-    provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider"})
-    allow_fallback: bool = field(default=False, metadata={"help": "run on the next provider if this one is missing"})
     generation: GenerationConfig = field(default=BENCH_GENERATION, metadata={"help": "the reason route's budget"})
     compare_bundles: tuple[str, ...] = field(default=(), metadata={"help": "same checkpoint at other policy precisions"})
 
     @property
     def provider_config(self) -> ProviderConfig:
-        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback,
-                              max_new_tokens=self.generation.max_new_tokens)
+        return replace(super().provider_config, max_new_tokens=self.generation.max_new_tokens)  # sizes the KV profile
 
 
 @dataclass(frozen=True)

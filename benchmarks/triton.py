@@ -43,19 +43,17 @@ from conceptseg_edge.benchmarks.stats import (
 )
 from conceptseg_edge.errors import BenchmarkError, InputError
 from conceptseg_edge.manifest import load_bundle
-from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
+from conceptseg_edge.runtime.providers import ProviderChoice, provider_note, provider_record
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
-class TritonBenchConfig:
+class TritonBenchConfig(ProviderChoice):
     concurrency: tuple[int, ...] = field(default=DEFAULT_CONCURRENCY, metadata={"help": "client threads per level"})
     runs: int = field(default=24, metadata={"help": "timed requests per level and side"})
     warmup: int = field(default=2, metadata={"help": "untimed requests per level and side (at least one per client)"})
     image_hw: tuple[int, int] = field(default=(480, 640), metadata={"help": "request image size"})
-    provider: Provider = field(default="cpu", metadata={"help": "in-process ONNX Runtime provider"})
-    allow_fallback: bool = field(default=False, metadata={"help": "in-process: run on the next provider if this one is missing"})
     instances: int | None = field(default=None, metadata={"help": "in-process segmenters (default: the served model's instance count)"})
     timeout: float = field(default=300.0, metadata={"help": "per-request client timeout, seconds"})
 
@@ -66,10 +64,6 @@ class TritonBenchConfig:
             raise InputError(f"runs {self.runs} / warmup {self.warmup}: need runs >= 1 and warmup >= 0")
         if self.instances is not None and self.instances < 1:
             raise InputError(f"instances {self.instances}: expected >= 1")
-
-    @property
-    def provider_config(self) -> ProviderConfig:
-        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback)
 
 
 class FairPool:

@@ -86,6 +86,21 @@ class ProviderConfig:
         return replace(self, dim_ranges=bundle_ranges(bundle_dir, self.max_new_tokens))
 
 
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The provider settings a command's config carries (``--provider``, ``--allow-fallback``,
+    ``--trt-cache``), shared by the benchmark and demo configs; ``provider_config`` is the full config."""
+
+    provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider: cpu, cuda or tensorrt"})
+    allow_fallback: bool = field(default=False, metadata={"help": "run on the next provider (warning) if this one is missing"})
+    trt_cache: str | None = field(default=None, metadata={"help": "TensorRT provider engine + timing cache directory"})
+
+    @property
+    def provider_config(self) -> ProviderConfig:
+        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback,
+                              cache_dir=None if self.trt_cache is None else Path(self.trt_cache))
+
+
 def bundle_ranges(bundle_dir: Path, max_new_tokens: int) -> dict[str, DimRange]:
     """``bundle_dim_ranges`` sized by the bundle's policy processor (its patch range and merge size), so a
     TensorRT profile admits every image the processor can produce; the defaults for a bundle without one."""
@@ -145,7 +160,9 @@ def check_session(config: ProviderConfig, chosen: Sequence[str], session_provide
 def _refuse(config: ProviderConfig, why: str, fix: str, fallback: str) -> None:
     if not config.allow_fallback:
         raise ProviderError(f"provider '{config.name}': {why}; {fix}, or pass --allow-fallback to run on {fallback}")
-    warnings.warn(f"provider '{config.name}': {why}; --allow-fallback: running on {fallback}", RuntimeWarning, stacklevel=3)
+    # Reported at this line whoever asks, so the same fallback (checked by the command, then by each
+    # engine) is shown once under Python's default filter; a session that lost its provider names its file.
+    warnings.warn(f"provider '{config.name}': {why}; --allow-fallback: running on {fallback}", RuntimeWarning)
 
 
 def provider_record(requested: str, executed: Mapping[str, str]) -> dict[str, object]:

@@ -220,6 +220,30 @@ def test_warmup_feeds_run_on_cpu_at_the_profile_opt_shapes(manifest):
 # ---------------------------------------------------------------------------- the commands
 
 
+def test_command_configs_build_their_provider_config(tmp_path):
+    from conceptseg_edge.benchmarks.prompt import BenchConfig
+    from conceptseg_edge.benchmarks.routes import RoutesBenchConfig
+    from conceptseg_edge.benchmarks.triton import TritonBenchConfig
+    from conceptseg_edge.cli.demo import DemoConfig
+    from conceptseg_edge.generation import GenerationConfig
+
+    expected = ProviderConfig("tensorrt", allow_fallback=True, cache_dir=tmp_path)
+    for cls in (BenchConfig, TritonBenchConfig, DemoConfig):
+        assert cls(provider="tensorrt", allow_fallback=True, trt_cache=str(tmp_path)).provider_config == expected
+    routes = RoutesBenchConfig(provider="tensorrt", allow_fallback=True, trt_cache=str(tmp_path),
+                               generation=GenerationConfig(max_new_tokens=32))
+    assert routes.provider_config == dataclasses.replace(expected, max_new_tokens=32)  # the KV-cache profile's bound
+    assert BenchConfig().provider_config == ProviderConfig()  # cpu, strict
+
+
+def test_trt_cache_must_be_a_directory(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    proc = cli("segment", BUNDLE, SAMPLE, "--point", "40,40", "--out", tmp_path / "m.png", "--no-bank", "--trt-cache", not_a_dir)
+    assert proc.returncode == 2 and "--trt-cache" in proc.stderr and "not a directory" in proc.stderr
+    assert not (tmp_path / "m.png").exists()
+
+
 @pytest.mark.skipif(not MISSING, reason="this onnxruntime has CUDA and TensorRT: no refusal to observe")
 @pytest.mark.parametrize("name", MISSING or ["cuda"])
 def test_segment_refuses_a_missing_provider_and_writes_nothing(name, tmp_path):

@@ -6,7 +6,7 @@ import argparse
 from typing import Literal
 
 from conceptseg_edge.benchmarks.policy import BENCH_GENERATION
-from conceptseg_edge.cli.providers import add_provider_arguments
+from conceptseg_edge.cli.providers import add_provider_arguments, provider_choice
 from conceptseg_edge.router import Route
 
 #: ``--route``: the prompt route alone (vs torch eager), or every route of a concept bundle.
@@ -55,8 +55,7 @@ def _bench(args: argparse.Namespace) -> int:
             levels = tuple(int(c) for c in args.concurrency.split(","))
         except ValueError:
             raise InputError(f"--concurrency {args.concurrency}: expected comma-separated integers") from None
-        cfg = TritonBenchConfig(concurrency=levels, runs=args.runs, warmup=args.warmup, provider=args.provider,
-                                allow_fallback=args.allow_fallback)
+        cfg = TritonBenchConfig(concurrency=levels, runs=args.runs, warmup=args.warmup, **provider_choice(args))
         served = bench_triton(args.triton, args.bundle, cfg=cfg)
         report, table = served.to_json(), render_triton_table(served)
     elif args.route == "all":
@@ -64,9 +63,8 @@ def _bench(args: argparse.Namespace) -> int:
         from conceptseg_edge.generation import GenerationConfig
 
         cfg = RoutesBenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                                checkpoint=args.checkpoint, provider=args.provider, allow_fallback=args.allow_fallback,
-                                generation=GenerationConfig(args.max_new_tokens),
-                                compare_bundles=tuple(args.compare_bundle))
+                                checkpoint=args.checkpoint, generation=GenerationConfig(args.max_new_tokens),
+                                compare_bundles=tuple(args.compare_bundle), **provider_choice(args))
         routes = bench_routes(args.bundle, cfg)
         report, table = routes.to_json(), render_routes_table(routes)
         if args.png:
@@ -75,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
         from conceptseg_edge.benchmarks.prompt import BenchConfig, bench_prompt_route, render_table
 
         cfg = BenchConfig(runs=args.runs, warmup=args.warmup, compare_torch=args.compare_torch,
-                          checkpoint=args.checkpoint, provider=args.provider, allow_fallback=args.allow_fallback)
+                          checkpoint=args.checkpoint, **provider_choice(args))
         prompt = bench_prompt_route(args.bundle, cfg)
         report, table = prompt.to_json(), render_table(prompt)
     if args.json_out:

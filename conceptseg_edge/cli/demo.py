@@ -23,8 +23,8 @@ import numpy as np
 
 from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.cli.providers import add_provider_arguments
-from conceptseg_edge.runtime.providers import Provider, ProviderConfig, provider_note, provider_record
+from conceptseg_edge.cli.providers import add_provider_arguments, provider_choice
+from conceptseg_edge.runtime.providers import ProviderChoice, provider_note, provider_record
 from conceptseg_edge.timings import elapsed_ms
 
 #: The committed ConceptSeg-Tiny bundle (``conceptseg-edge train tiny-default`` writes it).
@@ -34,19 +34,13 @@ SAMPLE_OFFSET = 3_000_000
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(ProviderChoice):
     """What the demo runs. ``image_size`` None: the bundle's own preprocessing size."""
 
     per_level: int = 3
     seed: int = 0
     image_size: int | None = None
     repeats: int = 3  # timed calls per sample (the encoder included each time); the median is reported
-    provider: Provider = "cpu"
-    allow_fallback: bool = False  # run on the next provider (warning) when ``provider`` is missing
-
-    @property
-    def provider_config(self) -> ProviderConfig:
-        return ProviderConfig(self.provider, allow_fallback=self.allow_fallback)
 
 
 @dataclass
@@ -213,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from conceptseg_edge.fileio import writable_output
 
-    cfg = DemoConfig(per_level=args.per_level, repeats=args.repeats, provider=args.provider, allow_fallback=args.allow_fallback)
+    cfg = DemoConfig(per_level=args.per_level, repeats=args.repeats, **provider_choice(args))
     writable_output(args.out, "--out", directory=True)
     report = run_demo(args.bundle, args.out, cfg)
     print(render_demo_table(report))

@@ -1,10 +1,12 @@
-"""``--provider`` and ``--allow-fallback``, shared by every command that runs a bundle (segment, bench, demo)."""
+"""``--provider``, ``--allow-fallback`` and ``--trt-cache``, shared by every command that runs a bundle
+(segment, bench, demo)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from conceptseg_edge.runtime.providers import PROVIDER_NAMES, ProviderConfig
+from conceptseg_edge.runtime.providers import PROVIDER_NAMES, ProviderChoice, ProviderConfig
 
 
 def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +15,23 @@ def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-fallback", action="store_true",
                         help="if the provider is not available, warn and run on the next one (CUDA, then CPU) "
                              "instead of failing; reports record the provider that ran")
+    parser.add_argument("--trt-cache", default=None, metavar="DIR",
+                        help="--provider tensorrt: keep TensorRT's engines and timing cache here, so the next run "
+                             "loads them instead of rebuilding (default: rebuild at every load)")
+
+
+def provider_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ProviderChoice`` fields of a command's config, from its arguments.
+
+    Raises:
+        InputError: ``--trt-cache`` is not a writable directory.
+    """
+    from conceptseg_edge.fileio import writable_output
+
+    if args.trt_cache is not None:
+        writable_output(args.trt_cache, "--trt-cache", directory=True)
+    return {"provider": args.provider, "allow_fallback": args.allow_fallback, "trt_cache": args.trt_cache}
 
 
 def provider_config(args: argparse.Namespace) -> ProviderConfig:
-    return ProviderConfig(args.provider, allow_fallback=args.allow_fallback)
+    return ProviderChoice(**provider_choice(args)).provider_config
