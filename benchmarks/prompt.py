@@ -136,8 +136,8 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
     from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.predictor import SAM2Predictor
 
-    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     manifest = load_bundle(bundle)
+    factory = engine_factory_for(cfg.provider_config, manifest)  # a missing provider is refused before anything loads
     checkpoint = torch_checkpoint(manifest, cfg.checkpoint) if cfg.compare_torch else None  # refused before any timing
     predictor = SAM2Predictor.from_bundle(bundle, provider=cfg.provider, manifest=manifest, engine_factory=factory)
     image = bench_image()

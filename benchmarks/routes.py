@@ -170,8 +170,8 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     """Time every route the bundle serves (see ``render_routes_table``, ``plot_routes``, ``to_json``)."""
     from conceptseg_edge.data.world import ConceptWorld
 
-    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     manifest = load_bundle(bundle)
+    factory = engine_factory_for(cfg.provider_config, manifest)  # a missing provider is refused before anything loads
     missing = set(ROUTES) - set(manifest.routes)
     if missing:
         raise BenchmarkError("setup", f"{bundle}: bundle lacks routes {sorted(missing)}; export it with `export concept`")

@@ -359,13 +359,12 @@ def bench_triton(
     sides run the same graphs. Returns the typed report (``to_json()``; ``render_triton_table``).
     """
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+    from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.serve.client import TritonSegClient
 
-    from conceptseg_edge.runtime.engine import engine_factory_for
-
     cfg = cfg or TritonBenchConfig(concurrency=tuple(concurrency), runs=runs, warmup=warmup)
-    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     manifest = load_bundle(bundle)
+    factory = engine_factory_for(cfg.provider_config, manifest)  # a missing provider is refused before anything loads
     probe = TritonSegClient(url, timeout=cfg.timeout)
     if not probe.is_ready():
         raise BenchmarkError("triton", f"{url}: server or model 'conceptseg' not ready")

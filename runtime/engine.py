@@ -208,14 +208,31 @@ class OrtEngineFactory:
         return open_engine(bundle_dir, part, self.config)
 
 
-def engine_factory_for(config: ProviderConfig) -> OrtEngineFactory:
-    """The factory that opens parts on ``config``'s provider, after checking that provider exists in
-    this onnxruntime build: a command calls it before it loads anything, so a missing GPU provider
-    fails (or, with ``allow_fallback``, warns) before any model runs.
+def engine_factory_for(config: ProviderConfig, manifest: BundleManifest | None = None) -> OrtEngineFactory:
+    """The factory that opens parts on ``config``'s provider, after checking that the provider can run
+    them: a command calls it before it loads anything, so a missing GPU provider fails (or, with
+    ``allow_fallback``, warns) before any model runs.
+
+    An engine bundle (``manifest`` with ``tensorrt`` parts) runs on TensorRT itself, not on an ONNX
+    Runtime provider: it needs ``--provider tensorrt`` and the TensorRT and CUDA bindings, and no
+    fallback can run a plan.
 
     Raises:
-        ProviderError: the provider is not in this build and fallback is off.
+        ProviderError: the provider is not in this onnxruntime build and fallback is off.
+        InputError: an engine bundle asked to run on another provider than ``tensorrt``.
+        EngineUnavailableError: an engine bundle where TensorRT or cuda-python does not import.
     """
+    if manifest is not None and any(part.format == "tensorrt" for part in manifest.parts.values()):
+        from conceptseg_edge.runtime.trt_engine import import_cudart, import_tensorrt
+
+        if config.name != "tensorrt":
+            raise InputError(
+                f"provider '{config.name}': this bundle holds TensorRT engines, which only TensorRT runs; "
+                "pass --provider tensorrt, or use the ONNX bundle they were built from"
+            )
+        import_tensorrt()
+        import_cudart()
+        return OrtEngineFactory(config)
     import onnxruntime as ort
 
     check_provider(config, ort.get_available_providers())

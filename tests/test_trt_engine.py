@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conceptseg_edge._compat import is_available
 from conceptseg_edge.cli.demo import DEFAULT_BUNDLE
@@ -364,3 +365,32 @@ def test_engine_io_must_match_the_manifest(toy):
                                                      for t in part.inputs))
     with pytest.raises(ManifestError, match="tensor 'idx' is int64 in the engine, int32 in the manifest"):
         TrtEngine(root / "toy.plan", retyped)
+
+
+@pytest.mark.parametrize("flags", [["--provider", "tensorrt"], ["--provider", "tensorrt", "--allow-fallback"]])
+def test_segment_on_an_engine_bundle_asks_for_tensorrt_not_an_ort_provider(engine_bundle, tmp_path, capsys, flags):
+    """An engine bundle runs on TensorRT itself: the command checks TensorRT, never ONNX Runtime's provider
+    list (whose fix, "install onnxruntime-gpu", would be wrong), and no fallback pretends to run it."""
+    from conceptseg_edge.cli import main
+
+    out = tmp_path / "mask.png"
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    code = main(["segment", str(engine_bundle), str(image), "--box", "2,2,20,20", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code != 0 and not out.exists()
+    # with TensorRT the placeholder engines' recorded 8.6.0 is refused instead
+    expected = "built with TensorRT 8.6.0" if is_available("tensorrt") else "tensorrt not importable: install conceptseg-edge[gpu]"
+    assert expected in err
+    assert "onnxruntime" not in err and "CPUExecutionProvider" not in err
+
+
+def test_segment_on_an_engine_bundle_refuses_cpu(engine_bundle, tmp_path, capsys):
+    from conceptseg_edge.cli import main
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    code = main(["segment", str(engine_bundle), str(image), "--box", "2,2,20,20", "--out", str(tmp_path / "m.png"),
+                 "--provider", "cpu", "--allow-fallback"])
+    assert code != 0
+    assert "this bundle holds TensorRT engines, which only TensorRT runs; pass --provider tensorrt" in capsys.readouterr().err

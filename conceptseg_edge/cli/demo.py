@@ -91,9 +91,9 @@ def run_demo(bundle: str | Path = DEFAULT_BUNDLE, out: str | Path | None = None,
 
     if cfg.per_level < 1 or cfg.repeats < 1:
         raise InputError(f"per_level {cfg.per_level} / repeats {cfg.repeats}: both must be >= 1")
-    factory = engine_factory_for(cfg.provider_config)  # a missing provider is refused before anything loads
     bundle = Path(bundle)
     manifest = load_bundle(bundle)
+    factory = engine_factory_for(cfg.provider_config, manifest)  # a missing provider is refused before anything loads
     if "reason" not in manifest.routes:
         raise InputError(f"{bundle}: a concept bundle is needed (routes {manifest.routes}); export one with `export concept`")
     segmenter = ConceptSegmenter.from_bundle(bundle, cfg.provider, engine_factory=factory)

@@ -115,6 +115,7 @@ def output_paths(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
 def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.fileio import atomic_paths
+    from conceptseg_edge.manifest import read_manifest
     from conceptseg_edge.preprocess import load_image, make_prompts
     from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.providers import provider_record
@@ -122,7 +123,8 @@ def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.visualize import overlay, save_png
 
     config = provider_config(args)
-    factory = engine_factory_for(config)  # a missing GPU provider fails here, before anything is read or written
+    # a missing GPU provider (or TensorRT, for an engine bundle) fails here, before anything is read or written
+    factory = engine_factory_for(config, read_manifest(args.bundle))
     outputs, bank = output_paths(args)
     image = load_image(args.image)
     points = [p[:2] for p in args.point] or None
