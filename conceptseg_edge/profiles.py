@@ -53,7 +53,7 @@ def bundle_dim_ranges(
     min_patches: int = 16,
     max_patches: int = 64,
     merge_size: int = 2,
-    images_per_prompt: int = 1,
+    images_per_prompt: int = 2,
     max_points: int = 16,
     concept_tokens: int = 8,
     max_batch: int = 8,
@@ -61,7 +61,8 @@ def bundle_dim_ranges(
     """The range of every symbolic dim our graphs use, from the policy's limits.
 
     ``min_patches``/``max_patches`` are the vision patches of the smallest and largest image the
-    policy's processor produces (its min/max pixels over patch size²); ``images_per_prompt`` images of
+    policy's processor produces (its min/max pixels over patch size²); ``images_per_prompt`` images (the
+    reason route sends two: the support mosaic, then the target) of
     ``max_patches / merge_size²`` tokens each plus ``TEXT_BUDGET`` text tokens bound the prompt; the KV
     cache holds the prompt and ``max_new_tokens`` generated tokens.
     """

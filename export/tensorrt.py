@@ -57,7 +57,6 @@ from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS
 from conceptseg_edge.manifest import (
     HARDWARE_COMPATIBILITY,
     MANIFEST_NAME,
-    PROCESSOR_DIR,
     BundleManifest,
     EngineInfo,
     PartManifest,
@@ -65,7 +64,8 @@ from conceptseg_edge.manifest import (
     tool_versions,
     write_manifest,
 )
-from conceptseg_edge.profiles import DimRange, InputProfile, PartProfile, bundle_dim_ranges, derive_profile, parse_profile_override
+from conceptseg_edge.profiles import DimRange, InputProfile, PartProfile, derive_profile, parse_profile_override
+from conceptseg_edge.runtime.providers import bundle_ranges
 
 #: ``--precision`` choices.
 TRT_PRECISIONS = ("fp32", "fp16", "int8", "best")
@@ -210,16 +210,22 @@ def build_script(plans: Iterable[BuildPlan]) -> str:
             'set -euo pipefail\ncd "$(dirname "$0")"\n' + runs)
 
 
-def dim_ranges(bundle_dir: Path, max_new_tokens: int) -> dict[str, DimRange]:
-    """``bundle_dim_ranges`` with the patch range and merge size of the bundle's policy processor, if any."""
-    from conceptseg_edge.runtime.policy_image import PolicyImageConfig
+def _check_topk_patches(ranges: Mapping[str, DimRange]) -> None:
+    """The policy's vision graph sorts its patches with TopK (K = the patch count), and TensorRT's parser
+    takes K < ``TOPK_K_LIMIT`` only: a processor allowing more patches cannot have a TensorRT vision engine.
 
-    processor = bundle_dir / PROCESSOR_DIR
-    if not processor.is_dir():
-        return bundle_dim_ranges(max_new_tokens)
-    image = PolicyImageConfig.from_dir(processor)
-    return bundle_dim_ranges(max_new_tokens, min_patches=image.min_pixels // image.patch_size**2,
-                             max_patches=image.max_pixels // image.patch_size**2, merge_size=image.merge_size)
+    Raises:
+        ExportError: the bundle's patch range reaches the limit (naming it and the fix).
+    """
+    from conceptseg_edge.export.trt_check import TOPK_K_LIMIT
+
+    patches = ranges.get("num_patches")
+    if patches is not None and patches.max >= TOPK_K_LIMIT:
+        raise ExportError(
+            f"num_patches: the policy processor allows {patches.max} patches per image, but policy_vision's "
+            f"TopK over them needs K < {TOPK_K_LIMIT} in TensorRT; lower the processor's max_pixels "
+            f"(longest_edge) below {TOPK_K_LIMIT} x patch_size**2"
+        )
 
 
 def plan_bundle(bundle_dir: str | Path, manifest: BundleManifest, cfg: TrtBuildConfig) -> dict[str, BuildPlan]:
@@ -233,7 +239,8 @@ def plan_bundle(bundle_dir: str | Path, manifest: BundleManifest, cfg: TrtBuildC
     """
     bundle_dir = Path(bundle_dir)
     models = check_buildable(bundle_dir, manifest, cfg)
-    ranges = dim_ranges(bundle_dir, cfg.max_new_tokens)
+    ranges = bundle_ranges(bundle_dir, cfg.max_new_tokens)
+    _check_topk_patches(ranges)
     qdq = {name: any(node.op_type in _QDQ_OPS for node in model.graph.node) for name, model in models.items()}
     if cfg.precision in ("int8", "best") and not any(qdq.values()) and not _has_qdq_record(manifest):
         raise InputError(

@@ -21,12 +21,12 @@ from conceptseg_edge.export.tensorrt import (
     BuildPlan,
     TrtBuildConfig,
     build_engine_bundle,
-    dim_ranges,
     plan_bundle,
 )
 from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS
 from conceptseg_edge.manifest import PROCESSOR_DIR, load_bundle
-from conceptseg_edge.profiles import InputProfile, PartProfile, bundle_dim_ranges
+from conceptseg_edge.profiles import DimRange, InputProfile, PartProfile, bundle_dim_ranges
+from conceptseg_edge.runtime.providers import bundle_ranges
 from conceptseg_edge.runtime.policy_image import PolicyImageConfig
 from conceptseg_edge.runtime.predictor import SAM2Predictor
 
@@ -106,19 +106,19 @@ def test_profile_override_for_an_unknown_part_names_the_parts(tiny_bundle):
 
 def test_policy_patch_range_comes_from_the_processor_config():
     image = PolicyImageConfig.from_dir(EMBEDDED / PROCESSOR_DIR)
-    ranges = dim_ranges(EMBEDDED, 96)
+    ranges = bundle_ranges(EMBEDDED, 96)
     assert (ranges["num_patches"].min, ranges["num_patches"].max) == (image.min_pixels // image.patch_size**2,
                                                                        image.max_pixels // image.patch_size**2)
     assert ranges == bundle_dim_ranges(96, min_patches=ranges["num_patches"].min, max_patches=ranges["num_patches"].max,
                                        merge_size=image.merge_size)
-    assert ranges["past_sequence"].max > dim_ranges(EMBEDDED, 32)["past_sequence"].max  # the KV range follows the budget
+    assert ranges["past_sequence"].max > bundle_ranges(EMBEDDED, 32)["past_sequence"].max  # the KV range follows the budget
 
 
 @pytest.mark.slow
 def test_every_concept_part_gets_a_plan_with_its_manifest_profile(concept_bundle):
     manifest = load_bundle(concept_bundle)
     plans = _plans(concept_bundle, precision="fp16", max_new_tokens=64)
-    ranges = dim_ranges(concept_bundle, 64)
+    ranges = bundle_ranges(concept_bundle, 64)
     assert set(plans) == set(manifest.parts) == {"sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed",
                                                  "policy_decoder"}
     for name, plan in plans.items():
@@ -353,3 +353,12 @@ def test_engines_match_onnx_runtime(concept_bundle, tmp_path, precision):
             assert diff <= atol, f"{name}.{output} ({precision}): max |trt - ort| {diff:.3g} > {atol}"
         if spec.min_mask_iou is not None:
             assert iou(got["low_res_masks"] > 0, want["low_res_masks"] > 0) >= spec.min_mask_iou
+
+
+def test_a_patch_range_past_tensorrts_topk_limit_is_refused():
+    """policy_vision sorts its patches with TopK: a processor allowing 3840 patches or more has no engine."""
+    from conceptseg_edge.export.tensorrt import _check_topk_patches
+
+    _check_topk_patches({"num_patches": DimRange(16, 1836, 3839)})  # Qwen2.5-VL at 600x600 max pixels: 1836
+    with pytest.raises(ExportError, match=r"allows 5329 patches per image.*K < 3840"):
+        _check_topk_patches({"num_patches": DimRange(16, 5329, 5329)})  # a 1022x1022 image at patch 14
