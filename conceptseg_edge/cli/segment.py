@@ -123,9 +123,9 @@ def _segment(args: argparse.Namespace) -> int:
     from conceptseg_edge.visualize import overlay, save_png
 
     config = provider_config(args)
-    # a missing GPU provider (or TensorRT, for an engine bundle) fails here, before anything is read or written
-    factory = engine_factory_for(config, read_manifest(args.bundle))
     outputs, bank = output_paths(args)
+    # a missing GPU provider (or TensorRT, for an engine bundle) fails here, before any image or model is read
+    factory = engine_factory_for(config, read_manifest(args.bundle))
     image = load_image(args.image)
     points = [p[:2] for p in args.point] or None
     labels = [int(p[2]) if len(p) == 3 else 1 for p in args.point] or None
