@@ -1,0 +1,215 @@
+"""Qwen2.5-VL policies at real widths: the released architectures' shapes, and a memory/size measurement.
+
+``QWEN25_VL_3B`` / ``QWEN25_VL_7B`` hold the released configs' shapes (text: hidden, layers, heads,
+KV heads, MLP width; vision: 32 blocks of width 1280 with 16 heads, SwiGLU width 3420, window
+attention on 112-pixel windows except the full-attention blocks 7/15/23/31; M-RoPE sections
+[16, 24, 24] of the 128-wide heads). ``QWEN25_05B_LIKE`` is Qwen2.5-0.5B's language model under the
+same vision tower: there is no 0.5B Qwen2.5-VL, it is the small point of the memory curve.
+``scaled(widths, ...)`` cuts depth (tests keep full widths at 2 decoder layers and a few vision
+blocks); ``policy_config`` turns a ``PolicyWidths`` into a ``Qwen2_5_VLConfig`` wired to a tokenizer.
+The vocabulary is the tokenizer's (a locally trained one here; the release's 151936/152064 rows only
+add to the embedding and LM head, whose sizes are reported separately).
+
+Run as a module, it measures what one user-side export costs:
+
+    python -m conceptseg_edge.benchmarks.scale_policy --preset 3b --out runs/scale-3b
+
+Each step runs in a child process of its own so its peak RSS (``ru_maxrss`` from ``os.wait4``) is
+that step's alone: ``build`` (random init, saved with ``models/checkpoint.py``'s ``save_checkpoint``
+next to a CTM of the same width), then ``export-<precision>`` for fp32 / int8 / int4 (load the
+checkpoint, ``export_policy``). The result (seconds, peak RSS, file sizes, parity) is written to
+``<out>/scale_policy.json`` and printed. A step that fails is recorded with its error and its peak
+RSS, not hidden: at full 3B depth the fp32 graphs pass ONNX's 2 GB protobuf limit, which the
+single-file export path (``export/onnx_export.py``: ``store_weights`` and the INT4 quantizer save
+one protobuf) does not yet handle; see docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PolicyWidths:
+    """The shape of a Qwen2.5-VL policy (vocabulary aside: that comes from the tokenizer)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    vision_depth: int = 32
+    vision_hidden_size: int = 1280
+    vision_heads: int = 16
+    vision_intermediate_size: int = 3420
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    window_size: int = 112
+
+
+#: Qwen2.5-VL-3B-Instruct's config.json shapes.
+QWEN25_VL_3B = PolicyWidths(2048, 36, 16, 2, 11008, tie_word_embeddings=True)
+#: Qwen2.5-VL-7B-Instruct's config.json shapes.
+QWEN25_VL_7B = PolicyWidths(3584, 28, 28, 4, 18944, tie_word_embeddings=False)
+#: Qwen2.5-0.5B's language model (896 wide, 24 layers, 14/2 heads) under the same vision tower.
+QWEN25_05B_LIKE = PolicyWidths(896, 24, 14, 2, 4864, tie_word_embeddings=True)
+PRESETS = {"0.5b": QWEN25_05B_LIKE, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B}
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def scaled(widths: PolicyWidths, *, num_layers: int | None = None, vision_depth: int | None = None,
+           fullatt_block_indexes: tuple[int, ...] | None = None) -> PolicyWidths:
+    """``widths`` with fewer layers; widths, heads and windows unchanged.
+
+    Without ``fullatt_block_indexes``, a cut vision tower keeps the release's pattern (every
+    eighth block full) where it still reaches, and always ends on a full-attention block.
+    """
+    depth = widths.vision_depth if vision_depth is None else vision_depth
+    if fullatt_block_indexes is None:
+        fullatt_block_indexes = tuple(sorted({i for i in widths.fullatt_block_indexes if i < depth} | {depth - 1}))
+    return dataclasses.replace(
+        widths,
+        num_layers=widths.num_layers if num_layers is None else num_layers,
+        vision_depth=depth,
+        fullatt_block_indexes=fullatt_block_indexes,
+    )
+
+
+def policy_config(tokenizer, widths: PolicyWidths):
+    """A ``Qwen2_5_VLConfig`` of ``widths`` for ``tokenizer`` (``models/policy.py``'s token wiring)."""
+    from conceptseg_edge.models.policy import tiny_policy_config
+
+    cfg = tiny_policy_config(
+        tokenizer,
+        hidden_size=widths.hidden_size,
+        num_layers=widths.num_layers,
+        num_heads=widths.num_heads,
+        num_kv_heads=widths.num_kv_heads,
+        intermediate_size=widths.intermediate_size,
+        vision_depth=widths.vision_depth,
+        vision_hidden_size=widths.vision_hidden_size,
+        vision_heads=widths.vision_heads,
+        tie_word_embeddings=widths.tie_word_embeddings,
+    )
+    # What tiny_policy_config does not take: the vision MLP width and the full-attention blocks.
+    cfg.vision_config.intermediate_size = widths.vision_intermediate_size
+    cfg.vision_config.fullatt_block_indexes = list(widths.fullatt_block_indexes)
+    cfg.vision_config.window_size = widths.window_size
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+def _build(out: Path, widths: PolicyWidths, max_pixels: int) -> dict[str, Any]:
+    """Random-init policy + CTM of the same width, saved as a checkpoint at ``out/checkpoint``."""
+    import torch
+
+    from conceptseg_edge.models.checkpoint import BackboneSpec, save_checkpoint
+    from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
+    from conceptseg_edge.models.policy import build_policy, build_processor
+    from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
+    from conceptseg_edge.router import RouterConfig
+
+    processor = build_processor(train_tiny_tokenizer(), max_pixels=max_pixels)
+    policy = build_policy(policy_config(processor.tokenizer, widths), seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ctm = ConceptTranslationModule(CTMConfig(hidden_size=widths.hidden_size)).eval()
+    save_checkpoint(out / "checkpoint", policy, ctm, processor, RouterConfig(), BackboneSpec("none"), overwrite=True)
+    return {
+        "policy_params": sum(p.numel() for p in policy.parameters()),
+        "vision_params": sum(p.numel() for p in policy.model.visual.parameters()),
+        "ctm_params": sum(p.numel() for p in ctm.parameters()),
+        "checkpoint_bytes": _dir_bytes(out / "checkpoint"),
+    }
+
+
+def _export(out: Path, precision: str) -> dict[str, Any]:
+    """Load the checkpoint and export the policy's graphs at ``precision`` into ``out/policy-<precision>``."""
+    from conceptseg_edge.export.policy import export_policy
+    from conceptseg_edge.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out / "checkpoint")
+    target = out / f"policy-{precision}"
+    parts = export_policy(ckpt.policy, ckpt.processor, target, precision=precision)
+    result: dict[str, Any] = {"files": {p.file: (target / p.file).stat().st_size for p in parts.values()}}
+    for name, part in parts.items():
+        if part.parity is not None:
+            result[f"{name}_max_abs_diff"] = part.parity.max_abs_diff
+        if part.quantized_parity is not None:
+            result[f"{name}_quantized"] = part.quantized_parity.measures()
+    result["bundle_bytes"] = _dir_bytes(target)
+    return result
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _run_step(argv: list[str]) -> dict[str, Any]:
+    """Run one step in a child process; its result with the seconds and the child's own peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", __spec__.name, *argv], stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    step: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1),
+                            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}  # Linux: KiB
+    lines = stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        step |= json.loads(lines[-1])
+    else:
+        step["error"] = f"exit {proc.returncode}" + (f": {lines[-1]}" if lines else "")
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="3b")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    parser.add_argument("--vision-depth", type=int, help="vision blocks (default: the preset's 32)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--max-pixels", type=int, default=224 * 224,
+                        help="the processor's cap, which sizes the vision parity cases (default 224*224)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one step, in a child process
+    args = parser.parse_args(argv)
+    widths = scaled(PRESETS[args.preset], num_layers=args.layers, vision_depth=args.vision_depth)
+    if args.step == "build":
+        print(json.dumps(_build(args.out, widths, args.max_pixels)))
+        return 0
+    if args.step:
+        print(json.dumps(_export(args.out, args.step.removeprefix("export-"))))
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = ["--preset", args.preset, "--out", str(args.out), "--max-pixels", str(args.max_pixels)]
+    if args.layers is not None:
+        common += ["--layers", str(args.layers)]
+    if args.vision_depth is not None:
+        common += ["--vision-depth", str(args.vision_depth)]
+    report: dict[str, Any] = {"widths": dataclasses.asdict(widths), "max_pixels": args.max_pixels,
+                              "cpu_count": os.cpu_count(), "steps": {}}
+    report["steps"]["build"] = _run_step([*common, "--step", "build"])
+    print(json.dumps({"build": report["steps"]["build"]}), flush=True)
+    if "error" not in report["steps"]["build"]:
+        for precision in args.precisions:
+            step = _run_step([*common, "--step", f"export-{precision}"])
+            report["steps"][f"export-{precision}"] = step
+            print(json.dumps({f"export-{precision}": step}), flush=True)
+    (args.out / "scale_policy.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all("error" not in s for s in report["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
