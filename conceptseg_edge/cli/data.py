@@ -1,4 +1,4 @@
-"""``conceptseg-edge data``: make ConceptWorld datasets and check ConceptSeg-layout roots."""
+"""``conceptseg-edge data``: make ConceptWorld datasets, import users' datasets, check ConceptSeg-layout roots."""
 
 from __future__ import annotations
 
@@ -18,6 +18,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--test-fraction", type=float, default=0.2, help="share of test items (default 0.2)")
     make.set_defaults(func=_make_world)
 
+    imp = sub.add_parser("import", help="convert an MVTec-AD, image/mask folder or COCO dataset to the ConceptSeg layout")
+    kinds = imp.add_subparsers(dest="import_kind", required=True, metavar="LAYOUT")
+    mvtec = kinds.add_parser("mvtec", help="MVTec-AD: <category>/test/<defect>/ + ground_truth/<defect>/*_mask.png (CD)")
+    mvtec.add_argument("src", type=Path, help="MVTec-AD root, or one category folder")
+    folder = kinds.add_parser("folder", help="image/mask folder pairs of one class (Kvasir-SEG style)")
+    folder.add_argument("src", type=Path, help="folder holding the image and mask folders")
+    folder.add_argument("--class", dest="cls_name", required=True, help="class name, e.g. polyp")
+    folder.add_argument("--level", choices=("CI", "CD"), help="concept level (default: the one the class name implies)")
+    folder.add_argument("--images", default="images", help="image folder inside SRC (default images)")
+    folder.add_argument("--masks", default="masks", help="mask folder inside SRC (default masks)")
+    folder.add_argument("--mask-suffix", default="", help="mask name = image stem + this suffix (default none)")
+    coco = kinds.add_parser("coco", help="COCO instance annotations: one CI item per image and category")
+    coco.add_argument("src", type=Path, help="instances JSON file")
+    coco.add_argument("--images", type=Path, help="folder the file_name entries are relative to (default: the JSON's)")
+    for kind, func in ((mvtec, _import_mvtec), (folder, _import_folder), (coco, _import_coco)):
+        kind.add_argument("--out", required=True, help="dataset root to write (absent, empty, or a ConceptSeg root)")
+        kind.add_argument("--name", help="dataset_name of the items (default: the source's name)")
+        kind.add_argument("--test-fraction", type=float, default=0.2, help="share of images in the test split (default 0.2)")
+        kind.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+        kind.set_defaults(func=func)
+
     check = sub.add_parser("check", help="validate a ConceptSeg-layout root and count its items")
     check.add_argument("root", type=Path, help="dataset root holding all_meta.json")
     check.set_defaults(func=_check)
@@ -32,16 +53,53 @@ def _make_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
-    from collections import Counter
+def _split(args: argparse.Namespace):  # -> SplitRule
+    from conceptseg_edge.data.importers import SplitRule
 
+    return SplitRule(args.test_fraction, args.seed)
+
+
+def _import_mvtec(args: argparse.Namespace) -> int:
+    from conceptseg_edge.data.importers import import_mvtec
+
+    return _imported(import_mvtec(args.src, args.out, name=args.name, split=_split(args)))
+
+
+def _import_folder(args: argparse.Namespace) -> int:
+    from conceptseg_edge.data.importers import import_folder
+
+    summary = import_folder(args.src, args.out, args.cls_name, level=args.level, images=args.images, masks=args.masks,
+                            mask_suffix=args.mask_suffix, name=args.name, split=_split(args))  # fmt: skip
+    return _imported(summary)
+
+
+def _import_coco(args: argparse.Namespace) -> int:
+    from conceptseg_edge.data.importers import import_coco
+
+    return _imported(import_coco(args.src, args.out, images=args.images, name=args.name, split=_split(args)))
+
+
+def _imported(summary) -> int:  # summary: ImportSummary
     from conceptseg_edge.data.meta import ConceptSegDataset
 
-    dataset = ConceptSegDataset.open(args.root)
+    print(f"imported {summary.total} items to {summary.root}")
+    _print_counts(ConceptSegDataset.open(summary.root))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from conceptseg_edge.data.meta import ConceptSegDataset
+
+    _print_counts(ConceptSegDataset.open(args.root))
+    return 0
+
+
+def _print_counts(dataset) -> None:  # dataset: ConceptSegDataset
+    from collections import Counter
+
     for split in dataset.splits:
         counts = Counter((item.level, item.task_name) for _, _, _, item in dataset.items(split))
         total = sum(counts.values())
         print(f"{split}: {total} items in {len(dataset.splits[split])} classes")
         for (level, task), n in sorted(counts.items()):
             print(f"  {level} {task}: {n}")
-    return 0
