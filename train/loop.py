@@ -28,6 +28,7 @@ import torch
 from conceptseg_edge.errors import InputError, TrainingError
 from conceptseg_edge.fileio import writable_output, write_json
 from conceptseg_edge.train.config import save_config
+from conceptseg_edge.train.distributed import Processes
 from conceptseg_edge.train.log import MetricsLogger
 from conceptseg_edge.train.state import clean_state_dir, has_state, load_state, save_state
 
@@ -147,13 +148,15 @@ def run_steps(
     evaluate: Callable[[], dict[str, float]],
     postfix: Callable[[dict[str, float]], dict[str, str]],
     stop_after: int | None = None,
+    procs: Processes = Processes(),
 ) -> tuple[int, MetricsLogger]:
     """The step loop every stage shares: clear what a killed save left (``clean_state_dir``), resume
     from ``out``'s last complete state (when ``cfg.resume``), run ``step(i)`` up to ``total`` (or
     ``stop_after``, for tests), stop on a non-finite ``"loss"`` in its row, add ``evaluate()`` every
     ``cfg.eval_every`` steps and at the end, log each step to ``out/metrics.csv``, and write resumable
     state (and ``config.yaml``) every ``cfg.save_every`` steps and where the run stops. ``cfg`` is a
-    ``LoopConfig``.
+    ``LoopConfig``. Under several processes (``procs``) each runs every step and resumes from the
+    same state; only the main one cleans, evaluates, logs and writes.
 
     Returns the step it stopped after and the logger (for the curves).
 
@@ -162,22 +165,27 @@ def run_steps(
     """
     from tqdm import tqdm
 
-    clean_state_dir(out)
+    if procs.is_main:
+        clean_state_dir(out)
+    procs.barrier()
     start = load_state(out, modules, optimizer)[0] if cfg.resume and has_state(out) else 0
     logger = MetricsLogger(out)
     end = total if stop_after is None else min(total, stop_after)
-    with tqdm(total=total, initial=start, desc=name, unit="step", disable=not cfg.progress) as bar:
+    with tqdm(total=total, initial=start, desc=name, unit="step", disable=not (cfg.progress and procs.is_main)) as bar:
         for i in range(start, end):
             row = step(i)
             require_finite_loss(row["loss"], str(out), i + 1)
+            bar.update()
+            if not procs.is_main:
+                continue
             if (i + 1) % cfg.eval_every == 0 or i + 1 == total:
                 row.update(evaluate())
-            logger.log(i + 1, **row)
             bar.set_postfix(**postfix(row))
-            bar.update()
+            logger.log(i + 1, **row)
             if (i + 1) % cfg.save_every == 0 or i + 1 == end:
                 save_state(out, i + 1, modules, optimizer)
                 save_config(out / "config.yaml", cfg)
+    procs.barrier()  # every process returns once the last state is written
     return end, logger
 
 

@@ -49,6 +49,7 @@ from conceptseg_edge.data.meta import LEVELS
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.router import RouterConfig, count_words
 from conceptseg_edge.train.config import LoopConfig, check_types, load_config, require_fraction, require_positive
+from conceptseg_edge.train.distributed import Processes, processes
 from conceptseg_edge.train.items import EpisodeData, Item, epoch_picks, load_items, template_completion
 from conceptseg_edge.train.loop import StageResult, begin_stage, eval_mode, lr_at, run_steps, seed_everything, set_lr, write_summary
 from conceptseg_edge.train.sam2_batch import bce_dice, box_prompt, empty_mask_prompt, mask_iou, sam_input, upsample
@@ -87,7 +88,7 @@ class Stage1Config(LoopConfig):
     ctm: CTMSettings = field(default_factory=CTMSettings)
     data: EpisodeData = field(default_factory=EpisodeData)
     lr: float = 3e-5  # paper
-    batch_size: int = 16  # paper: 16 per GPU ...
+    batch_size: int = 16  # paper: 16 per GPU ... (here the micro-batch of all processes together)
     grad_accum: int = 2  # ... x 2 ("16x2"; read as gradient accumulation)
     epochs: int = 20  # paper
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs when set"})
@@ -170,8 +171,9 @@ def new_ctm(cfg: Stage1Config, hidden_size: int):
                                               num_heads=c.num_heads, mlp_ratio=c.mlp_ratio))
 
 
-def load_frozen(cfg: Stage1Config, out: Path):
-    """Frozen policy + SAM2, and the CTM to train (restored from ``init_policy`` on a resumed run)."""
+def load_frozen(cfg: Stage1Config, out: Path, procs: Processes = Processes()):
+    """Frozen policy + SAM2, and the CTM to train (restored from ``init_policy`` on a resumed run;
+    under several processes the main one writes it and the others load it)."""
     from conceptseg_edge.fileio import sha256_file
     from conceptseg_edge.models.checkpoint import BackboneSpec, load_checkpoint, save_checkpoint
     from conceptseg_edge.models.policy import PolicyWrapper
@@ -189,14 +191,15 @@ def load_frozen(cfg: Stage1Config, out: Path):
     for p in sam.parameters():
         p.requires_grad_(False)
     init_dir = out / "init_policy"
-    if init_dir.is_dir():
-        ckpt = load_checkpoint(init_dir)
-        policy, processor, ctm = ckpt.policy, ckpt.processor, ckpt.ctm
-    else:
-        policy, processor, ctm = build_initial_policy(cfg)
-        torch.manual_seed(cfg.seed)
-        ctm = ctm if ctm is not None else new_ctm(cfg, policy.config.text_config.hidden_size)
-        save_checkpoint(init_dir, policy, ctm, processor, RouterConfig(), backbone)
+    with procs.main_first():
+        if init_dir.is_dir():
+            ckpt = load_checkpoint(init_dir)
+            policy, processor, ctm = ckpt.policy, ckpt.processor, ckpt.ctm
+        else:
+            policy, processor, ctm = build_initial_policy(cfg)
+            torch.manual_seed(cfg.seed)
+            ctm = ctm if ctm is not None else new_ctm(cfg, policy.config.text_config.hidden_size)
+            save_checkpoint(init_dir, policy, ctm, processor, RouterConfig(), backbone)
     policy.eval()
     for p in policy.parameters():
         p.requires_grad_(False)
@@ -337,27 +340,50 @@ def sample_losses(cfg: Stage1Config, samples: list[Sample], outputs) -> dict[str
             "iou": torch.stack(ious), "present": torch.tensor(present)}
 
 
-def batch_loss(cfg: Stage1Config, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_loss(cfg: Stage1Config, losses: dict[str, torch.Tensor], samples: list[Sample] | None = None) -> torch.Tensor:
+    """Segmentation loss averaged over present targets, plus the weighted mean presence loss. With
+    ``samples`` (the whole micro-batch, of which ``losses`` holds one process's share) the sums are
+    divided by the whole batch's counts, so the shares of all processes add up to the batch's loss."""
     pf = losses["present"]
-    seg = ((cfg.bce_weight * losses["bce"] + cfg.dice_weight * losses["dice"]) * pf).sum() / pf.sum().clamp(min=1)
-    return seg + cfg.presence_weight * losses["presence"].mean()
+    n = len(samples) if samples is not None else len(pf)
+    n_present = sum(bool(s.target.any()) for s in samples) if samples is not None else float(pf.sum())
+    seg = ((cfg.bce_weight * losses["bce"] + cfg.dice_weight * losses["dice"]) * pf).sum() / max(n_present, 1)
+    return seg + cfg.presence_weight * losses["presence"].sum() / n
 
 
-def train_step(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm, optimizer, step: int, total: int) -> dict[str, float]:
+def train_step(cfg: Stage1Config, frozen: Frozen, cache: FeatureCache, ctm, optimizer, step: int, total: int,
+               procs: Processes = Processes()) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; each process runs its share of every
+    micro-batch (``Processes``), the gradients are summed over processes and the logs describe the
+    whole batch."""
     set_lr(optimizer, lr_at(step, cfg.lr, total, cfg.warmup_steps, min_ratio=1.0 if cfg.warmup_steps == 0 else 0.05))
     optimizer.zero_grad(set_to_none=True)
     logs: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         samples = plan_batch(cfg, cache.items, step, micro)
-        losses = sample_losses(cfg, samples, forward_samples(cfg, frozen, cache, ctm, samples))
-        loss = batch_loss(cfg, losses)
-        (loss / cfg.grad_accum).backward()
-        for key, value in _summarise(samples, losses, loss).items():
+        mine = procs.share(samples)
+        losses = sample_losses(cfg, mine, forward_samples(cfg, frozen, cache, ctm, mine))
+        (batch_loss(cfg, losses, samples) / cfg.grad_accum).backward()
+        whole = _whole_batch(procs, {k: v.detach() for k, v in losses.items()})
+        for key, value in _summarise(samples, whole, batch_loss(cfg, whole)).items():
             logs[key] = logs.get(key, 0.0) + value / cfg.grad_accum
+    procs.sum_grads(ctm.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(ctm.parameters(), cfg.grad_clip)
     optimizer.step()
     logs.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
     return logs
+
+
+def _whole_batch(procs: Processes, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample losses of the whole micro-batch, in plan order, from every process's share."""
+    shares = procs.gather(losses)
+    if len(shares) == 1:
+        return shares[0]
+    # process r holds samples r, r + world, ...: interleave the shares back into plan order
+    n = sum(len(share["bce"]) for share in shares)
+    order = [j for r in range(len(shares)) for j in range(r, n, len(shares))]
+    inverse = torch.argsort(torch.tensor(order))
+    return {k: torch.cat([share[k] for share in shares])[inverse] for k in losses}
 
 
 def _summarise(samples: list[Sample], losses: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
@@ -419,7 +445,11 @@ def train_stage1(
 
     with begin_stage(cfg, out_dir) as (out, clock):
         items = load_items(cfg.data, "train", "stage1.data")  # bad data fails before a model is built
-        frozen, ctm = load_frozen(cfg, out)
+        procs = processes()
+        if cfg.batch_size < procs.world:
+            raise InputError(f"stage1.batch_size: {cfg.batch_size} samples cannot be shared by {procs.world} processes "
+                             "(batch_size is the micro-batch of all processes together)")
+        frozen, ctm = load_frozen(cfg, out, procs)
         cache = FeatureCache(frozen, items, cfg.cache, cfg.progress, "stage1 cache")
         total = cfg.total_steps(len(items))
         optimizer = torch.optim.AdamW(ctm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -428,14 +458,20 @@ def train_stage1(
             lambda: FeatureCache(frozen, load_items(cfg.data, "val", "stage1.data"), cfg.cache, False, "stage1 val cache"))
         end, logger = run_steps(
             "stage1", cfg, out, modules, optimizer, total,
-            step=lambda i: train_step(cfg, frozen, cache, ctm, optimizer, i, total),
+            step=lambda i: train_step(cfg, frozen, cache, ctm, optimizer, i, total, procs),
             evaluate=lambda: {"val_loss": evaluate(cfg, frozen, val_cache(), ctm)["loss_reason_box"]},
             postfix=lambda row: {"loss": f"{row['loss']:.3f}"},
             stop_after=stop_after,
+            procs=procs,
         )
-        logger.plot(out / "curves.png", title="stage 1 (CTM)")
         if end < total:
+            if procs.is_main:
+                logger.plot(out / "curves.png", title="stage 1 (CTM)")
             return StageResult(out, out / "checkpoint", {"stopped_at": end})
+        if not procs.is_main:  # the main process evaluates and writes; the others wait for it
+            procs.barrier()
+            return StageResult(out, out / "checkpoint", {})
+        logger.plot(out / "curves.png", title="stage 1 (CTM)")
         ckpt = save_checkpoint(out / "checkpoint", frozen.policy.model, ctm.eval(), frozen.policy.processor,
                                RouterConfig(max_shortcut_words=cfg.max_shortcut_words), frozen.backbone, overwrite=True)
         train_time = clock.elapsed()
@@ -452,6 +488,7 @@ def train_stage1(
             "time": {"train": train_time, "total": clock.elapsed()},
         }
         write_summary(out / "stage1.json", summary)
+        procs.barrier()
         return StageResult(out, ckpt, summary)
 
 
