@@ -284,6 +284,10 @@ def test_folder_pairing_errors_name_the_file(tmp_path):
         import_folder(src, tmp_path / "out", "  ")
     with pytest.raises(InputError, match="--level: expected one of"):
         import_folder(src, tmp_path / "out", "polyp", level="CR")
+    _save(tmp_path / "elsewhere" / "x.jpg", _image(1))
+    (src / "images" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(InputError, match="images/linked.*outside"):  # a folder link out is named, not skipped
+        import_folder(src, tmp_path / "out", "polyp")
     _no_leftovers(tmp_path, tmp_path / "out")
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from conceptseg_edge.data.importers import ImportSummary, SplitRule
+    from conceptseg_edge.data.meta import ConceptSegDataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +58,7 @@ def _make_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(args: argparse.Namespace):  # -> SplitRule
+def _split(args: argparse.Namespace) -> SplitRule:
     from conceptseg_edge.data.importers import SplitRule
 
     return SplitRule(args.test_fraction, args.seed)
@@ -79,7 +84,7 @@ def _import_coco(args: argparse.Namespace) -> int:
     return _imported(import_coco(args.src, args.out, images=args.images, name=args.name, split=_split(args)))
 
 
-def _imported(summary) -> int:  # summary: ImportSummary
+def _imported(summary: ImportSummary) -> int:
     from conceptseg_edge.data.meta import ConceptSegDataset
 
     print(f"imported {summary.total} items to {summary.root}")
@@ -94,7 +99,7 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_counts(dataset) -> None:  # dataset: ConceptSegDataset
+def _print_counts(dataset: ConceptSegDataset) -> None:
     from collections import Counter
 
     for split in dataset.splits:

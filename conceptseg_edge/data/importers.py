@@ -9,11 +9,12 @@ mask must decode and agree in size, and a missing file is named):
   CD items use their task's canonical query, not a per-class phrase). The class is
   ``"<category> <defect>"``, so the supports a training episode draws are of the same defect kind.
 - **Folder pairs** (Kvasir-SEG style): ``SRC/images/<rel>.<ext>`` with ``SRC/masks/<rel><suffix>.<ext>``
-  and one class name; written as ``images/<rel>.<ext>`` and ``masks/<rel>.png``. The level is what the class name implies (``polyp`` → CD with its canonical
-  query); ``level`` overrides it with a generic task of that level (``object`` for CI, ``lesion`` for CD)
-  and the class name as query, since ``all_meta.json`` derives the level from ``task_name`` alone.
+  and one class name; written as ``images/<rel>.<ext>`` and ``masks/<rel>.png``. The level is what
+  the class name implies (``polyp`` → CD with its canonical query); ``level`` overrides it with a
+  generic task of that level (``object`` for CI, ``lesion`` for CD) and the class name as query,
+  since ``all_meta.json`` derives the level from ``task_name`` alone.
 - **COCO instances** (``images``/``annotations``/``categories``): one CI item per image and category,
-  its mask the union of that category's instances. Polygons and uncompressed RLE are decoded here;
+  its mask the union of that category's instances (crowd regions included). Polygons and uncompressed RLE are decoded here;
   compressed RLE needs pycocotools.
 
 Output: images copied byte for byte to ``OUT/images/<rel>``, masks written as 0/255 PNG to
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from conceptseg_edge.data.meta import META_FILE, MetaItem, box_to_fractions, task_info, write_meta
 from conceptseg_edge.episodes import box_from_mask
@@ -48,7 +50,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: The task a level falls back to when the class name implies another level (see the module docstring).
 GENERIC_TASKS = {"CI": "object", "CD": "lesion"}
 MVTEC_TASK = "anomaly"
-COCO_TASK = "object"
+COCO_TASK = GENERIC_TASKS["CI"]
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ def _write(out: str | os.PathLike[str], scan: Callable[[], Iterable[_Pending]], 
     counts: dict[tuple[str, str], int] = {}
     written: dict[str, Path] = {}
     with staged_dir(out, META_FILE, "ConceptSeg dataset root") as stage:
-        for item in scan():
+        for item in tqdm(scan(), desc="import", unit="item", disable=None):  # disable=None: no bar off a terminal
             mask_rel = f"masks/{item.mask_rel}"
             if mask_rel in written:
                 raise InputError(f"{item.image}: its mask {mask_rel} would overwrite the one of {written[mask_rel]}")
