@@ -16,6 +16,23 @@ sets before building anything, and every failure is a ``CheckpointError`` naming
 
 Tied weights (Qwen2.5-VL-3B ties ``lm_head`` to the input embeddings) are stored once, as
 transformers does; loading re-ties them.
+
+``load_checkpoint`` also reads a ConceptSeg-R1 / Qwen2.5-VL directory as released::
+
+    config.json                        the Hugging Face Qwen2.5-VL config (model_type qwen2_5_vl)
+    model.safetensors.index.json       weight_map: tensor → shard (absent for a one-file release)
+    model-0000i-of-0000n.safetensors   policy weights under the release names (``model.layers.*``,
+                                       ``model.embed_tokens.*``, ``visual.*``, ``lm_head.*``; today's
+                                       transformers names are accepted too) and the CTM's official names
+    processor / tokenizer files
+
+Its CTM config is inferred from the weight shapes (``CTMConfig.from_shapes``; the head count is an
+argument), the router is ``RouterConfig()``, and the backbone is whatever the caller passes (the
+release's is SAM 3, which this toolkit cannot run), else None. Shards are memory-mapped and read
+tensor by tensor straight into a model built in the stored dtype, so a bf16 release never has an
+fp32 copy. ``save_checkpoint(..., max_shard_size=...)`` writes this layout, adding a
+``conceptseg_edge`` section to config.json (CTM config, router, backbone, file hashes) that
+transformers ignores and ``load_checkpoint`` reads back, so the round trip is exact.
 """
 
 from __future__ import annotations
@@ -38,8 +55,9 @@ from transformers.initialization import no_init_weights
 
 from conceptseg_edge.errors import CheckpointError, InputError
 from conceptseg_edge.fileio import sha256_file, verify_hashes, write_json
-from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig, split_ctm_state_dict
+from conceptseg_edge.models.ctm import CTM_PREFIXES, ConceptTranslationModule, CTMConfig, split_ctm_state_dict
 from conceptseg_edge.models.policy import ConceptSegProcessor, load_processor
+from conceptseg_edge.models.shards import ShardSet, TensorInfo, read_shards, write_shards
 from conceptseg_edge.router import RouterConfig
 
 CHECKPOINT_FORMAT = "conceptseg-edge-checkpoint"
@@ -50,6 +68,11 @@ _CONFIG_KEYS = frozenset(
     {"format", "format_version", "num_of_query", "ctm", "policy", "router", "backbone", "files"}
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: config.json key holding our settings in the sharded (release) layout.
+SECTION = "conceptseg_edge"
+_SECTION_KEYS = frozenset({"format", "format_version", "ctm", "router", "backbone", "files"})
+#: Release (transformers < 4.52) text-model names: ``model.*`` without today's ``language_model``.
+_RELEASE_TEXT = re.compile(r"^model\.(?!language_model\.|visual\.)")
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,7 @@ class ConceptCheckpoint:
     ctm: ConceptTranslationModule
     processor: ConceptSegProcessor
     router: RouterConfig
-    backbone: BackboneSpec
+    backbone: BackboneSpec | None  # None: a release loaded without naming the SAM2 to pair it with
     path: Path
 
 
@@ -101,19 +124,24 @@ def save_checkpoint(
     ctm: ConceptTranslationModule,
     processor: ConceptSegProcessor,
     router: RouterConfig,
-    backbone: BackboneSpec,
+    backbone: BackboneSpec | None,
     *,
     overwrite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically; returns the path.
 
     An existing ``path`` is an error unless ``overwrite``; then the old directory is swapped out only
-    after the new one is complete.
+    after the new one is complete. ``max_shard_size`` (bytes, or e.g. ``"5GB"``) writes the release
+    layout (HF config.json, numbered shards + index, release tensor names) instead of our one-file
+    layout; only that layout may leave ``backbone`` None.
     """
     path = Path(path)
     hidden = policy.config.text_config.hidden_size
     if ctm.config.hidden_size != hidden:
         raise InputError(f"ctm.config.hidden_size: {ctm.config.hidden_size} != policy hidden size {hidden}")
+    if backbone is None and max_shard_size is None:
+        raise InputError("backbone: required for the one-file layout (None is allowed with max_shard_size)")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +150,10 @@ def save_checkpoint(
         processor.save_pretrained(tmp)
         weights = _dedup_tied(policy.state_dict())
         weights.update(ctm.state_dict())
+        if max_shard_size is not None:
+            _write_release(tmp, weights, policy, ctm, router, backbone, max_shard_size)
+            _swap_into_place(tmp, path)
+            return path
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in weights.items()},
             tmp / WEIGHTS_NAME,
@@ -134,7 +166,7 @@ def save_checkpoint(
             "ctm": ctm.config.to_dict(),
             "policy": policy.config.to_dict(),
             "router": router.to_dict(),
-            "backbone": backbone.to_dict(),
+            "backbone": backbone.to_dict(),  # type: ignore[union-attr]  # checked above
             "files": {name: sha256_file(tmp / name) for name in sorted(_relative_files(tmp))},
         }
         write_json(tmp / CONFIG_NAME, config)
@@ -149,17 +181,30 @@ def load_checkpoint(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    backbone: BackboneSpec | None = None,
+    ctm_num_heads: int = 16,
 ) -> ConceptCheckpoint:
-    """Load and verify a checkpoint directory written by ``save_checkpoint``.
+    """Load and verify a checkpoint directory: ours, or a ConceptSeg-R1 / Qwen2.5-VL release.
 
-    ``dtype`` casts policy and CTM (default: the policy as saved, the CTM in float32).
+    ``dtype`` casts policy and CTM (default: our one-file layout loads the policy as saved and the
+    CTM in float32; the release layout keeps every tensor's stored dtype). ``backbone`` and
+    ``ctm_num_heads`` apply to a release, whose files record neither; ``backbone`` replaces the one a
+    sharded ``save_checkpoint`` recorded.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    config = _read_config(path)
+    raw = _read_json(path / CONFIG_NAME)
+    if "format" not in raw:
+        if raw.get("model_type") != Qwen2_5_VLConfig.model_type:
+            raise CheckpointError(
+                f"{path / CONFIG_NAME}: neither a {CHECKPOINT_FORMAT!r} config (no 'format') nor a "
+                f"{Qwen2_5_VLConfig.model_type!r} release config (model_type {raw.get('model_type')!r})"
+            )
+        return _load_release(path, raw, device, dtype, backbone, ctm_num_heads)
+    config = _check_config(path, raw)
     verify_hashes(path, config["files"], CONFIG_NAME, CheckpointError, "the file changed after saving; re-save the checkpoint")
-    ctm_cfg, policy_cfg, router, backbone = _parse_config(path, config)
+    ctm_cfg, policy_cfg, router, saved_backbone = _parse_config(path, config)
 
     try:
         weights = load_file(path / WEIGHTS_NAME)
@@ -182,13 +227,12 @@ def load_checkpoint(
         ctm=ctm.to(device).eval(),
         processor=processor,
         router=router,
-        backbone=backbone,
+        backbone=backbone or saved_backbone,
         path=path,
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    config_path = path / CONFIG_NAME
+def _read_json(config_path: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -197,6 +241,11 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_path}: not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    config_path = path / CONFIG_NAME
     missing, unknown = sorted(_CONFIG_KEYS - set(config)), sorted(set(config) - _CONFIG_KEYS)
     if missing or unknown:
         raise CheckpointError(f"{config_path}: missing keys {missing}, unknown keys {unknown}")
@@ -215,15 +264,9 @@ def _parse_config(
     path: Path, config: dict[str, Any]
 ) -> tuple[CTMConfig, Qwen2_5_VLConfig, RouterConfig, BackboneSpec]:
     where = path / CONFIG_NAME
-    try:
-        ctm_cfg = CTMConfig.from_dict(config["ctm"])
-        backbone = BackboneSpec.from_dict(config["backbone"])
-    except (InputError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{where}: {exc}") from exc
-    try:
-        router = RouterConfig.from_dict(config["router"])
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{where}: router: {exc}") from exc
+    ctm_cfg, router, backbone = _parse_settings(where, config)
+    if backbone is None:
+        raise CheckpointError(f"{where}: backbone: missing")
     policy_dict = config["policy"]
     if not isinstance(policy_dict, dict) or policy_dict.get("model_type") != Qwen2_5_VLConfig.model_type:
         raise CheckpointError(f"{where}: policy: expected a {Qwen2_5_VLConfig.model_type!r} config")
@@ -239,6 +282,152 @@ def _parse_config(
     if ctm_cfg.hidden_size != hidden:
         raise CheckpointError(f"{where}: ctm.hidden_size {ctm_cfg.hidden_size} != policy hidden size {hidden}")
     return ctm_cfg, policy_cfg, router, backbone
+
+
+def _parse_settings(where: Path, config: dict[str, Any]) -> tuple[CTMConfig, RouterConfig, BackboneSpec | None]:
+    """The CTM config, router and backbone both layouts record (the release layout in its section)."""
+    try:
+        ctm_cfg = CTMConfig.from_dict(config["ctm"])
+        backbone = None if config["backbone"] is None else BackboneSpec.from_dict(config["backbone"])
+    except (InputError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    try:
+        router = RouterConfig.from_dict(config["router"])
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: router: {exc}") from exc
+    return ctm_cfg, router, backbone
+
+
+def _write_release(
+    root: Path,
+    weights: dict[str, torch.Tensor],
+    policy: Qwen2_5_VLForConditionalGeneration,
+    ctm: ConceptTranslationModule,
+    router: RouterConfig,
+    backbone: BackboneSpec | None,
+    max_shard_size: int | str,
+) -> None:
+    """Shards under the release names, the HF config with our section, and hashes of every file."""
+    write_shards(root, {_to_release_name(k): v for k, v in weights.items()}, max_shard_size)
+    config = policy.config.to_dict()
+    config["dtype"] = str(next(policy.parameters()).dtype).removeprefix("torch.")
+    config["num_of_query"] = ctm.config.num_queries
+    config[SECTION] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "ctm": ctm.config.to_dict(),
+        "router": router.to_dict(),
+        "backbone": None if backbone is None else backbone.to_dict(),
+        "files": {name: sha256_file(root / name) for name in sorted(_relative_files(root))},
+    }
+    write_json(root / CONFIG_NAME, config)
+
+
+def _load_release(
+    path: Path,
+    raw: dict[str, Any],
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    backbone: BackboneSpec | None,
+    ctm_num_heads: int,
+) -> ConceptCheckpoint:
+    """Check shards, names and shapes from the headers, build in the stored dtype, then stream tensors in."""
+    where = path / CONFIG_NAME
+    section = raw.pop(SECTION, None)
+    router, saved_backbone, ctm_cfg = RouterConfig(), None, None
+    if section is not None:
+        if not isinstance(section, dict) or set(section) != _SECTION_KEYS:
+            raise CheckpointError(f"{where}: {SECTION}: expected an object with keys {sorted(_SECTION_KEYS)}")
+        verify_hashes(path, section["files"], CONFIG_NAME, CheckpointError, "the file changed after saving; re-save the checkpoint")
+        ctm_cfg, router, saved_backbone = _parse_settings(where, section)
+    try:
+        policy_cfg = Qwen2_5_VLConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+
+    shards = read_shards(path)
+    info = _model_names(shards)
+    ctm_info = {k: v for k, v in info.items() if k.startswith(CTM_PREFIXES)}
+    if ctm_cfg is None:
+        try:
+            ctm_cfg = CTMConfig.from_shapes({k: v.shape for k, v in ctm_info.items()}, num_heads=ctm_num_heads)
+        except InputError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+    if raw.get("num_of_query", ctm_cfg.num_queries) != ctm_cfg.num_queries:
+        raise CheckpointError(f"{where}: num_of_query {raw['num_of_query']!r} != {ctm_cfg.num_queries} CTM queries")
+    hidden = policy_cfg.text_config.hidden_size
+    if ctm_cfg.hidden_size != hidden:
+        raise CheckpointError(f"{path}: CTM hidden size {ctm_cfg.hidden_size} != policy hidden size {hidden}")
+
+    policy_dtype = dtype or _stored_dtype(policy_cfg.dtype, info, "model.language_model.norm.weight")
+    ctm_dtype = dtype or info.get("learnable_query.weight", info[next(iter(info))]).dtype
+    with no_init_weights():  # every parameter is overwritten below; skip the random init
+        policy = AutoModelForImageTextToText.from_config(policy_cfg, dtype=policy_dtype)
+    policy.tie_weights()  # no_init_weights skips the tying that init would do
+    with torch.device("meta"):  # no fp32 CTM first: allocate once, in the stored dtype
+        ctm = ConceptTranslationModule(ctm_cfg)
+    ctm = ctm.to(ctm_dtype).to_empty(device="cpu")
+
+    targets = {**policy.state_dict(), **ctm.state_dict()}
+    aliases = _tied_aliases(policy.state_dict())
+    missing = sorted(k for k in targets.keys() - info.keys() if aliases.get(k) not in info)
+    unexpected = sorted(info.keys() - targets.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing tensors {_abbrev(missing)}, unexpected tensors {_abbrev(unexpected)}")
+    for name, meta in info.items():
+        if tuple(targets[name].shape) != meta.shape:
+            raise CheckpointError(
+                f"{path / meta.shard}: {name}: shape {list(meta.shape)}, model expects {list(targets[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in shards.tensors():
+            targets[_from_release_name(name)].copy_(tensor)
+
+    return ConceptCheckpoint(
+        policy=policy.to(device).eval(),
+        ctm=ctm.to(device).eval(),
+        processor=load_processor(path),
+        router=router,
+        backbone=backbone or saved_backbone,
+        path=path,
+    )
+
+
+def _model_names(shards: ShardSet) -> dict[str, TensorInfo]:
+    """The shard table under today's transformers names; two stored names for one tensor are refused."""
+    info: dict[str, TensorInfo] = {}
+    for name, meta in shards.tensors_info.items():
+        target = _from_release_name(name)
+        if target in info:
+            raise CheckpointError(f"{shards.root}: {target} is stored twice (release and current names)")
+        info[target] = meta
+    return info
+
+
+def _stored_dtype(declared: torch.dtype | str | None, info: dict[str, TensorInfo], probe: str) -> torch.dtype:
+    """The config's dtype (``torch_dtype`` in a release), else the dtype a policy tensor is stored in."""
+    if isinstance(declared, torch.dtype):
+        return declared
+    if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
+        return getattr(torch, declared)
+    if probe not in info:
+        raise CheckpointError(f"no dtype in config.json and no {probe} to read it from")
+    return info[probe].dtype
+
+
+def _from_release_name(key: str) -> str:
+    """Release names (``visual.*``, ``model.layers.*``) → this transformers' (``model.visual.*``, ...)."""
+    if key.startswith("visual."):
+        return f"model.{key}"
+    return _RELEASE_TEXT.sub("model.language_model.", key, count=1)
+
+
+def _to_release_name(key: str) -> str:
+    if key.startswith("model.visual."):
+        return key.removeprefix("model.")
+    if key.startswith("model.language_model."):
+        return "model." + key.removeprefix("model.language_model.")
+    return key
 
 
 def _load_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:

@@ -27,6 +27,8 @@ a mask, no data-dependent control flow, and T may be a dynamic ONNX axis.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -38,6 +40,8 @@ from conceptseg_edge.errors import InputError
 
 #: State-dict prefixes the CTM owns inside a combined policy + CTM safetensors file.
 CTM_PREFIXES: tuple[str, ...] = ("learnable_query.", "connector.", "proj_to_sam.")
+
+_BLOCK = re.compile(r"connector\.blocks\.(\d+)\.")
 
 #: SAM / SAM2 prompt-embedding width; the output width of ``proj_to_sam``.
 SAM_PROMPT_DIM = 256
@@ -70,6 +74,41 @@ class CTMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_shapes(
+        cls, shapes: Mapping[str, tuple[int, ...]], *, num_heads: int = 16, layer_norm_eps: float = 1e-5
+    ) -> CTMConfig:
+        """Infer the config from a state dict's tensor shapes (a release's config.json has no CTM section).
+
+        N and d come from ``learnable_query.weight``, the depth from the block indices, the MLP ratio
+        from ``fc1``, the output width from ``proj_to_sam.2``, ``attn_bias`` from whether ``attn.q``
+        has a bias. The head count and LayerNorm epsilon leave no trace in the shapes: they are
+        arguments (defaults: the paper's 16 heads, torch's 1e-5).
+        """
+        where = "CTM weights"
+        try:
+            num_queries, hidden = shapes["learnable_query.weight"]
+            out_dim = shapes["proj_to_sam.2.weight"][0]
+            fc1_out = shapes["connector.blocks.0.mlp.fc1.weight"][0]
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"{where}: cannot infer the CTM config, missing or misshapen {exc}") from exc
+        blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
+        depth = max(blocks) + 1
+        if blocks != set(range(depth)):
+            raise InputError(f"{where}: connector block indices {sorted(blocks)} are not 0..{depth - 1}")
+        if fc1_out % hidden:
+            raise InputError(f"{where}: mlp.fc1 width {fc1_out} is not a multiple of hidden size {hidden}")
+        return cls(
+            hidden_size=hidden,
+            num_queries=num_queries,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=fc1_out // hidden,
+            out_dim=out_dim,
+            layer_norm_eps=layer_norm_eps,
+            attn_bias="connector.blocks.0.attn.q.bias" in shapes,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CTMConfig:
