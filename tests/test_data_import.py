@@ -13,9 +13,9 @@ from PIL import Image
 from conceptseg_edge._compat import is_available
 from conceptseg_edge.cli import main
 from conceptseg_edge.data.importers import (
+    COCO_TASK,
     GENERIC_TASKS,
     MVTEC_TASK,
-    COCO_TASK,
     SplitRule,
     coco_segmentation_mask,
     import_coco,

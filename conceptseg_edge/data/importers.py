@@ -4,7 +4,8 @@ Three sources, each read as untrusted input (every path must stay inside its roo
 mask must decode and agree in size, and a missing file is named):
 
 - **MVTec-AD**: ``ROOT/<category>/test/<defect>/*.png`` with ``ROOT/<category>/ground_truth/<defect>/
-  <stem>_mask.png``; ``good`` images have no mask and get an empty one. Level CD, task ``anomaly``,
+  <stem>_mask.png``; ``good`` images have no mask and get an empty one (``<category>/train/``, all
+  defect-free and without ground truth, is not imported). Level CD, task ``anomaly``,
   so the query is ConceptSeg's canonical CD query "industrial defect segmentation" (method-notes:
   CD items use their task's canonical query, not a per-class phrase). The class is
   ``"<category> <defect>"``, so the supports a training episode draws are of the same defect kind.
