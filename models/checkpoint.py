@@ -68,6 +68,7 @@ _CONFIG_KEYS = frozenset(
     {"format", "format_version", "num_of_query", "ctm", "policy", "router", "backbone", "files"}
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHANGED = "the file changed after saving; re-save the checkpoint"
 #: config.json key holding our settings in the sharded (release) layout.
 SECTION = "conceptseg_edge"
 _SECTION_KEYS = frozenset({"format", "format_version", "ctm", "router", "backbone", "files"})
@@ -203,7 +204,7 @@ def load_checkpoint(
             )
         return _load_release(path, raw, device, dtype, backbone, ctm_num_heads)
     config = _check_config(path, raw)
-    verify_hashes(path, config["files"], CONFIG_NAME, CheckpointError, "the file changed after saving; re-save the checkpoint")
+    verify_hashes(path, config["files"], CONFIG_NAME, CheckpointError, _CHANGED)
     ctm_cfg, policy_cfg, router, saved_backbone = _parse_config(path, config)
 
     try:
@@ -338,13 +339,14 @@ def _load_release(
     if section is not None:
         if not isinstance(section, dict) or set(section) != _SECTION_KEYS:
             raise CheckpointError(f"{where}: {SECTION}: expected an object with keys {sorted(_SECTION_KEYS)}")
-        verify_hashes(path, section["files"], CONFIG_NAME, CheckpointError, "the file changed after saving; re-save the checkpoint")
+        verify_hashes(path, section["files"], CONFIG_NAME, CheckpointError, _CHANGED)
         ctm_cfg, router, saved_backbone = _parse_settings(where, section)
     try:
         policy_cfg = Qwen2_5_VLConfig.from_dict(raw)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
 
+    processor = load_processor(path)  # before any weight is read: a broken processor fails fast
     shards = read_shards(path)
     info = _model_names(shards)
     ctm_info = {k: v for k, v in info.items() if k.startswith(CTM_PREFIXES)}
@@ -359,8 +361,8 @@ def _load_release(
     if ctm_cfg.hidden_size != hidden:
         raise CheckpointError(f"{path}: CTM hidden size {ctm_cfg.hidden_size} != policy hidden size {hidden}")
 
-    policy_dtype = dtype or _stored_dtype(policy_cfg.dtype, info, "model.language_model.norm.weight")
-    ctm_dtype = dtype or info.get("learnable_query.weight", info[next(iter(info))]).dtype
+    policy_dtype = dtype or _stored_dtype(where, policy_cfg.dtype, info, "model.language_model.norm.weight")
+    ctm_dtype = dtype or (info["learnable_query.weight"].dtype if "learnable_query.weight" in info else policy_dtype)
     with no_init_weights():  # every parameter is overwritten below; skip the random init
         policy = AutoModelForImageTextToText.from_config(policy_cfg, dtype=policy_dtype)
     policy.tie_weights()  # no_init_weights skips the tying that init would do
@@ -371,13 +373,16 @@ def _load_release(
     targets = {**policy.state_dict(), **ctm.state_dict()}
     aliases = _tied_aliases(policy.state_dict())
     missing = sorted(k for k in targets.keys() - info.keys() if aliases.get(k) not in info)
-    unexpected = sorted(info.keys() - targets.keys())
+    unexpected = sorted(info[k].name for k in info.keys() - targets.keys())
     if missing or unexpected:
-        raise CheckpointError(f"{path}: missing tensors {_abbrev(missing)}, unexpected tensors {_abbrev(unexpected)}")
+        raise CheckpointError(
+            f"{path}: missing tensors {_abbrev(missing)} (transformers' names), "
+            f"unexpected tensors {_abbrev(unexpected)} (as stored)"
+        )
     for name, meta in info.items():
         if tuple(targets[name].shape) != meta.shape:
             raise CheckpointError(
-                f"{path / meta.shard}: {name}: shape {list(meta.shape)}, model expects {list(targets[name].shape)}"
+                f"{path / meta.shard}: {meta.name}: shape {list(meta.shape)}, model expects {list(targets[name].shape)}"
             )
     with torch.no_grad():
         for name, tensor in shards.tensors():
@@ -386,7 +391,7 @@ def _load_release(
     return ConceptCheckpoint(
         policy=policy.to(device).eval(),
         ctm=ctm.to(device).eval(),
-        processor=load_processor(path),
+        processor=processor,
         router=router,
         backbone=backbone or saved_backbone,
         path=path,
@@ -404,14 +409,16 @@ def _model_names(shards: ShardSet) -> dict[str, TensorInfo]:
     return info
 
 
-def _stored_dtype(declared: torch.dtype | str | None, info: dict[str, TensorInfo], probe: str) -> torch.dtype:
+def _stored_dtype(
+    where: Path, declared: torch.dtype | str | None, info: dict[str, TensorInfo], probe: str
+) -> torch.dtype:
     """The config's dtype (``torch_dtype`` in a release), else the dtype a policy tensor is stored in."""
     if isinstance(declared, torch.dtype):
         return declared
     if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
         return getattr(torch, declared)
     if probe not in info:
-        raise CheckpointError(f"no dtype in config.json and no {probe} to read it from")
+        raise CheckpointError(f"{where}: no dtype (torch_dtype) and no {probe} tensor to read it from")
     return info[probe].dtype
 
 

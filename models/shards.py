@@ -36,6 +36,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 class TensorInfo:
     """Where a tensor lives and what it is, read from its shard's header."""
 
+    name: str  # as stored, which a loader may rename
     shard: str
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -125,7 +126,7 @@ def read_shards(root: Path) -> ShardSet:
                 raise CheckpointError(f"{path}: holds tensor {stray[0]!r} that {INDEX_NAME} does not map to it")
             for name in sorted(held):
                 piece = handle.get_slice(name)
-                info[name] = TensorInfo(shard, tuple(piece.get_shape()), _DTYPES[piece.get_dtype()])
+                info[name] = TensorInfo(name, shard, tuple(piece.get_shape()), _DTYPES[piece.get_dtype()])
     return ShardSet(root, info)
 
 

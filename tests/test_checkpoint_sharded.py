@@ -151,7 +151,8 @@ def _shard_of(root: Path, name: str) -> Path:
 
 def test_missing_shard_is_named(copy: Path) -> None:
     (copy / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors: listed in .*index\.json but missing"):
+    match = r"model-00002-of-00003\.safetensors: listed in .*index\.json but missing"
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(copy)
 
 
@@ -181,7 +182,7 @@ def test_shard_not_in_the_index_is_named(copy: Path) -> None:
         ("connector.blocks.2.attn.kv.weight", None, r"missing tensors \[connector\.blocks\.2\.attn\.kv\.weight\]"),
         ("model.norm.weight", None, r"missing tensors \[model\.language_model\.norm\.weight\]"),
         ("connector.extra", torch.zeros(1), r"unexpected tensors \[connector\.extra\]"),
-        ("visual.extra", torch.zeros(1), r"unexpected tensors \[model\.visual\.extra\]"),
+        ("visual.extra", torch.zeros(1), r"unexpected tensors \[visual\.extra\]"),
         ("proj_to_sam.0.bias", torch.zeros(3), r"proj_to_sam\.0\.bias: shape \[3\], model expects \[128\]"),
     ],
 )
@@ -222,7 +223,8 @@ def test_save_checkpoint_writes_the_release_layout(parts, tmp_path: Path) -> Non
     assert len(shards) >= 3 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
     index = json.loads((path / INDEX_NAME).read_text())
     assert set(index["weight_map"].values()) == set(shards)
-    assert {"visual.patch_embed.proj.weight", "model.norm.weight", "learnable_query.weight"} <= index["weight_map"].keys()
+    release_names = {"visual.patch_embed.proj.weight", "model.norm.weight", "learnable_query.weight"}
+    assert release_names <= index["weight_map"].keys()
     assert not list(tmp_path.glob(".*")), "temporary directories left behind"
 
     loaded = load_checkpoint(path)
