@@ -200,6 +200,28 @@ def test_missing_unexpected_and_misshapen_tensors(copy: Path, name: str, replace
         load_checkpoint(copy, ctm_num_heads=CTM_CFG.num_heads)
 
 
+def _rename_everywhere(root: Path, rename) -> None:
+    """Rename tensors in every shard and in the index alike."""
+    for shard in root.glob("model-*.safetensors"):
+        _rewrite_shard(shard, lambda t: t.update({rename(k): t.pop(k) for k in list(t)}))
+    _edit_index(root, lambda m: m.update({rename(k): m.pop(k) for k in list(m)}))
+
+
+def test_current_transformers_names_load_too_and_a_double_is_refused(parts, copy: Path) -> None:
+    policy, ctm, _ = parts
+    current = {_release_name(k): k for k in policy.state_dict()}
+    _rename_everywhere(copy, lambda k: current.get(k, k))
+    ck = load_checkpoint(copy, ctm_num_heads=CTM_CFG.num_heads)
+    _assert_same_weights(policy, ck.policy)
+    _assert_same_weights(ctm, ck.ctm)
+
+    shard = _shard_of(copy, "model.language_model.norm.weight")
+    _rewrite_shard(shard, lambda t: t.update({"model.norm.weight": t["model.language_model.norm.weight"].clone()}))
+    _edit_index(copy, lambda m: m.update({"model.norm.weight": shard.name}))
+    with pytest.raises(CheckpointError, match=r"model\.language_model\.norm\.weight is stored twice"):
+        load_checkpoint(copy)
+
+
 def test_bad_index_and_config_are_named(copy: Path) -> None:
     good_index = (copy / INDEX_NAME).read_text()
     _edit_index(copy, lambda m: m.update({"lm_head.weight": "../elsewhere.safetensors"}))
