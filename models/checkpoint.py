@@ -188,9 +188,10 @@ def load_checkpoint(
     """Load and verify a checkpoint directory: ours, or a ConceptSeg-R1 / Qwen2.5-VL release.
 
     ``dtype`` casts policy and CTM (default: our one-file layout loads the policy as saved and the
-    CTM in float32; the release layout keeps every tensor's stored dtype). ``backbone`` and
-    ``ctm_num_heads`` apply to a release, whose files record neither; ``backbone`` replaces the one a
-    sharded ``save_checkpoint`` recorded.
+    CTM in float32; the release layout builds the policy in config.json's dtype and the CTM in the
+    dtype its tensors are stored in, casting tensor by tensor). ``backbone``, when given, replaces
+    the recorded one (a release records none). ``ctm_num_heads`` applies only where the CTM config
+    is inferred from the shapes, a release without our ``conceptseg_edge`` section.
     """
     path = Path(path)
     if not path.is_dir():

@@ -91,8 +91,11 @@ class CTMConfig:
             num_queries, hidden = shapes["learnable_query.weight"]
             out_dim = shapes["proj_to_sam.2.weight"][0]
             fc1_out = shapes["connector.blocks.0.mlp.fc1.weight"][0]
-        except (KeyError, ValueError) as exc:
-            raise InputError(f"{where}: cannot infer the CTM config, missing or misshapen {exc}") from exc
+        except (KeyError, ValueError, IndexError) as exc:
+            raise InputError(
+                f"{where}: cannot infer the CTM config, missing or misshapen {exc} "
+                "(a plain Qwen2.5-VL has no CTM; ConceptSeg-R1 stores one beside the policy)"
+            ) from exc
         blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
         depth = max(blocks) + 1
         if blocks != set(range(depth)):

@@ -22,7 +22,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conceptseg_edge.errors import CheckpointError, InputError
 from conceptseg_edge.models.checkpoint import BackboneSpec, load_checkpoint, save_checkpoint
-from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
+from conceptseg_edge.models.ctm import CTM_PREFIXES, ConceptTranslationModule, CTMConfig
 from conceptseg_edge.models.policy import PolicyWrapper, build_policy, build_processor, tiny_policy_config
 from conceptseg_edge.models.shards import INDEX_NAME, parse_size
 from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
@@ -219,6 +219,15 @@ def test_current_transformers_names_load_too_and_a_double_is_refused(parts, copy
     _rewrite_shard(shard, lambda t: t.update({"model.norm.weight": t["model.language_model.norm.weight"].clone()}))
     _edit_index(copy, lambda m: m.update({"model.norm.weight": shard.name}))
     with pytest.raises(CheckpointError, match=r"model\.language_model\.norm\.weight is stored twice"):
+        load_checkpoint(copy)
+
+
+def test_a_plain_qwen_without_ctm_is_named(copy: Path) -> None:
+    ctm_names = [k for k in json.loads((copy / INDEX_NAME).read_text())["weight_map"] if k.startswith(CTM_PREFIXES)]
+    for shard in copy.glob("model-*.safetensors"):
+        _rewrite_shard(shard, lambda t: [t.pop(k) for k in ctm_names if k in t])
+    _edit_index(copy, lambda m: [m.pop(k) for k in ctm_names])
+    with pytest.raises(CheckpointError, match=r"missing or misshapen 'learnable_query.weight'.*plain Qwen2.5-VL"):
         load_checkpoint(copy)
 
 
