@@ -17,7 +17,7 @@ but both sides compute them from the same weights, which is what parity needs.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import resource
 import shutil
@@ -124,11 +124,13 @@ def _export_and_compare(config: str, checkpoint: str, image_size: int, out: str)
     export_sam2(SAM2ExportConfig(config, checkpoint, image_size=image_size), out, progress=False)
     seconds = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    load = os.getloadavg()[0]  # wall time is only comparable between runs on equally loaded machines
     parity = upstream_parity(Path(out), config, Path(checkpoint), image_size)
     return {
         "export_seconds": round(seconds, 1),
         "export_peak_rss_mib": round(peak_kib / 1024),
         "bundle_mib": round(_bundle_bytes(Path(out)) / 2**20, 1),
+        "load_average_1m": round(load, 1),
         "min_mask_iou": min(p.iou for p in parity),
         "min_background_iou": min(p.background_iou for p in parity),
         "parity": [asdict(p) for p in parity],
@@ -155,8 +157,6 @@ def measure_sam2(config: str, image_size: int, workdir: Path, seed: int = 0) -> 
 
 
 def _machine() -> dict[str, Any]:
-    import os
-
     import onnxruntime
     import torch
 
@@ -176,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     sam2.add_argument("--sizes", nargs="+", default=list(SAM2_SIZES), choices=SAM2_SIZES, help="which sizes")
     sam2.add_argument("--image-size", type=int, default=1024, help="export input size (SAM 2.1: 1024)")
     args = parser.parse_args(argv)
-    rows = []
+    machine, rows = _machine(), []
     with tempfile.TemporaryDirectory(prefix="scale-sam2-") as tmp:
         for config in args.sizes:
             row = measure_sam2(config, args.image_size, Path(tmp))
             print(f"{config}: export {row['export_seconds']} s, peak RSS {row['export_peak_rss_mib']} MiB, "
                   f"bundle {row['bundle_mib']} MiB, min IoU {row['min_mask_iou']:.4f}", file=sys.stderr, flush=True)
             rows.append(row)
-    write_json(args.out, {"machine": _machine(), "sam2": rows})
+            write_json(args.out, {"machine": machine, "sam2": rows})  # after each size: large takes minutes
     return 0
 
 
