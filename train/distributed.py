@@ -78,16 +78,18 @@ class Processes:
 
 
 def processes() -> Processes:
-    """The processes ``accelerate launch`` started (gloo on CPU, NCCL on GPUs), or one without it.
+    """The processes ``accelerate launch`` started, or one without it.
 
     ``accelerate``'s ``PartialState`` joins the process group its launcher set up (``WORLD_SIZE`` >
-    1). A single process never creates it: that state is a process-wide singleton, and a later
-    ``Accelerator(cpu=True)`` (stage 2's, in ``train tiny-default``) refuses one made without ``cpu``
-    on a GPU machine.
+    1), on the CPU with gloo even on a GPU machine: a step-loop stage trains on the CPU. The
+    launcher must be the multi-process one (``--multi_gpu`` or a multi-GPU config, with or without
+    GPUs): accelerate 1.15's ``--cpu`` starts one process whatever ``--num_processes`` says. A single
+    process never creates the state: it is a process-wide singleton that a later ``Accelerator``
+    (stage 2's, in ``train tiny-default``) would have to agree with.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes()
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=True)
     return Processes(state.process_index, state.num_processes)

@@ -480,6 +480,7 @@ def train_stage1(
             "checkpoint": str(ckpt),
             "steps": total,
             "train_items": len(items),
+            "processes": procs.world,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,

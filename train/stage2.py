@@ -180,6 +180,9 @@ class Stage2Config:
     seg_loss_weight: float = field(default=0.01, metadata={"help": "weight of the CTM segmentation loss (paper: 0.01)"})
     prompts_per_device: int = field(default=8, metadata={"help": "prompts per device per step (paper: 8 per GPU)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
+    steps_per_generation: int | None = field(default=None, metadata={
+        "help": "micro-steps each generation batch feeds (null: gradient_accumulation_steps, TRL's default); "
+                "1 generates per micro-batch, padding its prompts as a process of a multi-process run does"})
     num_iterations: int = field(default=1, metadata={"help": "updates per generation batch (paper: 1, on-policy)"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs over the train episodes"})
     max_steps: int = field(default=-1, metadata={"help": "optimiser steps; > 0 overrides num_train_epochs"})
@@ -210,6 +213,7 @@ class Stage2Config:
             "prompts_per_device": self.prompts_per_device >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "num_iterations": self.num_iterations >= 1,
+            "steps_per_generation": self.steps_per_generation is None or self.steps_per_generation >= 1,
             "save_steps": self.save_steps >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -240,6 +244,12 @@ class Stage2Config:
                 num_iterations=self.num_iterations,
                 per_device_train_batch_size=self.prompts_per_device * self.num_generations,
                 gradient_accumulation_steps=self.gradient_accumulation_steps,
+                steps_per_generation=self.steps_per_generation,
+                # DDP: the CTM runs after the policy's forward, so with find_unused_parameters DDP
+                # would mark its parameters ready (unused) in the forward and again when the
+                # segmentation loss reaches them in the same backward; every parameter gets a
+                # gradient in that backward, except the CTM's when the segmentation loss is off
+                ddp_find_unused_parameters=self.seg_loss_weight == 0,
                 num_train_epochs=self.num_train_epochs,
                 max_steps=self.max_steps,
                 bf16=self.bf16,
