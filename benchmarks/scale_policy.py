@@ -144,8 +144,8 @@ def _export(out: Path, precision: str) -> dict[str, Any]:
     parts = export_policy(ckpt.policy, ckpt.processor, target, precision=precision)
     result: dict[str, Any] = {"files": {p.file: (target / p.file).stat().st_size for p in parts.values()}}
     for name, part in parts.items():
-        if part.parity is not None:
-            result[f"{name}_max_abs_diff"] = part.parity.max_abs_diff
+        if part.parity is not None:  # the worst output of the graph (every KV entry is one)
+            result[f"{name}_max_abs_diff"] = max(part.parity.max_abs_diff.values())
         if part.quantized_parity is not None:
             result[f"{name}_quantized"] = part.quantized_parity.measures()
     result["bundle_bytes"] = _dir_bytes(target)
@@ -156,20 +156,22 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _run_step(argv: list[str]) -> dict[str, Any]:
-    """Run one step in a child process; its result with the seconds and the child's own peak RSS."""
+def _run_step(argv: list[str], log: Path) -> dict[str, Any]:
+    """Run one step in a child process (stderr to ``log``); its result, seconds and own peak RSS."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", __spec__.name, *argv], stdout=subprocess.PIPE, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", __spec__.name, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
     step: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1),
                             "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}  # Linux: KiB
     lines = stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
+    if code == 0 and lines:
         step |= json.loads(lines[-1])
     else:
-        step["error"] = f"exit {proc.returncode}" + (f": {lines[-1]}" if lines else "")
+        last = log.read_text().strip().splitlines()[-1:]
+        step["error"] = f"exit {code}" + (f": {last[0]}" if last else "") + f" (full log: {log})"
     return step
 
 
@@ -200,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--vision-depth", str(args.vision_depth)]
     report: dict[str, Any] = {"widths": dataclasses.asdict(widths), "max_pixels": args.max_pixels,
                               "cpu_count": os.cpu_count(), "steps": {}}
-    report["steps"]["build"] = _run_step([*common, "--step", "build"])
+    report["steps"]["build"] = _run_step([*common, "--step", "build"], args.out / "build.log")
     print(json.dumps({"build": report["steps"]["build"]}), flush=True)
     if "error" not in report["steps"]["build"]:
         for precision in args.precisions:
-            step = _run_step([*common, "--step", f"export-{precision}"])
+            step = _run_step([*common, "--step", f"export-{precision}"], args.out / f"export-{precision}.log")
             report["steps"][f"export-{precision}"] = step
             print(json.dumps({f"export-{precision}": step}), flush=True)
     (args.out / "scale_policy.json").write_text(json.dumps(report, indent=2) + "\n")
