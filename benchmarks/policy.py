@@ -180,7 +180,6 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
     from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.policy import OnnxPolicy
 
-    factory = engine_factory_for(provider)
 
     images, text = _prompt(with_supports=False)
     rows: list[PrecisionRow] = []
@@ -188,7 +187,7 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
     capture: dict[str, CaptureEntry] = {}
     for path in (bundle, *compare):
         manifest = load_bundle(path)
-        policy = OnnxPolicy.from_bundle(path, manifest, provider.name, factory)
+        policy = OnnxPolicy.from_bundle(path, manifest, provider.name, engine_factory_for(provider, manifest))
         gens, decode_rates, prefill_ms = [], [], []
         for _ in range(runs):
             gens.append(policy.generate(images, text, generation.max_new_tokens))

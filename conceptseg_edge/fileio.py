@@ -71,6 +71,21 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: Path, missing: str, expected: str) -> dict[str, Any]:
+    """The JSON object in ``path``, for user-supplied files: ``InputError`` "<path>: <missing>" when it
+    is absent, "<path>: unreadable JSON (...)" when it does not parse, "<path>: <expected>" when the
+    top level is not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: {missing}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {expected}")
+    return data
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -45,7 +44,7 @@ from tqdm import tqdm
 from conceptseg_edge.data.meta import META_FILE, MetaItem, box_to_fractions, task_info, write_meta
 from conceptseg_edge.episodes import box_from_mask
 from conceptseg_edge.errors import DependencyError, InputError
-from conceptseg_edge.fileio import contained, staged_dir, write_bytes
+from conceptseg_edge.fileio import contained, read_json_object, staged_dir, write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: The task a level falls back to when the class name implies another level (see the module docstring).
@@ -212,14 +211,7 @@ def import_coco(annotations: str | os.PathLike[str], out: str | os.PathLike[str]
 
 
 def _coco_items(path: Path, images: str | os.PathLike[str] | None) -> list[_Pending]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: annotation file not found") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected an object with images, annotations and categories")
+    data = read_json_object(path, "annotation file not found", "expected an object with images, annotations and categories")
     root = _source_dir(images if images is not None else path.parent)
     entries = {key: _coco_list(data, key, path) for key in ("images", "annotations", "categories")}
     categories = {_field(c, "id", int, f"{path}: categories[{i}]"): _field(c, "name", str, f"{path}: categories[{i}]")

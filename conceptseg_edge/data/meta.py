@@ -22,7 +22,6 @@ Box fractions are pixel *edges*: an inclusive pixel box ``(x1, y1, x2, y2)`` in 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from conceptseg_edge.episodes import MetaEpisode, Support, build_meta_episode, box_from_mask, choose_supports
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.fileio import write_bytes, write_json
+from conceptseg_edge.fileio import read_json_object, write_bytes, write_json
 from conceptseg_edge.tags import Box
 
 META_FILE = "all_meta.json"
@@ -279,14 +278,8 @@ class ConceptSegDataset:
         """
         root = Path(root)
         meta_path = root / META_FILE
-        try:
-            raw = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise InputError(f"{meta_path}: not found; is {root} a ConceptSeg dataset root?") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{meta_path}: unreadable JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise InputError(f"{meta_path}: expected {{split: {{cls_name: [item, ...]}}}}")
+        raw = read_json_object(meta_path, f"not found; is {root} a ConceptSeg dataset root?",
+                               "expected {split: {cls_name: [item, ...]}}")
         splits: dict[str, dict[str, tuple[MetaItem, ...]]] = {}
         for split, classes in raw.items():
             if not isinstance(classes, dict):
