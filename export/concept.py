@@ -145,7 +145,7 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
     from conceptseg_edge.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
-    backbone = ckpt.backbone
+    backbone = ckpt.sam2_backbone()  # a release (SAM 3's CTM) is refused before anything is written
     with tqdm(total=5, desc="export concept", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         sam_parts, sam_source, preprocessing = export_sam2_parts(
             SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size, cfg.weight_storage),

@@ -118,6 +118,17 @@ class ConceptCheckpoint:
     backbone: BackboneSpec | None  # None: a release loaded without naming the SAM2 to pair it with
     path: Path
 
+    def sam2_backbone(self) -> BackboneSpec:
+        """The SAM2 the CTM was trained against; a release (trained for SAM 3) has none: its CTM's
+        tokens live in SAM 3's prompt space, so pairing it with a SAM2 would give meaningless masks."""
+        if self.backbone is None:
+            raise CheckpointError(
+                f"{self.path}: was not trained for a SAM2 backbone (a release's CTM prompts SAM 3); retarget it "
+                f"with `conceptseg-edge train stage1 --config CONFIG --init-from {self.path} --backbone "
+                "sam2.1_hiera_t` (or _s, _b+, _l) and use that checkpoint"
+            )
+        return self.backbone
+
 
 def save_checkpoint(
     path: str | os.PathLike[str],

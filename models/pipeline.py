@@ -72,7 +72,8 @@ class ConceptSegPipeline:
     ) -> ConceptSegPipeline:
         """Load a checkpoint directory and the SAM2 backbone it names (``router``: None = the checkpoint's)."""
         ckpt = load_checkpoint(path)
-        sam = build_sam2_model(ckpt.backbone.config, ckpt.backbone.checkpoint, ckpt.backbone.image_size).model
+        backbone = ckpt.sam2_backbone()
+        sam = build_sam2_model(backbone.config, backbone.checkpoint, backbone.image_size).model
         return cls(sam, PolicyWrapper(ckpt.policy, ckpt.processor), ckpt.ctm, router or ckpt.router, generation)
 
     def with_router(self, router: RouterConfig) -> ConceptSegPipeline:

@@ -35,6 +35,7 @@ loss start/end, timings), ``metrics.csv`` + ``curves.png``, ``config.yaml``, ``s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -142,11 +143,16 @@ class Frozen:
 
 
 def build_initial_policy(cfg: Stage1Config):
-    """(policy model, processor, CTM or None) as the config names them; nothing trained yet."""
+    """(policy model, processor, CTM or None) as the config names them; nothing trained yet.
+
+    An ``init_checkpoint`` (ours, or a ConceptSeg-R1 release: the retarget path) brings its own CTM,
+    whose shape wins over ``cfg.ctm`` (``ctm_overrides`` says where they differ); ``cfg.ctm.num_heads``
+    is used only where the checkpoint does not record the head count (a release: shapes do not show it).
+    """
     if cfg.init_checkpoint or cfg.policy_checkpoint:
         from conceptseg_edge.models.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(cfg.init_checkpoint or cfg.policy_checkpoint)
+        ckpt = load_checkpoint(cfg.init_checkpoint or cfg.policy_checkpoint, ctm_num_heads=cfg.ctm.num_heads)
         return ckpt.policy, ckpt.processor, ckpt.ctm if cfg.init_checkpoint else None
     if cfg.policy_path:
         from transformers import AutoModelForImageTextToText
@@ -161,6 +167,14 @@ def build_initial_policy(cfg: Stage1Config):
         return model.eval(), load_processor(cfg.policy_path, max_pixels=cfg.max_pixels), None
     policy, processor = build_tiny_policy(cfg.tiny_policy, cfg.max_pixels, "stage1.tiny_policy")
     return policy, processor, None
+
+
+def ctm_overrides(cfg: Stage1Config, ctm) -> dict[str, dict[str, int]]:
+    """``cfg.ctm`` settings the CTM in use does not follow ({name: {"config": asked, "used": kept}}):
+    a CTM from ``init_checkpoint`` keeps its trained shape."""
+    used = ctm.config
+    return {name: {"config": asked, "used": getattr(used, name)}
+            for name, asked in dataclasses.asdict(cfg.ctm).items() if getattr(used, name) != asked}
 
 
 def new_ctm(cfg: Stage1Config, hidden_size: int):
@@ -200,6 +214,9 @@ def load_frozen(cfg: Stage1Config, out: Path, procs: Processes = Processes()):
             torch.manual_seed(cfg.seed)
             ctm = ctm if ctm is not None else new_ctm(cfg, policy.config.text_config.hidden_size)
             save_checkpoint(init_dir, policy, ctm, processor, RouterConfig(), backbone)
+    if ctm.config.out_dim != sam.sam_prompt_embed_dim:
+        raise InputError(f"stage1: the CTM writes {ctm.config.out_dim}-wide prompt tokens, {cfg.backbone_config} "
+                         f"takes {sam.sam_prompt_embed_dim}-wide ones")
     policy.eval()
     for p in policy.parameters():
         p.requires_grad_(False)
@@ -481,6 +498,7 @@ def train_stage1(
             "steps": total,
             "train_items": len(items),
             "processes": procs.world,
+            "ctm": {"config": ctm.config.to_dict(), "from": cfg.init_checkpoint, "overrides": ctm_overrides(cfg, ctm)},
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,

@@ -10,8 +10,12 @@ loss) is an ``error:`` line naming the step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+
+# Torch-free: the names are listed in --help while arguments are parsed.
+from conceptseg_edge.models.sam2_variants import SAM2_CONFIGS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage1 = sub.add_parser("stage1", help="train the CTM through the frozen SAM2 on teacher-forced completions")
     stage1.add_argument("--config", type=Path, required=True, help="YAML (train/configs/stage1.yaml)")
     stage1.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    stage1.add_argument("--init-from", default=None, metavar="CHECKPOINT_DIR",
+                        help="retarget: start from this checkpoint's policy + CTM (ours or a ConceptSeg-R1 release); "
+                             "sets the config's init_checkpoint")
+    stage1.add_argument("--backbone", default=None, metavar="NAME",
+                        help=f"the frozen SAM2 to train the CTM against ({', '.join(SAM2_CONFIGS)}); "
+                             "sets the config's backbone_config")
+    stage1.add_argument("--backbone-checkpoint", default=None, metavar="PT",
+                        help="its official .pt weights; sets the config's backbone_checkpoint (none anywhere: "
+                             "a random-init SAM2, for tests only)")
     stage1.set_defaults(func=_stage1)
 
     stage2 = sub.add_parser("stage2", help="Meta-GRPO on TRL's GRPOTrainer (policy + CTM)")
@@ -82,11 +95,32 @@ def _stage1(args: argparse.Namespace) -> int:
     from conceptseg_edge.train.config import load_config
     from conceptseg_edge.train.stage1 import Stage1Config, train_stage1
 
-    result = train_stage1(load_config(args.config, Stage1Config), args.out)
+    cfg = stage1_overrides(load_config(args.config, Stage1Config), args)
+    result = train_stage1(cfg, args.out)
     s = result.summary
     _print({"checkpoint": result.checkpoint, "loss_first": s.get("loss_first"), "loss_last": s.get("loss_last"),
-            "heldout": s.get("heldout"), "time": s.get("time")})
+            "ctm": s.get("ctm"), "heldout": s.get("heldout"), "time": s.get("time")})
     return 0
+
+
+def stage1_overrides(cfg, args: argparse.Namespace):
+    """The config with ``--init-from`` / ``--backbone`` / ``--backbone-checkpoint`` applied, checked
+    (``Stage1Config.validate``: e.g. ``--init-from`` beside a config's ``policy_path`` is refused)
+    before any model is built."""
+    from conceptseg_edge.errors import InputError
+
+    changes: dict[str, str | None] = {}
+    if args.init_from is not None:
+        changes["init_checkpoint"] = args.init_from
+    if args.backbone is not None:
+        if args.backbone not in SAM2_CONFIGS:
+            raise InputError(f"--backbone {args.backbone}: unknown SAM2 config (choices: {', '.join(SAM2_CONFIGS)})")
+        changes["backbone_config"] = args.backbone
+    if args.backbone_checkpoint is not None:
+        changes["backbone_checkpoint"] = args.backbone_checkpoint
+    cfg = dataclasses.replace(cfg, **changes)
+    cfg.validate()
+    return cfg
 
 
 def _stage2(args: argparse.Namespace) -> int:
