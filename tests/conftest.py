@@ -12,23 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One definition, shared with the scale benchmark: a random-init SAM2 saved like the official .pt, so
+# both the export and the torch reference load the same weights through the real checkpoint code.
+from conceptseg_edge.benchmarks.scale import save_seeded_checkpoint  # noqa: F401  (tests import it from here)
+
 # Only tests marked trt/gpu may skip under `make test` (see strict_skips.py).
 pytest_plugins = ["strict_skips"]
 
 TEST_IMAGE_SIZE = 512  # tiny at 512 keeps the suite fast; the demo exports at the default 1024
-
-
-def save_seeded_checkpoint(path: Path, config: str, image_size: int, seed: int = 0) -> Path:
-    """A random-init SAM2 saved like the official .pt ({"model": state_dict}), so both the export and the
-    torch reference load the same weights through the real checkpoint code."""
-    import torch
-
-    from conceptseg_edge.models.sam2 import build_sam2_model
-
-    torch.manual_seed(seed)
-    model = build_sam2_model(config, image_size=image_size).model
-    torch.save({"model": model.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def test_segment_checks_outputs_before_anything_else(place, case, capsys):
     assert not _new_files(place)
 
 
-# Every other command that writes: ``data make-world --out``, the exports' ``--out`` (before the
+# Every other command that writes: ``data make-world|import --out``, the exports' ``--out`` (before the
 # checkpoint is loaded), a bundle writer's ``--out`` (``fileio.staged_dir``: ``triton build``, the
 # default-bundle builder), ``bench --json/--png``, ``demo --out``, ``client --out`` (before any request).
 OTHERS = {
@@ -69,6 +69,12 @@ OTHERS = {
     "world_under_file": (lambda p: ["data", "make-world", "--n", "1", "--out", f"{p}/file.txt/world"], "--out",
                          "is a file, expected a directory"),
     "world_empty": (lambda p: ["data", "make-world", "--n", "1", "--out", ""], "--out", "empty path"),
+    # ``data import``: the output is refused before the (here missing) source is read
+    "import_mvtec_under_file": (lambda p: ["data", "import", "mvtec", str(p / "no-such-src"), "--out", f"{p}/file.txt/ds"],
+                                "--out", "is a file, expected a directory"),
+    "import_folder_on_file": (lambda p: ["data", "import", "folder", str(p / "no-such-src"), "--class", "polyp",
+                                         "--out", f"{p}/file.txt"], "--out", "exists and is not a directory"),
+    "import_coco_empty": (lambda p: ["data", "import", "coco", str(p / "no-such.json"), "--out", ""], "--out", "empty path"),
     "triton_under_file": (lambda p: ["triton", "build", str(BUNDLE), "--out", f"{p}/file.txt/repo"], "--out",
                           "is a file, expected a directory"),
     "triton_unwritable": (lambda p: ["triton", "build", str(BUNDLE), "--out", "/proc/conceptseg-edge/repo"], "--out",
