@@ -64,6 +64,8 @@ QWEN25_VL_7B = PolicyWidths(3584, 28, 28, 4, 18944, tie_word_embeddings=False)
 QWEN25_05B_LIKE = PolicyWidths(896, 24, 14, 2, 4864, tie_word_embeddings=True)
 PRESETS = {"0.5b": QWEN25_05B_LIKE, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B}
 PRECISIONS = ("fp32", "int8", "int4")
+#: Shard size of the saved checkpoint (what Qwen2.5-VL releases use).
+SHARD_SIZE = "4GB"
 
 
 def scaled(widths: PolicyWidths, *, num_layers: int | None = None, vision_depth: int | None = None,
@@ -111,21 +113,23 @@ def policy_config(tokenizer, widths: PolicyWidths):
 
 
 def _build(out: Path, widths: PolicyWidths, max_pixels: int) -> dict[str, Any]:
-    """Random-init policy + CTM of the same width, saved as a checkpoint at ``out/checkpoint``."""
+    """Random-init policy (bf16, as released) + fp16 CTM of the same width, saved in the release
+    layout (``SHARD_SIZE`` shards + index) at ``out/checkpoint``."""
     import torch
 
-    from conceptseg_edge.models.checkpoint import BackboneSpec, save_checkpoint
+    from conceptseg_edge.models.checkpoint import save_checkpoint
     from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
     from conceptseg_edge.models.policy import build_policy, build_processor
     from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
     from conceptseg_edge.router import RouterConfig
 
     processor = build_processor(train_tiny_tokenizer(), max_pixels=max_pixels)
-    policy = build_policy(policy_config(processor.tokenizer, widths), seed=0)
+    policy = build_policy(policy_config(processor.tokenizer, widths), seed=0, dtype=torch.bfloat16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        ctm = ConceptTranslationModule(CTMConfig(hidden_size=widths.hidden_size)).eval()
-    save_checkpoint(out / "checkpoint", policy, ctm, processor, RouterConfig(), BackboneSpec("none"), overwrite=True)
+        ctm = ConceptTranslationModule(CTMConfig(hidden_size=widths.hidden_size)).half().eval()
+    save_checkpoint(out / "checkpoint", policy, ctm, processor, RouterConfig(), None, overwrite=True,
+                    max_shard_size=SHARD_SIZE)
     return {
         "policy_params": sum(p.numel() for p in policy.parameters()),
         "vision_params": sum(p.numel() for p in policy.model.visual.parameters()),
@@ -134,21 +138,28 @@ def _build(out: Path, widths: PolicyWidths, max_pixels: int) -> dict[str, Any]:
     }
 
 
-def _export(out: Path, precision: str) -> dict[str, Any]:
-    """Load the checkpoint and export the policy's graphs at ``precision`` into ``out/policy-<precision>``."""
-    from conceptseg_edge.export.policy import export_policy
-    from conceptseg_edge.models.checkpoint import load_checkpoint
+def _export(out: Path, precision: str, quant_tokens: int, keep: bool) -> dict[str, Any]:
+    """Stream the checkpoint's policy graphs at ``precision`` into ``out/policy-<precision>``
+    (``export_policy_streamed``); the graphs are deleted after measuring unless ``keep``."""
+    import shutil
 
-    ckpt = load_checkpoint(out / "checkpoint")
+    from conceptseg_edge.export.external import data_files
+    from conceptseg_edge.export.policy import export_policy_streamed
+    from conceptseg_edge.generation import GenerationConfig
+
     target = out / f"policy-{precision}"
-    parts = export_policy(ckpt.policy, ckpt.processor, target, precision=precision)
-    result: dict[str, Any] = {"files": {p.file: (target / p.file).stat().st_size for p in parts.values()}}
+    parts = export_policy_streamed(out / "checkpoint", target, precision=precision,
+                                   generation=GenerationConfig(max_new_tokens=quant_tokens))
+    files = [p.file for p in parts.values()] + list(data_files(target, parts.values()))
+    result: dict[str, Any] = {"files": {f: (target / f).stat().st_size for f in files}}
     for name, part in parts.items():
         if part.parity is not None:  # the worst output of the graph (every KV entry is one)
             result[f"{name}_max_abs_diff"] = max(part.parity.max_abs_diff.values())
         if part.quantized_parity is not None:
             result[f"{name}_quantized"] = part.quantized_parity.measures()
     result["bundle_bytes"] = _dir_bytes(target)
+    if not keep:
+        shutil.rmtree(target)
     return result
 
 
@@ -183,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--max-pixels", type=int, default=224 * 224,
                         help="the processor's cap, which sizes the vision parity cases (default 224*224)")
+    parser.add_argument("--quant-tokens", type=int, default=8,
+                        help="new tokens per prompt in the quantized decoder's check (each streams every layer)")
+    parser.add_argument("--keep", action="store_true", help="keep the exported graphs (default: sizes only)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one step, in a child process
     args = parser.parse_args(argv)
@@ -191,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_build(args.out, widths, args.max_pixels)))
         return 0
     if args.step:
-        print(json.dumps(_export(args.out, args.step.removeprefix("export-"))))
+        print(json.dumps(_export(args.out, args.step.removeprefix("export-"), args.quant_tokens, args.keep)))
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
-    common = ["--preset", args.preset, "--out", str(args.out), "--max-pixels", str(args.max_pixels)]
+    common = ["--preset", args.preset, "--out", str(args.out), "--max-pixels", str(args.max_pixels),
+              "--quant-tokens", str(args.quant_tokens), *(["--keep"] if args.keep else [])]
     if args.layers is not None:
         common += ["--layers", str(args.layers)]
     if args.vision_depth is not None:

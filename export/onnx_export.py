@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from conceptseg_edge.errors import ExportParityError
+from conceptseg_edge.errors import ExportParityError, InputError
+from conceptseg_edge.export.external import StreamedWeights, bind_weights, data_path, export_unbound
 from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, PartSpec, weight_storage
 from conceptseg_edge.export.trt_check import require_tensorrt_parse
 from conceptseg_edge.fileio import atomic_path, sha256_file
@@ -123,7 +125,12 @@ def check_parity(
     """Run the graph in ONNX Runtime on each case and compare with ``reference``."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if data_path(path).is_file():
+        # Pre-packing copies every MatMul weight into a second layout: for a graph whose weights
+        # live in external data (too large for one protobuf) that doubles the session's memory.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     worst = {name: 0.0 for name in spec.output_names}
     ious: list[float] = []
     mask_output = spec.outputs[0].name
@@ -154,11 +161,14 @@ def export_and_validate(
     bundle_dir: Path,
     opset: int,
     weight_storage: str = "fp32",
+    streamed: StreamedWeights | None = None,
 ) -> PartManifest:
     """Export ``module`` into ``bundle_dir``, validate it, and describe it for the manifest.
 
     ``weight_storage`` (a name in ``parts.WEIGHT_STORAGES``) picks how large initializers are stored;
     parity is then checked against the fp32 torch reference with that storage's tolerances.
+    ``streamed`` exports the graph without weights and streams them into ``<file>.data``
+    (``export/external.py``: graphs past 2 GB, modules that never hold their weights); fp32 storage only.
 
     Raises:
         ExportParityError: an output differs past its ``atol``, the mask IoU is below the floor,
@@ -168,13 +178,21 @@ def export_and_validate(
     """
     spec = spec.with_storage(weight_storage)
     path = bundle_dir / spec.file
-    export_part(module, spec, cases[0], path, opset)
-    store_weights(path, weight_storage)
+    if streamed is None:
+        export_part(module, spec, cases[0], path, opset)
+        store_weights(path, weight_storage)
+    else:
+        if weight_storage != "fp32":
+            raise InputError(f"{spec.name}: streamed weights are stored as fp32 (got weight storage {weight_storage})")
+        with streamed.tracing():
+            export_unbound(module, spec, cases[0], path, opset)
+        bind_weights(path, spec, streamed.resolve)
     banned = graph_op_types(path) & spec.forbidden_ops
     if banned:
         raise ExportParityError(f"{spec.name}: graph contains ops {sorted(banned)} that TensorRT/serving forbid")
     require_tensorrt_parse(path, spec.name)  # the caller's staged bundle directory drops the file on raise
-    report = check_parity(spec, path, cases, reference, reference_name)
+    with streamed.reference() if streamed is not None else nullcontext():
+        report = check_parity(spec, path, cases, reference, reference_name)
     if not report.passed:
         diffs = ", ".join(f"{n}={d:.3g} (atol {report.atol[n]:.0e})" for n, d in report.max_abs_diff.items())
         iou = f", mask IoU {report.mask_iou:.4f} (floor {spec.min_mask_iou})" if report.mask_iou is not None else ""

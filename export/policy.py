@@ -53,6 +53,7 @@ mean cosine of the CTM's hidden states, each with its floor (``QUANT_FLOORS``, r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import tempfile
@@ -66,6 +67,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from conceptseg_edge.errors import ExportParityError, InputError
+from conceptseg_edge.export.external import StreamedWeights
 from conceptseg_edge.export.onnx_export import export_and_validate
 from conceptseg_edge.export.parts import FEATURE_ATOL, LOGIT_ATOL, PartFactory, PartSpec, check_precision
 from conceptseg_edge.export.quantize import quantize_part
@@ -523,12 +525,63 @@ def export_policy(
         InputError: an unknown precision or weight storage.
     """
     check_precision(precision, f"precision {precision!r}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = policy_model
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()
-    model = model.eval()
+    return _export_graphs(model.eval(), processor, Path(out_dir), opset, precision, weight_storage)
+
+
+def export_policy_streamed(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    opset: int = 17,
+    precision: str = "fp32",
+    generation: GenerationConfig = QUANT_PARITY_GENERATION,
+) -> dict[str, PartManifest]:
+    """``export_policy`` for policies larger than memory, straight from a checkpoint directory.
+
+    The policy is opened with ``models.streamed.open_streamed_policy`` (vision tower, embedding,
+    norm and LM head resident in fp32; decoder layers read from the memory-mapped shards one at a
+    time); each graph is traced without weights and its weights are streamed into ``<file>.data``
+    (``export/external.py``), and the references run the transformers modules at full depth with
+    one layer loaded at a time. Same graphs, same parity checks and floors as ``export_policy``;
+    weights are stored fp32 (a quantized decoder holds its own). ``generation`` bounds the
+    completions of the quantized decoder's check (each decode step streams every layer).
+    The returned parts' external data files are found with ``external.data_files``.
+    """
+    from conceptseg_edge.models.streamed import open_streamed_policy
+
+    check_precision(precision, f"precision {precision!r}")
+    source = open_streamed_policy(checkpoint)
+    return _export_graphs(source.model, source.processor, Path(out_dir), opset, precision, "fp32", source, generation)
+
+
+def _streamed(source, prefixes: Mapping[str, str], **contexts) -> StreamedWeights | None:
+    """The ``StreamedWeights`` of a graph module whose parameter prefixes map to model names as ``prefixes``."""
+    if source is None:
+        return None
+
+    def resolve(name: str) -> np.ndarray:
+        for graph_prefix, model_prefix in prefixes.items():
+            if name.startswith(graph_prefix):
+                return source.weight(model_prefix + name.removeprefix(graph_prefix)).numpy()
+        raise KeyError(name)
+
+    return StreamedWeights(resolve, **contexts)
+
+
+def _export_graphs(
+    model,
+    processor,
+    out_dir: Path,
+    opset: int,
+    precision: str,
+    weight_storage: str,
+    source=None,
+    generation: GenerationConfig = QUANT_PARITY_GENERATION,
+) -> dict[str, PartManifest]:
+    """The three graphs of ``model`` (fp32, eval); ``source`` (a ``StreamedPolicy``) streams them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     tcfg = model.config.text_config
     d, layers = tcfg.hidden_size, tcfg.num_hidden_layers
     head_dim = getattr(tcfg, "head_dim", None) or d // tcfg.num_attention_heads
@@ -536,32 +589,38 @@ def export_policy(
     ip = processor.image_processor
     patch_dim = 3 * ip.temporal_patch_size * ip.patch_size**2
     embed = model.get_input_embeddings()
+    layer_weights = ({"tracing": source.placeholders, "reference": source.streaming} if source is not None else {})
 
-    def export(module, spec, cases, reference, where: Path, storage: str) -> PartManifest:
-        return export_and_validate(module.eval(), spec, cases, reference, REFERENCE_NAME, where, opset, storage)
+    def export(module, spec, cases, reference, where: Path, storage: str, streamed) -> PartManifest:
+        return export_and_validate(module.eval(), spec, cases, reference, REFERENCE_NAME, where, opset, storage, streamed)
 
     parts = {
         "policy_vision": export(VisionEncoderGraph(model.model.visual), policy_vision_spec(d, patch_dim),
-                                vision_cases(processor), vision_reference(model), out_dir, weight_storage),
+                                vision_cases(processor), vision_reference(model), out_dir, weight_storage,
+                                _streamed(source, {"visual.": "model.visual."})),
         "policy_embed": export(EmbedGraph(embed), policy_embed_spec(d), embed_cases(vocab), embed_reference(model),
-                               out_dir, weight_storage),
+                               out_dir, weight_storage,
+                               _streamed(source, {"embed_tokens.": "model.language_model.embed_tokens."})),
     }
     decoder = (DecoderGraph(model.model.language_model, model.lm_head), policy_decoder_spec(d, layers, tcfg.num_key_value_heads, head_dim, vocab),
                decoder_cases(tcfg, layers, embed.weight.detach().numpy()), decoder_reference(model, layers))
+    decoder_streamed = _streamed(source, {"lm.": "model.language_model.", "lm_head.": "lm_head."}, **layer_weights)
     if precision == "fp32":
-        parts["policy_decoder"] = export(*decoder, out_dir, weight_storage)
+        parts["policy_decoder"] = export(*decoder, out_dir, weight_storage, decoder_streamed)
         return parts
     with tempfile.TemporaryDirectory(prefix=".policy-export-", dir=out_dir) as tmp:
         tmp = Path(tmp)
-        fp32 = export(*decoder, tmp, "fp32")  # the quantizers read fp32 initializers
+        fp32 = export(*decoder, tmp, "fp32", decoder_streamed)  # the quantizers read fp32 initializers
         quantized = quantize_part(fp32, tmp, out_dir, precision)
         processor.save_pretrained(str(tmp / "processor"))
-        report = quantized_decoder_parity(model, processor, out_dir, tmp / "processor", precision)
+        with layer_weights["reference"]() if source is not None else contextlib.nullcontext():
+            report = quantized_decoder_parity(model, processor, out_dir, tmp / "processor", precision, generation)
     parts["policy_decoder"] = dataclasses.replace(quantized, quantized_parity=report)
     return parts
 
 
-def quantized_decoder_parity(model, processor, graphs_dir: Path, processor_dir: Path, precision: str) -> QuantizedParity:
+def quantized_decoder_parity(model, processor, graphs_dir: Path, processor_dir: Path, precision: str,
+                             generation: GenerationConfig = QUANT_PARITY_GENERATION) -> QuantizedParity:
     """Measure the quantized decoder in ``graphs_dir`` (beside the vision and embedding graphs)
     against ``model`` on ``validation_prompts()``, through the torch-free runtime.
 
@@ -582,7 +641,7 @@ def quantized_decoder_parity(model, processor, graphs_dir: Path, processor_dir: 
         PolicyTokenizer.from_dir(processor_dir),
         PolicyImageConfig.from_dir(processor_dir),
     )
-    report = quantized_parity(PolicyWrapper(model, processor), policy, validation_prompts(), precision)
+    report = quantized_parity(PolicyWrapper(model, processor), policy, validation_prompts(), precision, generation)
     if not report.passed:
         measures = report.measures()
         measured = ", ".join(f"{k} {measures[k]:.4f} (floor {f})" for k, f in report.floors.items())

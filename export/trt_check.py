@@ -133,7 +133,9 @@ def check_tensorrt_parse(model_or_path: Any) -> list[ParseViolation]:
     """
     import onnx
 
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
+    # Rules read structure, types and small constants (which stay inline), never large weights: a
+    # graph's external data is not loaded.
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path), load_external_data=False)
     try:
         # Types of intermediate tensors, for the data-type rules; a graph shape inference cannot
         # handle is still checked node by node with the types it declares.

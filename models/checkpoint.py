@@ -205,15 +205,8 @@ def load_checkpoint(
     is inferred from the shapes, a release without our ``conceptseg_edge`` section.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    raw = _read_json(path / CONFIG_NAME)
+    raw = _read_checkpoint_config(path)
     if "format" not in raw:
-        if raw.get("model_type") != Qwen2_5_VLConfig.model_type:
-            raise CheckpointError(
-                f"{path / CONFIG_NAME}: neither a {CHECKPOINT_FORMAT!r} config (no 'format') nor a "
-                f"{Qwen2_5_VLConfig.model_type!r} release config (model_type {raw.get('model_type')!r})"
-            )
         return _load_release(path, raw, device, dtype, backbone, ctm_num_heads)
     config = _check_config(path, raw)
     verify_hashes(path, config["files"], CONFIG_NAME, CheckpointError, _CHANGED)
@@ -243,6 +236,19 @@ def load_checkpoint(
         backbone=backbone or saved_backbone,
         path=path,
     )
+
+
+def _read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """config.json of our layout (has 'format') or of a Qwen2.5-VL release; anything else is refused."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    raw = _read_json(path / CONFIG_NAME)
+    if "format" not in raw and raw.get("model_type") != Qwen2_5_VLConfig.model_type:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: neither a {CHECKPOINT_FORMAT!r} config (no 'format') nor a "
+            f"{Qwen2_5_VLConfig.model_type!r} release config (model_type {raw.get('model_type')!r})"
+        )
+    return raw
 
 
 def _read_json(config_path: Path) -> dict[str, Any]:
@@ -346,21 +352,8 @@ def _load_release(
 ) -> ConceptCheckpoint:
     """Check shards, names and shapes from the headers, build in the stored dtype, then stream tensors in."""
     where = path / CONFIG_NAME
-    section = raw.pop(SECTION, None)
-    router, saved_backbone, ctm_cfg = RouterConfig(), None, None
-    if section is not None:
-        if not isinstance(section, dict) or set(section) != _SECTION_KEYS:
-            raise CheckpointError(f"{where}: {SECTION}: expected an object with keys {sorted(_SECTION_KEYS)}")
-        verify_hashes(path, section["files"], CONFIG_NAME, CheckpointError, _CHANGED)
-        ctm_cfg, router, saved_backbone = _parse_settings(where, section)
-    try:
-        policy_cfg = Qwen2_5_VLConfig.from_dict(raw)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{where}: {exc}") from exc
-
-    processor = load_processor(path)  # before any weight is read: a broken processor fails fast
-    shards = read_shards(path)
-    info = _model_names(shards)
+    policy_cfg, settings, processor, shards, info = _open_release(path, raw)
+    ctm_cfg, router, saved_backbone = settings or (None, RouterConfig(), None)
     ctm_info = {k: v for k, v in info.items() if k.startswith(CTM_PREFIXES)}
     if ctm_cfg is None:
         try:
@@ -408,6 +401,47 @@ def _load_release(
         backbone=backbone or saved_backbone,
         path=path,
     )
+
+
+def _open_release(
+    path: Path, raw: dict[str, Any]
+) -> tuple[Qwen2_5_VLConfig, tuple[CTMConfig, RouterConfig, BackboneSpec | None] | None, ConceptSegProcessor, ShardSet,
+           dict[str, TensorInfo]]:
+    """A release directory's policy config, our section's settings (None without it), processor and
+    checked shard table (transformers names); no weight is read."""
+    where = path / CONFIG_NAME
+    section = raw.pop(SECTION, None)
+    settings = None
+    if section is not None:
+        if not isinstance(section, dict) or set(section) != _SECTION_KEYS:
+            raise CheckpointError(f"{where}: {SECTION}: expected an object with keys {sorted(_SECTION_KEYS)}")
+        verify_hashes(path, section["files"], CONFIG_NAME, CheckpointError, _CHANGED)
+        settings = _parse_settings(where, section)
+    try:
+        policy_cfg = Qwen2_5_VLConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    processor = load_processor(path)  # before any weight is read: a broken processor fails fast
+    shards = read_shards(path)
+    return policy_cfg, settings, processor, shards, _model_names(shards)
+
+
+def policy_source(
+    path: Path,
+) -> tuple[Qwen2_5_VLConfig, ConceptSegProcessor, ShardSet, dict[str, TensorInfo]]:
+    """What a loader needs to read the policy tensor by tensor, from either layout: its config, its
+    processor, the checked shards and their tensors under transformers' names (CTM ones included).
+    Hashes (our layout, or a release with our section) are verified first; no weight is read."""
+    path = Path(path)
+    raw = _read_checkpoint_config(path)
+    if "format" not in raw:
+        policy_cfg, _, processor, shards, info = _open_release(path, raw)
+        return policy_cfg, processor, shards, info
+    config = _check_config(path, raw)
+    verify_hashes(path, config["files"], CONFIG_NAME, CheckpointError, _CHANGED)
+    _, policy_cfg, _, _ = _parse_config(path, config)
+    shards = read_shards(path)
+    return policy_cfg, load_processor(path), shards, _model_names(shards)
 
 
 def _model_names(shards: ShardSet) -> dict[str, TensorInfo]:

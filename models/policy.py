@@ -196,12 +196,15 @@ def tiny_policy_config(
     )
 
 
-def build_policy(config: Qwen2_5_VLConfig, *, seed: int | None = None) -> Qwen2_5_VLForConditionalGeneration:
-    """Random-init policy from ``config`` in eval mode; ``seed`` fixes the weights without touching global RNG."""
+def build_policy(
+    config: Qwen2_5_VLConfig, *, seed: int | None = None, dtype: torch.dtype | None = None
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Random-init policy from ``config`` in eval mode; ``seed`` fixes the weights without touching global RNG;
+    ``dtype`` initializes in that dtype directly (a bf16 3B never exists in fp32)."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
+        model = AutoModelForImageTextToText.from_config(config, **({"dtype": dtype} if dtype else {}))
     return model.eval()
 
 

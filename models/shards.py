@@ -60,6 +60,13 @@ class ShardSet:
                     yield name, handle.get_tensor(name)
 
 
+def read_tensor(shards: ShardSet, info: TensorInfo) -> torch.Tensor:
+    """One tensor in its stored dtype; its shard is mapped only for the read (the pages leave this
+    process's memory with the mapping), so streaming loaders stay at one tensor's size."""
+    with _open(shards.root / info.shard) as handle:
+        return handle.get_tensor(info.name)
+
+
 def parse_size(size: int | str) -> int:
     """``max_shard_size`` as bytes: an int, or a string such as ``"5GB"`` / ``"500MB"`` (decimal units)."""
     if isinstance(size, bool):

@@ -1,0 +1,211 @@
+"""Graphs past ONNX's 2 GB protobuf limit: trace without weights, then stream them to external data.
+
+``torch.onnx.export`` serializes every weight into one protobuf, so the exporter holds the model, its
+serialized copy and (with constant folding) folded copies at once, and a protobuf cannot exceed 2 GB:
+a Qwen2.5-VL-3B decoder (11 GB fp32) cannot be written that way at all. Here the export is split:
+
+1. ``export_unbound`` traces the module with ``export_params=False`` and no constant folding, so
+   every parameter becomes a graph input under its ``state_dict`` name and the graph holds no
+   weights. The traced values do not matter (the graph does not depend on them), so a caller may
+   trace a model whose large weights are stand-ins: ``placeholder`` makes stride-0 views of a
+   scalar, distinct per tensor so the exporter's initializer de-duplication cannot merge them.
+2. ``bind_weights`` turns each such input into an initializer whose bytes are appended to
+   ``<graph>.data`` one tensor at a time, read through a resolver (memory-mapped shards, or a
+   resident module). A weight whose only reader is a 2-D ``Transpose`` (what ``nn.Linear`` traces
+   to without folding) is stored transposed and the Transpose dropped, which is what constant
+   folding would have done and what the MatMul quantizers need (weights as MatMul initializers).
+
+Offsets are aligned to 4 KiB so ONNX Runtime can memory-map each tensor. The ``.onnx`` and its
+``.data`` are written together (both or neither, ``fileio.atomic_paths``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from conceptseg_edge.errors import ExportError
+from conceptseg_edge.export.parts import PartSpec
+from conceptseg_edge.fileio import atomic_path, atomic_paths
+
+#: Byte alignment of every tensor in a ``.data`` file (a page: ONNX Runtime maps aligned tensors).
+ALIGNMENT = 4096
+#: Initializers smaller than this stay inside the ``.onnx`` (norm weights, biases, scales).
+INLINE_MAX_BYTES = 64 * 1024
+DATA_SUFFIX = ".data"
+
+Resolver = Callable[[str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class StreamedWeights:
+    """How ``export_and_validate`` exports a part whose weights are streamed: ``resolve`` gives each
+    parameter (by the traced module's ``state_dict`` name) as fp32; ``tracing`` is entered while
+    the module is traced (stand-in weights), ``reference`` while the torch reference runs (the
+    real ones, e.g. ``StreamedPolicy.streaming``)."""
+
+    resolve: Resolver
+    tracing: Callable[[], AbstractContextManager] = nullcontext
+    reference: Callable[[], AbstractContextManager] = nullcontext
+
+
+def data_path(path: Path) -> Path:
+    """The external data file that belongs to graph ``path`` (``<file>.data``, beside it)."""
+    return path.with_name(path.name + DATA_SUFFIX)
+
+
+def placeholder(shape: Iterable[int], index: int):
+    """A stand-in weight for tracing: ``shape`` as a stride-0 view of one scalar (no memory), whose
+    value is unique per ``index`` so no two stand-ins compare equal."""
+    import torch
+
+    return torch.full((), 1.0e6 + index, dtype=torch.float32).expand(*shape)
+
+
+def export_unbound(module, spec: PartSpec, example: Mapping[str, np.ndarray], path: Path, opset: int) -> None:
+    """Trace ``module`` on ``example`` into ``path`` with its parameters as extra graph inputs."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in spec.input_names)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=False,  # folding would materialize every (stand-in) weight
+            export_params=False,
+            dynamo=False,
+        )
+        _fold_constants(tmp)
+
+
+def _fold_constants(path: Path) -> None:
+    """Fold what torch's folding would have (constant index/shape arithmetic): the parameters are
+    graph inputs here, so nothing computed from a weight is folded. TensorRT's parser wants such
+    operands (Slice axes, Reshape targets) as initializers, not as computed tensors."""
+    import onnx
+    import onnxscript.optimizer
+
+    model = onnx.load(str(path))
+    onnxscript.optimizer.fold_constants(model)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    onnx.save(model, str(path))
+
+
+class DataWriter:
+    """Appends arrays to one external data file at aligned offsets and returns their TensorProtos
+    (arrays under ``inline_max_bytes`` stay inline; ``math.inf`` keeps a graph self-contained)."""
+
+    def __init__(self, handle, location: str, inline_max_bytes: float = INLINE_MAX_BYTES) -> None:
+        self.handle = handle
+        self.location = location
+        self.inline_max_bytes = inline_max_bytes
+        self.offset = 0
+
+    def tensor(self, array: np.ndarray, name: str):
+        """``array`` as an initializer ``name``: inline when small, else appended to the data file."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        array = np.ascontiguousarray(array)
+        if array.nbytes < self.inline_max_bytes:
+            return numpy_helper.from_array(array, name)
+        pad = -self.offset % ALIGNMENT
+        self.handle.write(b"\0" * pad)
+        self.offset += pad
+        self.handle.write(array.data)
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += array.nbytes
+        return proto
+
+
+def bind_weights(path: Path, spec: PartSpec, resolve: Resolver, progress: Callable[[int], None] | None = None) -> int:
+    """Replace the parameter inputs of the unbound graph ``path`` by initializers streamed to
+    ``<path>.data``; rewrites both files atomically. Returns the number of bytes stored externally.
+
+    ``resolve(name)`` returns the fp32 array of the parameter the graph input ``name`` stands for;
+    it is called once per parameter and its result dropped after writing.
+
+    Raises:
+        ExportError: the resolver has no tensor for an input, or returns another shape.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    declared = set(spec.input_names)
+    params = [i for i in graph.input if i.name not in declared]
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dropped: set[int] = set()
+    initializers = []
+    target = data_path(path)
+    with atomic_paths(path, target) as (tmp_graph, tmp_data), open(tmp_data, "wb") as handle:
+        writer = DataWriter(handle, target.name)
+        for param in params:
+            shape = tuple(d.dim_value for d in param.type.tensor_type.shape.dim)
+            try:
+                array = np.asarray(resolve(param.name), dtype=np.float32)
+            except KeyError as exc:
+                raise ExportError(f"{spec.name}: no weight for graph input {param.name!r} ({exc})") from exc
+            if array.shape != shape:
+                raise ExportError(f"{spec.name}: weight {param.name!r} has shape {array.shape}, the graph {shape}")
+            name, users = param.name, readers.get(param.name, [])
+            if array.ndim == 2 and len(users) == 1 and _is_transpose_2d(users[0]):
+                dropped.add(id(users[0]))
+                array, name = array.T, users[0].output[0]
+            initializers.append(writer.tensor(array, name))
+            del array
+            if progress is not None:
+                progress(1)
+        keep = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(keep)
+        inputs = [i for i in graph.input if i.name in declared]
+        del graph.input[:]
+        graph.input.extend(inputs)
+        graph.initializer.extend(initializers)
+        handle.flush()
+        stored = writer.offset
+        model_bytes = model.SerializeToString()
+        if len(model_bytes) >= 2**31:
+            raise ExportError(f"{spec.name}: graph without weights is still {len(model_bytes)} bytes")
+        Path(tmp_graph).write_bytes(model_bytes)
+    onnx.checker.check_model(str(path))  # by path: the checker then follows the external data
+    if not any(t.data_location == TensorProto.EXTERNAL for t in initializers):
+        target.unlink()
+    return stored
+
+
+def _is_transpose_2d(node) -> bool:
+    if node.op_type != "Transpose":
+        return False
+    perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+    return not perm or perm[0] == [1, 0]
+
+
+def data_files(out_dir: Path, parts: Iterable) -> dict[str, str]:
+    """``{data file name: sha256}`` of the parts' external data in ``out_dir`` (for a manifest's
+    ``files``: the part's own hash covers only its ``.onnx``)."""
+    from conceptseg_edge.fileio import sha256_file
+
+    found = (data_path(Path(out_dir) / part.file) for part in parts)
+    return {str(path.relative_to(out_dir)): sha256_file(path) for path in found if path.is_file()}
