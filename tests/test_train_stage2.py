@@ -222,6 +222,24 @@ def test_resume_takes_the_same_next_step(run_a, tmp_path):
     assert json.loads((out_b / "eval.json").read_text())["stage1"] == report["stage1"]
 
 
+@pytest.mark.slow
+def test_a_run_resumed_at_max_steps_takes_no_further_step(run_a, tmp_path):
+    """Killed after saving its last trainer checkpoint (step 2, mid-epoch), before writing
+    ``out_dir/checkpoint``: the relaunch loads checkpoint-2 and writes it out, and takes no step 3."""
+    config, out_a = run_a
+    out_c = tmp_path / "out"
+    shutil.copytree(out_a, out_c, ignore=lambda d, names: ["checkpoint"] if Path(d) == out_a else [])
+    assert not (out_c / "checkpoint").exists()
+
+    run_stage2(config, out_dir=out_c)
+
+    assert sorted(p.name for p in (out_c / "trainer").iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2"]
+    assert [r["step"] for r in MetricsLogger(out_c).rows] == [1.0, 2.0]
+    a, c = load_checkpoint(out_a / "checkpoint"), load_checkpoint(out_c / "checkpoint")
+    for x, y in ((a.policy, c.policy), (a.ctm, c.ctm)):
+        assert all(torch.equal(v, y.state_dict()[k]) for k, v in x.state_dict().items())
+
+
 @pytest.fixture(scope="module")
 def one_step(stage1, tmp_path_factory):
     """One optimiser step on two prompts x two completions; (trainer, CTM before the step)."""

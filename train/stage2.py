@@ -522,6 +522,15 @@ class MetaGRPOTrainer(GRPOTrainer):
         self.processing_class.save_pretrained(output_dir)
         return None
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """No batch once ``max_steps`` is reached. ``Trainer`` resumed mid-epoch from a checkpoint at
+        ``max_steps`` (a run killed after its last save, before ``out_dir/checkpoint``) fetches the
+        next batch and takes one more optimizer step, at the schedule's learning rate 0, before it
+        first checks the step count; without a batch the epoch ends there."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     # Atomic checkpoints: the parent writes <staging>/checkpoint-N, which is then renamed into place.
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
