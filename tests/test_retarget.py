@@ -27,9 +27,8 @@ ASKED_CTM = {"num_queries": 4, "depth": 2, "num_heads": 4, "mlp_ratio": 4}  # th
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    """A ConceptSeg-R1-style release: bf16 policy + CTM over >= 2 shards, backbone None."""
+def save_release(root: Path, **ctm_config) -> Path:
+    """A ConceptSeg-R1-style release at ``root``: bf16 policy + CTM over >= 2 shards, backbone None."""
     from conceptseg_edge.models.checkpoint import save_checkpoint
     from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
     from conceptseg_edge.models.policy import build_policy, build_processor, tiny_policy_config
@@ -42,8 +41,7 @@ def release(tmp_path_factory) -> Path:
     config.dtype = torch.bfloat16
     policy = build_policy(config, seed=0).to(torch.bfloat16)
     torch.manual_seed(0)
-    ctm = ConceptTranslationModule(CTMConfig(**RELEASE_CTM)).to(torch.bfloat16).eval()
-    root = tmp_path_factory.mktemp("release") / "ConceptSeg-R1-tiny"
+    ctm = ConceptTranslationModule(CTMConfig(**ctm_config)).to(torch.bfloat16).eval()
     save_checkpoint(root, policy, ctm, processor, RouterConfig(), None, max_shard_size="300KB")
     assert len(list(root.glob("model-*-of-*.safetensors"))) >= 2
     # as shipped: no section of ours, so the CTM's shape is read from its tensors and its head count
@@ -52,6 +50,11 @@ def release(tmp_path_factory) -> Path:
     del config[SECTION]
     (root / "config.json").write_text(json.dumps(config))
     return root
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    return save_release(tmp_path_factory.mktemp("release") / "ConceptSeg-R1-tiny", **RELEASE_CTM)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +155,13 @@ def test_unknown_backbone_is_named_with_the_choices(release, tmp_path, capsys):
     config.write_text(yaml.safe_dump({**cfg, "policy_path": "checkpoints/Qwen2.5-VL-3B-Instruct"}))
     assert main(["train", "stage1", "--config", str(config), "--init-from", str(release)]) == 2
     assert "give one of init_checkpoint, policy_checkpoint, policy_path" in capsys.readouterr().err
+
+
+def test_a_ctm_for_another_prompt_width_is_refused(tmp_path, capsys):
+    """A CTM whose tokens are not SAM2's 256 wide cannot prompt it: named before anything is trained."""
+    narrow = save_release(tmp_path / "narrow", **RELEASE_CTM, out_dim=128)
+    config = retarget_config(tmp_path / "retarget.yaml", tmp_path / "run")
+    assert main(["train", "stage1", "--config", str(config), "--init-from", str(narrow), "--backbone", "sam2.1_hiera_t"]) == 2
+    err = capsys.readouterr().err
+    assert "writes 128-wide prompt tokens, sam2.1_hiera_t takes 256-wide ones" in err, err
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,11 @@ use at inference) upsampled bilinearly to the ground-truth size; plus ``presence
 object score against "target present" (0 in the paper; the router reads that score). Negatives, like
 SAM2's absent objects, skip the mask loss.
 
+``init_checkpoint`` continues a checkpoint's CTM instead of starting one: ours, or a ConceptSeg-R1
+release, whose CTM prompts SAM 3 and is retrained here for the configured SAM2 (the retarget path,
+``train stage1 --init-from DIR --backbone NAME``). Its CTM keeps its trained shape over ``cfg.ctm``;
+``ctm_overrides`` names what was ignored, and the summary records it.
+
 The policy is normally ``train warmstart``'s (``policy_checkpoint``): a tiny Qwen2.5-VL taught the
 tag format, standing in for an instruction-tuned one; the template here is the one it learnt
 (``train.items.template_completion``).
@@ -76,7 +81,8 @@ class Stage1Config(LoopConfig):
     backbone_config: str = "sam2.1_hiera_t"
     backbone_checkpoint: str | None = None
     backbone_image_size: int = 1024
-    # the frozen policy, one of: a ConceptSeg checkpoint to continue (policy + CTM), a checkpoint whose
+    # the frozen policy, one of: a ConceptSeg checkpoint or ConceptSeg-R1 release to continue (policy +
+    # CTM; a release's CTM was trained for SAM 3: the retarget path, train/configs/retarget.yaml), a checkpoint whose
     # policy + processor start a fresh CTM (``train warmstart``'s output), a released Qwen2.5-VL
     # directory (paper: Qwen2.5-VL-3B-Instruct); with none, a random-init tiny policy (tests)
     init_checkpoint: str | None = None
@@ -213,10 +219,10 @@ def load_frozen(cfg: Stage1Config, out: Path, procs: Processes = Processes()):
             policy, processor, ctm = build_initial_policy(cfg)
             torch.manual_seed(cfg.seed)
             ctm = ctm if ctm is not None else new_ctm(cfg, policy.config.text_config.hidden_size)
+            if ctm.config.out_dim != sam.sam_prompt_embed_dim:
+                raise InputError(f"stage1: the CTM of {cfg.init_checkpoint} writes {ctm.config.out_dim}-wide prompt "
+                                 f"tokens, {cfg.backbone_config} takes {sam.sam_prompt_embed_dim}-wide ones")
             save_checkpoint(init_dir, policy, ctm, processor, RouterConfig(), backbone)
-    if ctm.config.out_dim != sam.sam_prompt_embed_dim:
-        raise InputError(f"stage1: the CTM writes {ctm.config.out_dim}-wide prompt tokens, {cfg.backbone_config} "
-                         f"takes {sam.sam_prompt_embed_dim}-wide ones")
     policy.eval()
     for p in policy.parameters():
         p.requires_grad_(False)
