@@ -150,8 +150,13 @@ def test_unknown_backbone_is_named_with_the_choices(release, tmp_path, capsys):
     assert err.startswith("error: --backbone sam2.1_hiera_xl: unknown SAM2 config")
     assert all(name in err for name in ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"))
     assert not (tmp_path / "run").exists()
-    # --init-from beside a config that already names a policy: one source, refused before any model
+    # a config's SAM2 weights do not fit another --backbone: say so rather than fail on key mismatches
     cfg = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**cfg, "backbone_config": "sam2.1_hiera_l",
+                                      "backbone_checkpoint": "checkpoints/sam2.1_hiera_large.pt"}))
+    assert main(["train", "stage1", "--config", str(config), "--init-from", str(release), "--backbone", "sam2.1_hiera_t"]) == 2
+    assert "holds sam2.1_hiera_l weights; give this SAM2's with --backbone-checkpoint" in capsys.readouterr().err
+    # --init-from beside a config that already names a policy: one source, refused before any model
     config.write_text(yaml.safe_dump({**cfg, "policy_path": "checkpoints/Qwen2.5-VL-3B-Instruct"}))
     assert main(["train", "stage1", "--config", str(config), "--init-from", str(release)]) == 2
     assert "give one of init_checkpoint, policy_checkpoint, policy_path" in capsys.readouterr().err

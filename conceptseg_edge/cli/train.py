@@ -115,6 +115,9 @@ def stage1_overrides(cfg, args: argparse.Namespace):
     if args.backbone is not None:
         if args.backbone not in SAM2_CONFIGS:
             raise InputError(f"--backbone {args.backbone}: unknown SAM2 config (choices: {', '.join(SAM2_CONFIGS)})")
+        if args.backbone != cfg.backbone_config and cfg.backbone_checkpoint and args.backbone_checkpoint is None:
+            raise InputError(f"--backbone {args.backbone}: the config's backbone_checkpoint {cfg.backbone_checkpoint} holds "
+                             f"{cfg.backbone_config} weights; give this SAM2's with --backbone-checkpoint")
         changes["backbone_config"] = args.backbone
     if args.backbone_checkpoint is not None:
         changes["backbone_checkpoint"] = args.backbone_checkpoint
