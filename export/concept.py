@@ -103,13 +103,18 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
     (each an IoU of 0). Both sides accept every shortcut (τ = 0) so the shortcut route is compared on
     its own mask, and both generate as ``PARITY_GENERATION`` allows.
     """
+    import torch
+
     from conceptseg_edge.data.world import ConceptWorld
     from conceptseg_edge.models.pipeline import ConceptSegPipeline
     from conceptseg_edge.router import RouterConfig
     from conceptseg_edge.runtime.segmenter import ConceptSegmenter
 
     always = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
-    torch_pipe = ConceptSegPipeline.from_checkpoint(checkpoint, generation=PARITY_GENERATION, router=always)
+    # float32 as the graphs compute: a bf16 checkpoint (a retargeted release) would otherwise be compared
+    # through its own rounding (measured: half the tiny release's completions differ, reason IoU 0.980)
+    torch_pipe = ConceptSegPipeline.from_checkpoint(checkpoint, generation=PARITY_GENERATION, router=always,
+                                                    dtype=torch.float32)
     runtime = ConceptSegmenter.from_bundle(bundle, generation=PARITY_GENERATION, router=always)
     world = ConceptWorld(seed=1234, image_size=256)
     report: dict[str, dict[str, Any]] = {}

@@ -68,10 +68,13 @@ class ConceptSegPipeline:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, generation: GenerationConfig = GenerationConfig(), router: RouterConfig | None = None
+        cls, path: str | Path, generation: GenerationConfig = GenerationConfig(), router: RouterConfig | None = None,
+        dtype: torch.dtype | None = None,
     ) -> ConceptSegPipeline:
-        """Load a checkpoint directory and the SAM2 backbone it names (``router``: None = the checkpoint's)."""
-        ckpt = load_checkpoint(path)
+        """Load a checkpoint directory and the SAM2 backbone it names (``router``: None = the checkpoint's;
+        ``dtype``: None = as ``load_checkpoint`` builds it, e.g. a retargeted release's policy in bf16;
+        float32 computes as the exported graphs do)."""
+        ckpt = load_checkpoint(path, dtype=dtype)
         backbone = ckpt.sam2_backbone()
         sam = build_sam2_model(backbone.config, backbone.checkpoint, backbone.image_size).model
         return cls(sam, PolicyWrapper(ckpt.policy, ckpt.processor), ckpt.ctm, router or ckpt.router, generation)

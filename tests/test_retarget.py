@@ -117,6 +117,9 @@ def test_retargeted_checkpoint_exports_and_serves(retargeted, tmp_path, sample_i
     assert exported["routes"] == ["prompt", "shortcut", "reason"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["source"]["model"] == "conceptseg(sam2.1_hiera_t)"
+    # the bf16 policy's torch reference computes in float32, as the graphs do: the same completions
+    parity = manifest["route_parity"]
+    assert parity["reason"]["same_completion"] == 1.0 and parity["reason"]["samples"] > 0, parity
     image = tmp_path / "image.png"
     Image.fromarray(sample_image).save(image)
     mask = tmp_path / "mask.png"
