@@ -1,10 +1,11 @@
 """Official release → retarget → export → serve, at tiny scale, through the CLI.
 
-A tiny random-init Qwen2.5-VL + CTM is saved in the release layout (HF config.json, numbered shards +
-index, bf16, no ``conceptseg_edge`` section and so no backbone: a release's CTM was trained for SAM 3). ``train stage1
---init-from RELEASE --backbone sam2.1_hiera_t`` re-trains its CTM through a seeded SAM2.1-tiny on
-ConceptWorld; the checkpoint it writes is exported (``export concept``) and served (``segment``).
-The release itself is refused by the export and the torch pipeline with a typed error.
+A tiny random-init Qwen2.5-VL + CTM is saved in the release layout (HF config.json, numbered shards
++ index, bf16, no ``conceptseg_edge`` section and so no backbone: a release's CTM was trained for
+SAM 3). ``train stage1 --init-from RELEASE --backbone sam2.1_hiera_t`` re-trains its CTM through a
+seeded SAM2.1-tiny on ConceptWorld; the checkpoint it writes is exported (``export concept``) and
+served (``segment``). The release itself is refused by the export and the torch pipeline with a
+typed error.
 """
 
 from __future__ import annotations
