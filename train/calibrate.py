@@ -240,6 +240,8 @@ def calibrate_router(cfg: CalibrateConfig, checkpoint: str | None = None) -> dic
     """Calibrate ``cfg.checkpoint`` (or ``checkpoint``); returns the summary written to calibrate.json."""
     import dataclasses
 
+    import torch
+
     from conceptseg_edge.models.pipeline import ConceptSegPipeline
 
     if checkpoint is not None:
@@ -251,7 +253,9 @@ def calibrate_router(cfg: CalibrateConfig, checkpoint: str | None = None) -> dic
     with stage_output(cfg.out_dir, "calibrate.out_dir", resumable=lambda _: False) as out:
         set_threads(cfg.threads)
         clock = StageClock()
-        pipeline = ConceptSegPipeline.from_checkpoint(cfg.checkpoint, GenerationConfig(cfg.max_new_tokens))
+        # float32, as the exported graphs that will serve these thresholds compute (a retargeted bf16 release too)
+        pipeline = ConceptSegPipeline.from_checkpoint(cfg.checkpoint, GenerationConfig(cfg.max_new_tokens),
+                                                      dtype=torch.float32)
         queries, long_by_level = measure(cfg, pipeline)
         if not queries:
             raise InputError(f"calibrate.data: no queries of 1..{pipeline.router.max_shortcut_words} words to calibrate on")
