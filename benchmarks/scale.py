@@ -156,13 +156,17 @@ def measure_sam2(config: str, image_size: int, workdir: Path, seed: int = 0) -> 
             "checkpoint_mib": checkpoint_mib, **row}
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """This machine, the library versions and the commit (``+dirty`` with uncommitted changes) of a run."""
     import onnxruntime
     import torch
 
     mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    here = Path(__file__).resolve().parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip() or None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
+    if commit and dirty:
+        commit += "+dirty"  # the figures come from uncommitted code
     return {"cpus": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "commit": commit}
@@ -176,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     sam2.add_argument("--sizes", nargs="+", default=list(SAM2_SIZES), choices=SAM2_SIZES, help="which sizes")
     sam2.add_argument("--image-size", type=int, default=1024, help="export input size (SAM 2.1: 1024)")
     args = parser.parse_args(argv)
-    machine, rows = _machine(), []
+    info, rows = machine(), []
     with tempfile.TemporaryDirectory(prefix="scale-sam2-") as tmp:
         for config in args.sizes:
             row = measure_sam2(config, args.image_size, Path(tmp))
             print(f"{config}: export {row['export_seconds']} s, peak RSS {row['export_peak_rss_mib']} MiB, "
                   f"bundle {row['bundle_mib']} MiB, min IoU {row['min_mask_iou']:.4f}", file=sys.stderr, flush=True)
             rows.append(row)
-            write_json(args.out, {"machine": machine, "sam2": rows})  # after each size: large takes minutes
+            write_json(args.out, {"machine": info, "sam2": rows})  # after each size: large takes minutes
     return 0
 
 

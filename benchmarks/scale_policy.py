@@ -3,8 +3,8 @@
 ``QWEN25_VL_3B`` / ``QWEN25_VL_7B`` hold the released configs' shapes (text: hidden, layers, heads,
 KV heads, MLP width; vision: 32 blocks of width 1280 with 16 heads, SwiGLU width 3420, window
 attention on 112-pixel windows except the full-attention blocks 7/15/23/31; M-RoPE sections
-[16, 24, 24] of the 128-wide heads). ``QWEN25_05B_LIKE`` is Qwen2.5-0.5B's language model under the
-same vision tower: there is no 0.5B Qwen2.5-VL, it is the small point of the memory curve.
+[16, 24, 24] of the 128-wide heads). ``QWEN25_05B_LIKE`` / ``QWEN25_15B_LIKE`` are Qwen2.5-0.5B's / -1.5B's language models under the
+same vision tower: there is no such Qwen2.5-VL, they are the small points of the memory curve.
 ``scaled(widths, ...)`` cuts depth (tests keep full widths at 2 decoder layers and a few vision
 blocks); ``policy_config`` turns a ``PolicyWidths`` into a ``Qwen2_5_VLConfig`` wired to a tokenizer.
 The vocabulary is the tokenizer's (a locally trained one here; the release's 151936/152064 rows only
@@ -15,13 +15,13 @@ Run as a module, it measures what one user-side export costs:
     python -m conceptseg_edge.benchmarks.scale_policy --preset 3b --out runs/scale-3b
 
 Each step runs in a child process of its own so its peak RSS (``ru_maxrss`` from ``os.wait4``) is
-that step's alone: ``build`` (random init, saved with ``models/checkpoint.py``'s ``save_checkpoint``
-next to a CTM of the same width), then ``export-<precision>`` for fp32 / int8 / int4 (load the
-checkpoint, ``export_policy``). The result (seconds, peak RSS, file sizes, parity) is written to
-``<out>/scale_policy.json`` and printed. A step that fails is recorded with its error and its peak
-RSS, not hidden: at full 3B depth the fp32 graphs pass ONNX's 2 GB protobuf limit, which the
-single-file export path (``export/onnx_export.py``: ``store_weights`` and the INT4 quantizer save
-one protobuf) does not yet handle; see docs/scale.md.
+that step's alone: ``build`` (random init in bf16, saved with ``models/checkpoint.py``'s
+``save_checkpoint`` in the release layout, 4 GB shards, next to an fp16 CTM of the same width), then
+``export-<precision>`` for fp32 / int8 / int4 (``export_policy_streamed``: decoder layers streamed
+from the memory-mapped shards, weights written to ONNX external data; the graphs are deleted after
+their sizes are read unless ``--keep``). The result (seconds, peak RSS, file sizes, parity, the
+commit) is written to ``<out>/scale_policy.json`` and printed. A step that fails (the INT4 gate, say)
+is recorded with its error and its peak RSS, not hidden.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from conceptseg_edge.benchmarks.scale import machine
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ QWEN25_VL_3B = PolicyWidths(2048, 36, 16, 2, 11008, tie_word_embeddings=True)
 QWEN25_VL_7B = PolicyWidths(3584, 28, 28, 4, 18944, tie_word_embeddings=False)
 #: Qwen2.5-0.5B's language model (896 wide, 24 layers, 14/2 heads) under the same vision tower.
 QWEN25_05B_LIKE = PolicyWidths(896, 24, 14, 2, 4864, tie_word_embeddings=True)
-PRESETS = {"0.5b": QWEN25_05B_LIKE, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B}
+#: Qwen2.5-1.5B's language model (1536 wide, 28 layers, 12/2 heads) under the same vision tower.
+QWEN25_15B_LIKE = PolicyWidths(1536, 28, 12, 2, 8960, tie_word_embeddings=True)
+PRESETS = {"0.5b": QWEN25_05B_LIKE, "1.5b": QWEN25_15B_LIKE, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B}
 PRECISIONS = ("fp32", "int8", "int4")
 #: Shard size of the saved checkpoint (what Qwen2.5-VL releases use).
 SHARD_SIZE = "4GB"
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant-tokens", type=int, default=8,
                         help="new tokens per prompt in the quantized decoder's check (each streams every layer)")
     parser.add_argument("--keep", action="store_true", help="keep the exported graphs (default: sizes only)")
+    parser.add_argument("--reuse-checkpoint", action="store_true",
+                        help="skip the build when <out>/checkpoint exists (its build figures are then not measured)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one step, in a child process
     args = parser.parse_args(argv)
@@ -216,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision_depth is not None:
         common += ["--vision-depth", str(args.vision_depth)]
     report: dict[str, Any] = {"widths": dataclasses.asdict(widths), "max_pixels": args.max_pixels,
-                              "cpu_count": os.cpu_count(), "steps": {}}
-    report["steps"]["build"] = _run_step([*common, "--step", "build"], args.out / "build.log")
+                              "quant_tokens": args.quant_tokens, "machine": machine(), "steps": {}}
+    if args.reuse_checkpoint and (args.out / "checkpoint" / "config.json").is_file():
+        report["steps"]["build"] = {"reused": str(args.out / "checkpoint"),
+                                    "checkpoint_bytes": _dir_bytes(args.out / "checkpoint")}
+    else:
+        report["steps"]["build"] = _run_step([*common, "--step", "build"], args.out / "build.log")
     print(json.dumps({"build": report["steps"]["build"]}), flush=True)
     if "error" not in report["steps"]["build"]:
         for precision in args.precisions:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from conceptseg_edge.data.meta import Episode
     from conceptseg_edge.data.world import ConceptWorld
 
-from conceptseg_edge.errors import ExportParityError
+from conceptseg_edge.errors import ExportParityError, InputError
 from conceptseg_edge.export.ctm import export_ctm
+from conceptseg_edge.export.external import data_files
 from conceptseg_edge.export.parts import check_precision, weight_storage
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
 from conceptseg_edge.fileio import sha256_file, staged_dir
@@ -58,10 +59,16 @@ class ConceptExportConfig:
     # decoder) stores its large weights (parts.WEIGHT_STORAGES); "fp16" halves those files,
     # computation stays fp32. A quantized decoder holds its own quantized weights.
     weight_storage: str = "fp32"
+    # Export the policy with ``export_policy_streamed``: decoder layers read from the shards one at
+    # a time, weights written as ONNX external data (``<graph>.data``, listed in the manifest's
+    # files). For policies whose fp32 copy does not fit in memory, or whose graphs pass 2 GB (3B/7B).
+    stream_policy: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.policy_precision, f"--policy-precision {self.policy_precision}")
         weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
+        if self.stream_policy and self.weight_storage != "fp32":
+            raise InputError(f"--stream-policy: streamed graphs store fp32 weights (got --weight-storage {self.weight_storage})")
 
 
 def _save_processor(processor, staging: Path) -> dict[str, str]:
@@ -146,7 +153,7 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
 
 def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
     """Export a ConceptSeg checkpoint to ``out`` and return the manifest."""
-    from conceptseg_edge.export.policy import export_policy
+    from conceptseg_edge.export.policy import export_policy, export_policy_streamed
     from conceptseg_edge.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -160,10 +167,14 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
         ctm = export_ctm(ckpt.ctm, staging, cfg.opset, cfg.weight_storage)
         steps.update()
         steps.set_postfix_str(f"policy ({cfg.policy_precision})")
-        policy_parts = export_policy(ckpt.policy, ckpt.processor, staging, opset=cfg.opset, precision=cfg.policy_precision,
-                                     weight_storage=cfg.weight_storage)
+        if cfg.stream_policy:
+            ckpt.policy = None  # the streamed export reads the shards itself: free the loaded copy first
+            policy_parts = export_policy_streamed(cfg.checkpoint, staging, opset=cfg.opset, precision=cfg.policy_precision)
+        else:
+            policy_parts = export_policy(ckpt.policy, ckpt.processor, staging, opset=cfg.opset,
+                                         precision=cfg.policy_precision, weight_storage=cfg.weight_storage)
         steps.update()
-        files = _save_processor(ckpt.processor, staging)
+        files = _save_processor(ckpt.processor, staging) | data_files(staging, policy_parts.values())
         weights = Path(cfg.checkpoint) / "model.safetensors"
         manifest = BundleManifest(
             source=dataclasses.replace(

@@ -4,11 +4,12 @@
 serialized copy and (with constant folding) folded copies at once, and a protobuf cannot exceed 2 GB:
 a Qwen2.5-VL-3B decoder (11 GB fp32) cannot be written that way at all. Here the export is split:
 
-1. ``export_unbound`` traces the module with ``export_params=False`` and no constant folding, so
-   every parameter becomes a graph input under its ``state_dict`` name and the graph holds no
-   weights. The traced values do not matter (the graph does not depend on them), so a caller may
-   trace a model whose large weights are stand-ins: ``placeholder`` makes stride-0 views of a
-   scalar, distinct per tensor so the exporter's initializer de-duplication cannot merge them.
+1. ``export_unbound`` traces the module with its parameters passed as inputs
+   (``torch.func.functional_call``), so every parameter becomes a graph input under its name and
+   the graph holds no weights. (``export_params=False`` is not enough: the exporter still serializes
+   every parameter for its shape inference, and compares them all to de-duplicate initializers.)
+   The traced values do not matter (the graph does not depend on them), so a caller may trace a
+   model whose large weights are stand-ins (``models.streamed``: stride-0 views of a scalar).
 2. ``bind_weights`` turns each such input into an initializer whose bytes are appended to
    ``<graph>.data`` one tensor at a time, read through a resolver (memory-mapped shards, or a
    resident module). A weight whose only reader is a 2-D ``Transpose`` (what ``nn.Linear`` traces
@@ -59,49 +60,64 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + DATA_SUFFIX)
 
 
-def placeholder(shape: Iterable[int], index: int):
-    """A stand-in weight for tracing: ``shape`` as a stride-0 view of one scalar (no memory), whose
-    value is unique per ``index`` so no two stand-ins compare equal."""
+def _weights_as_inputs(module, count: int, slots: dict[str, list[str]]):
+    """``module`` called with its parameters as trailing positional arguments, swapped into every
+    slot that holds them for the call, so the tracer records them as graph inputs: their values are
+    never serialized or inspected (as parameters they would be, by the exporter's shape inference
+    and initializer de-duplication). ``torch.func.functional_call`` refuses to run under the tracer."""
     import torch
 
-    return torch.full((), 1.0e6 + index, dtype=torch.float32).expand(*shape)
+    class WeightsAsInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args):
+            saved = []
+            for weight, names in zip(args[count:], slots.values()):
+                for name in names:
+                    owner, _, attr = name.rpartition(".")
+                    owner = self.inner.get_submodule(owner)
+                    saved.append((owner, attr, owner._parameters[attr]))
+                    owner._parameters[attr] = weight
+            try:
+                return self.inner(*args[:count])
+            finally:
+                for owner, attr, param in reversed(saved):
+                    owner._parameters[attr] = param
+
+    return WeightsAsInputs()
 
 
 def export_unbound(module, spec: PartSpec, example: Mapping[str, np.ndarray], path: Path, opset: int) -> None:
-    """Trace ``module`` on ``example`` into ``path`` with its parameters as extra graph inputs."""
+    """Trace ``module`` on ``example`` into ``path`` with its parameters (by ``named_parameters``
+    name; a tied parameter once) as extra graph inputs after ``spec``'s."""
     import torch
 
+    params: dict[int, torch.Tensor] = {}
+    slots: dict[str, list[str]] = {}  # first name of each parameter (its input name) → every name (tied ones)
+    first: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        key = first.setdefault(id(param), name)
+        params.setdefault(id(param), param)
+        slots.setdefault(key, []).append(name)
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in spec.input_names)
+    wrapper = _weights_as_inputs(module, len(args), slots)
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
-            module,
-            args,
+            wrapper,
+            (*args, *params.values()),
             str(tmp),
-            input_names=spec.input_names,
+            input_names=[*spec.input_names, *slots],
             output_names=spec.output_names,
             dynamic_axes=spec.dynamic_axes(),
             opset_version=opset,
-            do_constant_folding=False,  # folding would materialize every (stand-in) weight
-            export_params=False,
+            do_constant_folding=True,  # weights are inputs: only index/shape arithmetic folds
             dynamo=False,
         )
-        _fold_constants(tmp)
-
-
-def _fold_constants(path: Path) -> None:
-    """Fold what torch's folding would have (constant index/shape arithmetic): the parameters are
-    graph inputs here, so nothing computed from a weight is folded. TensorRT's parser wants such
-    operands (Slice axes, Reshape targets) as initializers, not as computed tensors."""
-    import onnx
-    import onnxscript.optimizer
-
-    model = onnx.load(str(path))
-    onnxscript.optimizer.fold_constants(model)
-    onnxscript.optimizer.remove_unused_nodes(model)
-    onnx.save(model, str(path))
 
 
 class DataWriter:

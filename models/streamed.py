@@ -10,8 +10,8 @@ the memory-mapped shards:
   them after, so the transformers modules themselves run at full depth with one layer resident:
   this is the torch reference the exported graphs are checked against, and what generates the
   quantized decoder's validation completions.
-* ``StreamedPolicy.placeholders()`` gives every layer zero-memory stand-in weights
-  (``export.external.placeholder``) for tracing; the real ones are bound into the graph afterwards
+* ``StreamedPolicy.placeholders()`` gives every layer zero-memory stand-in weights (``placeholder``)
+  for tracing; the real ones are bound into the graph afterwards
   through ``StreamedPolicy.weight``.
 
 Both layouts ``models.checkpoint.load_checkpoint`` reads are accepted: ours (one
@@ -92,19 +92,19 @@ class StreamedPolicy:
     @contextlib.contextmanager
     def placeholders(self) -> Iterator[None]:
         """Give every decoder layer stand-in weights (no memory, distinct values) for tracing."""
-        from conceptseg_edge.export.external import placeholder
-
-        index = 0
         for layer in self.layers:
-            state = {}
-            for key, tensor in layer.state_dict(keep_vars=True).items():
-                state[key] = placeholder(tensor.shape, index)
-                index += 1
+            state = {key: placeholder(tensor.shape) for key, tensor in layer.state_dict(keep_vars=True).items()}
             layer.load_state_dict(state, strict=True, assign=True)
         try:
             yield
         finally:
             self.layers.to("meta")
+
+
+def placeholder(shape: torch.Size) -> torch.Tensor:
+    """A stand-in weight for tracing: ``shape`` as a stride-0 view of one scalar, so no memory. The
+    exporter takes weights as graph inputs (``export.external.export_unbound``) and never reads them."""
+    return torch.zeros((), dtype=torch.float32).expand(shape)
 
 
 def open_streamed_policy(path: str | os.PathLike[str]) -> StreamedPolicy:

@@ -169,3 +169,38 @@ def test_streamed_export_stores_fp32_only(release, tmp_path):
     with pytest.raises(InputError, match="streamed weights are stored as fp32"):
         export_and_validate(EmbedGraph(embed).eval(), policy_embed_spec(128), embed_cases(512), embed_reference(model),
                             "torch", tmp_path, 17, "fp16", streamed)
+
+
+@pytest.mark.slow
+def test_export_concept_streams_the_policy_into_a_bundle_that_serves(concept_checkpoint, tmp_path):
+    """``export concept --stream-policy``: the policy graphs carry external data, the manifest lists
+    it (so the bundle verifies, the runtime loads it, and a Triton repository copies it), and the
+    routes still match the torch pipeline."""
+    from PIL import Image
+
+    from conceptseg_edge.cli import main
+    from conceptseg_edge.export.concept import ROUTE_IOU_FLOOR
+    from conceptseg_edge.manifest import load_bundle
+    from conceptseg_edge.serve.repository import build_repository
+
+    bundle = tmp_path / "bundle"
+    assert main(["export", "concept", str(concept_checkpoint), "--out", str(bundle), "--stream-policy"]) == 0
+    manifest = load_bundle(bundle)  # every hash, the .data files included
+    assert {f"{p}.onnx.data" for p in ("policy_vision", "policy_embed", "policy_decoder")} <= set(manifest.files)
+    assert all(v["min_mask_iou"] >= ROUTE_IOU_FLOOR for v in manifest.route_parity.values())
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(image)
+    assert main(["segment", str(bundle), str(image), "--concept", "salient object", "--route", "reason",
+                 "--out", str(tmp_path / "mask.png")]) == 0
+    repo = build_repository(bundle, tmp_path / "repo")
+    assert repo is not None
+    assert list((tmp_path / "repo").rglob("policy_decoder.onnx.data"))
+    (bundle / "policy_decoder.onnx.data").write_bytes(b"\0")
+    assert main(["segment", str(bundle), str(image), "--concept", "salient object", "--out", str(tmp_path / "m2.png")]) == 2
+
+
+def test_stream_policy_needs_fp32_storage():
+    from conceptseg_edge.export.concept import ConceptExportConfig
+
+    with pytest.raises(InputError, match="--stream-policy"):
+        ConceptExportConfig("ckpt", weight_storage="fp16", stream_policy=True)

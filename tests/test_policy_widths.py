@@ -11,16 +11,20 @@ processor's cap of 224x224 pixels gives the vision cases up to 2x2 windows.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from conceptseg_edge.benchmarks.scale_policy import QWEN25_VL_3B, QWEN25_VL_7B, PolicyWidths, policy_config, scaled
 from conceptseg_edge.export.ctm import export_ctm
-from conceptseg_edge.export.policy import export_policy
+from conceptseg_edge.export.policy import export_policy, export_policy_streamed
+from conceptseg_edge.models.checkpoint import save_checkpoint
 from conceptseg_edge.models.ctm import ConceptTranslationModule, CTMConfig
 from conceptseg_edge.models.policy import build_policy, build_processor
 from conceptseg_edge.models.tokenizer import train_tiny_tokenizer
+from conceptseg_edge.router import RouterConfig
 
 MAX_PIXELS = 224 * 224
 #: method-notes: "≈206M params at d=2048, ≈631M at d=3584" (4 blocks, 16 heads, mlp ratio 4).
@@ -53,11 +57,20 @@ def test_presets_hold_the_released_shapes(processor):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("widths", [QWEN25_VL_3B, QWEN25_VL_7B], ids=["3b", "7b"])
-def test_policy_graphs_at_real_width_match_transformers(widths, processor, tmp_path):
+@pytest.mark.parametrize(("widths", "streamed"), [(QWEN25_VL_3B, False), (QWEN25_VL_7B, True)], ids=["3b", "7b-streamed"])
+def test_policy_graphs_at_real_width_match_transformers(widths, streamed, processor, tmp_path):
+    """3B width through the in-memory exporter; 7B width as a user's release arrives (bf16, sharded)
+    through the streamed one, whose graphs have no 2 GB limit (the 7B-width decoder is 1.9 GB at
+    2 layers) and which holds one decoder layer at a time."""
     cfg = policy_config(processor.tokenizer, _reduced(widths))
-    model = build_policy(cfg, seed=0)
-    parts = export_policy(model, processor, tmp_path)
+    if streamed:
+        model = build_policy(cfg, seed=0, dtype=torch.bfloat16)
+        ctm = ConceptTranslationModule(CTMConfig(hidden_size=widths.hidden_size, depth=1, mlp_ratio=1)).half()
+        ckpt = save_checkpoint(tmp_path / "release", model, ctm, processor, RouterConfig(), None, max_shard_size="1GB")
+        del model, ctm
+        parts = export_policy_streamed(ckpt, tmp_path / "graphs")
+    else:
+        parts = export_policy(build_policy(cfg, seed=0), processor, tmp_path)
     for name, part in parts.items():
         assert part.parity.passed, (name, part.parity.max_abs_diff)
     decoder = parts["policy_decoder"]
@@ -86,3 +99,20 @@ def test_ctm_3b_width_fp16_stored_export_parity(tmp_path):
     size = (tmp_path / part.file).stat().st_size
     assert 2 * 206e6 <= size < 2 * 206e6 * 1.01  # every large weight stored at 2 bytes
     assert np.isfinite(part.parity.max_abs_diff["concept_tokens"])
+
+
+@pytest.mark.slow
+def test_scale_policy_script_measures_each_step_in_its_own_process(tmp_path):
+    """The script behind docs/scale.md, at one decoder layer and one vision block."""
+    from conceptseg_edge.benchmarks.scale_policy import main
+
+    code = main(["--preset", "0.5b", "--layers", "1", "--vision-depth", "1", "--precisions", "fp32", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "scale_policy.json").read_text())
+    assert code == 0, report
+    build, export = report["steps"]["build"], report["steps"]["export-fp32"]
+    assert build["peak_rss_gib"] > 0 and export["peak_rss_gib"] > 0
+    assert (tmp_path / "checkpoint" / "model.safetensors.index.json").is_file()  # the release layout
+    assert "policy_decoder.onnx.data" in export["files"]
+    assert export["policy_decoder_max_abs_diff"] < 1e-3
+    assert not (tmp_path / "policy-fp32").exists()  # sizes kept, graphs deleted without --keep
+    assert report["machine"]["commit"]

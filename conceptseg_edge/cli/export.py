@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     concept.add_argument("--weight-storage", default="fp32", choices=list(WEIGHT_STORAGES),
                          help="every fp32 graph (SAM2, CTM, policy; not a quantized decoder): store large weights "
                               "as fp16 with a Cast back (half the file; computes in fp32)")
+    concept.add_argument("--stream-policy", action="store_true",
+                         help="export the policy layer by layer from the checkpoint's shards into ONNX external data "
+                              "(policies larger than memory or than 2 GB per graph: Qwen2.5-VL-3B/7B); fp32 storage")
     concept.set_defaults(func=_export_concept)
 
     check = kinds.add_parser("check", help="check a bundle's ONNX graphs against TensorRT's documented ONNX parser "
@@ -94,7 +97,8 @@ def _export_concept(args: argparse.Namespace) -> int:
     writable_output(args.out, "--out", directory=True)  # before the checkpoint is loaded
 
     manifest = export_concept(
-        ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage), args.out
+        ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage,
+                            stream_policy=args.stream_policy), args.out
     )
     print(json.dumps({
         "bundle": args.out,
