@@ -156,21 +156,66 @@ def _resize_taps(in_size: int, out_size: int, antialias: bool) -> tuple[np.ndarr
 
 
 def resize(array: np.ndarray, out_hw: tuple[int, int], antialias: bool) -> np.ndarray:
-    """Separable bilinear resize of (H, W) or (H, W, C) float32, as two gathers (no dense matrices)."""
-    out_h, out_w = out_hw
-    idx, w = _resize_taps(array.shape[0], out_h, antialias)
-    extra = (1,) * (array.ndim - 1)
-    rows = sum(w[:, k].reshape(-1, *extra) * array[idx[:, k]] for k in range(idx.shape[1]))
-    idx, w = _resize_taps(array.shape[1], out_w, antialias)
-    extra = (1,) * (array.ndim - 2)
-    return sum(w[:, k].reshape(1, -1, *extra) * rows[:, idx[:, k]] for k in range(idx.shape[1]))
+    """Separable bilinear resize of (H, W) or (H, W, C) float32 (each channel by ``resize_plane``)."""
+    if array.ndim == 2:
+        return resize_plane(array, out_hw, antialias)
+    out = np.empty((*out_hw, array.shape[2]), np.float32)
+    for c in range(array.shape[2]):
+        out[..., c] = resize_plane(np.ascontiguousarray(array[..., c], dtype=np.float32), out_hw, antialias)
+    return out
+
+
+def resize_plane(plane: np.ndarray, out_hw: tuple[int, int], antialias: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Separable bilinear resize of one (H, W) float32 plane, into ``out`` ((*out_hw) float32) when given.
+
+    Two passes of gathers, no dense matrices. A pass along rows gathers whole contiguous rows; the
+    pass along columns gathers single floats and costs several times more per element, so it runs
+    on the smaller intermediate: first when the image grows in height (on H rows, not out_h), last
+    when it shrinks (on out_h rows, not H).
+    """
+    (h, w), (out_h, out_w) = plane.shape, out_hw
+    out = np.empty(out_hw, np.float32) if out is None else out
+    rows = _resize_taps(h, out_h, antialias)
+    cols = _resize_taps(w, out_w, antialias)
+    if h <= out_h:
+        mid = _gather(plane, *cols, axis=1, out=np.empty((h, out_w), np.float32))
+        return _gather(mid, *rows, axis=0, out=out)
+    mid = _gather(plane, *rows, axis=0, out=np.empty((out_h, w), np.float32))
+    return _gather(mid, *cols, axis=1, out=out)
+
+
+def _gather(src: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
+    """One resize pass along ``axis``: ``out = Σ_k w[:, k] · take(src, idx[:, k])``, in place (one scratch)."""
+    shape = (-1, 1) if axis == 0 else (1, -1)
+    np.take(src, idx[:, 0], axis=axis, out=out)
+    out *= w[:, 0].reshape(shape)
+    tmp = np.empty_like(out) if idx.shape[1] > 1 else out
+    for k in range(1, idx.shape[1]):
+        np.take(src, idx[:, k], axis=axis, out=tmp)
+        tmp *= w[:, k].reshape(shape)
+        out += tmp
+    return out
 
 
 def preprocess_image(image: np.ndarray, image_size: int, mean, std) -> np.ndarray:
-    """(H, W, 3) uint8 → (1, 3, S, S) float32, normalised, as SAM2's transforms."""
-    x = resize(image.astype(np.float32) / 255.0, (image_size, image_size), antialias=True)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+    """(H, W, 3) uint8 → (1, 3, S, S) float32, normalised, as SAM2's transforms.
+
+    SAM2 resizes ``x / 255`` and then normalises ``(x - mean) / std``; each output pixel's resize
+    weights sum to one, so that equals resizing ``x · a + b`` with ``a = 1 / (255 · std)`` and
+    ``b = -mean / std`` (to float32 rounding). The affine runs fused into the uint8 → float32
+    conversion of each channel, and each channel is resized straight into its plane of the output:
+    no float copy of the whole image, no normalise pass and no HWC → CHW transpose at S × S.
+    """
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    scale, shift = np.float32(1.0 / 255.0) / std, -mean / std
+    out = np.empty((1, 3, image_size, image_size), np.float32)
+    plane = np.empty(image.shape[:2], np.float32)
+    for c in range(3):
+        np.multiply(image[:, :, c], scale[c], out=plane)
+        plane += shift[c]
+        resize_plane(plane, (image_size, image_size), antialias=True, out=out[0, c])
+    return out
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -4,17 +4,18 @@
 serialized copy and (with constant folding) folded copies at once, and a protobuf cannot exceed 2 GB:
 a Qwen2.5-VL-3B decoder (11 GB fp32) cannot be written that way at all. Here the export is split:
 
-1. ``export_unbound`` traces the module with its parameters passed as inputs
-   (``torch.func.functional_call``), so every parameter becomes a graph input under its name and
-   the graph holds no weights. (``export_params=False`` is not enough: the exporter still serializes
+1. ``export_unbound`` traces the module with its parameters passed in as inputs (swapped into the
+   module for the call), so every parameter becomes a graph input under its name and the graph
+   holds no weights; torch's constant folding still folds the index and shape arithmetic. (``export_params=False`` is not enough: the exporter still serializes
    every parameter for its shape inference, and compares them all to de-duplicate initializers.)
    The traced values do not matter (the graph does not depend on them), so a caller may trace a
    model whose large weights are stand-ins (``models.streamed``: stride-0 views of a scalar).
 2. ``bind_weights`` turns each such input into an initializer whose bytes are appended to
    ``<graph>.data`` one tensor at a time, read through a resolver (memory-mapped shards, or a
-   resident module). A weight whose only reader is a 2-D ``Transpose`` (what ``nn.Linear`` traces
-   to without folding) is stored transposed and the Transpose dropped, which is what constant
-   folding would have done and what the MatMul quantizers need (weights as MatMul initializers).
+   resident module). A weight whose only reader is a 2-D ``Transpose`` (what ``nn.Linear`` on a 3-D
+   input traces to when its weight is an input) is stored transposed and the Transpose dropped,
+   which is what constant folding would have done and what the MatMul quantizers need (weights as
+   MatMul initializers).
 
 Offsets are aligned to 4 KiB so ONNX Runtime can memory-map each tensor. The ``.onnx`` and its
 ``.data`` are written together (both or neither, ``fileio.atomic_paths``).
@@ -23,8 +24,8 @@ Offsets are aligned to 4 KiB so ONNX Runtime can memory-map each tensor. The ``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,20 @@ def _weights_as_inputs(module, count: int, slots: dict[str, list[str]]):
     return WeightsAsInputs()
 
 
+@contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence the TorchScript exporter's expected warnings. Tracer warnings flag Python-side shape
+    branches (Hiera's padding); the parity check after every export is what tells whether the trace
+    holds for other shapes."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        yield
+
+
 def export_unbound(module, spec: PartSpec, example: Mapping[str, np.ndarray], path: Path, opset: int) -> None:
     """Trace ``module`` on ``example`` into ``path`` with its parameters (by ``named_parameters``
     name; a tied parameter once) as extra graph inputs after ``spec``'s."""
@@ -103,10 +118,7 @@ def export_unbound(module, spec: PartSpec, example: Mapping[str, np.ndarray], pa
         slots.setdefault(key, []).append(name)
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in spec.input_names)
     wrapper = _weights_as_inputs(module, len(args), slots)
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+    with atomic_path(path) as tmp, torch.no_grad(), quiet_tracing():
         torch.onnx.export(
             wrapper,
             (*args, *params.values()),

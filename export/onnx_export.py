@@ -10,7 +10,6 @@ before anything is raised, so the error lists every failure at once. Quantizatio
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptseg_edge.errors import ExportParityError, InputError
-from conceptseg_edge.export.external import StreamedWeights, bind_weights, data_path, export_unbound
+from conceptseg_edge.export.external import StreamedWeights, bind_weights, data_path, export_unbound, quiet_tracing
 from conceptseg_edge.export.parts import STORAGE_MIN_ELEMENTS, PartSpec, weight_storage
 from conceptseg_edge.export.trt_check import require_tensorrt_parse
 from conceptseg_edge.fileio import atomic_path, sha256_file
@@ -39,12 +38,7 @@ def export_part(module, spec: PartSpec, example: Feeds, path: Path, opset: int) 
     import torch
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in spec.input_names)
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        # Tracer warnings flag Python-side shape branches (Hiera's padding); the parity check that
-        # follows is what tells whether the trace is valid for other shapes.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+    with atomic_path(path) as tmp, torch.no_grad(), quiet_tracing():
         torch.onnx.export(
             module,
             args,
