@@ -1,0 +1,89 @@
+"""The real-size SAM2 profile (``benchmarks/real.py``): a smoke run of the whole command at a small size,
+and the pieces of the limit (FLOPs counted from a graph, the GEMM peak) on graphs whose answer is known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conceptseg_edge.benchmarks.prompt import STAGES
+from conceptseg_edge.benchmarks.real import DECODE_STAGES, ORT_PEER_IMAGE_SIZE, TARGETS, gemm_peak, graph_flops, main
+
+
+def test_real_profile_smoke(tmp_path):
+    """tiny at 128 px, 1 run, no warm-up (about a minute on 2 cores): every file, side and stage is there,
+    ratios are finite, and the ORT peer (1024 px only) is named with its reason rather than dropped."""
+    out = tmp_path / "real"
+    assert main(["--out", str(out), "--sizes", "tiny", "--image-size", "128", "--quick", "--runs", "1", "--warmup", "0",
+                 "--batch", "4"]) == 0
+    report = json.loads((out / "real.json").read_text())
+    assert (out / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "real.md").read_text()
+    for key in ("machine", "environment", "threads", "gemm_peak", "date"):
+        assert report[key]
+    assert report["machine"]["commit"]
+    (row,) = report["sizes"]
+    assert row["config"] == "sam2.1_hiera_t" and row["image_size"] == 128
+    assert set(row["series"]) == {"ours", "torch"}
+    for side, kinds in row["series"].items():
+        assert list(kinds["route"]) == [*STAGES, "total"]
+        assert list(kinds["decoder_only"]) == list(kinds["batch"]) == [*DECODE_STAGES, "total"]
+        assert all(s["n"] == 1 and s["p50"] > 0 for k in kinds.values() for s in k.values())
+    assert row["providers"]["ours"] == {"sam2_encoder": "CPUExecutionProvider", "sam2_decoder": "CPUExecutionProvider"}
+    assert str(ORT_PEER_IMAGE_SIZE) in row["not_run"]["ort_peer"] and "error" in row["ort_peer_export"]
+    torch_ratios = row["ratio_ours_over"]["torch"]
+    assert all(math.isfinite(r) and r > 0 for kind in torch_ratios.values() for r in kind.values())
+    targets = {t["target"]: t for t in row["targets"]}
+    assert set(targets) == {t.name for t in TARGETS} | {"peak_rss ours <= torch"}
+    for t in TARGETS:
+        met = targets[t.name]["met"]
+        assert (met is None) == (t.denominator == "ort_peer"), t.name  # the peer's targets: not evaluated, said so
+    assert row["mask_iou"]["ours_vs_torch"] > 0.9  # the same weights on both sides
+    rss = row["peak_rss"]
+    assert set(rss) == {"ours", "torch"} and all(r["peak_rss_mib"] > 0 and "error" not in r for r in rss.values())
+    assert rss["ours"]["torch_imported"] is False and rss["torch"]["torch_imported"] is True
+    limit = row["limit"]
+    assert limit["flops"] > 0 and not limit["uncounted_nodes"] and 0 < limit["fraction_of_peak"] < 10
+    for text in ("sam2.1_hiera_t @ 128 px", "ort_peer not run", "GEMM peak", "Peak RSS"):
+        assert text in markdown
+
+
+def _model(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _weight(name, shape):
+    return helper.make_tensor(name, TensorProto.FLOAT, shape, np.zeros(math.prod(shape), np.float32).tolist())
+
+
+def test_graph_flops_counts_conv_matmul_gemm(tmp_path):
+    """2 x MACs from inferred shapes, with the input's symbolic dims fixed by the caller."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),  # 8 x 3 x 3 x 3 per pixel
+        helper.make_node("Flatten", ["c"], ["f"], axis=1),  # (1, 8 * 16 * 16)
+        helper.make_node("Gemm", ["f", "wg"], ["g"]),  # 2048 -> 4
+        helper.make_node("Unsqueeze", ["g", "ax"], ["u"]),  # (1, 1, 4)
+        helper.make_node("MatMul", ["u", "wm"], ["y"]),  # 4 -> 5
+    ]
+    inits = [_weight("wc", [8, 3, 3, 3]), _weight("wg", [8 * 16 * 16, 4]), _weight("wm", [4, 5]),
+             helper.make_tensor("ax", TensorProto.INT64, [1], [0])]
+    path = tmp_path / "g.onnx"
+    onnx.save(_model(nodes, [x], [y], inits), str(path))
+    got = graph_flops(path, (1, 3, 16, 16))
+    conv, gemm, matmul = 16 * 16 * 8 * 27, 2048 * 4, 4 * 5
+    assert got["flops_per_op"] == {"Conv": 2 * conv, "ConvTranspose": 0, "MatMul": 2 * matmul, "Gemm": 2 * gemm}
+    assert got["flops"] == 2 * (conv + gemm + matmul) and got["uncounted_nodes"] == []
+
+
+def test_gemm_peak_is_a_rate():
+    peak = gemm_peak(n=256, runs=2)
+    assert peak["provider"] == "CPUExecutionProvider" and peak["gflops"] > 0
+    assert peak["gflops"] == pytest.approx(2 * 256**3 / (peak["best_ms"] / 1e3) / 1e9, rel=0.01)
