@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -87,3 +89,20 @@ def test_gemm_peak_is_a_rate():
     peak = gemm_peak(n=256, runs=2)
     assert peak["provider"] == "CPUExecutionProvider" and peak["gflops"] > 0
     assert peak["gflops"] == pytest.approx(2 * 256**3 / (peak["best_ms"] / 1e3) / 1e9, rel=0.01)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "conceptseg_edge", "bench", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "give a BUNDLE (or --profile real --out DIR)"),
+    (("--profile", "real"), "takes --out DIR and no BUNDLE"),
+    (("some-bundle", "--profile", "real", "--out", "x"), "takes --out DIR and no BUNDLE"),
+    (("--profile", "real", "--out", "x", "--sizes", "huge"), "invalid choice: 'huge'"),  # reached the profile's parser
+])
+def test_cli_profile_refusals(args, message):
+    """``bench --profile real`` takes --out and no bundle; plain ``bench`` still needs its bundle."""
+    proc = _cli(*args)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr, proc.stderr

@@ -1,4 +1,8 @@
-"""``conceptseg-edge bench BUNDLE --route prompt|all ...``: latency per route and stage, JSON + table (+ PNG)."""
+"""``conceptseg-edge bench BUNDLE --route prompt|all ...``: latency per route and stage, JSON + table (+ PNG).
+
+``conceptseg-edge bench --profile real --out DIR``: the real-size SAM2 profile (``benchmarks/real.py``),
+which builds its own bundles, so it takes no BUNDLE.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,13 @@ BENCH_ROUTES: tuple[Route | Literal["all"], ...] = ("prompt", "all")
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmark a bundle's routes (per stage, p50/p90/p99)")
-    parser.add_argument("bundle")
+    parser.add_argument("bundle", nargs="?", help="the bundle to time (not with --profile)")
+    parser.add_argument("--profile", choices=("real",), default=None,
+                        help="real: the SAM2 profile at 1024 px vs PyTorch and ONNX Runtime's own SAM2 pipeline "
+                             "(python -m conceptseg_edge.benchmarks.real --help); needs --out, no BUNDLE")
+    parser.add_argument("--out", default=None, metavar="DIR", help="--profile real: directory for real.json/.md/.png")
+    parser.add_argument("--sizes", nargs="+", default=None, help="--profile real: SAM 2.1 sizes (default tiny large)")
+    parser.add_argument("--quick", action="store_true", help="--profile real: 3 runs, 1 warm-up (instead of --runs/--warmup)")
     parser.add_argument("--route", default="prompt", choices=BENCH_ROUTES,
                         help="prompt: the SAM2 route vs torch eager; all: every route of a concept bundle")
     parser.add_argument("--compare-torch", action="store_true", help="time the PyTorch reference in the same run")
@@ -41,6 +51,10 @@ def _bench(args: argparse.Namespace) -> int:
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.fileio import writable_output, write_json
 
+    if args.profile is not None:
+        return _profile(args)
+    if args.bundle is None:
+        raise InputError("bench: give a BUNDLE (or --profile real --out DIR)")
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs {args.runs} / --warmup {args.warmup}: need runs >= 1 and warmup >= 0")
     if args.checkpoint is not None and not args.compare_torch:
@@ -80,3 +94,15 @@ def _bench(args: argparse.Namespace) -> int:
         write_json(args.json_out, report)
     print(table)
     return 1 if report.get("errors") else 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """``--profile real``: hand the profile's own options to its command line."""
+    from conceptseg_edge.benchmarks.real import main as real_main
+    from conceptseg_edge.errors import InputError
+
+    if args.bundle is not None or args.out is None:
+        raise InputError(f"bench --profile {args.profile}: takes --out DIR and no BUNDLE (got bundle={args.bundle!r}, --out={args.out!r})")
+    argv = ["--out", args.out, *(["--quick"] if args.quick else ["--runs", str(args.runs), "--warmup", str(args.warmup)])]
+    argv += ["--sizes", *args.sizes] if args.sizes else []
+    return real_main(argv)
