@@ -88,6 +88,7 @@ class PromptBenchReport:
     environment: Mapping[str, Any]
     torch: StageSeries | None = None
     torch_random_init: bool = False  # the eager reference timed random weights (no checkpoint)
+    ort_session: Mapping[str, Any] | None = None  # the ONNX Runtime session settings the parts were opened with
 
     route: ClassVar[str] = "prompt"
     timing_scope: ClassVar[str] = ("end-to-end prompt route on host: numpy preprocess + encoder + decoder + "
@@ -123,6 +124,8 @@ class PromptBenchReport:
             "peak_rss_mb": self.peak_rss_mb,
             "environment": dict(self.environment),
         }
+        if self.ort_session is not None:
+            out["ort_session"] = dict(self.ort_session)
         if self.torch is not None:
             out["torch"] = self.torch.to_json()
             out["torch_weights"] = "random init (timing only)" if self.torch_random_init else "bundle checkpoint"
@@ -174,6 +177,7 @@ def bench_prompt_route(bundle: str | Path, cfg: BenchConfig, progress: bool = Tr
         environment=environment(),
         torch=StageSeries.from_samples(torch_samples, STAGES) if torch_samples else None,
         torch_random_init=bool(torch_random),
+        ort_session=cfg.provider_config.session.to_json() if any(p.format == "onnx" for p in manifest.parts.values()) else None,
     )
 
 

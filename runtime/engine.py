@@ -34,10 +34,12 @@ from conceptseg_edge.runtime.providers import (  # the names --provider takes, r
     PROVIDERS,  # noqa: F401
     Provider,  # noqa: F401
     ProviderConfig,
+    SessionSettings,
     as_config,
     check_provider,
     check_session,
     ort_providers,
+    session_entries,
     warmup_feeds,
 )
 
@@ -113,16 +115,15 @@ class OrtEngine:
         import onnxruntime as ort
 
         config = as_config(provider)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # shape-merge notes from the exporter are not user errors
         chosen = check_provider(config, ort.get_available_providers())
         try:
             self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=ort_providers(config, part, chosen)
+                str(path), sess_options=session_options(config.session), providers=ort_providers(config, part, chosen)
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types for corrupt files
             raise EngineIOError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
         self.name = Path(path).stem
+        self.session_settings = config.session  # what the session was opened with, for reports
         self.provider = check_session(config, chosen, self._session.get_providers(), str(path))
         self.inputs = tuple(self._spec(t) for t in self._session.get_inputs())
         self.outputs = tuple(self._spec(t) for t in self._session.get_outputs())
@@ -160,6 +161,28 @@ class OrtEngine:
     def binding(self) -> OrtBinding:
         """A fresh IO binding on this session, for loops that feed outputs back as inputs."""
         return OrtBinding(self)
+
+
+def session_options(settings: SessionSettings):
+    """``settings`` as an ``ort.SessionOptions`` (ORT's log quieted: the exporter's shape-merge notes are not user errors)."""
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = levels[settings.graph_optimization]
+    options.enable_cpu_mem_arena = settings.cpu_mem_arena
+    options.enable_mem_pattern = settings.mem_pattern
+    for key, value in session_entries(settings).items():
+        options.add_session_config_entry(key, value)
+    return options
 
 
 class EngineFactory(Protocol):

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -43,6 +43,49 @@ PROVIDERS: dict[Provider, tuple[str, ...]] = {
 }
 #: The names ``--provider`` accepts, in the order help lists them.
 PROVIDER_NAMES: tuple[Provider, ...] = tuple(PROVIDERS)
+
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The ONNX Runtime session options every ``OrtEngine`` opens with (any provider; the thread
+    settings are the CPU provider's). ``session_entries`` spells the ones ORT takes as config strings.
+
+    Defaults from an interleaved A/B in one process (P10: SAM2.1-tiny prompt route at 1024 on a
+    shared, loaded 2-core host, so upper bounds to re-check on a quiet one): ORT's own defaults
+    except spinning. Idle intra-op threads that spin for work hold a core that the rest of the
+    request (numpy pre- and post-processing, the other session, a neighbour process) needs; with
+    spinning off the decoder's p50 was 0.84x and the encoder's 0.89x. Turning the memory arena, the
+    memory pattern or weight pre-packing off each made the decoder slower (1.15-1.2x): they stay on.
+    """
+
+    intra_op_threads: int = field(default=0, metadata={"help": "intra-op threads (0: ORT's default, one per physical core)"})
+    inter_op_threads: int = field(default=0, metadata={"help": "inter-op threads (0: ORT's default; used only by parallel execution)"})
+    spinning: bool = field(default=False, metadata={"help": "idle intra-op threads spin for work instead of sleeping"})
+    graph_optimization: GraphOptimization = field(default="all", metadata={"help": "ORT graph optimization level"})
+    cpu_mem_arena: bool = field(default=True, metadata={"help": "ORT's CPU memory arena"})
+    mem_pattern: bool = field(default=True, metadata={"help": "preallocate from the memory pattern of earlier runs"})
+    prepacking: bool = field(default=True, metadata={"help": "pre-pack constant weights into the kernels' layouts at load"})
+
+    def __post_init__(self) -> None:
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise InputError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+        if self.graph_optimization not in get_args(GraphOptimization):
+            raise InputError(f"graph_optimization '{self.graph_optimization}': expected one of {list(get_args(GraphOptimization))}")
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def session_entries(settings: SessionSettings) -> dict[str, str]:
+    """ORT session config entries (``SessionOptions.add_session_config_entry``) for ``settings``."""
+    return {
+        "session.intra_op.allow_spinning": _flag(settings.spinning),
+        "session.disable_prepacking": _flag(not settings.prepacking),
+    }
 
 
 @dataclass(frozen=True)
@@ -69,6 +112,7 @@ class ProviderConfig:
         default=None, metadata={"help": "size range per symbolic dim (None: the bundle's, see bundle_ranges)"}
     )
     warmup: bool = field(default=True, metadata={"help": "one run per GPU session at load (TensorRT builds its engine)"})
+    session: SessionSettings = field(default=SessionSettings(), metadata={"help": "ONNX Runtime session options"})
 
     def __post_init__(self) -> None:
         if self.name not in PROVIDERS:
