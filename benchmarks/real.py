@@ -68,6 +68,20 @@ DECODE_STAGES = ("decoder", "postprocess")
 ORT_PEER_IMAGE_SIZE = 1024
 
 
+#: What a stage or figure holds where the sides split the work differently (kept with every report).
+SCOPE_NOTES = {
+    "ort_peer.decoder": "prompt encoding + mask decoding + upsampling all masks to the image size + threshold "
+                        "(all inside ORT's decoder graph); compare with ours' decoder + postprocess",
+    "ort_peer.postprocess": "picking the best-scoring mask only",
+    "ours.postprocess": "best-mask pick, then upsampling that one mask and thresholding (numpy)",
+    "torch.postprocess": "upsampling all three masks and thresholding (as SAM2ImagePredictor)",
+    "decoder_only": "a second click after set_image: decoder + postprocess",
+    "batch": "N one-click prompt sets in one decoder call, then each one's postprocess",
+    "peak_rss.ort_peer": "includes torch and the SAM2 model SAM2ImageOnnxPredictor holds (it subclasses "
+                         "SAM2ImagePredictor) besides ORT's two sessions",
+}
+
+
 @dataclass(frozen=True)
 class Target:
     """One target of issue 14: ``numerator / denominator`` p50 of ``series``/``stage`` at most ``limit``."""
@@ -114,13 +128,12 @@ ROUTE_CLICK, SECOND_CLICK = (0.45, 0.55), (0.3, 0.4)
 
 
 def batch_clicks(n: int) -> list[tuple[float, float]]:
+    """``n`` distinct clicks spread over the image (fractions, as ``ROUTE_CLICK``)."""
     return [(0.1 + 0.8 * (i + 0.5) / n, 0.2 + 0.6 * ((i * 3) % n + 0.5) / n) for i in range(n)]
 
 
 class OursSide:
     """``SAM2Predictor`` on the exported bundle: what a user of this runtime calls."""
-
-    name = "ours"
 
     def __init__(self, bundle: Path) -> None:
         from conceptseg_edge.runtime.predictor import SAM2Predictor
@@ -155,8 +168,6 @@ class OursSide:
 
 class TorchSide:
     """PyTorch eager: ``SAM2Reference`` on sam2's own modules (float32, CPU)."""
-
-    name = "torch"
 
     def __init__(self, config: str, checkpoint: Path, image_size: int) -> None:
         from conceptseg_edge.models.sam2 import SAM2Reference, build_sam2_model
@@ -208,8 +219,6 @@ class OrtPeerSide:
     ``has_input_masks`` ([num_labels]) against the mask embedding's last axis and fails (the exporter
     traced it with one label), so its batch of N prompts is reported as not run.
     """
-
-    name = "ort_peer"
 
     def __init__(self, encoder: Path, decoder: Path, preprocess: Callable[[np.ndarray], Any], image_size: int) -> None:
         import onnxruntime as ort
@@ -299,7 +308,8 @@ def export_ort_peer(config: str, checkpoint: str, image_size: int, out_dir: str)
     """ORT's exporters on the same weights, then its SAM2 fusions (as ``convert_to_onnx.py --optimize``).
 
     Returns the graph paths (``encoder``, ``decoder``: the optimized ones when the optimizer ran) or
-    ``error`` saying why the peer could not be built.
+    ``error`` saying why the peer could not be built. Imports ORT's scripts under their flat names
+    (``image_encoder``, ``sam2_utils``, ...): run it in a process of its own (``_in_fresh_process``).
     """
     unsupported = ort_peer_unsupported(image_size)
     if unsupported:
@@ -411,7 +421,7 @@ def time_sides(sides: Mapping[str, Any], runs: int, warmup: int, batch: int) -> 
                 try:
                     batch_t = side.batch(clicks)
                 except Exception as exc:  # a side without batched prompts: named, not hidden
-                    batch_not_run[n] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                    batch_not_run[n] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:600]}"
             if i >= warmup:
                 samples[n]["route"].append({**image_t, **click_t})
                 samples[n]["decoder_only"].append(again_t)
@@ -583,8 +593,8 @@ def measure_rss(side: str, artifacts_json: Path, warmup: int, log: Path) -> dict
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
-    last = log.read_text().strip().splitlines()[-1:]
-    return {"peak_rss_mib": None, "error": f"exit {proc.returncode}" + (f": {last[0]}" if last else "") + f" (log: {log})"}
+    tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+    return {"peak_rss_mib": None, "error": f"exit {proc.returncode}" + (f": {tail}" if tail else "")}
 
 
 # ------------------------------------------------------------------------------------------- profile
@@ -613,8 +623,7 @@ class Phases:
             print(f"[real] {self.size}: {phase} {self.seconds[phase]} s", file=sys.stderr, flush=True)
 
 
-def profile_size(size: str, cfg: RealConfig, workdir: Path, peak: Mapping[str, Any], log_dir: Path,
-                 progress: bool = True) -> dict[str, Any]:
+def profile_size(size: str, cfg: RealConfig, workdir: Path, peak: Mapping[str, Any], progress: bool = True) -> dict[str, Any]:
     """One SAM 2.1 size: build the three sides, time them interleaved, their RSS apart, the limit."""
     config = SIZES[size]
     phases = Phases(size, progress)
@@ -659,7 +668,7 @@ def profile_size(size: str, cfg: RealConfig, workdir: Path, peak: Mapping[str, A
     if cfg.rss:
         art_json = workdir / f"{config}-artifacts.json"
         art_json.write_text(json.dumps(art.to_json()))
-        row["peak_rss"] = {n: measure_rss(n, art_json, cfg.warmup, log_dir / f"rss-{size}-{n}.log")
+        row["peak_rss"] = {n: measure_rss(n, art_json, cfg.warmup, workdir / f"rss-{n}.log")
                            for n in SIDES if n not in not_run}
         ours, theirs = (row["peak_rss"].get(n, {}).get("peak_rss_mib") for n in ("ours", "torch"))
         if ours is not None and theirs is not None:
@@ -691,6 +700,7 @@ def run_profile(cfg: RealConfig, out: Path, progress: bool = True) -> dict[str, 
                    "batch": cfg.batch, "gemm_n": cfg.gemm_n, "rss": cfg.rss},
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "timing_scope": __doc__.split("\n\n")[-1].split(". Targets")[0].replace("\n", " "),
+        "scope_notes": SCOPE_NOTES,
         "sizes": [],
     }
     report["gemm_peak"] = gemm_peak(cfg.gemm_n)
@@ -698,7 +708,7 @@ def run_profile(cfg: RealConfig, out: Path, progress: bool = True) -> dict[str, 
         for size in cfg.sizes:
             workdir = Path(tmp) / size
             workdir.mkdir()
-            report["sizes"].append(profile_size(size, cfg, workdir, report["gemm_peak"], out, progress))
+            report["sizes"].append(profile_size(size, cfg, workdir, report["gemm_peak"], progress))
             report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
             write_outputs(report, out)  # after each size: large takes long
     return report
@@ -752,7 +762,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def plot(report: Mapping[str, Any], png: Path) -> Path:
-    """Stacked p50 per stage of the prompt route, one bar per size x side."""
+    """Left: the prompt route's p50 per stage, stacked, one bar per size x side. Right: the decoder-only
+    call's and the batch's p50 totals (the interactive cases, invisible at the route's scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -760,16 +771,25 @@ def plot(report: Mapping[str, Any], png: Path) -> Path:
 
     from conceptseg_edge.visualize import save_figure
 
-    bars = [(f"{row['size']}\n{side}", s["route"]) for row in report["sizes"] if "series" in row for side, s in row["series"].items()]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bars)), 4))
-    bottom = np.zeros(len(bars))
+    rows = [(f"{row['size']}\n{side}", s) for row in report["sizes"] if "series" in row for side, s in row["series"].items()]
+    labels = [label for label, _ in rows]
+    fig, (route_ax, decode_ax) = plt.subplots(1, 2, figsize=(max(10, 2.4 * len(rows)), 4))
+    bottom = np.zeros(len(rows))
     for stage in STAGES:
-        vals = np.array([series[stage]["p50"] for _, series in bars])
-        ax.bar([b for b, _ in bars], vals, bottom=bottom, label=stage)
+        vals = np.array([series["route"][stage]["p50"] for _, series in rows])
+        route_ax.bar(labels, vals, bottom=bottom, label=stage)
         bottom += vals
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_title(f"prompt route @ {report['config']['image_size']} px, {report['machine']['cpus']} CPUs")
-    ax.legend(fontsize=8)
+    route_ax.set_ylabel("p50 latency (ms)")
+    route_ax.set_title(f"prompt route @ {report['config']['image_size']} px, {report['machine']['cpus']} CPUs")
+    route_ax.legend(fontsize=8)
+    x = np.arange(len(rows))
+    for offset, kind in ((-0.2, "decoder_only"), (0.2, "batch")):
+        vals = [series[kind]["total"]["p50"] if kind in series else 0.0 for _, series in rows]
+        decode_ax.bar(x + offset, vals, width=0.4, label=kind if kind != "batch" else f"batch of {report['config']['batch']}")
+    decode_ax.set_xticks(x, labels)
+    decode_ax.set_ylabel("p50 latency (ms)")
+    decode_ax.set_title("after set_image (0: not run)")
+    decode_ax.legend(fontsize=8)
     return save_figure(fig, png)
 
 

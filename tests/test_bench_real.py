@@ -106,3 +106,24 @@ def test_cli_profile_refusals(args, message):
     proc = _cli(*args)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_ort_peer_at_1024(tmp_path):
+    """ONNX Runtime's own exporters and fusions build the peer from the seeded .pt (several minutes on 2
+    cores); it serves a click from the same weights as torch, and its batch of prompts is named as not run."""
+    from conceptseg_edge.benchmarks.real import (Artifacts, TorchSide, _in_fresh_process, build_side, export_ort_peer,
+                                                 time_sides)
+    from conceptseg_edge.benchmarks.scale import save_seeded_checkpoint
+
+    checkpoint = save_seeded_checkpoint(tmp_path / "t.pt", "sam2.1_hiera_t", ORT_PEER_IMAGE_SIZE)
+    peer = _in_fresh_process(export_ort_peer, "sam2.1_hiera_t", str(checkpoint), ORT_PEER_IMAGE_SIZE, str(tmp_path / "ort"))
+    assert peer["encoder_optimized"] is True and peer["decoder_optimized"] is True, peer
+    art = Artifacts("sam2.1_hiera_t", ORT_PEER_IMAGE_SIZE, str(checkpoint), "", peer)
+    torch_side = TorchSide(art.config, checkpoint, art.image_size)
+    side = build_side("ort_peer", art, torch_side)
+    assert side.providers() == {"encoder": "CPUExecutionProvider", "decoder": "CPUExecutionProvider"}
+    timed = time_sides({"ort_peer": side}, runs=1, warmup=0, batch=2)
+    assert list(timed["series"]["ort_peer"]) == ["route", "decoder_only"]
+    assert "broadcast" in timed["batch_not_run"]["ort_peer"]  # has_input_masks [2] against the mask width
+    assert timed["masks"]["ort_peer"].shape == (480, 640)
