@@ -77,6 +77,9 @@ SCOPE_NOTES = {
     "torch.postprocess": "upsampling all three masks and thresholding (as SAM2ImagePredictor)",
     "decoder_only": "a second click after set_image: decoder + postprocess",
     "batch": "N one-click prompt sets in one decoder call, then each one's postprocess",
+    "mask_iou": "each side's route mask against torch's on the same weights; below 1.0 means the side's arithmetic "
+                "differs (on a seeded tiny at 1024, ORT's unfused peer graphs matched torch to 5e-7 in the low-res "
+                "logits and IoU 1.0, while its sam2-fused decoder moved them by up to 0.35: IoU 0.81)",
     "peak_rss.ort_peer": "includes torch and the SAM2 model SAM2ImageOnnxPredictor holds (it subclasses "
                          "SAM2ImagePredictor) besides ORT's two sessions",
 }
