@@ -521,11 +521,15 @@ def graph_flops(onnx_path: str | Path, input_shape: Sequence[int]) -> dict[str, 
 
 
 def gemm_peak(n: int = 2048, runs: int = 5) -> dict[str, Any]:
-    """This machine's fp32 GEMM rate: an (n x n) @ (n x n) MatMul through ONNX Runtime, default
-    session options (the threads ``OrtEngine`` uses), best of ``runs`` after one warm-up."""
+    """This machine's fp32 GEMM rate: an (n x n) @ (n x n) MatMul through ONNX Runtime with the session
+    settings our encoder runs with (``SessionSettings()``, as every ``OrtEngine``), best of ``runs`` after
+    one warm-up."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from conceptseg_edge.runtime.engine import session_options
+    from conceptseg_edge.runtime.providers import SessionSettings
 
     spec = [n, n]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
@@ -534,7 +538,7 @@ def gemm_peak(n: int = 2048, runs: int = 5) -> dict[str, Any]:
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, spec)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
-    sess = ort.InferenceSession(model.SerializeToString(), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(SessionSettings()), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal(spec, dtype=np.float32), "b": rng.standard_normal(spec, dtype=np.float32)}
     sess.run(None, feeds)
@@ -682,13 +686,14 @@ def profile_size(size: str, cfg: RealConfig, workdir: Path, peak: Mapping[str, A
 
 
 def thread_settings() -> dict[str, Any]:
-    """The thread counts both runtimes ran with (ORT: default session options, as ``OrtEngine``)."""
-    import onnxruntime as ort
+    """The thread and session settings each side ran with."""
     import torch
 
-    options = ort.SessionOptions()
-    return {"ort_intra_op_num_threads": options.intra_op_num_threads, "ort_inter_op_num_threads": options.inter_op_num_threads,
-            "ort_note": "0 = ONNX Runtime's default (one thread per physical core)",
+    from conceptseg_edge.runtime.providers import SessionSettings
+
+    return {"ours_session": SessionSettings().to_json(),  # every OrtEngine's, and the GEMM peak's
+            "ort_peer_session": "onnxruntime.SessionOptions() defaults (SAM2ImageOnnxPredictor passes none)",
+            "threads_note": "0 threads = ONNX Runtime's default (one per physical core)",
             "torch_num_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
 
@@ -725,7 +730,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# Real-size SAM2 profile ({report['date']})", "",
              f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']}; python {m['python']}, "
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; commit {m['commit']}.",
-             f"Threads: ORT intra-op {th['ort_intra_op_num_threads']} (0 = default), torch {th['torch_num_threads']}. "
+             f"Threads: ours ORT intra-op {th['ours_session']['intra_op_threads']} (0 = default, spinning "
+             f"{'on' if th['ours_session']['spinning'] else 'off'}), ORT peer ORT defaults, torch {th['torch_num_threads']}. "
              f"Load average {report['load_average_1m_at_start']} at start. "
              f"GEMM peak {report['gemm_peak']['gflops']} GFLOP/s ({report['gemm_peak']['n']}^3 MatMul, ORT).",
              f"{report['config']['runs']} runs after {report['config']['warmup']} warm-up, interleaved; p50 ms.", ""]
