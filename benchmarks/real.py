@@ -9,17 +9,21 @@
 2. export our bundle from it (``export_sam2``) and ONNX Runtime's peer from it with ORT's own
    exporters (``onnxruntime.transformers.models.sam2``: ``export_image_encoder_onnx``, the multimask
    ``export_decoder_onnx``), then ORT's transformer fusions as ``convert_to_onnx.py --optimize`` applies
-   them (``optimize_model(model_type="sam2", opt_level=1)``, fp32 CPU); each export in a fresh process;
+   them (``optimize_model(model_type="sam2", opt_level=1)``, fp32 CPU); each export in a fresh process
+   (ORT's scripts run under the TorchScript exporter they were written for, see ``_torchscript_exporter``);
 3. in one process, interleaved run by run (the sides' order rotating each run), after warm-up:
    the prompt route per stage (preprocess, encoder, decoder, postprocess) for one click on a
    480x640 image; a decoder-only call after ``set_image`` (a second click: the interactive case);
    and ``--batch`` clicks decoded in one batch;
-4. peak RSS of each side serving the prompt route, each in a child process of its own
-   (``ru_maxrss`` from ``os.wait4``), so one model's memory never counts toward another's;
+4. peak RSS of each side serving the prompt route, each in a child process of its own (the child's
+   ``VmHWM``, see ``own_peak_rss_mib``), so one model's memory never counts toward another's;
 5. the limit: the encoder's FLOPs counted from our encoder graph (Conv / ConvTranspose / MatMul /
-   Gemm MACs x 2, shapes from ONNX shape inference) over its measured p50, as a fraction of this
-   machine's fp32 GEMM peak measured through the same ONNX Runtime with the same (default) session
-   options.
+   Gemm MACs x 2, see ``graph_flops``) over its measured p50, as a fraction of this machine's fp32
+   GEMM peak measured through the same ONNX Runtime with our encoder's session settings.
+
+Output: ``DIR/real.json`` (machine, versions, commit, date, thread and session settings, providers
+that ran, every series, ratios, targets met / not met / not evaluated), ``DIR/real.md``, ``DIR/real.png``,
+rewritten after each size.
 
 The sides: ``ours`` is ``SAM2Predictor`` on the bundle (numpy pre/post, ONNX Runtime); ``torch`` is
 ``SAM2Reference`` (``SAM2ImagePredictor``'s arithmetic on sam2's own modules, eager, float32);
