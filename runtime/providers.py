@@ -133,16 +133,19 @@ class ProviderConfig:
 @dataclass(frozen=True)
 class ProviderChoice:
     """The provider settings a command's config carries (``--provider``, ``--allow-fallback``,
-    ``--trt-cache``), shared by the benchmark and demo configs; ``provider_config`` is the full config."""
+    ``--trt-cache``, ``--ort-threads``, ``--ort-spinning``), shared by the benchmark and demo configs; ``provider_config`` is the full config."""
 
     provider: Provider = field(default="cpu", metadata={"help": "ONNX Runtime provider: cpu, cuda or tensorrt"})
     allow_fallback: bool = field(default=False, metadata={"help": "run on the next provider (warning) if this one is missing"})
     trt_cache: str | None = field(default=None, metadata={"help": "TensorRT provider engine + timing cache directory"})
+    ort_threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per physical core)"})
+    ort_spinning: bool = field(default=False, metadata={"help": "ONNX Runtime's idle intra-op threads spin for work"})
 
     @property
     def provider_config(self) -> ProviderConfig:
         return ProviderConfig(self.provider, allow_fallback=self.allow_fallback,
-                              cache_dir=None if self.trt_cache is None else Path(self.trt_cache))
+                              cache_dir=None if self.trt_cache is None else Path(self.trt_cache),
+                              session=SessionSettings(intra_op_threads=self.ort_threads, spinning=self.ort_spinning))
 
 
 def bundle_ranges(bundle_dir: Path, max_new_tokens: int) -> dict[str, DimRange]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,15 @@ def test_the_prompt_bench_records_the_session_settings():
 
     report = bench_prompt_route(BUNDLE, BenchConfig(runs=1, warmup=0), progress=False).to_json()
     assert report["ort_session"] == SessionSettings().to_json()
+
+
+def test_ort_flags_reach_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "conceptseg_edge", "bench", str(BUNDLE), "--route", "prompt", "--runs", "1",
+                           "--warmup", "0", "--ort-threads", "1", "--ort-spinning", "--json", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["ort_session"] == SessionSettings(intra_op_threads=1, spinning=True).to_json()
+    bad = subprocess.run([sys.executable, "-m", "conceptseg_edge", "bench", str(BUNDLE), "--ort-threads", "-2"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--ort-threads -2" in bad.stderr and "Traceback" not in bad.stderr
