@@ -152,8 +152,13 @@ def _export(out: Path, precision: str, quant_tokens: int, keep: bool) -> dict[st
     from conceptseg_edge.generation import GenerationConfig
 
     target = out / f"policy-{precision}"
-    parts = export_policy_streamed(out / "checkpoint", target, precision=precision,
-                                   generation=GenerationConfig(max_new_tokens=quant_tokens))
+    try:
+        parts = export_policy_streamed(out / "checkpoint", target, precision=precision,
+                                       generation=GenerationConfig(max_new_tokens=quant_tokens))
+    except BaseException:
+        if not keep:  # a refused export (the INT4 gate) leaves its graphs: GBs at full size
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     files = [p.file for p in parts.values()] + list(data_files(target, parts.values()))
     result: dict[str, Any] = {"files": {f: (target / f).stat().st_size for f in files}}
     for name, part in parts.items():
