@@ -100,6 +100,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (("--profile", "real"), "takes --out DIR and no BUNDLE"),
     (("some-bundle", "--profile", "real", "--out", "x"), "takes --out DIR and no BUNDLE"),
     (("--profile", "real", "--out", "x", "--sizes", "huge"), "invalid choice: 'huge'"),  # reached the profile's parser
+    (("--profile", "real", "--out", "x", "--ort-threads", "1", "--json", "r.json"),
+     "--ort-threads, --json not used by the profile"),
 ])
 def test_cli_profile_refusals(args, message):
     """``bench --profile real`` takes --out and no bundle; plain ``bench`` still needs its bundle."""

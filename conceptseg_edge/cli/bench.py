@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--concurrency", default="1,2,4,8", help="client concurrency levels for --triton")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT.json", help="write the report here")
     parser.add_argument("--png", default=None, metavar="OUT.png", help="latency chart per route and stage (--route all)")
-    parser.set_defaults(func=_bench)
+    parser.set_defaults(func=_bench, bench_parser=parser)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -96,13 +96,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if report.get("errors") else 0
 
 
+#: ``bench`` options the real profile does not take: it runs every side on CPU with the runtime's default
+#: session settings and ORT's peer with ORT's, and writes its own JSON / markdown / PNG under --out.
+PROFILE_UNUSED = ("route", "compare_torch", "checkpoint", "provider", "allow_fallback", "trt_cache", "ort_threads",
+                  "ort_spinning", "max_new_tokens", "compare_bundle", "triton", "concurrency", "json_out", "png")
+
+
 def _profile(args: argparse.Namespace) -> int:
-    """``--profile real``: hand the profile's own options to its command line."""
+    """``--profile real``: hand the profile's own options to its command line; refuse the ones it would ignore."""
     from conceptseg_edge.benchmarks.real import main as real_main
     from conceptseg_edge.errors import InputError
 
     if args.bundle is not None or args.out is None:
         raise InputError(f"bench --profile {args.profile}: takes --out DIR and no BUNDLE (got bundle={args.bundle!r}, --out={args.out!r})")
+    ignored = [dest for dest in PROFILE_UNUSED if getattr(args, dest) != args.bench_parser.get_default(dest)]
+    if ignored:
+        flags = ", ".join("--" + ("json" if d == "json_out" else d.replace("_", "-")) for d in ignored)
+        raise InputError(f"bench --profile {args.profile}: {flags} not used by the profile (see --help of "
+                         "python -m conceptseg_edge.benchmarks.real)")
     argv = ["--out", args.out, *(["--quick"] if args.quick else ["--runs", str(args.runs), "--warmup", str(args.warmup)])]
     argv += ["--sizes", *args.sizes] if args.sizes else []
     return real_main(argv)
