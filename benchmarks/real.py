@@ -59,7 +59,7 @@ import numpy as np
 
 from conceptseg_edge.benchmarks.prompt import STAGES, bench_image
 from conceptseg_edge.benchmarks.scale import machine, save_seeded_checkpoint
-from conceptseg_edge.benchmarks.stats import StageSeries, all_stable, environment, p50_ratio, stability_note
+from conceptseg_edge.benchmarks.stats import StageSeries, all_stable, environment, own_peak_rss_mib, p50_ratio, stability_note
 from conceptseg_edge.fileio import write_json, write_text
 
 #: ``--sizes`` names → ``export sam2 --config`` names.
@@ -569,19 +569,6 @@ def encoder_limit(bundle: Path, image_size: int, encoder_p50_ms: float, peak: Ma
 
 
 # ------------------------------------------------------------------------------------------ peak RSS
-
-
-def own_peak_rss_mib() -> float:
-    """This process's own peak RSS: ``VmHWM``, the high-water mark of its address space.
-
-    Not ``ru_maxrss``: on Linux that survives ``execve``, so a child's ``ru_maxrss`` (from ``os.wait4``
-    or its own ``getrusage``) is at least its parent's RSS when it forked, here a parent holding three
-    SAM2 models. ``VmHWM`` belongs to the address space ``execve`` gave the child, and to nothing before it.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)  # kB
-    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def rss_child(side: str, artifacts_json: str, warmup: int) -> dict[str, Any]:

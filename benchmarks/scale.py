@@ -3,8 +3,8 @@
 ``python -m conceptseg_edge.benchmarks.scale sam2 --out runs/scale_sam2.json`` does, per size
 (tiny, small, base+, large): write a seeded random-init checkpoint in the official ``.pt`` layout
 (``{"model": state_dict}``), export it with ``export_sam2`` in a fresh process, and record the
-export's wall time, that process's peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` read right after
-the export, before anything else runs in it), the bundle's size on disk, and the mask IoU between
+export's wall time, that process's peak RSS (its ``VmHWM``, ``stats.own_peak_rss_mib``, read right
+after the export, before anything else runs in it), the bundle's size on disk, and the mask IoU between
 the exported bundle on our runtime (``SAM2Predictor``, ONNX Runtime CPU) and the sam2 package's own
 ``SAM2ImagePredictor`` on scikit-image's sample photographs, for a click and a box per photo.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from conceptseg_edge.benchmarks.stats import own_peak_rss_mib
 from conceptseg_edge.fileio import write_json
 
 #: The four official SAM 2.1 sizes, by their ``export sam2 --config`` names.
@@ -123,12 +123,12 @@ def _export_and_compare(config: str, checkpoint: str, image_size: int, out: str)
     t0 = time.perf_counter()
     export_sam2(SAM2ExportConfig(config, checkpoint, image_size=image_size), out, progress=False)
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    peak_mib = own_peak_rss_mib()
     load = os.getloadavg()[0]  # wall time is only comparable between runs on equally loaded machines
     parity = upstream_parity(Path(out), config, Path(checkpoint), image_size)
     return {
         "export_seconds": round(seconds, 1),
-        "export_peak_rss_mib": round(peak_kib / 1024),
+        "export_peak_rss_mib": round(peak_mib),
         "bundle_mib": round(_bundle_bytes(Path(out)) / 2**20, 1),
         "load_average_1m": round(load, 1),
         "min_mask_iou": min(p.iou for p in parity),

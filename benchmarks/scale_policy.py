@@ -14,7 +14,7 @@ Run as a module, it measures what one user-side export costs:
 
     python -m conceptseg_edge.benchmarks.scale_policy --preset 3b --out runs/scale-3b
 
-Each step runs in a child process of its own so its peak RSS (``ru_maxrss`` from ``os.wait4``) is
+Each step runs in a child process of its own so its peak RSS (the child's ``VmHWM``) is
 that step's alone: ``build`` (random init in bf16, saved with ``models/checkpoint.py``'s
 ``save_checkpoint`` in the release layout, 4 GB shards, next to an fp16 CTM of the same width), then
 ``export-<precision>`` for fp32 / int8 / int4 (``export_policy_streamed``: decoder layers streamed
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptseg_edge.benchmarks.scale import machine
+from conceptseg_edge.benchmarks.stats import own_peak_rss_mib
 
 
 @dataclass(frozen=True)
@@ -176,16 +177,23 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _run_step(argv: list[str], log: Path) -> dict[str, Any]:
-    """Run one step in a child process (stderr to ``log``); its result, seconds and own peak RSS."""
+def _peak_file(out: Path, step: str) -> Path:
+    return out / f".{step}.peak_rss_mib"
+
+
+def _run_step(argv: list[str], log: Path, out: Path) -> dict[str, Any]:
+    """Run one step in a child process (stderr to ``log``); its result, seconds and own peak RSS
+    (the child's ``VmHWM``, which it writes when it ends: ``ru_maxrss`` would include this parent)."""
     start = time.perf_counter()
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", __spec__.name, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
         stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    peak = _peak_file(out, argv[argv.index("--step") + 1])
     step: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1),
-                            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}  # Linux: KiB
+                            "peak_rss_gib": round(float(peak.read_text()) / 2**10, 2) if peak.is_file() else None}
+    peak.unlink(missing_ok=True)
     lines = stdout.strip().splitlines()
     if code == 0 and lines:
         step |= json.loads(lines[-1])
@@ -212,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one step, in a child process
     args = parser.parse_args(argv)
     widths = scaled(PRESETS[args.preset], num_layers=args.layers, vision_depth=args.vision_depth)
-    if args.step == "build":
-        print(json.dumps(_build(args.out, widths, args.max_pixels)))
-        return 0
     if args.step:
-        print(json.dumps(_export(args.out, args.step.removeprefix("export-"), args.quant_tokens, args.keep)))
+        try:
+            if args.step == "build":
+                print(json.dumps(_build(args.out, widths, args.max_pixels)))
+            else:
+                print(json.dumps(_export(args.out, args.step.removeprefix("export-"), args.quant_tokens, args.keep)))
+        finally:  # a failed step's peak counts too
+            _peak_file(args.out, args.step).write_text(str(own_peak_rss_mib()))
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -232,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"]["build"] = {"reused": str(args.out / "checkpoint"),
                                     "checkpoint_bytes": _dir_bytes(args.out / "checkpoint")}
     else:
-        report["steps"]["build"] = _run_step([*common, "--step", "build"], args.out / "build.log")
+        report["steps"]["build"] = _run_step([*common, "--step", "build"], args.out / "build.log", args.out)
     print(json.dumps({"build": report["steps"]["build"]}), flush=True)
     if "error" not in report["steps"]["build"]:
         for precision in args.precisions:
-            step = _run_step([*common, "--step", f"export-{precision}"], args.out / f"export-{precision}.log")
+            step = _run_step([*common, "--step", f"export-{precision}"], args.out / f"export-{precision}.log", args.out)
             report["steps"][f"export-{precision}"] = step
             print(json.dumps({f"export-{precision}": step}), flush=True)
     (args.out / "scale_policy.json").write_text(json.dumps(report, indent=2) + "\n")

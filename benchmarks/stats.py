@@ -18,6 +18,7 @@ import resource
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from conceptseg_edge.manifest import BundleManifest, tool_versions
@@ -166,3 +167,17 @@ def environment() -> dict[str, Any]:
         "os": platform.platform(),
         "versions": tool_versions(),
     }
+
+
+def own_peak_rss_mib() -> float:
+    """This process's own peak RSS: ``VmHWM``, the high-water mark of its address space.
+
+    Not ``ru_maxrss``: on Linux that survives ``execve``, so a child's ``ru_maxrss`` (from ``os.wait4``
+    or its own ``getrusage``) is at least its parent's RSS when it forked (in the real profile, a
+    parent holding three SAM2 models). ``VmHWM`` belongs to the address space ``execve`` gave the
+    child, and to nothing before it.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM")
