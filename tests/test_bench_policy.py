@@ -34,6 +34,8 @@ PROMPT_LAYOUT = [
     ("precision", SAM2_PARTS), ("manifest_sha256", SAM2_PARTS),
     *leaves("timing_scope", "provider_requested", "provider"), ("providers", SAM2_PARTS), *leaves("warmup", "runs"),
     ("runtime", series(*PROMPT_STAGES)), ("peak_rss_mb", None), ("environment", "…"),
+    ("ort_session", leaves("intra_op_threads", "inter_op_threads", "spinning", "graph_optimization",
+                           "cpu_mem_arena", "mem_pattern", "prepacking")),
     ("torch", series(*PROMPT_STAGES)), ("torch_weights", None),
     ("ratio_runtime_over_torch_p50", leaves(*PROMPT_STAGES, "total")), ("stable", None),
 ]
