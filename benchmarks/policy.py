@@ -173,10 +173,14 @@ def _runtime_capture(policy, runs: int, generation: GenerationConfig) -> dict[st
 
 
 def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: int = 3,
-                 generation: GenerationConfig = BENCH_GENERATION, provider: ProviderConfig = ProviderConfig()) -> PolicyBenchReport:
-    """Decode rate and agreement per precision; capture-vs-refeed ratios (both settings) on the first bundle.
+                 generation: GenerationConfig = BENCH_GENERATION, provider: ProviderConfig = ProviderConfig(),
+                 capture: bool = True, loaded=None) -> PolicyBenchReport:
+    """Decode rate and agreement per precision; capture-vs-refeed ratios (both settings) on the first
+    bundle unless not ``capture``.
 
-    Every bundle's policy runs on ``provider`` (each row records the provider that ran it)."""
+    Every bundle's policy runs on ``provider`` (each row records the provider that ran it). ``loaded``:
+    the first bundle's ``OnnxPolicy`` when the caller holds one already (a 3B fp32 policy is ~14 GB: a
+    second copy would not fit); the others are loaded one at a time, each freed before the next."""
     from conceptseg_edge.runtime.engine import engine_factory_for
     from conceptseg_edge.runtime.policy import OnnxPolicy
 
@@ -184,10 +188,11 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
     images, text = _prompt(with_supports=False)
     rows: list[PrecisionRow] = []
     reference_tokens: np.ndarray | None = None
-    capture: dict[str, CaptureEntry] = {}
+    captured: dict[str, CaptureEntry] = {}
     for path in (bundle, *compare):
         manifest = load_bundle(path)
-        policy = OnnxPolicy.from_bundle(path, manifest, provider.name, engine_factory_for(provider, manifest))
+        policy = loaded if path == bundle and loaded is not None else (
+            OnnxPolicy.from_bundle(path, manifest, provider.name, engine_factory_for(provider, manifest)))
         gens, decode_rates, prefill_ms = [], [], []
         for _ in range(runs):
             gens.append(policy.generate(images, text, generation.max_new_tokens))
@@ -198,7 +203,8 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
         agreement = None
         if reference_tokens is None:
             reference_tokens = tokens
-            capture = _runtime_capture(policy, runs, generation)
+            if capture:
+                captured = _runtime_capture(policy, runs, generation)
         else:
             state = policy.prefill(images, text, append_ids=reference_tokens[:-1])
             predicted = state.predicted_ids[-len(reference_tokens):]
@@ -212,7 +218,8 @@ def bench_policy(bundle: str | Path, compare: Sequence[str | Path] = (), runs: i
             provider=describe_providers(policy.providers()),
             greedy_agreement_vs_first=agreement,
         ))
-    return PolicyBenchReport(tuple(rows), capture, generation, runs)
+        del policy  # before the next bundle's loads
+    return PolicyBenchReport(tuple(rows), captured, generation, runs)
 
 
 def bench_torch_capture(checkpoint: str | Path, runs: int = 3,

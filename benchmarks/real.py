@@ -565,7 +565,37 @@ def encoder_limit(bundle: Path, image_size: int, encoder_p50_ms: float, peak: Ma
     achieved = counted["flops"] / (encoder_p50_ms / 1e3) / 1e9
     return {**counted, "gflop": round(counted["flops"] / 1e9, 2), "encoder_p50_ms": encoder_p50_ms,
             "achieved_gflops": round(achieved, 2), "gemm_peak": dict(peak),
-            "fraction_of_peak": round(achieved / peak["gflops"], 3)}
+            "fraction_of_peak": round(achieved / peak["gflops"], 3),
+            "op_types": op_type_profile(bundle / part.file, (1, 3, image_size, image_size))}
+
+
+def op_type_profile(onnx_path: Path, input_shape: Sequence[int], top: int = 8) -> dict[str, Any]:
+    """What dominates a graph's run: ONNX Runtime's own profiler (kernel time per op type, one run
+    after a warm-up, our session settings), the ``top`` op types with their share of the kernel time."""
+    import onnxruntime as ort
+
+    from conceptseg_edge.runtime.engine import session_options
+    from conceptseg_edge.runtime.providers import SessionSettings
+
+    with tempfile.TemporaryDirectory(prefix="op-profile-") as tmp:
+        options = session_options(SessionSettings())
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "encoder")
+        sess = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feeds = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)}
+        sess.run(None, feeds)  # the warm-up is profiled too: only the last run is counted
+        sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    start = runs[-1]["ts"]
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3
+    total = sum(per_op.values())
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return {"run_ms": round(runs[-1]["dur"] / 1e3, 1), "kernel_ms": round(total, 1),
+            "top": [{"op": op, "ms": round(ms, 1), "share": round(ms / total, 3)} for op, ms in ranked[:top]]}
 
 
 # ------------------------------------------------------------------------------------------ peak RSS
@@ -759,7 +789,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"Limit: encoder {lim['gflop']} GFLOP in {lim['encoder_p50_ms']} ms = {lim['achieved_gflops']} GFLOP/s, "
                       f"{lim['fraction_of_peak']:.1%} of the GEMM peak"
                       + (f" ({len(lim['uncounted_nodes'])} nodes uncounted: a lower bound)" if lim["uncounted_nodes"] else "") + ".",
-                  f"Mask IoU with torch: {row['mask_iou']}.", ""]
+                  f"Mask IoU with torch: {row['mask_iou']}."]
+        if "op_types" in lim:
+            ops = lim["op_types"]
+            lines.append(f"What the encoder spends its time on (ONNX Runtime profiler, one run, {ops['run_ms']} ms): "
+                         + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops["top"]) + ".")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ class RoutesBenchConfig(ProviderChoice):
     checkpoint: str | None = field(default=None, metadata={"help": "torch weights instead of the bundle's recorded ones"})
     generation: GenerationConfig = field(default=BENCH_GENERATION, metadata={"help": "the reason route's budget"})
     compare_bundles: tuple[str, ...] = field(default=(), metadata={"help": "same checkpoint at other policy precisions"})
+    capture: bool = field(default=True, metadata={"help": "time capture vs generate-then-forward (two prompts, 3 generations each per run)"})
 
     @property
     def provider_config(self) -> ProviderConfig:
@@ -216,7 +217,7 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
     steps = [max(0, (g.new_tokens or 0) - 1) for g in generations]  # the first token comes from the prefill
     policy_runs = max(2, cfg.runs // 2)
     policy = bench_policy(bundle, cfg.compare_bundles, runs=policy_runs, generation=cfg.generation,
-                          provider=cfg.provider_config)
+                          provider=cfg.provider_config, capture=cfg.capture, loaded=getattr(seg.concepts, "policy", None))
     torch_routes = None
     if checkpoint is not None:
         policy = policy.with_capture(bench_torch_capture(checkpoint, policy_runs, cfg.generation))

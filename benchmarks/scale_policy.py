@@ -29,16 +29,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from conceptseg_edge.benchmarks.scale import machine
-from conceptseg_edge.benchmarks.stats import own_peak_rss_mib
+from conceptseg_edge.benchmarks.stats import own_peak_rss_mib, peak_file, run_step
 
 
 @dataclass(frozen=True)
@@ -117,9 +114,10 @@ def policy_config(tokenizer, widths: PolicyWidths):
 # ----------------------------------------------------------------------------- the measurement
 
 
-def _build(out: Path, widths: PolicyWidths, max_pixels: int) -> dict[str, Any]:
+def build_checkpoint(out: Path, widths: PolicyWidths, max_pixels: int, backbone=None) -> dict[str, Any]:
     """Random-init policy (bf16, as released) + fp16 CTM of the same width, saved in the release
-    layout (``SHARD_SIZE`` shards + index) at ``out/checkpoint``."""
+    layout (``SHARD_SIZE`` shards + index) at ``out/checkpoint``; ``backbone`` (a ``BackboneSpec``)
+    pairs it with a SAM2 for ``export concept``."""
     import torch
 
     from conceptseg_edge.models.checkpoint import save_checkpoint
@@ -133,7 +131,7 @@ def _build(out: Path, widths: PolicyWidths, max_pixels: int) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         ctm = ConceptTranslationModule(CTMConfig(hidden_size=widths.hidden_size)).half().eval()
-    save_checkpoint(out / "checkpoint", policy, ctm, processor, RouterConfig(), None, overwrite=True,
+    save_checkpoint(out / "checkpoint", policy, ctm, processor, RouterConfig(), backbone, overwrite=True,
                     max_shard_size=SHARD_SIZE)
     return {
         "policy_params": sum(p.numel() for p in policy.parameters()),
@@ -177,32 +175,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _peak_file(out: Path, step: str) -> Path:
-    return out / f".{step}.peak_rss_mib"
-
-
-def _run_step(argv: list[str], log: Path, out: Path) -> dict[str, Any]:
-    """Run one step in a child process (stderr to ``log``); its result, seconds and own peak RSS
-    (the child's ``VmHWM``, which it writes when it ends: ``ru_maxrss`` would include this parent)."""
-    start = time.perf_counter()
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", __spec__.name, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
-        stdout = proc.stdout.read()
-        _, status, _ = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    peak = _peak_file(out, argv[argv.index("--step") + 1])
-    step: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1),
-                            "peak_rss_gib": round(float(peak.read_text()) / 2**10, 2) if peak.is_file() else None}
-    peak.unlink(missing_ok=True)
-    lines = stdout.strip().splitlines()
-    if code == 0 and lines:
-        step |= json.loads(lines[-1])
-    else:
-        last = log.read_text().strip().splitlines()[-1:]
-        step["error"] = f"exit {code}" + (f": {last[0]}" if last else "") + f" (full log: {log})"
-    return step
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="3b")
@@ -223,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:
         try:
             if args.step == "build":
-                print(json.dumps(_build(args.out, widths, args.max_pixels)))
+                print(json.dumps(build_checkpoint(args.out, widths, args.max_pixels)))
             else:
                 print(json.dumps(_export(args.out, args.step.removeprefix("export-"), args.quant_tokens, args.keep)))
         finally:  # a failed step's peak counts too
-            _peak_file(args.out, args.step).write_text(str(own_peak_rss_mib()))
+            peak_file(args.out, args.step).write_text(str(own_peak_rss_mib()))
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -243,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"]["build"] = {"reused": str(args.out / "checkpoint"),
                                     "checkpoint_bytes": _dir_bytes(args.out / "checkpoint")}
     else:
-        report["steps"]["build"] = _run_step([*common, "--step", "build"], args.out / "build.log", args.out)
+        report["steps"]["build"] = run_step(__spec__.name, [*common, "--step", "build"], "build", args.out / "build.log", args.out)
     print(json.dumps({"build": report["steps"]["build"]}), flush=True)
     if "error" not in report["steps"]["build"]:
         for precision in args.precisions:
-            step = _run_step([*common, "--step", f"export-{precision}"], args.out / f"export-{precision}.log", args.out)
+            step = run_step(__spec__.name, [*common, "--step", f"export-{precision}"], f"export-{precision}",
+                            args.out / f"export-{precision}.log", args.out)
             report["steps"][f"export-{precision}"] = step
             print(json.dumps({f"export-{precision}": step}), flush=True)
     (args.out / "scale_policy.json").write_text(json.dumps(report, indent=2) + "\n")

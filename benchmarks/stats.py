@@ -12,10 +12,14 @@ report is the one the report states.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,3 +185,35 @@ def own_peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)  # kB
     raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def peak_file(out: Path, step: str) -> Path:
+    """Where a child step writes its ``own_peak_rss_mib`` (read and removed by ``run_step``)."""
+    return out / f".{step}.peak_rss_mib"
+
+
+def run_step(module: str, argv: list[str], step: str, log: Path, out: Path) -> dict[str, Any]:
+    """Run ``python -m module *argv`` (one benchmark step) in a child process, stderr to ``log``.
+
+    Returns the step's result (the last stdout line, JSON), its seconds and its own peak RSS (the
+    child writes ``own_peak_rss_mib`` to ``peak_file(out, step)`` when it ends, failed or not:
+    ``ru_maxrss`` from ``wait4`` would include this parent). A failure is recorded as ``error``
+    with the log's last line, never raised: the steps after it still report.
+    """
+    start = time.perf_counter()
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
+        stdout = proc.stdout.read()
+        _, status, _ = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    peak = peak_file(out, step)
+    result: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1),
+                              "peak_rss_gib": round(float(peak.read_text()) / 2**10, 2) if peak.is_file() else None}
+    peak.unlink(missing_ok=True)
+    lines = stdout.strip().splitlines()
+    if code == 0 and lines:
+        result |= json.loads(lines[-1])
+    else:
+        last = log.read_text().strip().splitlines()[-1:]
+        result["error"] = f"exit {code}" + (f": {last[0]}" if last else "") + f" (full log: {log})"
+    return result

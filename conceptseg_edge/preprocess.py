@@ -169,31 +169,40 @@ def resize_plane(plane: np.ndarray, out_hw: tuple[int, int], antialias: bool, ou
     """Separable bilinear resize of one (H, W) float32 plane, into ``out`` ((*out_hw) float32) when given.
 
     Two passes of gathers, no dense matrices. A pass along rows gathers whole contiguous rows; the
-    pass along columns gathers single floats and costs several times more per element, so it runs
-    on the smaller intermediate: first when the image grows in height (on H rows, not out_h), last
-    when it shrinks (on out_h rows, not H).
+    pass along columns runs as a row pass on the transposed plane (gathering single floats along a
+    row is several times slower than two transposes), so it runs on the smaller intermediate:
+    first when the image grows in height (on H rows, not out_h), last when it shrinks.
     """
     (h, w), (out_h, out_w) = plane.shape, out_hw
     out = np.empty(out_hw, np.float32) if out is None else out
     rows = _resize_taps(h, out_h, antialias)
     cols = _resize_taps(w, out_w, antialias)
     if h <= out_h:
-        mid = _gather(plane, *cols, axis=1, out=np.empty((h, out_w), np.float32))
-        return _gather(mid, *rows, axis=0, out=out)
-    mid = _gather(plane, *rows, axis=0, out=np.empty((out_h, w), np.float32))
-    return _gather(mid, *cols, axis=1, out=out)
+        mid = _column_pass(plane, *cols, out=np.empty((h, out_w), np.float32))
+        return _row_pass(mid, *rows, out=out)
+    mid = _row_pass(plane, *rows, out=np.empty((out_h, w), np.float32))
+    return _column_pass(mid, *cols, out=out)
 
 
-def _gather(src: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
-    """One resize pass along ``axis``: ``out = Σ_k w[:, k] · take(src, idx[:, k])``, in place (one scratch)."""
-    shape = (-1, 1) if axis == 0 else (1, -1)
-    np.take(src, idx[:, 0], axis=axis, out=out)
-    out *= w[:, 0].reshape(shape)
+def _row_pass(src: np.ndarray, idx: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """One resize pass along axis 0: ``out = Σ_k w[:, k] · src[idx[:, k]]``, in place (one scratch).
+
+    ``mode="clip"``: the indices are in range already, and ``np.take`` into ``out`` in its default
+    mode buffers the whole result first."""
+    np.take(src, idx[:, 0], axis=0, out=out, mode="clip")
+    out *= w[:, :1]
     tmp = np.empty_like(out) if idx.shape[1] > 1 else out
     for k in range(1, idx.shape[1]):
-        np.take(src, idx[:, k], axis=axis, out=tmp)
-        tmp *= w[:, k].reshape(shape)
+        np.take(src, idx[:, k], axis=0, out=tmp, mode="clip")
+        tmp *= w[:, k : k + 1]
         out += tmp
+    return out
+
+
+def _column_pass(src: np.ndarray, idx: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """One resize pass along axis 1, as a row pass on ``src``'s transpose; written into ``out``."""
+    transposed = _row_pass(np.ascontiguousarray(src.T), idx, w, out=np.empty(out.shape[::-1], np.float32))
+    out[...] = transposed.T
     return out
 
 

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     concept.add_argument("--stream-policy", action="store_true",
                          help="export the policy layer by layer from the checkpoint's shards into ONNX external data "
                               "(policies larger than memory or than 2 GB per graph: Qwen2.5-VL-3B/7B); fp32 storage")
+    concept.add_argument("--no-route-parity", dest="route_parity", action="store_false",
+                         help="skip comparing the shortcut and reason routes with the torch pipeline (it holds the fp32 "
+                              "torch policy beside the runtime's: ~27 GB at 3B); the manifest's route_parity stays empty")
     concept.set_defaults(func=_export_concept)
 
     check = kinds.add_parser("check", help="check a bundle's ONNX graphs against TensorRT's documented ONNX parser "
@@ -98,7 +101,7 @@ def _export_concept(args: argparse.Namespace) -> int:
 
     manifest = export_concept(
         ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage,
-                            stream_policy=args.stream_policy), args.out
+                            stream_policy=args.stream_policy, route_parity=args.route_parity), args.out
     )
     print(json.dumps({
         "bundle": args.out,
