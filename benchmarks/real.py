@@ -59,6 +59,7 @@ import numpy as np
 
 from conceptseg_edge.benchmarks.prompt import STAGES, bench_image
 from conceptseg_edge.benchmarks.scale import machine, save_seeded_checkpoint
+from conceptseg_edge.benchmarks.scale_policy import PRESETS as POLICY_PRESETS
 from conceptseg_edge.benchmarks.stats import StageSeries, all_stable, environment, own_peak_rss_mib, p50_ratio, stability_note
 from conceptseg_edge.fileio import write_json, write_text
 
@@ -795,6 +796,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"What the encoder spends its time on (ONNX Runtime profiler, one run, {ops['run_ms']} ms): "
                          + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops["top"]) + ".")
         lines.append("")
+    if "concept" in report:
+        from conceptseg_edge.benchmarks.real_concept import render_markdown as concept_markdown
+
+        lines.append(concept_markdown(report["concept"]))
     return "\n".join(lines)
 
 
@@ -847,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=RealConfig.batch, help="clicks decoded in one batch")
     parser.add_argument("--quick", action="store_true", help="3 runs, 1 warm-up, a 1024^3 GEMM")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--concept", default="3b", choices=["none", *sorted(POLICY_PRESETS)],
+                        help="then the concept routes on a bundle with this policy architecture "
+                             "(benchmarks/real_concept.py, into OUT/concept; 3b: ~50 min, ~15 GB peak)")
     parser.add_argument("--rss-child", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, in a child
     parser.add_argument("--artifacts", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -866,8 +874,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RealConfig(tuple(args.sizes), args.image_size, runs, warmup, args.batch,
                      1024 if args.quick else RealConfig.gemm_n, not args.no_rss)
     report = run_profile(cfg, args.out)
+    failed = any("error" in row for row in report["sizes"])
+    if args.concept != "none":
+        from conceptseg_edge.benchmarks import real_concept
+
+        failed |= real_concept.main(["--out", str(args.out / "concept"), "--preset", args.concept,
+                                     "--image-size", str(args.image_size)]) != 0
+        report["concept"] = json.loads((args.out / "concept" / "real_concept.json").read_text())
+        write_outputs(report, args.out)
     print(render_markdown(report))
-    return 1 if any("error" in row for row in report["sizes"]) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ SAM2.1 checkpoint at ``--image-size``. Each step runs in a child process of its 
    ``quantized_parity``, so nothing can mistake them for validated exports;
 4. ``time-<precision>``: ``bench_routes`` on each bundle without torch: prompt, shortcut (bank hit and
    miss), reason, 4 concepts vs 1, the policy's prefill and decode rate; capture vs generate-then-
-   forward on the fp32 bundle only (same engines; it is a ratio of one policy's own calls).
+   forward (same engines: a ratio of one policy's own calls) on the ``--capture`` precisions' bundles.
 
 Output: ``DIR/real_concept.json`` (every step's result, seconds and peak RSS, the targets met or not)
 and ``DIR/real_concept.md``. Targets (issue 14): INT8 decode >= 1.8x fp32 tokens/s, INT4 >= 2.5x;
@@ -109,8 +109,9 @@ def targets(steps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for precision, limit in DECODE_TARGETS.items():
         rate, base = steps.get(f"time-{precision}", {}).get("decode_tokens_per_s"), fp32.get("decode_tokens_per_s")
         add(f"{precision} decode tok/s / fp32 >= {limit}", round(rate / base, 3) if rate and base else None, limit, at_least=True)
-    for name, entry in fp32.get("capture", {}).items():
-        add(f"capture / generate+forward ({entry['setting']}) <= {CAPTURE_LIMIT}", entry["ratio"], CAPTURE_LIMIT)
+    for precision in PRECISIONS:
+        for entry in steps.get(f"time-{precision}", {}).get("capture", {}).values():
+            add(f"{precision} capture / generate+forward ({entry['setting']}) <= {CAPTURE_LIMIT}", entry["ratio"], CAPTURE_LIMIT)
     add(f"4 concepts / 1 <= {CONCEPTS_LIMIT}", fp32.get("concepts_4_over_1"), CONCEPTS_LIMIT)
     add(f"shortcut (bank hit) / prompt <= {SHORTCUT_LIMIT}", fp32.get("shortcut_hit_over_prompt"), SHORTCUT_LIMIT)
     return out
@@ -166,7 +167,7 @@ def _step(args: argparse.Namespace) -> dict[str, Any]:
         precision = step.removeprefix("quantize-")
         return speed_bundle(out / "bundle-fp32", out / f"bundle-{precision}", precision)
     precision = step.removeprefix("time-")
-    return _time(out / f"bundle-{precision}", args.runs, args.warmup, args.max_new_tokens, capture=precision == "fp32")
+    return _time(out / f"bundle-{precision}", args.runs, args.warmup, args.max_new_tokens, capture=precision in args.capture)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--capture", nargs="*", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="precisions whose bundle also times capture vs generate-then-forward (two prompts, "
+                             "3 generations each per run: at 3B fp32 ~7 min)")
     parser.add_argument("--reuse", action="store_true", help="keep a step's output from an earlier run (checkpoint, bundles)")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one step, in a child process
     args = parser.parse_args(argv)
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = scaled(PRESETS[args.preset], num_layers=args.layers, vision_depth=args.vision_depth)
     common = ["--out", str(args.out), "--preset", args.preset, "--sam2", args.sam2, "--image-size", str(args.image_size),
               "--max-pixels", str(args.max_pixels), "--runs", str(args.runs), "--warmup", str(args.warmup),
-              "--max-new-tokens", str(args.max_new_tokens)]
+              "--max-new-tokens", str(args.max_new_tokens), "--capture", *args.capture]
     common += [f for flag, v in (("--layers", args.layers), ("--vision-depth", args.vision_depth)) if v is not None
                for f in (flag, str(v))]
     produced = {"build": args.out / "checkpoint" / "config.json", "export": args.out / "bundle-fp32" / "manifest.json"}
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "profile": "real_concept", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "config": {"preset": args.preset, "sam2": args.sam2, "image_size": args.image_size, "max_pixels": args.max_pixels,
-                   "precisions": args.precisions, "runs": args.runs, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens},
+                   "precisions": args.precisions, "capture": args.capture, "runs": args.runs, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens},
         "widths": dataclasses.asdict(widths), "steps": {},
     }
     for step in plan:

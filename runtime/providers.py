@@ -53,12 +53,17 @@ class SessionSettings:
     """The ONNX Runtime session options every ``OrtEngine`` opens with (any provider; the thread
     settings are the CPU provider's). ``session_entries`` spells the ones ORT takes as config strings.
 
-    Defaults from an interleaved A/B in one process (P10: SAM2.1-tiny prompt route at 1024 on a
-    shared, loaded 2-core host, so upper bounds to re-check on a quiet one): ORT's own defaults
-    except spinning. Idle intra-op threads that spin for work hold a core that the rest of the
-    request (numpy pre- and post-processing, the other session, a neighbour process) needs; with
-    spinning off the decoder's p50 was 0.84x and the encoder's 0.89x. Turning the memory arena, the
-    memory pattern or weight pre-packing off each made the decoder slower (1.15-1.2x): they stay on.
+    Defaults from interleaved A/Bs in one process (P10, SAM2.1-tiny at 1024 on the 2-core CI host):
+    ORT's own defaults except spinning and the memory pattern.
+    - Spinning off: idle intra-op threads that spin for work hold a core that the rest of the request
+      (numpy pre- and post-processing, the other session, a neighbour process) needs; on a loaded
+      host the decoder's p50 was 0.84x and the encoder's 0.89x with it off; on a quiet one the
+      encoder took 3863 ms off, 3899 ms on.
+    - Memory pattern off: the pattern ORT plans from the first run is one block for the whole run's
+      intermediates. On a quiet host the encoder-only process peaked at 970 MiB without it against
+      1518 MiB with it, at the same speed (3837 vs 3863 ms; the decoder 82.0 vs 81.0 ms). A policy
+      decoder, whose KV inputs change shape every step, never reuses a pattern anyway.
+    - Arena and weight pre-packing on: each off made the decoder slower (1.15-1.2x, loaded host).
     """
 
     intra_op_threads: int = field(default=0, metadata={"help": "intra-op threads (0: ORT's default, one per physical core)"})
@@ -66,7 +71,7 @@ class SessionSettings:
     spinning: bool = field(default=False, metadata={"help": "idle intra-op threads spin for work instead of sleeping"})
     graph_optimization: GraphOptimization = field(default="all", metadata={"help": "ORT graph optimization level"})
     cpu_mem_arena: bool = field(default=True, metadata={"help": "ORT's CPU memory arena"})
-    mem_pattern: bool = field(default=True, metadata={"help": "preallocate from the memory pattern of earlier runs"})
+    mem_pattern: bool = field(default=False, metadata={"help": "preallocate from the memory pattern of earlier runs"})
     prepacking: bool = field(default=True, metadata={"help": "pre-pack constant weights into the kernels' layouts at load"})
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ def test_real_profile_smoke(tmp_path):
     ratios are finite, and the ORT peer (1024 px only) is named with its reason rather than dropped."""
     out = tmp_path / "real"
     assert main(["--out", str(out), "--sizes", "tiny", "--image-size", "128", "--quick", "--runs", "1", "--warmup", "0",
-                 "--batch", "4"]) == 0
+                 "--batch", "4", "--concept", "none"]) == 0  # the concept half: tests/test_bench_real_concept.py
     report = json.loads((out / "real.json").read_text())
     assert (out / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "real.md").read_text()

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-concept")
     code = main(["--out", str(out), "--preset", "0.5b", "--layers", "1", "--vision-depth", "1", "--image-size", "128",
-                 "--max-pixels", str(56 * 56), "--runs", "1", "--warmup", "0", "--max-new-tokens", "4"])
+                 "--max-pixels", str(56 * 56), "--runs", "1", "--warmup", "0", "--max-new-tokens", "4",
+                 "--capture", "fp32"])
     return code, out, json.loads((out / "real_concept.json").read_text())
 
 
@@ -58,7 +59,7 @@ def test_timings_and_targets(profile):
     assert set(fp32["capture"]) == {"runtime_no_supports", "runtime_with_supports"} and int8["capture"] == {}
     names = [t["target"] for t in report["targets"]]
     assert any(n.startswith("int8 decode") for n in names) and any(n.startswith("int4 decode") for n in names)
-    assert sum(n.startswith("capture") for n in names) == 2
+    assert sum(n.startswith("fp32 capture") for n in names) == 2 and not any("int8 capture" in n for n in names)
     assert any(n.startswith("4 concepts") for n in names) and any(n.startswith("shortcut") for n in names)
     for t in report["targets"]:
         if t["ratio"] is not None:

@@ -111,7 +111,7 @@ def test_one_matmul_at_a_time_equals_the_whole_graph_tools(exported, precision, 
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from conceptseg_edge.export.quantize import INT4_BLOCK_SIZE
+    from conceptseg_edge.export.quantize import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
 
     _, _, root = exported
     src = root / "streamed" / "policy_decoder.onnx"  # external data
@@ -120,7 +120,8 @@ def test_one_matmul_at_a_time_equals_the_whole_graph_tools(exported, precision, 
         quantize_dynamic(str(src), str(whole), op_types_to_quantize=["MatMul"], per_channel=False,
                          weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     else:
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                         accuracy_level=INT4_ACCURACY_LEVEL)
         quantizer.process()
         quantizer.model.save_model_to_file(str(whole), use_external_data_format=False)
     ours = tmp_path / "ours.onnx"

@@ -20,12 +20,12 @@ from conceptseg_edge.runtime.providers import ProviderConfig, SessionSettings, s
 BUNDLE = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
 
 
-def test_defaults_are_ort_defaults_except_spinning():
+def test_defaults_are_ort_defaults_except_spinning_and_the_memory_pattern():
     ort_default = ort.SessionOptions()
     ours = session_options(SessionSettings())
-    for name in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level",
-                 "enable_cpu_mem_arena", "enable_mem_pattern"):
+    for name in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "enable_cpu_mem_arena"):
         assert getattr(ours, name) == getattr(ort_default, name), name
+    assert ort_default.enable_mem_pattern and not ours.enable_mem_pattern
     assert session_entries(SessionSettings()) == {"session.intra_op.allow_spinning": "0", "session.disable_prepacking": "0"}
     assert ProviderConfig().session == SessionSettings()
 
