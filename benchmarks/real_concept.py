@@ -20,8 +20,8 @@ SAM2.1 checkpoint at ``--image-size``. Each step runs in a child process of its 
    miss), reason, 4 concepts vs 1, the policy's prefill and decode rate; capture vs generate-then-
    forward (same engines: a ratio of one policy's own calls) on the ``--capture`` precisions' bundles.
 
-Output: ``DIR/real_concept.json`` (every step's result, seconds and peak RSS, the targets met or not)
-and ``DIR/real_concept.md``. Targets (issue 14): INT8 decode >= 1.8x fp32 tokens/s, INT4 >= 2.5x;
+Output: ``DIR/real_concept.json`` (every step's result, seconds and peak RSS, the targets met or not),
+``DIR/real_concept.md`` (both rewritten after each step) and ``DIR/real_concept.png``. Targets (issue 14): INT8 decode >= 1.8x fp32 tokens/s, INT4 >= 2.5x;
 capture <= 0.6x re-forward; 4 concepts <= 1.3x one; shortcut (bank hit) <= 1.10x prompt.
 """
 
@@ -143,8 +143,40 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {t['target']} | {t['ratio']} | {'-' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
               for t in report["targets"]]
     lines += ["", "| step | seconds | peak RSS GiB |", "|---|---:|---:|"]
-    lines += [f"| {name} | {s.get('seconds')} | {s.get('peak_rss_gib')} |" for name, s in report["steps"].items()]
+    lines += [f"| {name} | {s.get('seconds', 'reused' if 'reused' in s else '-')} | {s.get('peak_rss_gib', '-')} |"
+              for name, s in report["steps"].items()]
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], png: Path) -> Path:
+    """Left: prefill seconds and decode tokens/s per precision. Right: capture / generate-then-forward
+    per precision and prompt, against the 0.6 target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from conceptseg_edge.visualize import save_figure
+
+    timed = {p: report["steps"].get(f"time-{p}", {}) for p in report["config"]["precisions"]}
+    timed = {p: t for p, t in timed.items() if "error" not in t and t}
+    fig, (speed_ax, capture_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = np.arange(len(timed))
+    speed_ax.bar(x - 0.2, [t["prefill_ms_p50"] / 1e3 for t in timed.values()], width=0.4, label="prefill p50 (s)")
+    speed_ax.bar(x + 0.2, [t["decode_tokens_per_s"] or 0.0 for t in timed.values()], width=0.4, label="decode tokens/s")
+    speed_ax.set_xticks(x, list(timed))
+    speed_ax.set_title(f"{report['config']['preset']} policy, {report['machine']['cpus']} CPUs")
+    speed_ax.legend(fontsize=8)
+    settings = sorted({name for t in timed.values() for name in t.get("capture", {})})
+    for i, name in enumerate(settings):
+        ratios = [t.get("capture", {}).get(name, {}).get("ratio", 0.0) for t in timed.values()]
+        capture_ax.bar(x + (i - (len(settings) - 1) / 2) * 0.35, ratios, width=0.35, label=name.removeprefix("runtime_"))
+    capture_ax.axhline(CAPTURE_LIMIT, color="k", linestyle="--", linewidth=1, label=f"target {CAPTURE_LIMIT}")
+    capture_ax.set_xticks(x, list(timed))
+    capture_ax.set_title("capture / generate then forward (0: not timed)")
+    capture_ax.legend(fontsize=8)
+    return save_figure(fig, png)
 
 
 def _step(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         report["targets"] = targets(report["steps"])
         write_json(args.out / "real_concept.json", report)
         write_text(args.out / "real_concept.md", render_markdown(report))
+    plot(report, args.out / "real_concept.png")
     return 0 if all("error" not in s for s in report["steps"].values()) else 1
 
 

@@ -64,6 +64,7 @@ def test_timings_and_targets(profile):
     for t in report["targets"]:
         if t["ratio"] is not None:
             assert t["met"] == (t["ratio"] >= t["limit"] if "decode" in t["target"] else t["ratio"] <= t["limit"])
+    assert (out / "real_concept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "real_concept.md").read_text()
     assert "| int4 |" in md and "capture" in md
 
