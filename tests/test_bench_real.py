@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -132,3 +133,32 @@ def test_ort_peer_at_1024(tmp_path):
     assert list(timed["series"]["ort_peer"]) == ["route", "decoder_only"]
     assert "broadcast" in timed["batch_not_run"]["ort_peer"]  # has_input_masks [2] against the mask width
     assert timed["masks"]["ort_peer"].shape == (480, 640)
+
+
+def test_the_profile_runs_the_concept_half_after_the_sizes(tmp_path, monkeypatch):
+    """``--concept PRESET`` hands the preset and the image size to ``real_concept.main`` (its own smoke:
+    tests/test_bench_real_concept.py) and merges the report it writes into real.json and real.md. The
+    concept driver is replaced by one that writes the committed 3B report, so only the wiring runs."""
+    import shutil
+
+    from conceptseg_edge.benchmarks import real_concept
+
+    calls = []
+    committed = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_concept_3b.json"
+
+    def concept_main(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        shutil.copy(committed, out / "real_concept.json")
+        return 0
+
+    monkeypatch.setattr(real_concept, "main", concept_main)
+    out = tmp_path / "real"
+    assert main(["--out", str(out), "--sizes", "tiny", "--image-size", "128", "--quick", "--runs", "1", "--warmup", "0",
+                 "--batch", "2", "--no-rss", "--concept", "3b"]) == 0
+    assert calls == [["--out", str(out / "concept"), "--preset", "3b", "--image-size", "128"]]
+    report = json.loads((out / "real.json").read_text())
+    assert report["concept"]["config"]["preset"] == "3b" and report["concept"]["targets"]
+    markdown = (out / "real.md").read_text()
+    assert "## Concept routes, 3b policy architecture" in markdown and "int4 decode tok/s / fp32 >= 2.5" in markdown
