@@ -595,7 +595,7 @@ def op_type_profile(onnx_path: Path, input_shape: Sequence[int], top: int = 8) -
             per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3
     total = sum(per_op.values())
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
-    return {"run_ms": round(runs[-1]["dur"] / 1e3, 1), "kernel_ms": round(total, 1),
+    return {"provider": sess.get_providers()[0], "run_ms": round(runs[-1]["dur"] / 1e3, 1), "kernel_ms": round(total, 1),
             "top": [{"op": op, "ms": round(ms, 1), "share": round(ms / total, 3)} for op, ms in ranked[:top]]}
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptseg_edge.benchmarks.scale import machine
-from conceptseg_edge.benchmarks.scale_policy import PRESETS, build_checkpoint, scaled
+from conceptseg_edge.benchmarks.scale_policy import PRESETS, build_checkpoint, dir_bytes, scaled
 from conceptseg_edge.benchmarks.stats import own_peak_rss_mib, peak_file, run_step
 from conceptseg_edge.fileio import write_json, write_text
 
@@ -194,7 +194,7 @@ def _step(args: argparse.Namespace) -> dict[str, Any]:
 
         export_concept(ConceptExportConfig(str(out / "checkpoint"), stream_policy=True, route_parity=False),
                        out / "bundle-fp32", progress=False)
-        return {"bundle_bytes": sum(f.stat().st_size for f in (out / "bundle-fp32").rglob("*") if f.is_file())}
+        return {"bundle_bytes": dir_bytes(out / "bundle-fp32")}
     if step.startswith("quantize-"):
         precision = step.removeprefix("quantize-")
         return speed_bundle(out / "bundle-fp32", out / f"bundle-{precision}", precision)

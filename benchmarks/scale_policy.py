@@ -137,7 +137,7 @@ def build_checkpoint(out: Path, widths: PolicyWidths, max_pixels: int, backbone=
         "policy_params": sum(p.numel() for p in policy.parameters()),
         "vision_params": sum(p.numel() for p in policy.model.visual.parameters()),
         "ctm_params": sum(p.numel() for p in ctm.parameters()),
-        "checkpoint_bytes": _dir_bytes(out / "checkpoint"),
+        "checkpoint_bytes": dir_bytes(out / "checkpoint"),
     }
 
 
@@ -165,13 +165,13 @@ def _export(out: Path, precision: str, quant_tokens: int, keep: bool) -> dict[st
             result[f"{name}_max_abs_diff"] = max(part.parity.max_abs_diff.values())
         if part.quantized_parity is not None:
             result[f"{name}_quantized"] = part.quantized_parity.measures()
-    result["bundle_bytes"] = _dir_bytes(target)
+    result["bundle_bytes"] = dir_bytes(target)
     if not keep:
         shutil.rmtree(target)
     return result
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                               "quant_tokens": args.quant_tokens, "machine": machine(), "steps": {}}
     if args.reuse_checkpoint and (args.out / "checkpoint" / "config.json").is_file():
         report["steps"]["build"] = {"reused": str(args.out / "checkpoint"),
-                                    "checkpoint_bytes": _dir_bytes(args.out / "checkpoint")}
+                                    "checkpoint_bytes": dir_bytes(args.out / "checkpoint")}
     else:
         report["steps"]["build"] = run_step(__spec__.name, [*common, "--step", "build"], "build", args.out / "build.log", args.out)
     print(json.dumps({"build": report["steps"]["build"]}), flush=True)

@@ -53,7 +53,7 @@ def test_real_profile_smoke(tmp_path):
     limit = row["limit"]
     assert limit["flops"] > 0 and not limit["uncounted_nodes"] and 0 < limit["fraction_of_peak"] < 10
     ops = limit["op_types"]  # ORT's profiler on our encoder: what dominates, with shares that add up
-    assert ops["run_ms"] > 0 and {o["op"] for o in ops["top"]} & {"Conv", "MatMul", "Gemm", "FusedMatMul"}
+    assert ops["provider"] == "CPUExecutionProvider" and ops["run_ms"] > 0 and {o["op"] for o in ops["top"]} & {"Conv", "MatMul", "Gemm", "FusedMatMul"}
     assert 0 < sum(o["share"] for o in ops["top"]) <= 1.001
     for text in ("sam2.1_hiera_t @ 128 px", "ort_peer not run", "GEMM peak", "Peak RSS"):
         assert text in markdown
