@@ -32,7 +32,9 @@ class Timings(Mapping[str, float]):
     shortcut's ``concept_tokens`` (bank or text prefill), the policy's stages (``policy_preprocess``
     and ``policy_vision`` with images, ``policy_prefill``, ``policy_decode`` after the first token;
     the torch reference times its whole generation as ``policy_generate``), the translator
-    (``ctm``), and the SAM2 ``decoder`` and ``postprocess``.
+    (``ctm``), and the SAM2 ``decoder`` and ``postprocess``. Video tracking adds ``route`` (the router
+    run that starts or re-finds an object, whole), ``memory_attention`` before the decoder and
+    ``memory_encoder`` after it.
 
     ``providers``: stage → the provider that ran it (``CPUExecutionProvider``, ``TensorrtExecutionProvider``,
     ...), for the stages that ran a graph; given as a mapping, held as sorted pairs so the record stays
@@ -41,6 +43,7 @@ class Timings(Mapping[str, float]):
 
     preprocess: float | None = None
     encoder: float | None = None
+    route: float | None = None
     concept_tokens: float | None = None
     policy_preprocess: float | None = None
     policy_vision: float | None = None
@@ -48,8 +51,10 @@ class Timings(Mapping[str, float]):
     policy_generate: float | None = None
     policy_decode: float | None = None
     ctm: float | None = None
+    memory_attention: float | None = None
     decoder: float | None = None
     postprocess: float | None = None
+    memory_encoder: float | None = None
     providers: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:

@@ -22,6 +22,10 @@ _EXPORTS = {
     "ConceptEncoder": "conceptseg_edge.runtime.concept",
     "OnnxConceptEncoder": "conceptseg_edge.runtime.concept",
     "OnnxPolicy": "conceptseg_edge.runtime.policy",
+    "VideoSegmenter": "conceptseg_edge.runtime.tracker",
+    "VideoStream": "conceptseg_edge.runtime.tracker",
+    "ObjectPrompt": "conceptseg_edge.runtime.tracker",
+    "TrackerConfig": "conceptseg_edge.runtime.tracker",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -104,6 +104,13 @@ class SAM2Predictor:
         self.image_timings = Timings()
 
     @property
+    def features(self) -> dict[str, np.ndarray]:
+        """The encoder's outputs for the current image (what the video parts read beside the decoder)."""
+        if self._features is None:
+            raise RuntimeError("no image set: call set_image() first")
+        return self._features
+
+    @property
     def image_hw(self) -> tuple[int, int]:
         if self._image_hw is None:
             raise RuntimeError("no image set: call set_image() before predict()")

@@ -131,8 +131,12 @@ class ConceptSegmenter:
         self._image_key = None
         self.predictor.reset()
 
-    def _set_image(self, image: np.ndarray) -> Timings:
-        """Encode ``image`` unless it is the one already held; returns this call's image stages."""
+    def set_image(self, image: np.ndarray) -> Timings:
+        """Encode ``image`` unless it is the one already held; returns this call's image stages.
+
+        The video tracker encodes its frames through here, so a re-fire of the router on the frame
+        it is tracking reuses the features instead of encoding the frame twice.
+        """
         key = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.shape).encode()[:16]).hexdigest()
         if key == self._image_key:
             return Timings(preprocess=0.0, encoder=0.0)
@@ -168,7 +172,7 @@ class ConceptSegmenter:
     ) -> SegmentResult:
         """Segment ``image`` ((H, W, 3) uint8) for a concept query and/or points/box (original pixels)."""
         routed = route_request(image, query, points, labels, box, self.router, self.routes, route)
-        request = _Request(self, routed.image, query, supports, self._set_image(routed.image), points, labels, box)
+        request = _Request(self, routed.image, query, supports, self.set_image(routed.image), points, labels, box)
         return dispatch(routed.decision, self.router, request)
 
     def segment_concepts(self, image: np.ndarray, queries: Sequence[str], route: str = AUTO) -> list[SegmentResult]:
@@ -177,7 +181,7 @@ class ConceptSegmenter:
         if not queries:
             raise InputError("queries: give at least one concept")
         decisions = [self._decide(False, q, route) for q in queries]
-        image_timings = self._set_image(image)
+        image_timings = self.set_image(image)
         short = [i for i, d in enumerate(decisions) if d.route == "shortcut"]
         candidates = dict(zip(short, self._decode_batch([queries[i] for i in short], image_timings))) if short else {}
         return [
