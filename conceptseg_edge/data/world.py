@@ -419,17 +419,27 @@ def _ci_scene(rng: np.random.Generator, size: int, cls: ConceptClass) -> tuple[n
 # --------------------------------------------------------------------------- CD
 
 
-def _saliency(rng: np.random.Generator, size: int, cls_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _muted_clutter(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A grey, softly shaded backdrop strewn with muted blobs: the surroundings a salient object stands out of."""
     grey = rng.uniform(100, 170)
     canvas = _upsample_rgb(grey + (rng.random((6, 6, 3)) - 0.5) * 40, size)
-    for _ in range(int(rng.integers(10, 20))):  # muted clutter
+    for _ in range(int(rng.integers(10, 20))):
         cx, cy = rng.uniform(0, size, 2)
         rx, ry = rng.uniform(0.015, 0.05, 2) * size
         win, dy, dx = _local(size, cx, cy, max(rx, ry))
         blob = (dx / rx) ** 2 + (dy / ry) ** 2 <= 1.0
         canvas[win][blob] = grey + rng.uniform(-30, 30) + rng.uniform(-8, 8, 3)
+    return canvas
+
+
+def _salient_look(rng: np.random.Generator) -> Look:
+    return Look(_pick(rng, COMMON_SHAPES), _pick(rng, tuple(PALETTE)), _pick(rng, ("plain", "plain", "striped")))
+
+
+def _saliency(rng: np.random.Generator, size: int, cls_name: str) -> tuple[np.ndarray, np.ndarray]:
+    canvas = _muted_clutter(rng, size)
     [(cx, cy, r)] = _place(rng, size, 1, (0.14, 0.22), [])
-    look = Look(_pick(rng, COMMON_SHAPES), _pick(rng, tuple(PALETTE)), _pick(rng, ("plain", "plain", "striped")))
+    look = _salient_look(rng)
     mask = _draw(canvas, _sample_obj(rng, look, cx, cy, r))
     return _finish(canvas, _grain(rng, size, 5.0)), mask
 
@@ -451,11 +461,17 @@ def _blob(rng: np.random.Generator, size: int, radius: tuple[float, float], max_
     return _full(size, win, dx * dx + dy * dy <= edge * edge)
 
 
-def _camouflage(rng: np.random.Generator, size: int, cls_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _earth_tones(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two distinct earth colours (dark, light), (3,) float32 each: a camouflage scene's palette."""
     earth = np.array([[96, 82, 52], [120, 110, 70], [70, 90, 50], [140, 120, 90]], dtype=np.float32)
     i, j = rng.choice(len(earth), 2, replace=False)
     dark = earth[i] + rng.uniform(-10, 10, 3).astype(np.float32)
     light = earth[j] + rng.uniform(-10, 10, 3).astype(np.float32)
+    return dark, light
+
+
+def _camouflage(rng: np.random.Generator, size: int, cls_name: str) -> tuple[np.ndarray, np.ndarray]:
+    dark, light = _earth_tones(rng)
     canvas = _colour_field(dark, _blotches(rng, size), light - dark)
     mask = _blob(rng, size, (0.12, 0.22), 0.15)
     shift = rng.uniform(-12, 12, 3).astype(np.float32)
