@@ -229,6 +229,24 @@ class SAM2PromptDecoder(nn.Module):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.decode(
+            image_embed, high_res_feats_0, high_res_feats_1, point_coords, point_labels, concept_tokens,
+            mask_input, has_mask_input,
+        )[:3]
+
+    def decode(
+        self,
+        image_embed: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        concept_tokens: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward``'s outputs plus the four mask tokens (B, 4, C) the video decoder turns into
+        object pointers."""
         dec = self.mask_decoder
         batch = point_coords.shape[0]
         sparse = torch.cat([self.embed_points(point_coords, point_labels), concept_tokens], dim=1)
@@ -263,7 +281,7 @@ class SAM2PromptDecoder(nn.Module):
         masks = (hyper_in @ upscaled.reshape(batch, c, h * w)).reshape(batch, -1, h, w)
         iou_pred = dec.iou_prediction_head(iou_token_out)
         object_score_logits = dec.pred_obj_score_head(hs[:, 0, :])
-        return masks, iou_pred, object_score_logits
+        return masks, iou_pred, object_score_logits, mask_tokens_out
 
 
 @dataclass
@@ -321,6 +339,18 @@ class SAM2Reference:
         mask_input: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All four masks for already padded, model-frame prompts, via sam2's ``predict_masks``."""
+        return self.decode_all_tokens(features, coords, labels, concept_tokens, mask_input)[:3]
+
+    @torch.no_grad()
+    def decode_all_tokens(
+        self,
+        features: dict[str, torch.Tensor],
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        concept_tokens: torch.Tensor,
+        mask_input: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``decode_all``'s outputs plus the four mask tokens (B, 4, C) (the video path's object pointers)."""
         pe = self.sam.sam_prompt_encoder
         sparse = torch.cat([pe._embed_points(coords, labels, pad=False), concept_tokens], dim=1)
         batch = sparse.shape[0]
@@ -328,7 +358,7 @@ class SAM2Reference:
             dense = pe._embed_masks(mask_input)
         else:
             dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, *pe.image_embedding_size)
-        masks, iou, _, obj = self.sam.sam_mask_decoder.predict_masks(
+        masks, iou, tokens, obj = self.sam.sam_mask_decoder.predict_masks(
             image_embeddings=features["image_embed"],
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
@@ -336,7 +366,7 @@ class SAM2Reference:
             repeat_image=batch > 1,
             high_res_features=[features["high_res_feats_0"], features["high_res_feats_1"]],
         )
-        return masks, iou, obj
+        return masks, iou, obj, tokens
 
     def set_image(self, image: np.ndarray) -> None:
         """``image``: (H, W, 3) uint8 RGB."""
