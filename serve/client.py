@@ -12,12 +12,15 @@ the caller's mistakes from the server's.
 as the call's deadline; HTTP with a ``gevent.Timeout`` around the call, because tritonclient's HTTP
 timeouts apply per socket operation, so a server that answers a byte at a time never trips them. A
 request that runs out of time raises ``TritonRequestError`` with ``status == "timeout"``.
+
+``track_stream(stream_id, frames, prompts)`` sends a video stream to the ``conceptseg_stream`` model, one
+request per frame under one sequence id (START on the first, END on the last); ``stream_frame`` sends one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,13 @@ from conceptseg_edge.errors import ConceptsegError, InputError
 from conceptseg_edge.router import AUTO
 from conceptseg_edge.serve.model_config import WIRE_TYPES
 from conceptseg_edge.serve.protocol import INPUTS, MODEL_NAME, OUTPUT_NAMES, ServedResult, decode_response, request_arrays
+from conceptseg_edge.serve.stream_protocol import (
+    STREAM_MODEL_NAME,
+    STREAM_OUTPUT_NAMES,
+    StreamFrame,
+    decode_stream_response,
+    stream_request_arrays,
+)
 
 PROTOCOLS = ("http", "grpc")
 TIMEOUT_STATUS = "timeout"
@@ -116,8 +126,12 @@ class TritonSegClient:
 
         return (InferenceServerException, OSError)  # OSError: refused / reset connections over HTTP
 
-    def infer_arrays(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] = OUTPUT_NAMES) -> dict[str, np.ndarray]:
-        """Send named arrays as one request; returns the requested outputs as numpy arrays."""
+    def infer_arrays(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] = OUTPUT_NAMES, model: str | None = None,
+                     sequence: tuple[int | str, bool, bool] | None = None) -> dict[str, np.ndarray]:
+        """Send named arrays as one request; returns the requested outputs as numpy arrays.
+
+        ``model`` defaults to the client's; ``sequence`` is (sequence id, start, end) for a sequence-batched model.
+        """
         tc = self._tc
         inputs = []
         for name, value in feeds.items():
@@ -131,14 +145,17 @@ class TritonSegClient:
         else:
             requested = [tc.InferRequestedOutput(name) for name in outputs]
             kwargs = {"client_timeout": self.timeout}
+        if sequence is not None:
+            kwargs |= {"sequence_id": sequence[0], "sequence_start": sequence[1], "sequence_end": sequence[2]}
+        model = model or self.model
         try:
             if self.protocol == "http":
                 import gevent
 
                 with gevent.Timeout(self.timeout, TimeoutError):
-                    result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
+                    result = self._client.infer(model, inputs, outputs=requested, **kwargs)
             else:
-                result = self._client.infer(self.model, inputs, outputs=requested, **kwargs)
+                result = self._client.infer(model, inputs, outputs=requested, **kwargs)
         except self._exception() as exc:
             raise _wrap(exc, self.url, self.timeout) from exc
         return {name: result.as_numpy(name) for name in outputs}
@@ -159,6 +176,41 @@ class TritonSegClient:
         ``SegmentResult`` (mask in the original frame, route, why, scores, per-stage ms).
         """
         return decode_response(self.infer_arrays(request_arrays(image, query, points, labels, box, supports, route)))
+
+    def stream_frame(self, stream_id: int | str, frame: np.ndarray | None, prompts: Sequence[Mapping[str, Any]] | None = None,
+                     start: bool = False, end: bool = False, model: str = STREAM_MODEL_NAME) -> StreamFrame:
+        """One frame of stream ``stream_id`` (a non-zero int or a string); ``frame=None`` with ``end`` just closes it.
+
+        ``prompts``: objects to start before this frame (``{"points", "labels", "box", "concept", "obj_id"}``
+        each); a START needs at least one.
+        """
+        outputs = self.infer_arrays(stream_request_arrays(frame, prompts), STREAM_OUTPUT_NAMES, model, (stream_id, start, end))
+        return decode_stream_response(outputs)
+
+    def track_stream(self, stream_id: int | str, frames: Iterable[np.ndarray], prompts: Sequence[Mapping[str, Any]],
+                     model: str = STREAM_MODEL_NAME) -> Iterator[StreamFrame]:
+        """Send ``frames`` as one stream (START with ``prompts`` on the first, END on the last); yields each answer.
+
+        When a frame is refused, or the caller stops early, an END request frees the stream on the server
+        (and its sequence slot in Triton) before the error propagates.
+        """
+        frames = iter(frames)
+        current = next(frames, None)
+        if current is None:
+            raise InputError("track_stream: no frames")
+        first, ended = True, False  # Triton holds the sequence from its START on, even a START the model refused
+        try:
+            while current is not None:
+                following = next(frames, None)
+                ended = following is None
+                yield self.stream_frame(stream_id, current, prompts if first else None, start=first, end=ended, model=model)
+                first, current = False, following
+        finally:
+            if not ended:
+                try:
+                    self.stream_frame(stream_id, None, end=True, model=model)
+                except TritonRequestError:
+                    pass  # the stream is gone either way; the first error is the one to report
 
     def close(self) -> None:
         self._client.close()

@@ -48,6 +48,11 @@ WARMUP_DATA = ("zero_data", "random_data")
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "ensemble")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+# ``sequence_batching.control_input`` kinds (lower-case here) → Triton's ``Control.Kind`` enum names.
+SEQUENCE_CONTROLS = {"start": "CONTROL_SEQUENCE_START", "end": "CONTROL_SEQUENCE_END", "ready": "CONTROL_SEQUENCE_READY",
+                     "corrid": "CONTROL_SEQUENCE_CORRID"}
+SEQUENCE_STRATEGIES = ("direct", "oldest")
+CORRID_TYPES = ("uint64", "bytes")  # Triton accepts uint64 or string correlation ids
 
 
 class ModelConfigError(ConceptsegError):
@@ -123,6 +128,61 @@ class DynamicBatching:
 
 
 @dataclass(frozen=True)
+class SequenceControl:
+    """One ``sequence_batching.control_input``: a tensor Triton fills for the model on every request.
+
+    ``start`` / ``end`` / ``ready`` are int32 flags (``int32_false_true: [0, 1]``); ``corrid`` carries the
+    request's correlation id as ``corrid_dtype`` (``uint64`` or ``bytes`` for string ids).
+    """
+
+    name: str
+    kind: str
+    corrid_dtype: str = "uint64"
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ModelConfigError(f"control input {self.name!r}: not a valid Triton tensor name")
+        if self.kind not in SEQUENCE_CONTROLS:
+            raise ModelConfigError(f"control input {self.name}.kind: {self.kind!r}, expected one of {sorted(SEQUENCE_CONTROLS)}")
+        if self.corrid_dtype not in CORRID_TYPES:
+            raise ModelConfigError(f"control input {self.name}.corrid_dtype: {self.corrid_dtype!r}, expected one of {CORRID_TYPES}")
+
+
+@dataclass(frozen=True)
+class SequenceBatching:
+    """``sequence_batching``: requests of one correlation id go, in order, to the same model instance.
+
+    ``strategy="oldest"`` lets up to ``max_candidate_sequences`` sequences be live per instance and batches
+    their next requests together (up to ``max_batch_size``); ``"direct"`` pins each live sequence to one
+    batch slot (``max_batch_size`` slots per instance), so a further sequence waits in Triton's backlog.
+    A sequence that sends nothing for ``max_sequence_idle_microseconds`` is released by Triton.
+    """
+
+    controls: tuple[SequenceControl, ...]
+    max_sequence_idle_microseconds: int
+    strategy: str = "oldest"
+    max_candidate_sequences: int = 4
+    max_queue_delay_microseconds: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "controls", tuple(self.controls))
+        if self.strategy not in SEQUENCE_STRATEGIES:
+            raise ModelConfigError(f"sequence_batching.strategy: {self.strategy!r}, expected one of {SEQUENCE_STRATEGIES}")
+        for key in ("max_sequence_idle_microseconds", "max_candidate_sequences"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelConfigError(f"sequence_batching.{key}: {value!r}, expected an int >= 1")
+        if self.max_queue_delay_microseconds < 0:
+            raise ModelConfigError("sequence_batching.max_queue_delay_microseconds: must be >= 0")
+        names = [c.name for c in self.controls]
+        kinds = [c.kind for c in self.controls]
+        for what, values in (("names", names), ("kinds", kinds)):
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ModelConfigError(f"sequence_batching.control_input: duplicate {what} {dupes}")
+
+
+@dataclass(frozen=True)
 class WarmupInput:
     """One input of a warm-up sample: its dtype, full dims (no batch dim when the model batches) and data.
 
@@ -184,6 +244,7 @@ class ModelConfig:
     parameters: Mapping[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
     warmup: tuple[ModelWarmup, ...] = ()
+    sequence_batching: SequenceBatching | None = None
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
@@ -203,6 +264,15 @@ class ModelConfig:
             too_big = [b for b in self.dynamic_batching.preferred_batch_size if b > self.max_batch_size]
             if too_big:
                 raise ModelConfigError(f"{where}.dynamic_batching.preferred_batch_size: {too_big} > max_batch_size {self.max_batch_size}")
+        if self.sequence_batching is not None:
+            if self.dynamic_batching is not None:
+                raise ModelConfigError(f"{where}: dynamic_batching and sequence_batching exclude each other")
+            if self.sequence_batching.strategy == "oldest" and self.max_batch_size == 0:
+                raise ModelConfigError(f"{where}.sequence_batching.oldest: needs max_batch_size > 0")
+            tensors = {t.name for t in (*self.inputs, *self.outputs)}
+            clash = sorted(tensors & {c.name for c in self.sequence_batching.controls})
+            if clash:
+                raise ModelConfigError(f"{where}.sequence_batching.control_input: {clash} are also inputs or outputs")
         if not self.inputs or not self.outputs:
             raise ModelConfigError(f"{where}: needs at least one input and one output")
         for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
@@ -294,6 +364,8 @@ class ModelConfig:
                 lines.append(f"  preferred_batch_size: [ {', '.join(map(str, db.preferred_batch_size))} ]")
             lines.append(f"  max_queue_delay_microseconds: {db.max_queue_delay_microseconds}")
             lines.append("}")
+        if self.sequence_batching is not None:
+            lines += _sequence_block(self.sequence_batching)
         for key in sorted(self.parameters):
             lines.append(f"parameters {{\n  key: {_q(key)}\n  value {{ string_value: {_q(self.parameters[key])} }}\n}}")
         if self.warmup:
@@ -319,6 +391,20 @@ def _tensor_block(kind: str, tensors: Sequence[TensorConfig]) -> list[str]:
             body.append("    allow_ragged_batch: true")
         items.append("  {\n" + "\n".join(body) + "\n  }")
     return [f"{kind} [", ",\n".join(items), "]"]
+
+
+def _sequence_block(sb: SequenceBatching) -> list[str]:
+    lines = ["sequence_batching {", f"  max_sequence_idle_microseconds: {sb.max_sequence_idle_microseconds}"]
+    if sb.strategy == "oldest":
+        lines += ["  oldest {", f"    max_candidate_sequences: {sb.max_candidate_sequences}",
+                  f"    max_queue_delay_microseconds: {sb.max_queue_delay_microseconds}", "  }"]
+    else:
+        lines += ["  direct {", f"    max_queue_delay_microseconds: {sb.max_queue_delay_microseconds}", "  }"]
+    controls = []
+    for c in sb.controls:
+        value = f"data_type: {TRITON_TYPES[c.corrid_dtype]}" if c.kind == "corrid" else "int32_false_true: [ 0, 1 ]"
+        controls.append(f"    {{\n      name: {_q(c.name)}\n      control [ {{ kind: {SEQUENCE_CONTROLS[c.kind]} {value} }} ]\n    }}")
+    return lines + ["  control_input [", ",\n".join(controls), "  ]", "}"]
 
 
 def _warmup_block(sample: ModelWarmup) -> str:
@@ -405,6 +491,25 @@ def _compare(m, cfg: ModelConfig, pb2, where: str) -> None:
         check("dynamic_batching.preferred_batch_size", tuple(db.preferred_batch_size), cfg.dynamic_batching.preferred_batch_size)
         check("dynamic_batching.max_queue_delay_microseconds", db.max_queue_delay_microseconds,
               cfg.dynamic_batching.max_queue_delay_microseconds)
+    check("sequence_batching present", m.HasField("sequence_batching"), cfg.sequence_batching is not None)
+    if cfg.sequence_batching is not None:
+        sb, want = m.sequence_batching, cfg.sequence_batching
+        check("sequence_batching.strategy", sb.WhichOneof("strategy_choice"), want.strategy)
+        check("sequence_batching.max_sequence_idle_microseconds", sb.max_sequence_idle_microseconds,
+              want.max_sequence_idle_microseconds)
+        strategy = getattr(sb, want.strategy)
+        check("sequence_batching.max_queue_delay_microseconds", strategy.max_queue_delay_microseconds,
+              want.max_queue_delay_microseconds)
+        if want.strategy == "oldest":
+            check("sequence_batching.oldest.max_candidate_sequences", strategy.max_candidate_sequences,
+                  want.max_candidate_sequences)
+        kinds = pb2.ModelSequenceBatching.Control.Kind
+        parsed = [(c.name, [(kinds.Name(k.kind), tuple(k.int32_false_true), pb2.DataType.Name(k.data_type)) for k in c.control])
+                  for c in sb.control_input]
+        described = [(c.name, [(SEQUENCE_CONTROLS[c.kind], () if c.kind == "corrid" else (0, 1),
+                                TRITON_TYPES[c.corrid_dtype] if c.kind == "corrid" else "TYPE_INVALID")])
+                     for c in want.controls]
+        check("sequence_batching.control_input", parsed, described)
     check("parameters", {k: v.string_value for k, v in m.parameters.items()}, dict(cfg.parameters))
     check("model_warmup count", len(m.model_warmup), len(cfg.warmup))
     for p, w in zip(m.model_warmup, cfg.warmup):

@@ -7,7 +7,8 @@ the model that reads the map share one definition of every key:
 - ``RouterParameters``: the ``conceptseg`` model. ``engines="local"`` (python flavor: ONNX Runtime in
   the model's own process) or ``engines="bls"`` (native flavor: every graph a BLS call to the graph
   model named in ``graph_models``);
-- ``GraphParameters``: one bundle graph under the python backend (``--graph-backend python``).
+- ``GraphParameters``: one bundle graph under the python backend (``--graph-backend python``);
+- ``StreamParameters``: the ``conceptseg_stream`` model (video tracking per sequence id).
 
 ``to_parameters()`` renders the map; ``from_parameters(params)`` parses it back and refuses, with a
 ``ModelConfigError`` naming the key, an unknown key, a missing required key or a value of the wrong
@@ -209,5 +210,55 @@ class GraphParameters:
         reader = _Reader(params, model)
         parsed = cls(reader.text("graph_file", required=True), reader.choice("provider", PROVIDER_NAMES),
                      reader.flag("batched", default=False))
+        reader.finish()
+        return parsed
+
+
+@dataclass(frozen=True)
+class StreamParameters:
+    """The ``conceptseg_stream`` model's settings (video tracking under Triton's sequence batcher).
+
+    Attributes:
+        bundle: the bundle directory (with the video parts), relative to the version directory or absolute.
+        provider: the ONNX Runtime provider of the in-process engines.
+        max_streams: most live streams per model instance; a START beyond it is refused.
+        idle_timeout_us: a stream idle this long is freed; the same value as the config's
+            ``sequence_batching.max_sequence_idle_microseconds``, after which Triton releases the sequence.
+        bank_dir: concept bank directory of the shortcut route (concept prompts); None: no bank.
+        limits: what one request may ask (frame pixels, points per object, concept length).
+    """
+
+    bundle: str = "bundle"
+    provider: Provider = "cpu"
+    max_streams: int = 16
+    idle_timeout_us: int = 30_000_000
+    bank_dir: str | None = None
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDER_NAMES:
+            raise ModelConfigError(f"provider: {self.provider!r}, expected one of {', '.join(PROVIDER_NAMES)}")
+        for key in ("max_streams", "idle_timeout_us"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelConfigError(f"{key}: {value!r}, expected an int >= 1")
+
+    def bundle_dir(self, version_dir: str | Path) -> Path:
+        """The bundle this model serves, resolved against its version directory."""
+        return Path(version_dir) / self.bundle
+
+    def to_parameters(self) -> dict[str, str]:
+        params = {"bundle": self.bundle, "provider": self.provider, "max_streams": str(self.max_streams),
+                  "idle_timeout_us": str(self.idle_timeout_us), **_ints(self.limits)}
+        if self.bank_dir is not None:
+            params["bank_dir"] = self.bank_dir
+        return params
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], model: str = "conceptseg_stream") -> StreamParameters:
+        reader = _Reader(params, model)
+        parsed = cls(bundle=reader.text("bundle", required=True), provider=reader.choice("provider", PROVIDER_NAMES),
+                     max_streams=reader.positive_int("max_streams"), idle_timeout_us=reader.positive_int("idle_timeout_us"),
+                     bank_dir=reader.text("bank_dir"), limits=reader.ints(ServeLimits))
         reader.finish()
         return parsed
