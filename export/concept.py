@@ -68,6 +68,8 @@ class ConceptExportConfig:
     # at 3B that is ~27 GB and tens of minutes. Off, the manifest's route_parity stays empty (a bundle
     # that says it was never compared); every graph's own parity check still runs.
     route_parity: bool = True
+    # Also export SAM2's video path (memory encoder, memory attention, video decoder) for the tracker.
+    video: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.policy_precision, f"--policy-precision {self.policy_precision}")
@@ -177,9 +179,10 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
 
     ckpt = load_checkpoint(cfg.checkpoint)
     backbone = ckpt.sam2_backbone()  # a release (SAM 3's CTM) is refused before anything is written
-    with tqdm(total=5, desc="export concept", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
+    with tqdm(total=5 + cfg.video, desc="export concept", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         sam_parts, sam_source, preprocessing = export_sam2_parts(
-            SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size, cfg.weight_storage),
+            SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size, cfg.weight_storage,
+                             video=cfg.video),
             staging, steps,
         )
         steps.set_postfix_str("ctm")

@@ -1,6 +1,7 @@
 """The SAM2 family: its two parts' specs, parity cases and references, and ``export sam2``.
 
-``export sam2`` turns a SAM 2.1 checkpoint into a bundle with the encoder and decoder graphs. The
+``export sam2`` turns a SAM 2.1 checkpoint into a bundle with the encoder and decoder graphs (and,
+with ``--video``, the video path's three graphs: ``export/sam2_video.py``). The
 export-time modules are ``SAM2ImageEncoder`` / ``SAM2PromptDecoder`` of ``models/sam2.py`` (training
 runs the same wrappers), the reference is ``SAM2Reference``, which calls the sam2 package's own
 modules. The bundle is assembled in a staging directory and renamed into place only once every part
@@ -97,6 +98,7 @@ class SAM2ExportConfig:
     opset: int = 17
     image_size: int = 1024
     weight_storage: str = "fp32"  # a name in parts.WEIGHT_STORAGES: how the graphs store large weights
+    video: bool = False  # also export the video path (export/sam2_video.py) for the tracker
 
     def __post_init__(self) -> None:
         weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
@@ -138,7 +140,7 @@ def _decoder_cases(features: dict[str, np.ndarray], image_size: int, seed: int =
 
 
 def export_sam2_parts(cfg: SAM2ExportConfig, staging: Path, steps: tqdm | None = None):
-    """Export and validate the encoder and decoder into ``staging``.
+    """Export and validate the encoder and decoder (and with ``cfg.video`` the video parts) into ``staging``.
 
     Returns ``(parts, source, preprocessing)`` for the manifest; the concept export reuses this.
     """
@@ -185,14 +187,23 @@ def export_sam2_parts(cfg: SAM2ExportConfig, staging: Path, steps: tqdm | None =
     )
     if steps is not None:
         steps.update()
+    parts = {"sam2_encoder": encoder, "sam2_decoder": decoder}
+    if cfg.video:
+        from conceptseg_edge.export.sam2_video import export_video_parts
+
+        if steps is not None:
+            steps.set_postfix_str("sam2 video parts")
+        parts |= export_video_parts(sam, features, staging, cfg.opset, cfg.weight_storage)
+        if steps is not None:
+            steps.update()
     source = SourceInfo(model=cfg.config, checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256)
     preprocessing = Preprocessing(image_size=cfg.image_size, low_res_size=cfg.image_size // 4)
-    return {"sam2_encoder": encoder, "sam2_decoder": decoder}, source, preprocessing
+    return parts, source, preprocessing
 
 
 def export_sam2(cfg: SAM2ExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
     """Export SAM2 to ``out`` as a validated bundle (prompt route) and return its manifest."""
-    with tqdm(total=3, desc=f"export {cfg.config}", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
+    with tqdm(total=3 + cfg.video, desc=f"export {cfg.config}", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
         parts, source, preprocessing = export_sam2_parts(cfg, staging, steps)
         write_manifest(staging, BundleManifest(source=source, preprocessing=preprocessing, parts=parts, routes=("prompt",)))
         steps.update()

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sam2.add_argument("--image-size", type=int, default=1024)
     sam2.add_argument("--weight-storage", default="fp32", choices=list(WEIGHT_STORAGES),
                       help="store large weights as fp16 with a Cast back (half the file; computes in fp32)")
+    sam2.add_argument("--video", action="store_true",
+                      help="also export the video path (memory encoder, memory attention, video decoder) for `track`")
     sam2.set_defaults(func=_export_sam2)
 
     concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
@@ -43,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     concept.add_argument("--no-route-parity", dest="route_parity", action="store_false",
                          help="skip comparing the shortcut and reason routes with the torch pipeline (it holds the fp32 "
                               "torch policy beside the runtime's: ~27 GB at 3B); the manifest's route_parity stays empty")
+    concept.add_argument("--video", action="store_true",
+                         help="also export SAM2's video path (memory encoder, memory attention, video decoder) for `track`")
     concept.set_defaults(func=_export_concept)
 
     check = kinds.add_parser("check", help="check a bundle's ONNX graphs against TensorRT's documented ONNX parser "
@@ -85,7 +89,7 @@ def _export_sam2(args: argparse.Namespace) -> int:
 
     manifest = export_sam2(
         SAM2ExportConfig(config=args.config, checkpoint=args.checkpoint, opset=args.opset, image_size=args.image_size,
-                         weight_storage=args.weight_storage),
+                         weight_storage=args.weight_storage, video=args.video),
         args.out,
     )
     parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
@@ -101,7 +105,8 @@ def _export_concept(args: argparse.Namespace) -> int:
 
     manifest = export_concept(
         ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage,
-                            stream_policy=args.stream_policy, route_parity=args.route_parity), args.out
+                            stream_policy=args.stream_policy, route_parity=args.route_parity, video=args.video),
+        args.out
     )
     print(json.dumps({
         "bundle": args.out,
