@@ -227,3 +227,102 @@ def test_score_image_and_mean() -> None:
     assert set(mean.to_dict()) == {"iou", "miou", "dice", "mae", "ber", "s_measure", "wf_measure"}
     with pytest.raises(InputError):
         metrics.ConceptScores.mean([])
+
+
+# ----------------------------------------------------------------- video: DAVIS J and F
+
+
+def _square(shift: int = 0, size: int = 64, side: int = 20) -> np.ndarray:
+    out = np.zeros((size, size), dtype=bool)
+    out[20 : 20 + side, 10 + shift : 10 + shift + side] = True
+    return out
+
+
+def test_boundary_map_is_davis_seg2bmap() -> None:
+    # A pixel is on the boundary when it differs from its right, lower or lower-right neighbour: for a
+    # 3x3 square that is its last row and column (5 pixels inside) and the row above and the column
+    # left of it, corner included (7 outside); side n gives 4n pixels.
+    square = np.zeros((8, 8), dtype=bool)
+    square[2:5, 2:5] = True
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[4, 2:5] = expected[2:5, 4] = True
+    expected[1, 1:5] = expected[1:5, 1] = True
+    assert np.array_equal(metrics.boundary_map(square), expected)
+    assert np.count_nonzero(metrics.boundary_map(_square())) == 80
+
+
+def test_boundary_f_shifted_square_by_hand() -> None:
+    # 64x64: DAVIS's tolerance is ceil(0.008 * 90.5) = 1 pixel (the disc: the 4-neighbourhood).
+    # One column off: every boundary pixel has the other's one pixel away, F = 1; J = 380/420.
+    assert metrics.boundary_f(_square(1), _square()) == 1.0
+    assert metrics.iou(_square(1), _square()) == pytest.approx(380 / 420)
+    # Ten columns off (boundaries of 80 pixels each, 20x20 square at rows a.., cols b..):
+    # pred pixels within 1 of gt: top row c in [b+9, b+20] (12), bottom row [b+10, b+20] (11), left
+    # column rows a, a+18, a+19 (3), right column 0 -> precision 26/80. gt pixels within 1 of pred:
+    # top [b+8, b+19] (12), bottom [b+8, b+19] (12: b+8 touches the pred's left column), left 0,
+    # right rows a, a+18 (2) -> recall 26/80; F = 2PR/(P+R) = 26/80.
+    f = 26 / 80
+    assert metrics.boundary_f(_square(10), _square()) == pytest.approx(f)
+    assert metrics.iou(_square(10), _square()) == pytest.approx(200 / 600)
+    # A tolerance of 10 pixels (bound_th >= 1 is in pixels) matches every pixel.
+    assert metrics.boundary_f(_square(10), _square(), bound_th=10) == 1.0
+
+
+def test_boundary_f_empty_conventions() -> None:
+    empty = np.zeros((16, 16), dtype=bool)
+    full = np.ones((16, 16), dtype=bool)  # a full mask has no boundary either (only the image edge)
+    assert metrics.boundary_f(empty, empty) == 1.0 and metrics.iou(empty, empty) == 1.0
+    assert metrics.boundary_f(empty, _square(size=64)[:16, :16] | True) == 1.0 == metrics.boundary_f(full, full)
+    some = np.zeros((16, 16), dtype=bool)
+    some[4:8, 4:8] = True
+    assert metrics.boundary_f(empty, some) == 0.0 and metrics.boundary_f(some, empty) == 0.0
+    with pytest.raises(InputError, match="pred: shape"):
+        metrics.boundary_f(empty, np.zeros((8, 8), dtype=bool))
+
+
+def test_dilate_disk_and_boundary_f_match_davis_reference() -> None:
+    # DAVIS dilates with cv2.dilate(b, skimage.morphology.disk(r)); scipy's binary_dilation is that dilation.
+    from scipy.ndimage import binary_dilation
+    from skimage.morphology import disk
+
+    rng = np.random.default_rng(0)
+    for radius in (0, 1, 3, 8):
+        mask = rng.random((40, 57)) < 0.03
+        assert np.array_equal(metrics.dilate_disk(mask, radius), binary_dilation(mask, disk(radius)))
+    for _ in range(5):
+        h, w = (int(v) for v in rng.integers(48, 160, 2))
+        gt = _blobby(rng, h, w)
+        pred = gt ^ (rng.random((h, w)) < 0.02) if rng.random() < 0.5 else _blobby(rng, h, w)
+        radius = math.ceil(0.008 * math.hypot(h, w))
+        bp, bg = metrics.boundary_map(pred), metrics.boundary_map(gt)
+        precision = (bp & binary_dilation(bg, disk(radius))).sum() / bp.sum()
+        recall = (bg & binary_dilation(bp, disk(radius))).sum() / bg.sum()
+        expected = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert metrics.boundary_f(pred, gt) == pytest.approx(expected, abs=1e-12)
+
+
+def _blobby(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    low = Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8))
+    return np.asarray(low.resize((w, h), Image.BILINEAR)) > 128
+
+
+def test_jf_sequence_statistics_by_hand() -> None:
+    empty = np.zeros((64, 64), dtype=bool)
+    preds = [_square(), _square(10), empty, empty]
+    gts = [_square(), _square(), empty, _square()]
+    scores = metrics.jf_sequence(preds, gts)
+    f10 = 26 / 80
+    assert scores.j == pytest.approx((1.0, 1 / 3, 1.0, 0.0)) and scores.f == pytest.approx((1.0, f10, 1.0, 0.0))
+    assert scores.j_mean == pytest.approx((1 + 1 / 3 + 1) / 4) and scores.j_recall == 0.5
+    # Decay bins for 4 frames: edges round(linspace(1, 4, 5)) - 1 = 0, 1, 2, 2, 3 -> first bin
+    # frames 0-1, last bin frames 2-3: (1 + 1/3)/2 - (1 + 0)/2 = 1/6.
+    assert scores.j_decay == pytest.approx(1 / 6)
+    assert scores.f_decay == pytest.approx((1 + f10) / 2 - 0.5)
+    assert scores.jf_mean == pytest.approx((scores.j_mean + scores.f_mean) / 2)
+    both = metrics.JFScores.mean([scores, metrics.jf_sequence(gts, gts)])
+    assert both.j_mean == pytest.approx((scores.j_mean + 1.0) / 2) and both.j == ()
+    assert both.to_dict()["jf_mean"] == pytest.approx(both.jf_mean)
+    with pytest.raises(InputError, match="preds: 1 masks but gts has 2"):
+        metrics.jf_sequence(preds[:1], gts[:2])
