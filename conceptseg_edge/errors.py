@@ -78,3 +78,8 @@ class EngineCompatibilityError(ManifestError):
 
 class EngineRunError(EngineIOError):
     """TensorRT or CUDA refused a call while loading or running an engine; the message names the call."""
+
+
+class VideoError(InputError):
+    """A video source cannot be read: missing, unreadable or corrupt, no frames at all, or frames that
+    change size mid-stream. The message names the source (and the frame, when one is at fault)."""

@@ -11,14 +11,16 @@ from conceptseg_edge.preprocess import Prompts
 MASK_COLOR = np.array([30, 144, 255], np.float32)  # dodger blue
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, prompts: Prompts | None = None, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 image + (H, W) bool mask → (H, W, 3) uint8, mask tinted, outline and prompts drawn."""
+def overlay(
+    image: np.ndarray, mask: np.ndarray, prompts: Prompts | None = None, alpha: float = 0.5, color: np.ndarray = MASK_COLOR
+) -> np.ndarray:
+    """(H, W, 3) uint8 image + (H, W) bool mask → (H, W, 3) uint8, mask tinted ``color`` (RGB), outline and prompts drawn."""
     from PIL import Image, ImageDraw
 
     out = image.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * MASK_COLOR
+    out[mask] = (1 - alpha) * out[mask] + alpha * color
     edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-    out[edge] = MASK_COLOR
+    out[edge] = color
     canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     if prompts is not None:
         draw = ImageDraw.Draw(canvas)
