@@ -23,6 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--test-fraction", type=float, default=0.2, help="share of test items (default 0.2)")
     make.set_defaults(func=_make_world)
 
+    video = sub.add_parser("make-video", help="write one synthetic video clip (ConceptWorld in motion) with its ground truth")
+    video.add_argument("--out", required=True, help="clip folder to write: frames/00000.jpg..., masks/, clip.json")
+    video.add_argument("--kind", default=None, help="clip kind (move, occlusion, reenter, distractor, saliency, "
+                       "camouflage, colour change); --index then counts clips of that kind")  # fmt: skip
+    video.add_argument("--index", type=int, default=0, help="clip index (default 0)")
+    video.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    video.add_argument("--image-size", type=int, default=256, help="frame side in pixels (default 256)")
+    video.add_argument("--length", type=int, default=30, help="frames (default 30)")
+    video.add_argument("--png", action="store_true", help="lossless PNG frames instead of JPEG")
+    video.set_defaults(func=_make_video)
+
     imp = sub.add_parser("import", help="convert an MVTec-AD, image/mask folder or COCO dataset to the ConceptSeg layout")
     kinds = imp.add_subparsers(dest="import_kind", required=True, metavar="LAYOUT")
     mvtec = kinds.add_parser("mvtec", help="MVTec-AD: <category>/test/<defect>/ + ground_truth/<defect>/*_mask.png (CD)")
@@ -55,6 +66,18 @@ def _make_world(args: argparse.Namespace) -> int:
 
     root = make_world(writable_output(args.out, "--out", directory=True), args.n, seed=args.seed, test_fraction=args.test_fraction, image_size=args.image_size)
     print(f"wrote {args.n} episodes to {root}")
+    return 0
+
+
+def _make_video(args: argparse.Namespace) -> int:
+    from conceptseg_edge.data.video_world import VideoWorld, write_clip
+
+    world = VideoWorld(args.seed, args.image_size, args.length)
+    index = args.index if args.kind is None else world.index_of(args.kind, args.index)
+    clip = world.clip(index)
+    root = write_clip(clip, args.out, image_format="png" if args.png else "jpg")
+    print(f"wrote clip {index} ({clip.kind}, {clip.level}: {clip.query!r}, targets {list(clip.targets)}, "
+          f"{len(clip)} frames) to {root}")  # fmt: skip
     return 0
 
 

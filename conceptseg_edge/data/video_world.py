@@ -452,7 +452,7 @@ def write_clip(clip: VideoClip, out: str | Path, image_format: str = "jpg") -> P
     annotations), and ``clip.json`` (query, level, kind, targets, object names). Return ``out``.
 
     The folder appears whole or not at all (built beside ``out``, then renamed). JPEG frames are
-    lossy (quality 95); the masks are the ground truth of the frames as generated.
+    lossy (quality 95, no chroma subsampling); the masks are the ground truth of the frames as generated.
 
     Raises:
         InputError: ``image_format`` is not jpg or png; ``out`` exists and is not a clip folder.
@@ -466,7 +466,7 @@ def write_clip(clip: VideoClip, out: str | Path, image_format: str = "jpg") -> P
         (staging / "masks").mkdir()
         palette = _palette()
         for t, frame in enumerate(clip.frames):
-            Image.fromarray(frame).save(staging / "frames" / f"{t:05d}.{image_format}", quality=95)
+            Image.fromarray(frame).save(staging / "frames" / f"{t:05d}.{image_format}", quality=95, subsampling=0)
             labels = Image.frombytes("P", clip.size[::-1], clip.label_map(t).tobytes())
             labels.putpalette(palette)
             labels.save(staging / "masks" / f"{t:05d}.png")
