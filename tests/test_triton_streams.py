@@ -339,6 +339,7 @@ def stream_server(video_bundle, tmp_path_factory, request):
 
 
 @needs_server
+@pytest.mark.slow
 def test_four_concurrent_streams_equal_the_in_process_tracker(stream_server, video_segmenter):
     from conceptseg_edge.serve.client import TritonSegClient
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conceptseg_edge.router import AUTO, ROUTE_CHOICES
 from conceptseg_edge.serve.protocol import MODEL_NAME
-from conceptseg_edge.serve.repository import DEVICES, FLAVORS, GRAPH_BACKENDS, RepositoryConfig
+from conceptseg_edge.serve.repository import DEVICES, FLAVORS, GRAPH_BACKENDS, STREAM_ID_TYPES, RepositoryConfig
 from conceptseg_edge.serve.server import LOOPBACK
 
 
@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="skip the warm-up at model load (the router's request, the engines' model_warmup)")
     build.add_argument("--bank", default=None, help="concept bank directory for the shortcut route")
     build.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="reason-route generation budget")
+    build.add_argument("--max-streams", type=int, default=RepositoryConfig.max_streams, metavar="N",
+                       help="stream model (bundles exported with --video): most live video streams per instance (default 16)")
+    build.add_argument("--stream-idle-s", type=float, default=RepositoryConfig.stream_idle_s, metavar="S",
+                       help="stream model: free a stream after S seconds without a frame (default 30)")
+    build.add_argument("--stream-ids", default=RepositoryConfig.stream_id_type, choices=STREAM_ID_TYPES,
+                       help="stream model: sequence ids are uint64 (default) or string")
     build.set_defaults(func=_build)
 
     serve = kinds.add_parser("serve", help="run tritonserver on a repository (loopback) until Ctrl-C")
@@ -90,6 +96,9 @@ def _build(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         bank_dir=args.bank,
         generation=None if args.max_new_tokens is None else GenerationConfig(max_new_tokens=args.max_new_tokens),
+        max_streams=args.max_streams,
+        stream_idle_s=args.stream_idle_s,
+        stream_id_type=args.stream_ids,
     )
     manifest = build_repository(args.bundle, args.out, cfg)
     print(json.dumps({"repository": str(Path(args.out)), "flavor": manifest.flavor, "routes": list(manifest.routes),
