@@ -38,6 +38,17 @@ it replaces is put back on exit. What it does:
 9. **The decoder's feature size as Python ints.** ``TransformerDecoder._get_rpb_matrix`` receives the
    feature size as a tensor row of ``spatial_shapes``; it is only compared with the cached size and
    used for shapes, so it is converted to ints (a data-dependent value would end up in the graph).
+10. **The empty box prompt short-cut.** Every text query carries the empty box prompt, and
+   ``_encode_boxes`` still pools, projects and adds it: zero-row roi_align kills the TorchScript exporter
+   (SIGFPE) and the zero-row broadcasts fail ONNX shape inference. With no boxes the package's result
+   is the empty (0, B, 256) sequence and the mask it was given; that is returned directly.
+11. **Padded-sequence concatenation without a slice assignment.** ``geometry_encoders.
+   concat_padded_sequences`` writes the first sequence into a zero buffer with
+   ``buf[:len1] = seq1``; with the empty box prompt ``len1`` is 0 and the TorchScript exporter dies
+   (SIGFPE in ``index_put``'s symbolic). The same buffer is built with ``torch.cat``; the rest (the
+   scatter of the second sequence after the first's valid length) is the package's code. Its
+   ``torch._assert_async`` right-padding checks are left out: the export's masks are right-padded by
+   construction.
 """
 
 from __future__ import annotations
@@ -142,6 +153,32 @@ def _patch_sam3(stack: ExitStack) -> None:
     compiled = tv_roi_align._roi_align
     _patch(stack, tv_roi_align, "_roi_align", getattr(compiled, "__wrapped__", compiled))
 
+    # 10: the empty box prompt encodes to the empty sequence directly.
+    encode_boxes = geometry_encoders.SequenceGeometryEncoder._encode_boxes
+
+    def encode_boxes_or_empty(self, boxes, boxes_mask, boxes_labels, img_feats):
+        if boxes.shape[0] == 0:
+            return boxes.new_zeros((0, boxes.shape[1], self.d_model)), boxes_mask
+        return encode_boxes(self, boxes, boxes_mask, boxes_labels, img_feats)
+
+    _patch(stack, geometry_encoders.SequenceGeometryEncoder, "_encode_boxes", encode_boxes_or_empty)
+
+    # 11: concat_padded_sequences without a slice assignment.
+    def concat_padded_sequences(seq1, mask1, seq2, mask2, return_index: bool = False):
+        seq1_length, batch_size, hidden_size = seq1.shape
+        seq2_length = seq2.shape[0]
+        actual_seq1_lengths = (~mask1).sum(dim=-1)
+        final_lengths = actual_seq1_lengths + (~mask2).sum(dim=-1)
+        concatenated_mask = torch.arange(seq1_length + seq2_length)[None].repeat(batch_size, 1) >= final_lengths[:, None]
+        concatenated_sequence = torch.cat([seq1.to(seq2.dtype), seq2.new_zeros((seq2_length, batch_size, hidden_size))])
+        index = torch.arange(seq2_length)[:, None].repeat(1, batch_size) + actual_seq1_lengths[None]
+        concatenated_sequence = concatenated_sequence.scatter(0, index[:, :, None].expand(-1, -1, hidden_size), seq2)
+        if return_index:
+            return concatenated_sequence, concatenated_mask, index
+        return concatenated_sequence, concatenated_mask
+
+    _patch(stack, geometry_encoders, "concat_padded_sequences", concat_padded_sequences)
+
     # 5: construction-time cuda allocations.
     cls = position_encoding.PositionEmbeddingSine
     init = cls.__init__
@@ -173,7 +210,6 @@ def _patch_sam3(stack: ExitStack) -> None:
     # 6: pin_memory without an accelerator (only while inside the context).
     if not torch.cuda.is_available():
         _patch(stack, torch.Tensor, "pin_memory", lambda self, *a, **k: self)
-    assert geometry_encoders  # imported so step 6's caller is loaded with the patch in place
 
     # 7: open_clip's initialisation for the two empty text parameters.
     text_cls = text_encoder_ve.TextTransformer

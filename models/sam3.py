@@ -258,8 +258,8 @@ class Sam3GroundingHead(nn.Module):
 
     Inputs: ``fpn_0..2`` (1, 256, ·, ·); ``text_features`` (1, 32, 256); ``text_mask`` (1, 32) bool,
     True = padding; ``concept_tokens`` (1, K, 256); ``concept_mask`` (1, K) bool, True = padding.
-    Outputs: ``pred_logits`` (1, Q), ``pred_boxes`` (1, Q, 4) normalised xyxy, ``pred_masks`` (1, Q, S/14·4,
-    S/14·4) logits, ``presence_logit`` (1, 1), ``semantic_seg`` (1, 1, S/14·4, S/14·4) logits.
+    Outputs, in this order: ``pred_masks`` (1, Q, S/14·4, S/14·4) logits, ``pred_logits`` (1, Q),
+    ``pred_boxes`` (1, Q, 4) normalised xyxy, ``presence_logit`` (1, 1), ``semantic_seg`` (1, 1, S/14·4, S/14·4) logits.
     """
 
     def __init__(self, sam: nn.Module) -> None:
@@ -285,11 +285,8 @@ class Sam3GroundingHead(nn.Module):
             "language_mask": text_mask,
         }
         out = ground(self.sam, backbone_out, concept_tokens.transpose(0, 1), concept_mask)
-        return (out["pred_logits"][..., 0], out["pred_boxes_xyxy"], out["pred_masks"], out["presence_logit_dec"],
+        return (out["pred_masks"], out["pred_logits"][..., 0], out["pred_boxes_xyxy"], out["presence_logit_dec"],
                 out["semantic_seg"])
-
-
-HEAD_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit", "semantic_seg")
 
 
 def ground(sam: nn.Module, backbone_out: dict, visual_prompt_embed: torch.Tensor | None,
