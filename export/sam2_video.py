@@ -132,7 +132,7 @@ def video_decoder_cases(features: Mapping[str, np.ndarray], image_size: int, see
     return [
         case([(0.2, 0.2, 2), (0.7, 0.8, 3), (0.5, 0.5, 1), pad], 2, 8, [False, True]),  # box + click, concept, mask
         case([(0.4, 0.5, 1), pad], 1, 0, [False]),  # one click
-        case([pad], 1, 0, [True]),  # a mask prompt alone (``_use_mask_as_output``)
+        case([pad, pad], 1, 0, [True]),  # a mask prompt alone: ``_use_mask_as_output``'s point + the encoder's pad
     ]
 
 
