@@ -8,8 +8,8 @@ that no two families declare the same part name.
 
 from __future__ import annotations
 
-from conceptseg_edge.export import ctm, policy, sam2, sam2_video
+from conceptseg_edge.export import ctm, policy, sam2, sam2_video, sam3
 from conceptseg_edge.export.parts import PartFactory
 
-FAMILIES = (sam2, sam2_video, ctm, policy)
+FAMILIES = (sam2, sam2_video, ctm, policy, sam3)
 PART_REGISTRY: dict[str, PartFactory] = {name: factory for family in FAMILIES for name, factory in family.PARTS.items()}

@@ -1,4 +1,4 @@
-"""``conceptseg-edge export sam2|concept|check|tensorrt ...``."""
+"""``conceptseg-edge export sam2|sam3|concept|check|tensorrt ...``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     sam2.add_argument("--video", action="store_true",
                       help="also export the video path (memory encoder, memory attention, video decoder) for `track`")
     sam2.set_defaults(func=_export_sam2)
+
+    sam3 = kinds.add_parser("sam3", help="SAM 3 vision encoder + text encoder + grounding head (text and concept tokens)")
+    sam3.add_argument("--variant", default="sam3", choices=["sam3", "sam3_small"],
+                      help="sam3: the release (840M); sam3_small: the same modules at test size")
+    sam3.add_argument("--checkpoint", default=None, help="official sam3.pt (random init without it)")
+    sam3.add_argument("--out", required=True, help="bundle directory to write")
+    sam3.add_argument("--opset", type=int, default=17)
+    sam3.add_argument("--weight-storage", default="fp32", choices=list(WEIGHT_STORAGES),
+                      help="store large weights as fp16 with a Cast back (half the file; computes in fp32)")
+    sam3.set_defaults(func=_export_sam3)
 
     concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
     concept.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
@@ -90,6 +100,22 @@ def _export_sam2(args: argparse.Namespace) -> int:
     manifest = export_sam2(
         SAM2ExportConfig(config=args.config, checkpoint=args.checkpoint, opset=args.opset, image_size=args.image_size,
                          weight_storage=args.weight_storage, video=args.video),
+        args.out,
+    )
+    parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
+    print(json.dumps({"bundle": args.out, "random_init": manifest.source.random_init, "parity": parity}, indent=2))
+    return 0
+
+
+def _export_sam3(args: argparse.Namespace) -> int:
+    from conceptseg_edge.export.sam3 import Sam3ExportConfig, export_sam3
+    from conceptseg_edge.fileio import writable_output
+
+    writable_output(args.out, "--out", directory=True)  # before sam3 is imported or a model built
+
+    manifest = export_sam3(
+        Sam3ExportConfig(variant=args.variant, checkpoint=args.checkpoint, opset=args.opset,
+                         weight_storage=args.weight_storage),
         args.out,
     )
     parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}

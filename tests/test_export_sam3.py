@@ -1,0 +1,162 @@
+"""SAM 3 → ONNX export on the small SAM 3 (the package's modules at test size): parity per part against
+the ``sam3`` package, the concept-token slot, the shipped tokenizer against the package's, the
+compatibility context leaving the process as it found it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conceptseg_edge.cli import main
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.export.sam3 import (
+    MAX_CONCEPT_TOKENS,
+    TOKENIZER_FILE,
+    encode_prompts,
+    pad_concept_tokens,
+    sam3_head_spec,
+    sam3_text_spec,
+    sam3_vision_spec,
+)
+from conceptseg_edge.export.sam3_compat import SAM3_SITE, bpe_path, sam3_compat
+from conceptseg_edge.manifest import load_bundle
+from conceptseg_edge.runtime.engine import OrtEngine
+
+# Parts whose export this module tests; test_every_registered_part_is_tested checks the registry.
+TESTED_PARTS = {"sam3_vision", "sam3_text", "sam3_head"}
+
+SIZE, QUERIES = 224, 16  # models.sam3.SAM3_SMALL
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A seeded small SAM 3 saved in the release's layout (``model`` → ``detector.``-prefixed keys)."""
+    with sam3_compat():
+        from conceptseg_edge.models.sam3 import build_sam3
+
+        torch.manual_seed(0)
+        model = build_sam3("sam3_small", bpe_path()).model
+        path = tmp_path_factory.mktemp("sam3") / "sam3_small.pt"
+        torch.save({"model": {f"detector.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory, small_checkpoint) -> Path:
+    out = tmp_path_factory.mktemp("sam3") / "bundle"
+    assert main(["export", "sam3", "--variant", "sam3_small", "--checkpoint", str(small_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(small_checkpoint):
+    with sam3_compat():
+        from conceptseg_edge.models.sam3 import Sam3Reference, build_sam3
+
+        loaded = build_sam3("sam3_small", bpe_path(), small_checkpoint)
+    return Sam3Reference(loaded.model, loaded.image_size)
+
+
+def _tokenizer(bundle: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bundle / TOKENIZER_FILE))
+
+
+def test_parity_is_recorded_per_part(small_bundle, small_checkpoint):
+    m = load_bundle(small_bundle)
+    assert m.source.checkpoint == str(small_checkpoint) and m.source.checkpoint_sha256
+    specs = {"sam3_vision": sam3_vision_spec(SIZE), "sam3_text": sam3_text_spec(), "sam3_head": sam3_head_spec(SIZE, QUERIES)}
+    assert set(m.parts) == set(specs)
+    for name, spec in specs.items():
+        parity = m.part(name).parity
+        assert parity.passed and set(parity.max_abs_diff) == set(spec.output_names)
+        assert all(parity.max_abs_diff[o] <= spec.atol[o] for o in spec.output_names)
+    head = m.part("sam3_head").parity
+    assert {"presence_logit", "pred_logits", "pred_boxes", "pred_masks", "semantic_seg"} <= set(head.max_abs_diff)
+    assert head.mask_iou >= 0.99
+    assert TOKENIZER_FILE in m.files
+
+
+def _head_feeds(reference, text: str, tokens: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    image = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32))
+    with sam3_compat():
+        image_out = reference.image_features(image)
+        lang = reference.text_features([text])
+    concept_tokens, concept_mask = pad_concept_tokens(tokens)
+    feeds = {
+        **{f"fpn_{i}": f.numpy() for i, f in enumerate(image_out["backbone_fpn"])},
+        "text_features": lang["language_features"].transpose(0, 1).numpy(),
+        "text_mask": lang["language_mask"].numpy(),
+        "concept_tokens": concept_tokens,
+        "concept_mask": concept_mask,
+    }
+    return feeds, image_out
+
+
+def test_k0_equals_the_plain_text_prompt(small_bundle, reference):
+    """All slots padded in ONNX Runtime = the package's own forward_grounding on the text alone."""
+    feeds, image_out = _head_feeds(reference, "a red car", np.zeros((0, 256), np.float32))
+    got = OrtEngine(small_bundle / "sam3_head.onnx").run(feeds)
+    with sam3_compat():
+        want = reference.predict(image_out, "a red car")
+    spec = sam3_head_spec(SIZE, QUERIES)
+    assert np.abs(got["pred_logits"] - want["pred_logits"][..., 0].numpy()).max() <= spec.atol["pred_logits"]
+    assert np.abs(got["presence_logit"] - want["presence_logit_dec"].numpy()).max() <= spec.atol["presence_logit"]
+    assert np.abs(got["pred_boxes"] - want["pred_boxes_xyxy"].numpy()).max() <= spec.atol["pred_boxes"]
+    assert np.abs(got["pred_masks"] - want["pred_masks"].numpy()).max() <= spec.atol["pred_masks"]
+
+
+def test_concept_tokens_change_the_output(small_bundle, reference):
+    rng = np.random.default_rng(4)
+    engine = OrtEngine(small_bundle / "sam3_head.onnx")
+    plain = engine.run(_head_feeds(reference, "a red car", np.zeros((0, 256), np.float32))[0])
+    feeds, image_out = _head_feeds(reference, "a red car", rng.standard_normal((3, 256)).astype(np.float32))
+    with_tokens = engine.run(feeds)
+    assert np.abs(with_tokens["pred_logits"] - plain["pred_logits"]).max() > 1e-2
+    assert np.abs(with_tokens["pred_masks"] - plain["pred_masks"]).max() > 1e-2
+    with sam3_compat():  # and the package agrees on what they change
+        want = reference.predict(image_out, "a red car", torch.from_numpy(feeds["concept_tokens"]),
+                                 torch.from_numpy(feeds["concept_mask"]))
+    assert np.abs(with_tokens["pred_logits"] - want["pred_logits"][..., 0].numpy()).max() <= 1e-3
+
+
+def test_pad_concept_tokens_refuses_too_many():
+    with pytest.raises(InputError, match="concept tokens"):
+        pad_concept_tokens(np.zeros((MAX_CONCEPT_TOKENS + 1, 256), np.float32))
+
+
+PROMPTS = ["a red car", "The DOG on the left", "2 cats!", "don't   stop", "café crème", "x",
+           "a very long prompt " * 8, "person, bicycle & umbrella?"]
+
+
+def test_tokenizer_round_trip_matches_the_package(small_bundle, reference):
+    ids = encode_prompts(_tokenizer(small_bundle), PROMPTS)
+    with sam3_compat():
+        want = reference.tokenize(PROMPTS).numpy()
+    np.testing.assert_array_equal(ids, want)
+    assert ids.shape == (len(PROMPTS), 32) and ids[6, -1] == want[6, -1]  # truncation keeps the end token
+
+
+def test_text_encoder_batches(small_bundle, reference):
+    ids = encode_prompts(_tokenizer(small_bundle), PROMPTS[:3])
+    got = OrtEngine(small_bundle / "sam3_text.onnx").run({"input_ids": ids})["text_features"]
+    with sam3_compat():
+        want = reference.text_features(PROMPTS[:3])["language_features"].transpose(0, 1).numpy()
+    assert got.shape == (3, 32, 256) and np.abs(got - want).max() <= 1e-3
+
+
+def test_compat_context_restores_the_process():
+    pin, tv_on_path = torch.Tensor.pin_memory, str(SAM3_SITE) in sys.path
+    with sam3_compat():
+        from sam3.model import vitdet
+
+        apply_rope = vitdet.Attention._apply_rope
+        assert torch.Tensor.pin_memory is not pin
+    assert torch.Tensor.pin_memory is pin and (str(SAM3_SITE) in sys.path) == tv_on_path
+    assert vitdet.Attention._apply_rope is not apply_rope  # the package's own complex RoPE is back
+    assert "sam3.model.edt" not in sys.modules
