@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from conceptseg_edge.errors import ConceptsegError
 
 # Command-group modules, in the order `--help` lists them.
-_GROUPS = ("demo", "export", "segment", "bench", "data", "train", "triton")
+_GROUPS = ("demo", "export", "segment", "track", "bench", "data", "train", "triton")
 
 
 def build_parser() -> argparse.ArgumentParser:
