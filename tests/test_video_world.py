@@ -111,10 +111,11 @@ def test_occlusion_hides_the_target_completely_for_a_while(clips: dict[str, Vide
     assert clip.masks[occluder][t].sum() > clip.masks[target][0].sum()
 
 
-@pytest.mark.parametrize("n", range(3))
-def test_reenter_target_leaves_for_at_least_min_absent_frames_and_returns(n: int) -> None:
+@pytest.mark.parametrize(("kind", "n"), [("reenter", 0), ("reenter", 1), ("reenter", 2), ("salient reenter", 0), ("salient reenter", 1)])
+def test_reenter_target_leaves_for_at_least_min_absent_frames_and_returns(kind: str, n: int) -> None:
     world = VideoWorld(n, 64, 20 + 5 * n)
-    clip = world.clip(world.index_of("reenter", n))
+    clip = world.clip(world.index_of(kind, n))
+    assert clip.level == KIND_LEVELS[kind]
     seen = _present(clip.target_masks())
     assert seen[0] and seen[-1]
     away = np.flatnonzero(~seen)

@@ -1,6 +1,6 @@
 """ConceptWorld in motion: seeded video clips with ground truth per object and per frame.
 
-A clip is one of seven kinds, cycling with the index:
+A clip is one of eight kinds, cycling with the index:
 
 - CI, a concept class ("red circle", "striped square") tracked through motion:
   ``move`` (every object drifts and bounces off the borders), ``occlusion`` (a larger object of
@@ -9,7 +9,9 @@ A clip is one of seven kinds, cycling with the index:
   back in through the same border), ``distractor`` (objects one attribute away from the concept:
   a red square beside the red circle, a blue circle);
 - CD, a concept defined by the surroundings: ``saliency`` (one vivid object moving over muted
-  clutter) and ``camouflage`` (a blob textured like the ground sliding across it);
+  clutter), ``camouflage`` (a blob textured like the ground sliding across it) and ``salient
+  reenter`` (the salient object leaves and comes back as in ``reenter``: the concept a small
+  concept model finds most reliably, so a re-fire's success measures the tracker, not the model);
 - CR, a concept defined by reasoning over time: ``colour change`` (the object that changes colour;
   the query's ground truth is empty until the frame the change happens, ``query_from``).
 
@@ -59,9 +61,9 @@ from conceptseg_edge.data.world import (
 )
 from conceptseg_edge.errors import InputError
 
-KINDS = ("move", "occlusion", "reenter", "distractor", "saliency", "camouflage", "colour change")
+KINDS = ("move", "occlusion", "reenter", "distractor", "saliency", "camouflage", "colour change", "salient reenter")
 KIND_LEVELS = {"move": "CI", "occlusion": "CI", "reenter": "CI", "distractor": "CI",
-               "saliency": "CD", "camouflage": "CD", "colour change": "CR"}  # fmt: skip
+               "saliency": "CD", "camouflage": "CD", "colour change": "CR", "salient reenter": "CD"}  # fmt: skip
 COLOUR_CHANGE_QUERY = "segment the object that changes colour"
 MIN_LENGTH = 12  # a reenter clip needs frames before, during (MIN_ABSENT) and after the absence
 MIN_ABSENT = 6  # frames a reenter target stays fully out of the frame, at least
@@ -354,19 +356,24 @@ def _occlusion(rng: np.random.Generator, size: int, length: int) -> _Scene:
 
 
 def _reenter(rng: np.random.Generator, size: int, length: int) -> _Scene:
-    """The target runs out through one border, stays out for ``absent`` >= MIN_ABSENT frames, comes back in.
+    cls = _ci_class(rng)
+    background = _plain_background(rng, size)
+    target, others = _moving_ci(rng, size, length, cls, n_near=0)
+    target = replace(target, centres=_away_and_back(rng, size, length, target.obj.r))
+    return _ci_scene([*others, target], target, cls, background)
+
+
+def _away_and_back(rng: np.random.Generator, size: int, length: int, r: float) -> np.ndarray:
+    """(T, 2) centres of an object of radius ``r`` that starts wholly inside, runs out through one border,
+    stays out for at least ``MIN_ABSENT`` frames and comes back in through the same border.
 
     Along the exit axis (worked out for the far border, mirrored for the near one) the centre is
     ``size + reach`` at ``t_exit`` (wholly out), out of sight until ``t_back``, then moves back in.
     """
-    cls = _ci_class(rng)
-    background = _plain_background(rng, size)
-    target, others = _moving_ci(rng, size, length, cls, n_near=0)
-    r = target.obj.r
     t_exit = max(3, round(0.25 * length))
     t_back = t_exit + max(MIN_ABSENT, round(0.25 * length))
     out = size + _reach(r)
-    x0 = rng.uniform(0.35 * size, size - _reach(r) - 1)
+    x0 = rng.uniform(max(0.35 * size, _reach(r) + 1), size - _reach(r) - 1)
     v_out = (out - x0) / t_exit
     v_in = rng.uniform(0.025, 0.045) * size
     t = np.arange(length, dtype=np.float64)
@@ -377,9 +384,7 @@ def _reenter(rng: np.random.Generator, size: int, length: int) -> _Scene:
     axis, far = int(rng.integers(2)), bool(rng.integers(2))
     if not far:
         along = size - along
-    centres = np.stack([along, across] if axis == 0 else [across, along], axis=1)
-    target = replace(target, centres=centres)
-    return _ci_scene([*others, target], target, cls, background)
+    return np.stack([along, across] if axis == 0 else [across, along], axis=1)
 
 
 # --------------------------------------------------------------------------- CD and CR scenes
@@ -391,6 +396,13 @@ def _saliency(rng: np.random.Generator, size: int, length: int) -> _Scene:
     mover = _drifting(rng, _sample_obj(rng, _salient_look(rng), cx, cy, r), size, length, (0.01, 0.02))
     query = task_info("saliency")[1] or "salient object"
     return _Scene(background, [mover], (1,), query, "salient object", grain=5.0)
+
+
+def _salient_reenter(rng: np.random.Generator, size: int, length: int) -> _Scene:
+    """The salient object of a ``saliency`` scene leaves the frame and comes back (``_away_and_back``)."""
+    scene = _saliency(rng, size, length)
+    [mover] = scene.movers
+    return replace(scene, movers=[replace(mover, centres=_away_and_back(rng, size, length, mover.obj.r))])
 
 
 def _colour_change(rng: np.random.Generator, size: int, length: int) -> _Scene:
@@ -440,6 +452,7 @@ _SCENES = {
     "distractor": _distractor,
     "saliency": _saliency,
     "colour change": _colour_change,
+    "salient reenter": _salient_reenter,
 }
 
 
