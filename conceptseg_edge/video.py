@@ -298,7 +298,9 @@ class VideoWriter(_StagedOutput):
             self._stream.height, self._stream.width = (v + v % 2 for v in self._size)
             self._stream.pix_fmt = "yuv420p"
             if self.codec == "libx264":
-                self._stream.options = {"preset": "veryfast", "crf": "20"}
+                # ultrafast: 5.4 ms a 256² frame (14.6 at 512²) against veryfast's 18 (48), files ~1.6x
+                # larger; the overlay must keep up with a tracker that may run at GPU speed
+                self._stream.options = {"preset": "ultrafast", "crf": "20"}
             else:
                 self._stream.bit_rate = 8 * self._stream.width * self._stream.height * max(int(self.fps), 1) // 10
         elif frame.shape[:2] != self._size:
