@@ -82,8 +82,11 @@ class FolderFrames(FrameSource):
     layout reads in its order). Files with other suffixes (masks in a subfolder, a JSON) are ignored."""
 
     def __init__(self, folder: Path) -> None:
-        self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                             and not p.name.startswith(".")), key=_natural_key)  # fmt: skip
+        try:
+            self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                                 and not p.name.startswith(".")), key=_natural_key)  # fmt: skip
+        except OSError as exc:
+            raise VideoError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from exc
         if not self.paths:
             raise VideoError(f"{folder}: no frames: a folder source holds image files ({', '.join(IMAGE_SUFFIXES)})")
         super().__init__(str(folder), None, len(self.paths))

@@ -202,3 +202,21 @@ def test_data_make_video_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "reenter" in capsys.readouterr().out
     assert main(["data", "make-video", "--out", str(tmp_path / "x"), "--length", "3"]) == 2
     assert "length: at least" in capsys.readouterr().err
+
+
+def test_sam2_video_predictor_reads_a_written_clip(clips: dict[str, VideoClip], tmp_path: Path) -> None:
+    """sam2's own loader (``SAM2VideoPredictor.init_state`` calls it) reads the frames folder in order."""
+    import torch
+    from sam2.utils.misc import load_video_frames
+
+    clip = clips["move"]
+    root = write_clip(clip, tmp_path / "clip")
+    images, height, width = load_video_frames(str(root / "frames"), SIZE, offload_video_to_cpu=True,
+                                              compute_device=torch.device("cpu"))  # fmt: skip
+    assert images.shape == (LENGTH, 3, SIZE, SIZE) and (height, width) == (SIZE, SIZE)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    pixels = [((img * std + mean) * 255).permute(1, 2, 0).numpy() for img in images]
+    for t in (0, LENGTH // 2, LENGTH - 1):
+        same = np.abs(pixels[t] - clip.frames[t]).mean()
+        other = np.abs(pixels[t] - clip.frames[(t + LENGTH // 2) % LENGTH]).mean()
+        assert same < 3.0 and other > same, (t, same, other)
