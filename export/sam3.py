@@ -42,19 +42,20 @@ from conceptseg_edge.manifest import (
     read_manifest,
     write_manifest,
 )
+from conceptseg_edge.runtime.sam3 import (
+    CONTEXT_LENGTH,
+    EOT,
+    MAX_CONCEPT_TOKENS,
+    PROMPT_DIM,
+    SOT,
+    TOKENIZER_FILE,
+    encode_prompts,
+    pad_concept_tokens,
+)
 
 REFERENCE_NAME = "sam3 package modules, torch eager (forward_image / forward_text / Sam3Image grounding steps)"
-TOKENIZER_FILE = "sam3_tokenizer.json"
-#: Tokens per text prompt and the prompt width (models/sam3.py's CONTEXT_LENGTH / PROMPT_DIM, without torch).
-CONTEXT_LENGTH = 32
-PROMPT_DIM = 256
 PATCH = 14
 SAM3_VARIANTS = ("sam3", "sam3_small")
-SOT, EOT = "<start_of_text>", "<end_of_text>"
-#: Concept-token slots of the head. The TorchScript trace bakes the prompt length into the attention
-#: reshapes (torch's multi-head attention reads it as a Python int), so K is static: up to this many
-#: tokens, the rest padded with ``concept_mask`` True; K = 0 is all padding (equal to the text prompt).
-MAX_CONCEPT_TOKENS = 8
 
 
 def _grid(image_size: int) -> int:
@@ -143,7 +144,8 @@ def clip_tokenizer(bpe_path: str | Path):
 
     Same vocabulary and ids (byte-level symbols, their ``</w>`` forms, the first 48,894 merges, then
     ``<start_of_text>`` / ``<end_of_text>``), the same word regex, whitespace collapsing and lower-casing.
-    The framing (start, end, 0-padding to 32, truncation keeping the end token) is ``encode_prompts``'s.
+    The framing (start, end, 0-padding to 32, truncation keeping the end token) is
+    ``runtime.sam3.encode_prompts``'s.
     ``ftfy.fix_text`` (mojibake repair) has no counterpart: NFC normalisation stands in for it.
     """
     import gzip
@@ -180,29 +182,6 @@ def _bytes_to_unicode() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for c in cs]
-
-
-def encode_prompts(tokenizer, texts: list[str]) -> np.ndarray:
-    """(B, 32) int64 ids as the package frames them: start, BPE ids, end, zeros; truncated keeping the end."""
-    sot, eot = tokenizer.token_to_id(SOT), tokenizer.token_to_id(EOT)
-    out = np.zeros((len(texts), CONTEXT_LENGTH), np.int64)
-    for i, text in enumerate(texts):
-        ids = [sot, *tokenizer.encode(text, add_special_tokens=False).ids, eot][:CONTEXT_LENGTH]
-        ids[-1] = eot
-        out[i, : len(ids)] = ids
-    return out
-
-
-def pad_concept_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, 256) concept tokens → the head's ``concept_tokens`` (1, MAX, 256) and ``concept_mask`` (1, MAX), True = pad."""
-    k = tokens.shape[0]
-    if tokens.ndim != 2 or tokens.shape[1] != PROMPT_DIM or k > MAX_CONCEPT_TOKENS:
-        raise InputError(f"concept tokens: expected (K <= {MAX_CONCEPT_TOKENS}, {PROMPT_DIM}), got {tokens.shape}")
-    padded = np.zeros((1, MAX_CONCEPT_TOKENS, PROMPT_DIM), np.float32)
-    padded[0, :k] = tokens
-    mask = np.ones((1, MAX_CONCEPT_TOKENS), bool)
-    mask[0, :k] = False
-    return padded, mask
 
 
 def random_init_banner(model: str) -> str:

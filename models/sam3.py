@@ -18,7 +18,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conceptseg_edge.errors import CheckpointError, InputError
@@ -320,6 +322,14 @@ class Sam3Reference:
     def __init__(self, sam: nn.Module, image_size: int) -> None:
         self.sam = sam
         self.image_size = image_size
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 → (1, 3, S, S): ``Sam3Processor``'s squash resize (bilinear, antialiased) and
+        normalisation to [-1, 1]. torchvision's resize is reproduced with ``F.interpolate`` on floats
+        (``Sam3Processor`` resizes the uint8 tensor, which rounds to integers in between)."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)[None]
+        x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """The package's tokenizer: (B, 32) int64, 0-padded."""

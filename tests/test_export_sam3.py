@@ -13,18 +13,11 @@ import torch
 
 from conceptseg_edge.cli import main
 from conceptseg_edge.errors import InputError
-from conceptseg_edge.export.sam3 import (
-    MAX_CONCEPT_TOKENS,
-    TOKENIZER_FILE,
-    encode_prompts,
-    pad_concept_tokens,
-    sam3_head_spec,
-    sam3_text_spec,
-    sam3_vision_spec,
-)
+from conceptseg_edge.export.sam3 import sam3_head_spec, sam3_text_spec, sam3_vision_spec
 from conceptseg_edge.export.sam3_compat import SAM3_SITE, bpe_path, sam3_compat
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.runtime.engine import OrtEngine
+from conceptseg_edge.runtime.sam3 import MAX_CONCEPT_TOKENS, TOKENIZER_FILE, encode_prompts, pad_concept_tokens
 
 # Parts whose export this module tests; test_every_registered_part_is_tested checks the registry.
 TESTED_PARTS = {"sam3_vision", "sam3_text", "sam3_head"}
@@ -160,3 +153,79 @@ def test_compat_context_restores_the_process():
     assert torch.Tensor.pin_memory is pin and (str(SAM3_SITE) in sys.path) == tv_on_path
     assert vitdet.Attention._apply_rope is not apply_rope  # the package's own complex RoPE is back
     assert "sam3.model.edt" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------- torch-free runtime
+
+
+@pytest.fixture(scope="module")
+def predictor(small_bundle):
+    from conceptseg_edge.runtime.sam3 import Sam3Predictor
+
+    return Sam3Predictor.from_bundle(small_bundle, score_threshold=0.0)
+
+
+def _reference_masks(reference, image: np.ndarray, text: str, tokens: np.ndarray | None = None):
+    import torch.nn.functional as F
+
+    with sam3_compat():
+        image_out = reference.image_features(reference.preprocess(image))
+        if tokens is None:
+            out = reference.predict(image_out, text)
+        else:
+            padded, mask = pad_concept_tokens(tokens)
+            out = reference.predict(image_out, text, torch.from_numpy(padded), torch.from_numpy(mask))
+    masks = F.interpolate(out["pred_masks"], image.shape[:2], mode="bilinear", align_corners=False)[0] > 0
+    presence = float(torch.sigmoid(out["presence_logit_dec"][0, 0]))
+    return masks.numpy(), torch.sigmoid(out["pred_logits"][0, :, 0]).numpy() * presence, presence
+
+
+def _partial_mask_ious(pred, masks, scores) -> list[float]:
+    """IoU of each runtime instance with the reference query of the same score, over partial masks only."""
+    from conceptseg_edge.metrics import iou
+
+    ious = []
+    for got, score in zip(pred.masks, pred.scores):
+        query = int(np.argmin(np.abs(scores - score)))
+        coverage = masks[query].mean()
+        if 0.05 < coverage < 0.95:
+            ious.append(float(iou(got, masks[query])))
+    return ious
+
+
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_runtime_routes_match_the_torch_reference(predictor, reference, sample_image, tokens):
+    """Prompt route (K = 0) and reason route (K = 5 concept tokens): same instances, scores, presence."""
+    concept = np.random.default_rng(7).standard_normal((tokens, 256)).astype(np.float32) if tokens else None
+    predictor.set_image(sample_image)
+    pred = predictor.predict("a red car", concept)
+    masks, scores, presence = _reference_masks(reference, sample_image, "a red car", concept)
+    assert abs(pred.presence - presence) < 1e-3 and pred.accepted == (pred.presence >= predictor.presence_threshold)
+    np.testing.assert_allclose(pred.scores, np.sort(scores)[::-1], atol=1e-3)
+    ious = _partial_mask_ious(pred, masks, scores)
+    assert len(ious) >= 3 and min(ious) >= 0.95, ious
+    assert pred.masks.shape == (len(scores), *sample_image.shape[:2]) and pred.semantic_mask.shape == sample_image.shape[:2]
+
+
+def test_runtime_state_and_concept_cache(small_bundle, sample_image):
+    from conceptseg_edge.runtime.sam3 import Sam3Predictor
+
+    fresh = Sam3Predictor.from_bundle(small_bundle, presence_threshold=0.0)
+    with pytest.raises(RuntimeError, match="set_image"):
+        fresh.predict("a red car")
+    fresh.set_image(sample_image)
+    first = fresh.predict("a red car")
+    fresh.set_image(sample_image[::-1].copy())
+    fresh.predict("a red car")
+    assert list(fresh._concepts) == ["a red car"] and first.accepted  # text encoded once; tau 0 accepts
+    with pytest.raises(InputError, match="concept tokens"):
+        fresh.predict("a red car", np.zeros((3, 128), np.float32))
+    with pytest.raises(InputError, match="empty"):
+        fresh.predict("  ")
+
+
+def test_runtime_imports_no_torch():
+    import subprocess
+
+    code = "import sys, conceptseg_edge.runtime.sam3; assert 'torch' not in sys.modules and 'sam3' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
