@@ -10,7 +10,9 @@
   (the supervisor behind ``triton serve``: restarts a crashed server with backoff);
 - ``gateway``: ``HttpGateway``, the public HTTP port, refusing requests whose declared tensors Triton's
   own HTTP frontend would allocate before checking (``GatewayLimits``);
-- ``client``: ``TritonSegClient`` over HTTP or gRPC (tritonclient).
+- ``stream_protocol`` / ``streams``: the ``conceptseg_stream`` model (video tracking per sequence id under
+  Triton's sequence batcher): its contract, and ``StreamModel`` with its bounded ``StreamStore``;
+- ``client``: ``TritonSegClient`` over HTTP or gRPC (tritonclient); ``track_stream`` sends a video stream.
 
 Public names load lazily: importing this package imports neither tritonclient nor the runtime.
 """
@@ -35,6 +37,8 @@ _EXPORTS = {
     "find_tritonserver": "conceptseg_edge.serve.server",
     "TritonSegClient": "conceptseg_edge.serve.client",
     "ServedResult": "conceptseg_edge.serve.protocol",
+    "StreamFrame": "conceptseg_edge.serve.stream_protocol",
+    "StreamParameters": "conceptseg_edge.serve.parameters",
 }
 
 __all__ = sorted(_EXPORTS)

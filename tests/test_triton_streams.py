@@ -390,6 +390,7 @@ def test_four_concurrent_streams_equal_the_in_process_tracker(stream_server, vid
 @needs_server
 def test_bad_stream_requests_are_refused_and_other_streams_keep_being_served(stream_server, video_segmenter):
     from conceptseg_edge.serve.client import TritonRequestError, TritonSegClient
+    from conceptseg_edge.serve.stream_protocol import STREAM_MODEL_NAME, STREAM_OUTPUT_NAMES, stream_request_arrays
 
     frames = {seed: clip(seed) for seed in (1, 2, 3, 4)}
     want = {seed: in_process(video_segmenter, frames[seed], stream_prompts(seed)) for seed in (1, 2)}
@@ -408,6 +409,8 @@ def test_bad_stream_requests_are_refused_and_other_streams_keep_being_served(str
             client.stream_frame(2005, None, end=True)  # frees Triton's slot; the model never held the stream
         error = refused("must specify the START flag", stream_id=2006, frame=frames[1][1])  # sequence start missing
         assert error.client_error
+        with pytest.raises(TritonRequestError, match="non-zero or non-empty correlation ID"):  # no stream id at all
+            client.infer_arrays(stream_request_arrays(frames[1][0], stream_prompts(1)), STREAM_OUTPUT_NAMES, STREAM_MODEL_NAME)
         error = refused(r"frame 1: size 152x120 differs from the stream's 160x120", stream_id=2001, frame=frames[1][1][:, :152])
         assert error.client_error
         error = refused(r"PROMPTS\[0\].box: expected a list of 4 numbers", stream_id=2002, frame=frames[2][1],
