@@ -1,4 +1,4 @@
-"""``conceptseg-edge track`` end to end on a real (seeded SAM2.1-tiny) bundle with video parts: folder and
+"""``conceptseg-edge track`` end to end on a real (seeded SAM2) bundle with video parts: folder and
 video-file sources, the output folder and overlay, equality with the in-process tracker, and every bad
 input refused with one error line and nothing left behind."""
 
@@ -19,8 +19,8 @@ from conceptseg_edge.video import FrameSource, VideoWriter, open_frames
 
 pytestmark = pytest.mark.slow
 
-IMAGE_SIZE = 256  # the bundle's SAM2 input
-FRAMES = 3  # frames tracked per run: each costs an encoder pass on two shared cores
+CONFIG, IMAGE_SIZE = "conceptseg_tiny", 128  # the smallest SAM2 this repo exports (24 s with the video parts)
+FRAMES = 4
 BOX = "30,30,70,70"
 POINT = "50,50"
 ASSETS = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets"
@@ -28,8 +28,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets"
 
 @pytest.fixture(scope="module")
 def video_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded SAM2.1-tiny exported with --video; its object-score head biased to "present" (+8): a random
-    head says "absent", and SAM2 then blanks every tracked mask."""
+    """A seeded SAM2 (ConceptSeg-Tiny's backbone layout) exported with --video; its object-score head biased
+    to "present" (+8): a random head says "absent", and SAM2 then blanks every tracked mask."""
     import torch
 
     from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
@@ -37,11 +37,11 @@ def video_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("track-bundle")
     torch.manual_seed(0)
-    sam = build_sam2_model("sam2.1_hiera_t", None, IMAGE_SIZE).model
+    sam = build_sam2_model(CONFIG, None, IMAGE_SIZE).model
     with torch.no_grad():
         sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 8.0
-    torch.save({"model": sam.state_dict()}, root / "sam2.1_hiera_t.pt")
-    config = SAM2ExportConfig("sam2.1_hiera_t", str(root / "sam2.1_hiera_t.pt"), image_size=IMAGE_SIZE, video=True)
+    torch.save({"model": sam.state_dict()}, root / "sam2.pt")
+    config = SAM2ExportConfig(CONFIG, str(root / "sam2.pt"), image_size=IMAGE_SIZE, video=True)
     export_sam2(config, root / "bundle", progress=False)
     return root / "bundle"
 
