@@ -71,6 +71,17 @@ SAM3_SITE = Path(os.environ.get("CONCEPTSEG_SAM3_SITE", Path(sys.prefix) / "sam3
 #: The CLIP BPE merges SAM 3's tokenizer reads; not in the sam3 wheel, shipped by open_clip's.
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
+#: What goes into ``SAM3_SITE`` (sam3 and everything it imports that the main environment lacks), pinned
+#: to the versions the tests ran with; ``--no-deps`` because sam3's metadata would pull a CUDA torch.
+SAM3_PACKAGES = ("sam3==0.1.4", "timm==1.0.31", "torchvision==0.28.0", "open_clip_torch==3.3.0", "ftfy==6.3.1",
+                 "wcwidth==0.9.4", "einops==0.8.2", "pycocotools==2.0.11")
+
+
+def install_command() -> str:
+    """The pip line that installs ``SAM3_PACKAGES`` into ``SAM3_SITE`` (``make install`` runs the same)."""
+    return f"pip install --no-deps --upgrade --target {SAM3_SITE} {' '.join(SAM3_PACKAGES)}"
+
+
 _torchvision_library = None  # the op schemas of step 2 (defined once per process; they cannot be undefined)
 
 
@@ -79,10 +90,7 @@ def _site_on_path(stack: ExitStack) -> None:
         sys.path.insert(0, str(SAM3_SITE))
         stack.callback(sys.path.remove, str(SAM3_SITE))
     if importlib.util.find_spec("sam3") is None:
-        raise DependencyError(
-            f"sam3 is not installed (looked in {SAM3_SITE} and sys.path): "
-            "run `make sam3` (the `sam3` extra, installed with --target; see the Makefile)"
-        )
+        raise DependencyError(f"sam3 is not installed (looked in {SAM3_SITE} and sys.path): {install_command()}")
 
 
 def _define_torchvision_schemas() -> None:

@@ -229,3 +229,28 @@ def test_runtime_imports_no_torch():
 
     code = "import sys, conceptseg_edge.runtime.sam3; assert 'torch' not in sys.modules and 'sam3' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_sam3_names_the_install_line(tmp_path):
+    """Without the sam3 site directory the CLI exits with one line that says how to install it."""
+    import subprocess
+
+    env = {**__import__("os").environ, "CONCEPTSEG_SAM3_SITE": str(tmp_path / "absent")}
+    run = subprocess.run([sys.executable, "-m", "conceptseg_edge", "export", "sam3", "--variant", "sam3_small",
+                          "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "sam3 is not installed" in run.stderr and "--target" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_must_match_the_variant(small_checkpoint, tmp_path):
+    from conceptseg_edge.errors import CheckpointError
+
+    state = torch.load(small_checkpoint, weights_only=True)["model"]
+    state.pop(next(k for k in state if "presence_token" in k))
+    broken = tmp_path / "broken.pt"
+    torch.save({"model": state}, broken)
+    with sam3_compat():
+        from conceptseg_edge.models.sam3 import build_sam3
+
+        with pytest.raises(CheckpointError, match="1 missing keys"):
+            build_sam3("sam3_small", bpe_path(), broken)
