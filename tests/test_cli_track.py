@@ -150,6 +150,7 @@ def test_bad_requests_fail_before_any_engine(video_bundle: Path, clip_dir: Path,
         ([frames, "--point", POINT, "--video", str(tmp_path / "o.gif")], "--video .*o.gif: expected one of .mp4"),
         ([frames, "--point", POINT, "--max-frames", "0"], "--max-frames 0: expected at least 1"),
         ([frames, "--concept", " "], "concept: empty text"),
+        ([frames, "--point", POINT, "--label", "1", "--label", "0"], "--label: 2 labels for 1 points"),
         ([frames, "--concept", "red circle"], "this bundle has no concept routes"),
     ]
     (tmp_path / "notes.mp4").write_text("not a video")
@@ -160,6 +161,14 @@ def test_bad_requests_fail_before_any_engine(video_bundle: Path, clip_dir: Path,
         assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1
         assert re.search(message, stderr), (message, stderr)
         assert not out.exists()
+
+
+def test_labels_pair_with_points() -> None:
+    from conceptseg_edge.cli.track import object_prompts
+
+    both = object_prompts([[1.0, 2.0], [3.0, 4.0]], [0.0, 0.0, 9.0, 9.0], ["cat"], labels=[1, 0])
+    assert both[1].points == ((1.0, 2.0), (3.0, 4.0)) and both[1].labels == (1, 0) and both[1].box == (0.0, 0.0, 9.0, 9.0)
+    assert both[2].concept == "cat" and object_prompts([[1.0, 2.0, 0.0]], None, [])[1].labels == (0,)
 
 
 def test_bundle_without_video_parts(tmp_path: Path, clip_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="folder of frames, video file, or stream URL (rtsp://, http(s)://, file://)")
     parser.add_argument("--point", type=point_arg, action="append", default=[], metavar="X,Y[,LABEL]",
                         help="a point on the first frame (label 1 foreground, 0 background); with --box, one object")
+    parser.add_argument("--label", type=int, choices=(0, 1), action="append", default=[],
+                        help="the labels of the --point's in order (as X,Y,LABEL does; one per point)")
     parser.add_argument("--box", type=box_arg, default=None, metavar="X0,Y0,X1,Y1", help="a box on the first frame")
     parser.add_argument("--concept", action="append", default=[], metavar="TEXT",
                         help="a concept to find on the first frame and track (repeat for several objects)")
@@ -53,15 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_track)
 
 
-def object_prompts(points: list[list[float]], box: list[float] | None, concepts: list[str]) -> dict[int, ObjectPrompt]:
+def object_prompts(
+    points: list[list[float]], box: list[float] | None, concepts: list[str], labels: list[int] | None = None
+) -> dict[int, ObjectPrompt]:
     """Object id → prompt: the points and box together as object 1 (when given), then one per concept.
+    ``labels``: the points' labels in order (``--label``), for points given as X,Y.
 
     Raises:
-        InputError: no prompt at all, or an empty concept.
+        InputError: no prompt at all, an empty concept, or labels that do not pair with the points.
     """
     from conceptseg_edge.errors import InputError
     from conceptseg_edge.runtime.tracker import ObjectPrompt
 
+    if labels:
+        if len(labels) != len(points) or any(len(p) == 3 for p in points):
+            raise InputError(f"--label: {len(labels)} labels for {len(points)} points; give one --label per --point X,Y "
+                             "(or write each point as X,Y,LABEL)")  # fmt: skip
+        points = [[*p, float(label)] for p, label in zip(points, labels)]
     prompts: list[ObjectPrompt] = []
     if points or box is not None:
         prompts.append(ObjectPrompt(
@@ -231,7 +241,7 @@ def _track(args: argparse.Namespace) -> int:
     from conceptseg_edge.video import CONTAINER_FORMATS, open_frames
 
     config = provider_config(args)
-    prompts = object_prompts(args.point, args.box, args.concept)  # fail fast, before any engine or decoder
+    prompts = object_prompts(args.point, args.box, args.concept, args.label)  # fail fast, before any engine or decoder
     out = writable_output(args.out, "--out", directory=True)
     if args.video is not None:
         writable_output(args.video, "--video")
