@@ -168,8 +168,10 @@ class SAM2MemoryAttention(nn.Module):
             raise ExportError("sam2_memory_attention: RoPE modules with different tables are not supported")
         self.register_buffer("curr_pos", curr_pos.flatten(2).transpose(1, 2).contiguous(), persistent=False)  # (1, HW, C)
         self.register_buffer("mem_pos", mem_pos.flatten(2).transpose(1, 2)[0].contiguous(), persistent=False)  # (HW, m)
-        self.register_buffer("rope_cos", first[..., 0].contiguous(), persistent=False)  # (HW, D/2)
-        self.register_buffer("rope_sin", first[..., 1].contiguous(), persistent=False)
+        # Persistent, so the exporter writes each table once as an initializer: a non-persistent
+        # buffer is inlined as a constant at every use (16 rotations: 128 MB of copies at 1024 px).
+        self.register_buffer("rope_cos", first[..., 0].contiguous())  # (HW, D/2)
+        self.register_buffer("rope_sin", first[..., 1].contiguous())
 
     def _attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_plain: torch.Tensor | None = None, v_plain: torch.Tensor | None = None) -> torch.Tensor:
