@@ -10,7 +10,9 @@ it replaces is put back on exit. What it does:
    release for torch 2.13 on PyPI is CUDA-linked: installed in the main environment it fails to import
    (``torchvision::nms does not exist``) and breaks every ``transformers`` import that probes it. So the
    ``sam3`` extra lives in a directory of its own (``SAM3_SITE``; ``pip install --target``) that is on
-   ``sys.path`` only inside the context; the rest of the process never sees torchvision on disk.
+   ``sys.path`` only inside the context, and the modules loaded from it leave ``sys.modules`` when the
+   context ends (they are put back, the same objects, when the next one opens): the rest of the
+   process never finds torchvision.
 2. **torchvision's op schemas.** torchvision registers Python kernels (meta/fake) for ``nms``/``qnms``
    at import, which fails when its C++ extension (CUDA-linked) does not load. Defining the two schemas
    with ``torch.library`` first lets it import; SAM 3 needs neither op.
@@ -85,19 +87,39 @@ def install_command() -> str:
 _torchvision_library = None  # the op schemas of step 2 (defined once per process; they cannot be undefined)
 
 
+_stashed: dict[str, types.ModuleType] = {}  # SAM3_SITE's modules while no context is open
+
+
 def _site_on_path(stack: ExitStack) -> None:
     if SAM3_SITE.is_dir() and str(SAM3_SITE) not in sys.path:
         sys.path.insert(0, str(SAM3_SITE))
         stack.callback(sys.path.remove, str(SAM3_SITE))
+    sys.modules.update(_stashed)  # the same module objects as last time, so models built then still match
+    _stashed.clear()
+    stack.callback(_stash_site_modules)
     if importlib.util.find_spec("sam3") is None:
         raise DependencyError(f"sam3 is not installed (looked in {SAM3_SITE} and sys.path): {install_command()}")
+
+
+def _stash_site_modules() -> None:
+    """Take every module loaded from ``SAM3_SITE`` out of ``sys.modules`` until the next context.
+
+    Left there, ``importlib.util.find_spec("torchvision")`` would keep finding it, and ``transformers``
+    (which asks exactly that) would switch its image processors to torchvision code paths in the rest
+    of the process.
+    """
+    site = str(SAM3_SITE)
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), None)
+        if origin is not None and str(origin).startswith(site):
+            _stashed[name] = sys.modules.pop(name)
 
 
 def _define_torchvision_schemas() -> None:
     global _torchvision_library
     import torch
 
-    if _torchvision_library is not None or "torchvision" in sys.modules:
+    if _torchvision_library is not None or "torchvision" in sys.modules or "torchvision" in _stashed:
         return
     lib = torch.library.Library("torchvision", "FRAGMENT")
     for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",

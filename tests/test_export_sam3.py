@@ -153,6 +153,14 @@ def test_compat_context_restores_the_process():
     assert torch.Tensor.pin_memory is pin and (str(SAM3_SITE) in sys.path) == tv_on_path
     assert vitdet.Attention._apply_rope is not apply_rope  # the package's own complex RoPE is back
     assert "sam3.model.edt" not in sys.modules
+    if SAM3_SITE.is_dir():  # what transformers asks before it takes torchvision code paths
+        import importlib.util
+
+        assert importlib.util.find_spec("torchvision") is None and "timm" not in sys.modules
+    with sam3_compat():
+        from sam3.model import vitdet as again
+
+        assert again is vitdet  # the same modules come back, so models built earlier keep their patches
 
 
 # ---------------------------------------------------------------------------------- torch-free runtime
