@@ -36,7 +36,8 @@ it replaces is put back on exit. What it does:
 8. **Real-valued RoPE.** The ViT applies 2-D RoPE through ``view_as_complex`` on a complex
    ``freqs_cis`` buffer; ONNX has no complex type, so the TorchScript exporter cannot trace it. Each
    attention block also gets ``rope_cos``/``rope_sin`` (the buffer's real and imaginary parts,
-   non-persistent) and rotates with real arithmetic: the same product, (a + ib)(c + is).
+   non-persistent, re-read after every ``load_state_dict``) and rotates with real arithmetic: the
+   same product, (a + ib)(c + is).
 9. **The decoder's feature size as Python ints.** ``TransformerDecoder._get_rpb_matrix`` receives the
    feature size as a tensor row of ``spatial_shapes``; it is only compared with the cached size and
    used for shapes, so it is converted to ints (a data-dependent value would end up in the graph).
@@ -258,11 +259,15 @@ def _patch_sam3(stack: ExitStack) -> None:
     attn = vitdet.Attention
     setup = attn._setup_rope_freqs
 
+    def real_tables(module, _incompatible=None):
+        module.register_buffer("rope_cos", module.freqs_cis.real.contiguous(), persistent=False)
+        module.register_buffer("rope_sin", module.freqs_cis.imag.contiguous(), persistent=False)
+
     def setup_rope(self):
         setup(self)
         if self.freqs_cis is not None:
-            self.register_buffer("rope_cos", self.freqs_cis.real.contiguous(), persistent=False)
-            self.register_buffer("rope_sin", self.freqs_cis.imag.contiguous(), persistent=False)
+            real_tables(self)
+            self.register_load_state_dict_post_hook(real_tables)  # a checkpoint's freqs_cis wins
 
     def apply_rope(self, q, k):
         if not self.use_rope:
@@ -292,7 +297,7 @@ def bpe_path() -> Path:
     """The CLIP BPE merges file (open_clip's copy), found without importing open_clip (it imports torchvision)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise DependencyError(f"open_clip is not installed: {BPE_FILE} comes from the open-clip-torch wheel (`make sam3`)")
+        raise DependencyError(f"open_clip is not installed ({BPE_FILE} comes from its wheel): {install_command()}")
     path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
     if not path.is_file():
         raise DependencyError(f"{path}: missing from the installed open-clip-torch")
