@@ -9,6 +9,7 @@ import json
 # Torch-free modules: the choices are read while arguments are parsed, for every command.
 from conceptseg_edge.export.parts import PRECISIONS, WEIGHT_STORAGES
 from conceptseg_edge.export.qdq import QDQ_PRECISIONS, QdqConfig, export_qdq
+from conceptseg_edge.export.sam3 import SAM3_VARIANTS
 from conceptseg_edge.export.tensorrt import TRT_PRECISIONS, TrtBuildConfig
 from conceptseg_edge.manifest import HARDWARE_COMPATIBILITY
 from conceptseg_edge.models.sam2_variants import DEFAULT_CONFIG, SAM2_CONFIGS
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sam2.set_defaults(func=_export_sam2)
 
     sam3 = kinds.add_parser("sam3", help="SAM 3 vision encoder + text encoder + grounding head (text and concept tokens)")
-    sam3.add_argument("--variant", default="sam3", choices=["sam3", "sam3_small"],
+    sam3.add_argument("--variant", default="sam3", choices=list(SAM3_VARIANTS),
                       help="sam3: the release (840M); sam3_small: the same modules at test size")
     sam3.add_argument("--checkpoint", default=None, help="official sam3.pt (random init without it)")
     sam3.add_argument("--out", required=True, help="bundle directory to write")
