@@ -265,6 +265,7 @@ class VideoStream:
             raise InputError(f"frame {self._index + 1}: size {hw[1]}x{hw[0]} differs from the stream's {self._frame_hw[1]}x{self._frame_hw[0]}")
         if not self._tracks:
             raise InputError("add_frame: no object in this stream: add_object() first")
+        self._check_new_prompts(hw)
         self._index += 1
         t = self._index
         seg = self.video.segmenter
@@ -284,6 +285,18 @@ class VideoStream:
             timings = _add(timings, stages)
             self._forget(track, t)
         return FrameResult(t, objects, events, timings)
+
+    def _check_new_prompts(self, hw: tuple[int, int]) -> None:
+        """Points and boxes of objects starting on this frame, against its size, before any graph runs.
+        An object whose prompt does not fit is removed (the stream stays usable) and named."""
+        for obj_id, track in list(self._tracks.items()):
+            prompt = track.prompt
+            if track.state == "new" and prompt.concept is None:
+                try:
+                    make_prompts(prompt.points, prompt.labels, prompt.box, hw)
+                except InputError as exc:
+                    del self._tracks[obj_id]
+                    raise InputError(f"obj_id {obj_id} (removed from the stream): {exc}") from exc
 
     # ------------------------------------------------------------------ starts
 
