@@ -45,7 +45,7 @@ from conceptseg_edge.manifest import (
 from conceptseg_edge.runtime.sam3 import (
     CONTEXT_LENGTH,
     EOT,
-    MAX_CONCEPT_TOKENS,
+    DEFAULT_CONCEPT_SLOTS,
     PROMPT_DIM,
     SOT,
     TOKENIZER_FILE,
@@ -90,7 +90,7 @@ def sam3_text_spec() -> PartSpec:
     )
 
 
-def sam3_head_spec(image_size: int, num_queries: int) -> PartSpec:
+def sam3_head_spec(image_size: int, num_queries: int, concept_slots: int = DEFAULT_CONCEPT_SLOTS) -> PartSpec:
     """The grounding head; ``pred_masks`` comes first, so the parity check's mask IoU is taken on it."""
     g = _grid(image_size)
     low = 4 * g
@@ -103,8 +103,8 @@ def sam3_head_spec(image_size: int, num_queries: int) -> PartSpec:
             TensorSpec("fpn_2", "float32", (1, PROMPT_DIM, g, g)),
             TensorSpec("text_features", "float32", (1, CONTEXT_LENGTH, PROMPT_DIM)),
             TensorSpec("text_mask", "bool", (1, CONTEXT_LENGTH)),
-            TensorSpec("concept_tokens", "float32", (1, MAX_CONCEPT_TOKENS, PROMPT_DIM)),
-            TensorSpec("concept_mask", "bool", (1, MAX_CONCEPT_TOKENS)),
+            TensorSpec("concept_tokens", "float32", (1, concept_slots, PROMPT_DIM)),
+            TensorSpec("concept_mask", "bool", (1, concept_slots)),
         ),
         outputs=(
             TensorSpec("pred_masks", "float32", (1, num_queries, low, low)),
@@ -132,8 +132,11 @@ class Sam3ExportConfig:
     checkpoint: str | None = None
     opset: int = 17
     weight_storage: str = "fp32"  # a name in parts.WEIGHT_STORAGES
+    concept_slots: int = DEFAULT_CONCEPT_SLOTS  # the head's static concept-token count (K <= this, padded)
 
     def __post_init__(self) -> None:
+        if self.concept_slots < 1:
+            raise InputError(f"--concept-slots {self.concept_slots}: must be at least 1")
         if self.variant not in SAM3_VARIANTS:
             raise InputError(f"--variant {self.variant}: expected one of {', '.join(SAM3_VARIANTS)}")
         weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
@@ -254,7 +257,7 @@ def export_sam3_parts(cfg: Sam3ExportConfig, staging: Path, steps: tqdm | None =
         )
         advance("sam3 head")
 
-        # Head: text prompts with K = 4, 0 and 8 concept tokens (padded to MAX_CONCEPT_TOKENS).
+        # Head: text prompts with K = half the slots, 0 and all of them.
         rng = np.random.default_rng(1)
         by_text: dict[bytes, str] = {}
 
@@ -262,7 +265,7 @@ def export_sam3_parts(cfg: Sam3ExportConfig, staging: Path, steps: tqdm | None =
             lang = reference.text_features([prompt])
             features = lang["language_features"].transpose(0, 1).numpy()
             by_text[features.tobytes()] = prompt
-            tokens, mask = pad_concept_tokens(rng.standard_normal((k, PROMPT_DIM)).astype(np.float32))
+            tokens, mask = pad_concept_tokens(rng.standard_normal((k, PROMPT_DIM)).astype(np.float32), cfg.concept_slots)
             return {**fpn, "text_features": features, "text_mask": lang["language_mask"].numpy(),
                     "concept_tokens": tokens, "concept_mask": mask}
 
@@ -273,9 +276,10 @@ def export_sam3_parts(cfg: Sam3ExportConfig, staging: Path, steps: tqdm | None =
                     "pred_boxes": out["pred_boxes_xyxy"].numpy(), "presence_logit": out["presence_logit_dec"].numpy(),
                     "semantic_seg": out["semantic_seg"].numpy()}
 
-        cases = [head_case("a red car", 4), head_case("a red car", 0), head_case("person", 8)]
+        slots = cfg.concept_slots
+        cases = [head_case("a red car", (slots + 1) // 2), head_case("a red car", 0), head_case("person", slots)]
         head = export_and_validate(
-            Sam3GroundingHead(sam).eval(), sam3_head_spec(size, loaded.num_queries), cases, head_ref, REFERENCE_NAME,
+            Sam3GroundingHead(sam).eval(), sam3_head_spec(size, loaded.num_queries, slots), cases, head_ref, REFERENCE_NAME,
             staging, cfg.opset, cfg.weight_storage,
         )
         advance("manifest")

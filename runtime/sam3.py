@@ -32,9 +32,10 @@ TOKENIZER_FILE = "sam3_tokenizer.json"
 CONTEXT_LENGTH = 32
 PROMPT_DIM = 256
 SOT, EOT = "<start_of_text>", "<end_of_text>"
-#: Concept-token slots of the exported head (static: the trace bakes the prompt length into its
-#: attention reshapes); K < 8 tokens are padded with ``concept_mask`` True, K = 0 is all padding.
-MAX_CONCEPT_TOKENS = 8
+#: Concept-token slots a head is exported with unless told otherwise (ConceptSeg's CTM emits 8 tokens).
+#: The slot count is static (the trace bakes the prompt length into the attention reshapes); K below it
+#: is padded with ``concept_mask`` True, and K = 0 is all padding (equal to the text prompt alone).
+DEFAULT_CONCEPT_SLOTS = 8
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> np.ndarray:
@@ -49,15 +50,16 @@ def encode_prompts(tokenizer, texts: list[str]) -> np.ndarray:
     return out
 
 
-def pad_concept_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, 256) concept tokens → the head's ``concept_tokens`` (1, 8, 256) and ``concept_mask`` (1, 8), True = pad."""
+def pad_concept_tokens(tokens: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, 256) concept tokens → the head's ``concept_tokens`` (1, slots, 256) and ``concept_mask``
+    (1, slots), True = padding."""
     tokens = np.asarray(tokens, np.float32)
-    if tokens.ndim != 2 or tokens.shape[1] != PROMPT_DIM or tokens.shape[0] > MAX_CONCEPT_TOKENS:
-        raise InputError(f"concept tokens: expected (K <= {MAX_CONCEPT_TOKENS}, {PROMPT_DIM}), got {tokens.shape}")
+    if tokens.ndim != 2 or tokens.shape[1] != PROMPT_DIM or tokens.shape[0] > slots:
+        raise InputError(f"concept tokens: expected (K <= {slots}, {PROMPT_DIM}), got {tokens.shape}")
     k = tokens.shape[0]
-    padded = np.zeros((1, MAX_CONCEPT_TOKENS, PROMPT_DIM), np.float32)
+    padded = np.zeros((1, slots, PROMPT_DIM), np.float32)
     padded[0, :k] = tokens
-    mask = np.ones((1, MAX_CONCEPT_TOKENS), bool)
+    mask = np.ones((1, slots), bool)
     mask[0, :k] = False
     return padded, mask
 
@@ -92,6 +94,7 @@ class Sam3Predictor:
     def __init__(self, vision: Engine, text: Engine, head: Engine, tokenizer, preprocessing: Preprocessing,
                  presence_threshold: float = 0.5, score_threshold: float = 0.5) -> None:
         self.vision, self.text, self.head = vision, text, head
+        self.concept_slots = int(next(t.shape[1] for t in head.inputs if t.name == "concept_tokens"))
         self.tokenizer = tokenizer
         self.pre = preprocessing
         self.presence_threshold = presence_threshold
@@ -143,12 +146,13 @@ class Sam3Predictor:
         return self._concepts[concept]
 
     def predict(self, text: str, concept_tokens: np.ndarray | None = None) -> Sam3Prediction:
-        """Segment every instance of ``text`` (plus ``concept_tokens`` (K, 256), K <= 8) in the current image."""
+        """Segment every instance of ``text`` (plus ``concept_tokens`` (K, 256), K <= ``concept_slots``) in the
+        current image."""
         if self._features is None or self._image_hw is None:
             raise RuntimeError("no image set: call set_image() before predict()")
         features, mask = self.text_features(text)
-        tokens, token_mask = pad_concept_tokens(np.zeros((0, PROMPT_DIM), np.float32) if concept_tokens is None
-                                                else concept_tokens)
+        empty = np.zeros((0, PROMPT_DIM), np.float32)
+        tokens, token_mask = pad_concept_tokens(empty if concept_tokens is None else concept_tokens, self.concept_slots)
         t0 = time.perf_counter_ns()
         out = self.head.run({**self._features, "text_features": features, "text_mask": mask,
                              "concept_tokens": tokens, "concept_mask": token_mask})

@@ -17,12 +17,13 @@ from conceptseg_edge.export.sam3 import sam3_head_spec, sam3_text_spec, sam3_vis
 from conceptseg_edge.export.sam3_compat import SAM3_SITE, bpe_path, sam3_compat
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.runtime.engine import OrtEngine
-from conceptseg_edge.runtime.sam3 import MAX_CONCEPT_TOKENS, TOKENIZER_FILE, encode_prompts, pad_concept_tokens
+from conceptseg_edge.runtime.sam3 import DEFAULT_CONCEPT_SLOTS, TOKENIZER_FILE, encode_prompts, pad_concept_tokens
 
 # Parts whose export this module tests; test_every_registered_part_is_tested checks the registry.
 TESTED_PARTS = {"sam3_vision", "sam3_text", "sam3_head"}
 
 SIZE, QUERIES = 224, 16  # models.sam3.SAM3_SMALL
+SLOTS = 6  # exported with --concept-slots 6 (not the default 8), so the slot count really comes from the bundle
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def small_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory, small_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("sam3") / "bundle"
-    assert main(["export", "sam3", "--variant", "sam3_small", "--checkpoint", str(small_checkpoint), "--out", str(out)]) == 0
+    assert main(["export", "sam3", "--variant", "sam3_small", "--checkpoint", str(small_checkpoint), "--out", str(out),
+                 "--concept-slots", str(SLOTS)]) == 0
     return out
 
 
@@ -63,7 +65,7 @@ def _tokenizer(bundle: Path):
 def test_parity_is_recorded_per_part(small_bundle, small_checkpoint):
     m = load_bundle(small_bundle)
     assert m.source.checkpoint == str(small_checkpoint) and m.source.checkpoint_sha256
-    specs = {"sam3_vision": sam3_vision_spec(SIZE), "sam3_text": sam3_text_spec(), "sam3_head": sam3_head_spec(SIZE, QUERIES)}
+    specs = {"sam3_vision": sam3_vision_spec(SIZE), "sam3_text": sam3_text_spec(), "sam3_head": sam3_head_spec(SIZE, QUERIES, SLOTS)}
     assert set(m.parts) == set(specs)
     for name, spec in specs.items():
         parity = m.part(name).parity
@@ -80,7 +82,7 @@ def _head_feeds(reference, text: str, tokens: np.ndarray) -> tuple[dict[str, np.
     with sam3_compat():
         image_out = reference.image_features(image)
         lang = reference.text_features([text])
-    concept_tokens, concept_mask = pad_concept_tokens(tokens)
+    concept_tokens, concept_mask = pad_concept_tokens(tokens, SLOTS)
     feeds = {
         **{f"fpn_{i}": f.numpy() for i, f in enumerate(image_out["backbone_fpn"])},
         "text_features": lang["language_features"].transpose(0, 1).numpy(),
@@ -97,7 +99,7 @@ def test_k0_equals_the_plain_text_prompt(small_bundle, reference):
     got = OrtEngine(small_bundle / "sam3_head.onnx").run(feeds)
     with sam3_compat():
         want = reference.predict(image_out, "a red car")
-    spec = sam3_head_spec(SIZE, QUERIES)
+    spec = sam3_head_spec(SIZE, QUERIES, SLOTS)
     assert np.abs(got["pred_logits"] - want["pred_logits"][..., 0].numpy()).max() <= spec.atol["pred_logits"]
     assert np.abs(got["presence_logit"] - want["presence_logit_dec"].numpy()).max() <= spec.atol["presence_logit"]
     assert np.abs(got["pred_boxes"] - want["pred_boxes_xyxy"].numpy()).max() <= spec.atol["pred_boxes"]
@@ -120,7 +122,7 @@ def test_concept_tokens_change_the_output(small_bundle, reference):
 
 def test_pad_concept_tokens_refuses_too_many():
     with pytest.raises(InputError, match="concept tokens"):
-        pad_concept_tokens(np.zeros((MAX_CONCEPT_TOKENS + 1, 256), np.float32))
+        pad_concept_tokens(np.zeros((DEFAULT_CONCEPT_SLOTS + 1, 256), np.float32), DEFAULT_CONCEPT_SLOTS)
 
 
 PROMPTS = ["a red car", "The DOG on the left", "2 cats!", "don't   stop", "café crème", "x",
@@ -181,7 +183,7 @@ def _reference_masks(reference, image: np.ndarray, text: str, tokens: np.ndarray
         if tokens is None:
             out = reference.predict(image_out, text)
         else:
-            padded, mask = pad_concept_tokens(tokens)
+            padded, mask = pad_concept_tokens(tokens, SLOTS)
             out = reference.predict(image_out, text, torch.from_numpy(padded), torch.from_numpy(mask))
     masks = F.interpolate(out["pred_masks"], image.shape[:2], mode="bilinear", align_corners=False)[0] > 0
     presence = float(torch.sigmoid(out["presence_logit_dec"][0, 0]))
@@ -226,6 +228,7 @@ def test_runtime_state_and_concept_cache(small_bundle, sample_image):
     fresh.set_image(sample_image[::-1].copy())
     fresh.predict("a red car")
     assert list(fresh._concepts) == ["a red car"] and first.accepted  # text encoded once; tau 0 accepts
+    assert fresh.concept_slots == SLOTS
     with pytest.raises(InputError, match="concept tokens"):
         fresh.predict("a red car", np.zeros((3, 128), np.float32))
     with pytest.raises(InputError, match="empty"):

@@ -9,7 +9,7 @@ import json
 # Torch-free modules: the choices are read while arguments are parsed, for every command.
 from conceptseg_edge.export.parts import PRECISIONS, WEIGHT_STORAGES
 from conceptseg_edge.export.qdq import QDQ_PRECISIONS, QdqConfig, export_qdq
-from conceptseg_edge.export.sam3 import SAM3_VARIANTS
+from conceptseg_edge.export.sam3 import SAM3_VARIANTS, Sam3ExportConfig
 from conceptseg_edge.export.tensorrt import TRT_PRECISIONS, TrtBuildConfig
 from conceptseg_edge.manifest import HARDWARE_COMPATIBILITY
 from conceptseg_edge.models.sam2_variants import DEFAULT_CONFIG, SAM2_CONFIGS
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sam3.add_argument("--opset", type=int, default=17)
     sam3.add_argument("--weight-storage", default="fp32", choices=list(WEIGHT_STORAGES),
                       help="store large weights as fp16 with a Cast back (half the file; computes in fp32)")
+    sam3.add_argument("--concept-slots", type=int, default=Sam3ExportConfig.concept_slots,
+                      help="concept tokens the head takes (static; fewer are padded by mask, 0 = text prompt only)")
     sam3.set_defaults(func=_export_sam3)
 
     concept = kinds.add_parser("concept", help="ConceptSeg checkpoint → bundle with all three routes")
@@ -109,14 +111,14 @@ def _export_sam2(args: argparse.Namespace) -> int:
 
 
 def _export_sam3(args: argparse.Namespace) -> int:
-    from conceptseg_edge.export.sam3 import Sam3ExportConfig, export_sam3
+    from conceptseg_edge.export.sam3 import export_sam3
     from conceptseg_edge.fileio import writable_output
 
     writable_output(args.out, "--out", directory=True)  # before sam3 is imported or a model built
 
     manifest = export_sam3(
         Sam3ExportConfig(variant=args.variant, checkpoint=args.checkpoint, opset=args.opset,
-                         weight_storage=args.weight_storage),
+                         weight_storage=args.weight_storage, concept_slots=args.concept_slots),
         args.out,
     )
     parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
