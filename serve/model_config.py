@@ -52,7 +52,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 SEQUENCE_CONTROLS = {"start": "CONTROL_SEQUENCE_START", "end": "CONTROL_SEQUENCE_END", "ready": "CONTROL_SEQUENCE_READY",
                      "corrid": "CONTROL_SEQUENCE_CORRID"}
 SEQUENCE_STRATEGIES = ("direct", "oldest")
-CORRID_TYPES = ("uint64", "bytes")  # Triton accepts uint64 or string correlation ids
 
 
 class ModelConfigError(ConceptsegError):
@@ -132,20 +131,18 @@ class SequenceControl:
     """One ``sequence_batching.control_input``: a tensor Triton fills for the model on every request.
 
     ``start`` / ``end`` / ``ready`` are int32 flags (``int32_false_true: [0, 1]``); ``corrid`` carries the
-    request's correlation id as ``corrid_dtype`` (``uint64`` or ``bytes`` for string ids).
+    request's correlation id as ``TYPE_UINT64``. (Triton 2.51 refuses every request to a model whose CORRID
+    is ``TYPE_STRING``: "unexpected number of string elements 2 for inference input 'CORRID'".)
     """
 
     name: str
     kind: str
-    corrid_dtype: str = "uint64"
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ModelConfigError(f"control input {self.name!r}: not a valid Triton tensor name")
         if self.kind not in SEQUENCE_CONTROLS:
             raise ModelConfigError(f"control input {self.name}.kind: {self.kind!r}, expected one of {sorted(SEQUENCE_CONTROLS)}")
-        if self.corrid_dtype not in CORRID_TYPES:
-            raise ModelConfigError(f"control input {self.name}.corrid_dtype: {self.corrid_dtype!r}, expected one of {CORRID_TYPES}")
 
 
 @dataclass(frozen=True)
@@ -402,7 +399,7 @@ def _sequence_block(sb: SequenceBatching) -> list[str]:
         lines += ["  direct {", f"    max_queue_delay_microseconds: {sb.max_queue_delay_microseconds}", "  }"]
     controls = []
     for c in sb.controls:
-        value = f"data_type: {TRITON_TYPES[c.corrid_dtype]}" if c.kind == "corrid" else "int32_false_true: [ 0, 1 ]"
+        value = "data_type: TYPE_UINT64" if c.kind == "corrid" else "int32_false_true: [ 0, 1 ]"
         controls.append(f"    {{\n      name: {_q(c.name)}\n      control [ {{ kind: {SEQUENCE_CONTROLS[c.kind]} {value} }} ]\n    }}")
     return lines + ["  control_input [", ",\n".join(controls), "  ]", "}"]
 
@@ -507,7 +504,7 @@ def _compare(m, cfg: ModelConfig, pb2, where: str) -> None:
         parsed = [(c.name, [(kinds.Name(k.kind), tuple(k.int32_false_true), pb2.DataType.Name(k.data_type)) for k in c.control])
                   for c in sb.control_input]
         described = [(c.name, [(SEQUENCE_CONTROLS[c.kind], () if c.kind == "corrid" else (0, 1),
-                                TRITON_TYPES[c.corrid_dtype] if c.kind == "corrid" else "TYPE_INVALID")])
+                                "TYPE_UINT64" if c.kind == "corrid" else "TYPE_INVALID")])
                      for c in want.controls]
         check("sequence_batching.control_input", parsed, described)
     check("parameters", {k: v.string_value for k, v in m.parameters.items()}, dict(cfg.parameters))

@@ -66,13 +66,11 @@ Flavor = Literal["python", "native"]
 Device = Literal["cpu", "gpu"]
 GraphBackend = Literal["onnxruntime", "python"]
 BundleMode = Literal["copy", "reference"]
-StreamIdType = Literal["uint64", "string"]
 # The names ``triton build`` accepts (its ``choices=``), in the order help lists them.
 FLAVORS: tuple[Flavor, ...] = get_args(Flavor)
 DEVICES: tuple[Device, ...] = get_args(Device)
 GRAPH_BACKENDS: tuple[GraphBackend, ...] = get_args(GraphBackend)
 BUNDLE_MODES: tuple[BundleMode, ...] = get_args(BundleMode)
-STREAM_ID_TYPES: tuple[StreamIdType, ...] = get_args(StreamIdType)
 # The parts a bundle exported with --video adds; all three present → the stream model is built.
 VIDEO_PARTS = ("sam2_video_decoder", "sam2_memory_encoder", "sam2_memory_attention")
 REPOSITORY_MANIFEST = "conceptseg_repository.json"
@@ -180,7 +178,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             tensors = {t.name(): t.as_numpy() for t in request.inputs()}
-            responses.append(_respond(*self.model.respond(tensors)))
+            responses.append(_respond(*self.model.respond(tensors, request.correlation_id())))
         return responses
 '''
 
@@ -202,7 +200,6 @@ class RepositoryConfig:
     generation: GenerationConfig | None = field(default=None, metadata={"help": "reason route generation budget (default: the runtime's)"})
     max_streams: int = field(default=16, metadata={"help": "stream model: most live video streams per instance"})
     stream_idle_s: float = field(default=30.0, metadata={"help": "stream model: free a stream idle this many seconds"})
-    stream_id_type: StreamIdType = field(default="uint64", metadata={"help": "stream model: sequence ids are uint64 or string"})
 
     def __post_init__(self) -> None:
         if self.flavor is not None and self.flavor not in FLAVORS:
@@ -226,8 +223,6 @@ class RepositoryConfig:
             raise InputError(f"--max-streams {self.max_streams}: expected an int >= 1")
         if isinstance(self.stream_idle_s, bool) or not isinstance(self.stream_idle_s, (int, float)) or not self.stream_idle_s >= 1e-3:
             raise InputError(f"--stream-idle-s {self.stream_idle_s}: expected seconds >= 0.001")
-        if self.stream_id_type not in STREAM_ID_TYPES:
-            raise InputError(f"stream_id_type {self.stream_id_type!r}: expected one of {STREAM_ID_TYPES}")
 
     @property
     def resolved_device(self) -> Device:
@@ -544,7 +539,7 @@ def stream_model_config(cfg: RepositoryConfig, parameters: StreamParameters) -> 
     """
     kind = _KIND[cfg.resolved_device]
     batching = SequenceBatching(
-        controls=stream_controls("bytes" if cfg.stream_id_type == "string" else "uint64"),
+        controls=stream_controls(),
         max_sequence_idle_microseconds=parameters.idle_timeout_us,
         strategy="oldest",
         max_candidate_sequences=2 * parameters.max_streams,

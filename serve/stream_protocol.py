@@ -66,9 +66,9 @@ STREAM_CONTROL_NAMES = {"start": "START", "end": "END", "ready": "READY", "corri
 _PROMPT_KEYS = ("points", "labels", "box", "concept", "obj_id")
 
 
-def stream_controls(corrid_dtype: str = "uint64") -> tuple[SequenceControl, ...]:
-    """The control inputs of the stream model; ``corrid_dtype`` ``bytes`` for string sequence ids."""
-    return tuple(SequenceControl(name, kind, corrid_dtype) for kind, name in STREAM_CONTROL_NAMES.items())
+def stream_controls() -> tuple[SequenceControl, ...]:
+    """The control inputs of the stream model (CORRID as uint64: see ``parse_controls`` for string ids)."""
+    return tuple(SequenceControl(name, kind) for kind, name in STREAM_CONTROL_NAMES.items())
 
 
 # ---------------------------------------------------------------------------- server side
@@ -92,10 +92,18 @@ def _item(tensors: Mapping[str, np.ndarray], name: str) -> Any:
     return item.decode("utf-8", "replace") if isinstance(item, (bytes, np.bytes_)) else item.item()
 
 
-def parse_controls(tensors: Mapping[str, np.ndarray]) -> StreamControls:
-    """The sequence batcher's control inputs (each ``[1, 1]``) → ``StreamControls``."""
+def parse_controls(tensors: Mapping[str, np.ndarray], correlation_id: int | str | None = None) -> StreamControls:
+    """The sequence batcher's control inputs (each ``[1, 1]``) → ``StreamControls``.
+
+    ``correlation_id``: the request's own id (``request.correlation_id()`` in the python backend), which names
+    the stream when given. Triton 2.51 fills a uint64 CORRID from a *string* id by packing its length and
+    first bytes into 8 bytes, so ``"camera-0001"`` and ``"camera-0002"`` arrive as the same CORRID; the
+    request's own id keeps them apart. CORRID names the stream only where the backend gives no id.
+    """
     names = STREAM_CONTROL_NAMES
-    return StreamControls(_item(tensors, names["corrid"]), bool(_item(tensors, names["start"])),
+    corrid = _item(tensors, names["corrid"])
+    stream_id = corrid if correlation_id is None or correlation_id in (0, "") else correlation_id
+    return StreamControls(stream_id, bool(_item(tensors, names["start"])),
                           bool(_item(tensors, names["end"])), bool(_item(tensors, names["ready"])))
 
 

@@ -164,10 +164,13 @@ class StreamModel:
         stream.add_frame(image)
         stream.add_frame(image)  # the second frame runs memory attention and the tracking decoder
 
-    def handle(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decode the request and its controls, run the frame on its stream, encode. Raises on a bad request."""
+    def handle(self, tensors: Mapping[str, np.ndarray], correlation_id: int | str | None = None) -> dict[str, np.ndarray]:
+        """Decode the request and its controls, run the frame on its stream, encode. Raises on a bad request.
+
+        ``correlation_id``: the request's own sequence id, which names the stream (``parse_controls``).
+        """
         t0 = time.perf_counter_ns()
-        controls = parse_controls(tensors)
+        controls = parse_controls(tensors, correlation_id)
         self.store.sweep()
         if not controls.ready:
             raise InputError("READY is 0: no request in this batch slot")
@@ -204,10 +207,11 @@ class StreamModel:
         timings["server_total"] = elapsed_ms(t0)
         return _batched(encode_frame(result, hw, timings))
 
-    def respond(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, tuple[str, str] | None]:
+    def respond(self, tensors: Mapping[str, np.ndarray],
+                correlation_id: int | str | None = None) -> tuple[dict[str, np.ndarray] | None, tuple[str, str] | None]:
         """``handle`` that never raises: (outputs, None) or (None, (error code name, message))."""
         try:
-            return self.handle(tensors), None
+            return self.handle(tensors, correlation_id), None
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error, never the server's
             return None, classify_stream_error(exc)
 

@@ -99,10 +99,6 @@ def test_stream_config_parses_with_tritons_protobuf():
     assert config.parameters["max_streams"] == "5" and config.parameters["idle_timeout_us"] == "2500000"
     assert "max_batch_size: 1" in text and "CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64" in text
 
-    strings = RepositoryConfig(stream_id_type="string")
-    text = stream_model_config(strings, stream_parameters(strings, "bundle")).to_pbtxt()
-    assert "CONTROL_SEQUENCE_CORRID data_type: TYPE_STRING" in text
-
 
 def test_sequence_batching_is_checked_before_writing():
     from conceptseg_edge.serve.model_config import ModelConfig, ModelConfigError, SequenceBatching, SequenceControl, TensorConfig
@@ -144,8 +140,7 @@ def test_stream_parameters_round_trip_and_are_read_strictly(tmp_path):
                           ({k: v for k, v in good.items() if k != "idle_timeout_us"}, r"parameters\[idle_timeout_us\]: missing")]:
         with pytest.raises(ModelConfigError, match=match):
             StreamParameters.from_parameters(params)
-    for flags, match in [({"max_streams": 0}, "--max-streams 0"), ({"stream_idle_s": 0}, "--stream-idle-s 0"),
-                         ({"stream_id_type": "int"}, "stream_id_type 'int'")]:
+    for flags, match in [({"max_streams": 0}, "--max-streams 0"), ({"stream_idle_s": 0}, "--stream-idle-s 0")]:
         with pytest.raises(InputError, match=match):
             RepositoryConfig(**flags)
 
@@ -431,3 +426,41 @@ def test_bad_stream_requests_are_refused_and_other_streams_keep_being_served(str
             client.stream_frame(2007, None, end=True)
         assert list(client.track_stream(2008, frames[4][:2], stream_prompts(4)))[-1].index == 1  # room again
         assert client.is_ready()
+
+
+
+
+IDLE_S = 6.0  # well above two frames' time on loaded shared cores: Triton's idle clock runs while other streams' frames do
+
+
+@needs_server
+def test_string_stream_ids_stay_apart_and_idle_streams_are_freed_by_both_sides(video_bundle, video_segmenter, tmp_path):
+    """Two streams allowed, 6 s idle timeout. String ids that Triton 2.51 packs into the same uint64 CORRID
+    ("camera-0001", "camera-0002") are still two streams (the model keys on the request's own id); idle
+    streams make room for a new one, and Triton has let go of them too (a next frame needs a new START)."""
+    from conceptseg_edge.serve.client import TritonRequestError, TritonSegClient
+    from conceptseg_edge.serve.repository import RepositoryConfig, build_repository
+    from conceptseg_edge.serve.server import TritonServer
+
+    repo = tmp_path / "repo"
+    build_repository(video_bundle, repo, RepositoryConfig(flavor="python", bundle_mode="reference", max_streams=2,
+                                                          stream_idle_s=IDLE_S))
+    ids = {"camera-0001": 1, "camera-0002": 2}
+    want = {seed: in_process(video_segmenter, clip(seed)[:2], stream_prompts(seed)) for seed in ids.values()}
+    with TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=300) as srv, \
+            TritonSegClient(srv.grpc_url, timeout=300) as client:
+        for frame in (0, 1):
+            for sid, seed in ids.items():
+                got = client.stream_frame(sid, clip(seed)[frame], stream_prompts(seed) if frame == 0 else None, start=frame == 0)
+                assert got.index == frame
+                for obj_id, obj in want[seed][frame].objects.items():
+                    assert np.array_equal(got.masks[obj_id], obj.mask), f"{sid} frame {frame}"
+        with pytest.raises(TritonRequestError, match="limit of 2 live streams"):
+            client.stream_frame("camera-0003", clip(3)[0], stream_prompts(3), start=True)
+        with pytest.raises(TritonRequestError, match="unknown stream id"):
+            client.stream_frame("camera-0003", None, end=True)  # frees Triton's slot of the refused stream
+        time.sleep(IDLE_S + 1.5)
+        assert client.stream_frame("camera-0003", clip(3)[0], stream_prompts(3), start=True).index == 0  # both idle: swept
+        with pytest.raises(TritonRequestError, match="must specify the START flag"):
+            client.stream_frame("camera-0001", clip(1)[2])
+        assert client.stream_frame("camera-0003", clip(3)[1], end=True).index == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conceptseg_edge.router import AUTO, ROUTE_CHOICES
 from conceptseg_edge.serve.protocol import MODEL_NAME
-from conceptseg_edge.serve.repository import DEVICES, FLAVORS, GRAPH_BACKENDS, STREAM_ID_TYPES, RepositoryConfig
+from conceptseg_edge.serve.repository import DEVICES, FLAVORS, GRAPH_BACKENDS, RepositoryConfig
 from conceptseg_edge.serve.server import LOOPBACK
 
 
@@ -48,8 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="stream model (bundles exported with --video): most live video streams per instance (default 16)")
     build.add_argument("--stream-idle-s", type=float, default=RepositoryConfig.stream_idle_s, metavar="S",
                        help="stream model: free a stream after S seconds without a frame (default 30)")
-    build.add_argument("--stream-ids", default=RepositoryConfig.stream_id_type, choices=STREAM_ID_TYPES,
-                       help="stream model: sequence ids are uint64 (default) or string")
     build.set_defaults(func=_build)
 
     serve = kinds.add_parser("serve", help="run tritonserver on a repository (loopback) until Ctrl-C")
@@ -98,7 +96,6 @@ def _build(args: argparse.Namespace) -> int:
         generation=None if args.max_new_tokens is None else GenerationConfig(max_new_tokens=args.max_new_tokens),
         max_streams=args.max_streams,
         stream_idle_s=args.stream_idle_s,
-        stream_id_type=args.stream_ids,
     )
     manifest = build_repository(args.bundle, args.out, cfg)
     print(json.dumps({"repository": str(Path(args.out)), "flavor": manifest.flavor, "routes": list(manifest.routes),
