@@ -37,6 +37,7 @@ from conceptseg_edge.benchmarks.stats import (
     environment,
     p50_ratio,
     peak_rss_mb,
+    plot_stages,
     stability_note,
 )
 from conceptseg_edge.errors import BenchmarkError
@@ -313,22 +314,5 @@ def render_routes_table(report: RoutesBenchReport) -> str:
 
 def plot_routes(report: RoutesBenchReport, png: str | Path) -> Path:
     """Stacked bars of p50 per stage for each route (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from conceptseg_edge.visualize import save_figure
-
-    routes = list(report.routes)
-    stages = sorted({k for series in report.routes.values() for k in series.stages})
-    fig, ax = plt.subplots(figsize=(10, 4))
-    bottom = np.zeros(len(routes))
-    for stage in stages:
-        vals = np.array([report.routes[r].p50(stage) for r in routes])
-        ax.bar(routes, vals, bottom=bottom, label=stage)
-        bottom += vals
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_title(f"{report.subject.model} @ {report.subject.image_size}px, {report.provider}")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_figure(fig, png)
+    return plot_stages(report.routes, f"{report.subject.model} @ {report.subject.image_size}px, {report.provider}",
+                       "p50 latency (ms)", png)

@@ -217,3 +217,27 @@ def run_step(module: str, argv: list[str], step: str, log: Path, out: Path) -> d
         last = log.read_text().strip().splitlines()[-1:]
         result["error"] = f"exit {code}" + (f": {last[0]}" if last else "") + f" (full log: {log})"
     return result
+
+
+def plot_stages(series: Mapping[str, StageSeries], title: str, ylabel: str, png: str | Path) -> Path:
+    """Stacked bars of each series' p50 per stage (PNG, written atomically): where a request's time goes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from conceptseg_edge.visualize import save_figure
+
+    names = list(series)
+    stages = sorted({k for s in series.values() for k in s.stages})
+    fig, ax = plt.subplots(figsize=(10, 4))
+    bottom = np.zeros(len(names))
+    for stage in stages:
+        vals = np.array([series[n].p50(stage) for n in names])
+        ax.bar(names, vals, bottom=bottom, label=stage)
+        bottom += vals
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, png)

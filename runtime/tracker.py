@@ -75,7 +75,7 @@ class TrackerConfig:
     max_obj_ptrs: int = 16  # object pointers attended to (SAM2: max_obj_ptrs_in_encoder)
     max_cond_frames: int = 4  # conditioning frames kept per object (SAM2 keeps all: unbounded)
     lost_frames: int = 5  # K: consecutive frames below the threshold before the router re-fires
-    lost_threshold: float | None = None  # on sigmoid(object score); None: the router's tau(words)
+    lost_threshold: float | None = None  # on sigmoid(object score); None: max(the router's tau(words), 0.5)
     max_objects: int = 16
 
     def __post_init__(self) -> None:
@@ -414,13 +414,19 @@ class VideoStream:
         return out, stages
 
     def _lost(self, track: _Track, object_logit: float) -> bool:
-        """Count frames below the threshold; True on the K-th."""
+        """Count frames below the threshold; True on the K-th.
+
+        The default threshold is the router's τ(words) for a concept, but never below 0.5: under 0.5
+        SAM2 itself calls the object absent and blanks its mask, so an object the user no longer sees
+        counts as lost even where a calibrated τ is lower (the tiny default's is 0 for some lengths).
+        """
         config = self.video.config
         threshold = config.lost_threshold
         if threshold is None:
             router = self.video.segmenter.router
             concept = track.prompt.concept
-            threshold = router.tau(min(count_words(concept), router.max_shortcut_words)) if concept else 0.5
+            tau = router.tau(min(count_words(concept), router.max_shortcut_words)) if concept else 0.0
+            threshold = max(tau, 0.5)
         presence = 1.0 / (1.0 + np.exp(-object_logit))
         track.below = track.below + 1 if presence < threshold else 0
         return track.below >= config.lost_frames

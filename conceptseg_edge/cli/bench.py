@@ -1,5 +1,7 @@
 """``conceptseg-edge bench BUNDLE --route prompt|all ...``: latency per route and stage, JSON + table (+ PNG).
 
+``conceptseg-edge bench BUNDLE --video``: tracking vs re-segmenting every frame (``benchmarks/video.py``).
+
 ``conceptseg-edge bench --profile real --out DIR``: the real-size SAM2 profile (``benchmarks/real.py``),
 which builds its own bundles, so it takes no BUNDLE.
 """
@@ -26,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="--profile real: directory for real.json/.md/.png")
     parser.add_argument("--sizes", nargs="+", default=None, help="--profile real: SAM 2.1 sizes (default tiny large)")
     parser.add_argument("--quick", action="store_true", help="--profile real: 3 runs, 1 warm-up (instead of --runs/--warmup)")
+    parser.add_argument("--video", action="store_true",
+                        help="tracking vs re-segmenting every frame, and J&F per level (a concept bundle exported with --video)")
+    parser.add_argument("--frames", type=int, default=30, help="--video: frames per clip")
+    parser.add_argument("--accuracy-seeds", type=int, default=1, help="--video: VideoWorld seeds scored for J&F (0: speed only)")
     parser.add_argument("--route", default="prompt", choices=BENCH_ROUTES,
                         help="prompt: the SAM2 route vs torch eager; all: every route of a concept bundle")
     parser.add_argument("--compare-torch", action="store_true", help="time the PyTorch reference in the same run")
@@ -72,6 +78,15 @@ def _bench(args: argparse.Namespace) -> int:
         cfg = TritonBenchConfig(concurrency=levels, runs=args.runs, warmup=args.warmup, **provider_choice(args))
         served = bench_triton(args.triton, args.bundle, cfg=cfg)
         report, table = served.to_json(), render_triton_table(served)
+    elif args.video:
+        from conceptseg_edge.benchmarks.video import VideoBenchConfig, bench_video, plot_video, render_video_table
+
+        runs = {} if args.runs == args.bench_parser.get_default("runs") else {"runs": args.runs}
+        video = bench_video(args.bundle, VideoBenchConfig(frames=args.frames, accuracy_seeds=args.accuracy_seeds, **runs,
+                                                          **provider_choice(args)))
+        report, table = video.to_json(), render_video_table(video)
+        if args.png:
+            plot_video(video, args.png)
     elif args.route == "all":
         from conceptseg_edge.benchmarks.routes import RoutesBenchConfig, bench_routes, plot_routes, render_routes_table
         from conceptseg_edge.generation import GenerationConfig
@@ -98,7 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 #: ``bench`` options the real profile does not take: it runs every side on CPU with the runtime's default
 #: session settings and ORT's peer with ORT's, and writes its own JSON / markdown / PNG under --out.
-PROFILE_UNUSED = ("route", "compare_torch", "checkpoint", "provider", "allow_fallback", "trt_cache", "ort_threads",
+PROFILE_UNUSED = ("video", "route", "compare_torch", "checkpoint", "provider", "allow_fallback", "trt_cache", "ort_threads",
                   "ort_spinning", "max_new_tokens", "compare_bundle", "triton", "concurrency", "json_out", "png")
 
 
