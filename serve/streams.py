@@ -195,7 +195,8 @@ class StreamModel:
                 result = None if frame is None else stream.add_frame(frame)
             except Exception:
                 for obj_id in added:
-                    stream.remove_object(obj_id)
+                    if obj_id in stream.objects:  # the tracker drops a prompt that misfits the frame itself
+                        stream.remove_object(obj_id)
                 raise
             if controls.start:
                 self.store.start(controls.stream_id, stream)

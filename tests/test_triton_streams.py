@@ -295,14 +295,19 @@ def test_stream_model_in_process_errors_and_bookkeeping(video_segmenter):
     assert first.events and first.events[0]["kind"] == "start"
     _, error = request(1, frames[1][:-8])
     assert error[0] == "INVALID_ARG" and "differs from the stream's 160x120" in error[1]
-    out, error = request(1, frames[1])  # the refused frame left the stream as it was
+    _, error = request(1, frames[1], [{"box": [0, 0, 400, 50], "obj_id": 5}])  # a new object outside the frame
+    assert error[0] == "INVALID_ARG" and "obj_id 5 (removed from the stream)" in error[1]
+    out, error = request(1, frames[1])  # the refused frames left the stream as it was
     assert error is None and np.array_equal(decode_stream_response(out).masks[1], want[1].objects[1].mask)
+    assert sorted(decode_stream_response(out).masks) == [1]
     _, error = request(9, frames[0])
     assert error[0] == "INVALID_ARG" and "stream 9: unknown stream id (sequence start missing" in error[1]
     _, error = request(2, frames[0], [{"box": [1, 2, 3]}], start=True)
     assert error[0] == "INVALID_ARG" and "PROMPTS[0].box" in error[1] and 2 not in model.store
     _, error = request(2, frames[0], start=True)
     assert "START: needs FRAME and PROMPTS" in error[1]
+    _, error = request(2, frames[0], [{"points": [[500, 10]]}], start=True)
+    assert error[0] == "INVALID_ARG" and "removed from the stream" in error[1] and 2 not in model.store
     assert request(2, frames[0], stream_prompts(2), start=True)[1] is None
     _, error = request(3, frames[0], stream_prompts(3), start=True)
     assert error[0] == "UNAVAILABLE" and "limit of 2 live streams" in error[1]
