@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[export,train,serve,dev]'
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0
+	# SAM 3 and what it imports (torchvision, timm) go to a private directory the export puts on sys.path only
+	# inside export/sam3_compat.py's context: torchvision beside CPU torch breaks transformers imports elsewhere.
+	# The pinned list and the directory (sys.prefix/sam3-site) are sam3_compat's: one source.
+	$(PY) -m conceptseg_edge.export.sam3_compat
 	$(PY) -c "import torch, sam2, onnxruntime; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -304,3 +304,15 @@ def bpe_path() -> Path:
     return path
 
 
+
+
+def install() -> int:
+    """Install ``SAM3_PACKAGES`` into ``SAM3_SITE`` with this interpreter's pip (``make install`` runs it)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(SAM3_SITE), *SAM3_PACKAGES]
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(install())

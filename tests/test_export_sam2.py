@@ -131,4 +131,5 @@ def test_registry_lists_every_family_once():
     declared = [name for family in FAMILIES for name in family.PARTS]
     assert len(declared) == len(set(declared)) == len(PART_REGISTRY)
     assert set(PART_REGISTRY) == {"sam2_encoder", "sam2_decoder", "ctm", "policy_vision", "policy_embed", "policy_decoder",
-                                  "sam2_video_decoder", "sam2_memory_encoder", "sam2_memory_attention"}
+                                  "sam2_video_decoder", "sam2_memory_encoder", "sam2_memory_attention",
+                                  "sam3_vision", "sam3_text", "sam3_head"}
