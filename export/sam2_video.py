@@ -220,11 +220,13 @@ def video_decoder_reference(sam) -> Reference:
         gate = torch.from_numpy(feeds["has_mask_input"]).reshape(-1, 1, 1, 1)
         # predict_masks takes one mask for all rows or none: a row without a mask gets no_mask_embed,
         # which is what the prompt encoder adds for ``masks=None``; rows are decoded one by one.
+        # A row with a mask prompt decodes the raw feature, as ``_use_mask_as_output`` does.
+        raw = {**feats, "image_embed": feats["image_embed"] - sam.no_mem_embed.reshape(1, -1, 1, 1)}
         rows = []
         for b in range(gate.shape[0]):
             mask = sam.mask_downsample(torch.from_numpy(feeds["mask_input"][b : b + 1])) if gate[b] > 0 else None
             rows.append(reference.decode_all_tokens(
-                feats, torch.from_numpy(feeds["point_coords"][b : b + 1]), torch.from_numpy(feeds["point_labels"][b : b + 1]),
+                feats if mask is None else raw, torch.from_numpy(feeds["point_coords"][b : b + 1]), torch.from_numpy(feeds["point_labels"][b : b + 1]),
                 torch.from_numpy(feeds["concept_tokens"][b : b + 1]), mask,
             ))
         masks, iou, obj, tokens = (torch.cat(parts) for parts in zip(*rows))

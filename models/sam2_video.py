@@ -44,7 +44,10 @@ class SAM2VideoDecoder(SAM2PromptDecoder):
     """``_forward_sam_heads`` on all four mask tokens: masks, IoUs, object score and object pointers.
 
     ``mask_input`` is a full-resolution (B, 1, s, s) mask prompt, brought to the decoder's mask size
-    with ``sam.mask_downsample`` as ``_use_mask_as_output`` does. Each pointer is
+    with ``sam.mask_downsample`` as ``_use_mask_as_output`` does. A row with a mask prompt decodes the
+    raw backbone feature (``image_embed`` minus ``no_mem_embed``): ``_use_mask_as_output`` hands
+    ``_forward_sam_heads`` the frame's feature without the no-memory embedding that point and box
+    prompts on a first frame get. Each pointer is
     ``obj_ptr_proj(token)`` mixed with ``no_obj_ptr`` by the decoder's own object score
     (``fixed_no_obj_ptr``: a hard λ = score > 0); picking a row, and blanking the masks of an absent
     object, is left to the runtime like the choice between single and multimask output.
@@ -57,6 +60,7 @@ class SAM2VideoDecoder(SAM2PromptDecoder):
         self.mask_downsample = sam.mask_downsample
         self.obj_ptr_proj = sam.obj_ptr_proj
         self.no_obj_ptr = sam.no_obj_ptr
+        self.no_mem_embed = sam.no_mem_embed
 
     def forward(  # type: ignore[override]
         self,
@@ -69,6 +73,8 @@ class SAM2VideoDecoder(SAM2PromptDecoder):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate = has_mask_input.reshape(-1, 1, 1, 1)
+        image_embed = image_embed - gate * self.no_mem_embed.reshape(1, -1, 1, 1)
         masks, iou, object_score_logits, tokens = self.decode(
             image_embed, high_res_feats_0, high_res_feats_1, point_coords, point_labels, concept_tokens,
             self.mask_downsample(mask_input), has_mask_input,

@@ -47,24 +47,34 @@ NO_OBJ_SCORE = -1024.0
 MASK_OUT_SCALE, MASK_OUT_BIAS = 20.0, -10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ObjectPrompt:
-    """How an object starts: points (+labels) and/or a box in original-frame pixels, or a concept."""
+    """How an object starts: points (+labels) and/or a box in original-frame pixels, a mask of the
+    frame (SAM2's ``add_new_mask``), or a concept query for the router."""
 
     points: tuple[tuple[float, float], ...] | None = None
     labels: tuple[int, ...] | None = None
     box: tuple[float, float, float, float] | None = None
     concept: str | None = None
+    mask: np.ndarray | None = None  # (H, W) bool, the size of the frames
 
     def __post_init__(self) -> None:
         geometry = bool(self.points) or self.box is not None
         concept = self.concept is not None and bool(self.concept.strip())
         if self.concept is not None and not concept:
             raise InputError("concept: empty text")
-        if geometry == concept:
-            raise InputError("object prompt: give points and/or a box, or a concept (exactly one kind)")
+        if self.mask is not None:
+            mask = np.asarray(self.mask)
+            if mask.ndim != 2 or mask.dtype != bool or not mask.any():
+                raise InputError(f"mask: expected a non-empty (H, W) bool mask, got {mask.dtype} {mask.shape}")
+        if geometry + concept + (self.mask is not None) != 1:
+            raise InputError("object prompt: give points and/or a box, a mask, or a concept (exactly one kind)")
         if self.labels is not None and not self.points:
             raise InputError("object prompt: labels given without points")
+
+    @property
+    def kind(self) -> str:
+        return "concept" if self.concept is not None else "mask" if self.mask is not None else "geometry"
 
 
 @dataclass(frozen=True)
@@ -291,9 +301,14 @@ class VideoStream:
         An object whose prompt does not fit is removed (the stream stays usable) and named."""
         for obj_id, track in list(self._tracks.items()):
             prompt = track.prompt
-            if track.state == "new" and prompt.concept is None:
+            if track.state == "new" and prompt.kind != "concept":
                 try:
-                    make_prompts(prompt.points, prompt.labels, prompt.box, hw)
+                    if prompt.kind == "mask" and prompt.mask.shape != hw:
+                        raise InputError(f"mask: {prompt.mask.shape[1]}x{prompt.mask.shape[0]}, the frame is {hw[1]}x{hw[0]}")
+                    if prompt.kind == "mask" and self._model_mask(prompt.mask) is None:
+                        raise InputError(f"mask: nothing of it is left at the model's {self.video.pre.image_size} px input")
+                    if prompt.kind == "geometry":
+                        make_prompts(prompt.points, prompt.labels, prompt.box, hw)
                 except InputError as exc:
                     del self._tracks[obj_id]
                     raise InputError(f"obj_id {obj_id} (removed from the stream): {exc}") from exc
@@ -302,9 +317,12 @@ class VideoStream:
 
     def _start(self, obj_id: int, track: _Track, image, features, events) -> tuple[ObjectMask, Timings]:
         prompt = track.prompt
-        if prompt.concept is None:
+        if prompt.kind == "geometry":
             out, stages = self._start_from_geometry(track, image.shape[:2], features)
-            events.append(TrackEvent(self._index, obj_id, "start", "prompt", "points/box on this frame"))
+        elif prompt.kind == "mask":
+            out, stages = self._start_from_mask(track, self._model_mask(prompt.mask), image.shape[:2], features, "prompt")
+        if prompt.kind != "concept":
+            events.append(TrackEvent(self._index, obj_id, "start", "prompt", f"{prompt.kind} on this frame"))
             track.state = "tracking"
             return _named(out, obj_id), stages
         found, out, stages = self._route(track, image, features)
@@ -343,17 +361,28 @@ class VideoStream:
         t0 = time.perf_counter_ns()
         found = self.video.segmenter.segment(image, query=track.prompt.concept)
         stages = Timings(route=elapsed_ms(t0))
-        if not found.mask.any():
-            empty = ObjectMask(-1, found.mask, found.score, found.object_score, False, found.route)
+        full = self._model_mask(found.mask)
+        if full is None:
+            empty = ObjectMask(-1, np.zeros(hw, bool), found.score, found.object_score, False, found.route)
             return False, empty, stages
+        out, started = self._start_from_mask(track, full, hw, features, found.route)
+        return True, out, stages | started
+
+    def _model_mask(self, mask: np.ndarray) -> np.ndarray | None:
+        """A frame's mask at the model's input, as SAM2's ``add_new_mask`` resizes it (bilinear with
+        antialiasing, kept at >= 0.5); None when nothing of it is left."""
         size = self.video.pre.image_size
-        full = resize_plane(found.mask.astype(np.float32), (size, size), antialias=True) >= 0.5
-        decoded, dec = self._decode_mask(features, full)
+        full = resize_plane(mask.astype(np.float32), (size, size), antialias=True) >= 0.5
+        return full if full.any() else None
+
+    def _start_from_mask(self, track: _Track, full: np.ndarray, hw, features, source: str) -> tuple[ObjectMask, Timings]:
+        """A conditioning frame from a mask at the model's input (``_use_mask_as_output``)."""
+        decoded, stages = self._decode_mask(features, full)
         memory, mem_ms = self._encode_memory(features, decoded.logits, decoded.object_logit, from_prompt=True)
         track.cond[self._index] = _Memory(memory, decoded.obj_ptr)
         self._cap_cond(track)
         track.below = 0
-        return True, decoded.result(hw, found.route), stages | dec | Timings(memory_encoder=mem_ms)
+        return decoded.result(hw, source), stages | Timings(memory_encoder=mem_ms)
 
     def _refire(self, obj_id: int, track: _Track, image, features, events) -> tuple[bool, ObjectMask, Timings]:
         found, out, stages = self._route(track, image, features)
@@ -380,7 +409,7 @@ class VideoStream:
             "has_mask_input": np.ones((1,), np.float32),
         })
         stages = Timings(decoder=elapsed_ms(t0), providers={"decoder": self.video.decoder.provider})
-        object_logit = MASK_OUT_SCALE + MASK_OUT_BIAS  # the mask is non-empty: "appearing"
+        object_logit = MASK_OUT_SCALE + MASK_OUT_BIAS  # the mask is non-empty (``_model_mask``): "appearing"
         return _Decoded(logits, 1.0, object_logit, out["obj_ptrs"][0, 0]), stages
 
     # ------------------------------------------------------------------ tracking

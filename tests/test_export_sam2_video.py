@@ -161,6 +161,7 @@ def test_mask_prompt_pointer_matches_use_mask_as_output(which, request):
     # sam2 feeds its own padding point and the prompt encoder appends another: two (0, 0, -1) points.
     got = _run(export, "sam2_video_decoder", _decoder_feeds(export, [[[0, 0], [0, 0]]], [[-1, -1]], mask))
     embed, high_res = _torch_features(export, 1)
+    embed = embed - export.sam.no_mem_embed.reshape(1, -1, 1, 1)  # sam2 hands it the raw backbone feature
     with torch.no_grad():
         out = export.sam._use_mask_as_output(embed, high_res, torch.from_numpy(mask))
         heads = export.sam._forward_sam_heads(backbone_features=embed, mask_inputs=export.sam.mask_downsample(torch.from_numpy(mask)),

@@ -97,11 +97,13 @@ def parity_case(tmp_path_factory):
     prompts = {
         1: ObjectPrompt(points=(_inside_point(clip.masks[first][0]),), labels=(1,)),
         2: ObjectPrompt(box=tuple(float(v) for v in box_from_mask(clip.masks[second][0]))),
+        3: ObjectPrompt(mask=clip.masks[first][0]),
     }
     predictor, state = _partial_mask_predictor(frames_dir, prompts[1].points[0])
     with torch.inference_mode():
         predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=list(prompts[1].points), labels=[1])
         predictor.add_new_points_or_box(state, frame_idx=0, obj_id=2, box=list(prompts[2].box))
+        predictor.add_new_mask(state, frame_idx=0, obj_id=3, mask=prompts[3].mask)
         reference = {t: (masks[:, 0] > 0).numpy() for t, _, masks in predictor.propagate_in_video(state)}
     checkpoint = root / "sam2.1_hiera_t_partial.pt"
     torch.save({"model": predictor.state_dict()}, checkpoint)
@@ -110,18 +112,18 @@ def parity_case(tmp_path_factory):
     return frames, prompts, reference, bundle
 
 
-def test_tracker_matches_sam2_video_predictor_from_point_and_box(parity_case):
+def test_tracker_matches_sam2_video_predictor_from_point_box_and_mask(parity_case):
     frames, prompts, reference, bundle = parity_case
     results = list(VideoSegmenter.from_bundle(bundle).track(frames, prompts))
     assert [r.index for r in results] == list(range(FRAMES))
-    for row, obj_id in enumerate((1, 2)):
+    for row, obj_id in enumerate((1, 2, 3)):
         ious = [iou(r.objects[obj_id].mask, reference[r.index][row]) for r in results]
         coverage = [float(reference[t][row].mean()) for t in range(FRAMES)]
         assert all(0.05 < c < 0.9 for c in coverage), coverage  # partial masks: the comparison is not vacuous
         assert np.mean(ious) >= PARITY_FLOOR and min(ious) >= 0.95, (obj_id, np.round(ious, 4).tolist())
     sources = [r.objects[1].source for r in results]
     assert sources[0] == "prompt" and set(sources[1:]) == {"track"}
-    assert [e.kind for e in results[0].events] == ["start", "start"] and not any(r.events for r in results[1:])
+    assert [e.kind for e in results[0].events] == ["start"] * 3 and not any(r.events for r in results[1:])
 
 
 def test_tracked_frames_time_every_stage_and_name_providers(parity_case):
@@ -175,6 +177,8 @@ def test_bad_input_is_refused_by_name(parity_case, tiny_bundle):
         ObjectPrompt()
     with pytest.raises(InputError, match="exactly one kind"):
         ObjectPrompt(box=(1, 2, 30, 40), concept="cat")
+    with pytest.raises(InputError, match="non-empty"):
+        ObjectPrompt(mask=np.zeros((4, 4), bool))
     with pytest.raises(InputError, match="empty text"):
         ObjectPrompt(concept="  ")
     with pytest.raises(InputError, match="no concept routes"):
@@ -193,5 +197,8 @@ def test_bad_input_is_refused_by_name(parity_case, tiny_bundle):
     with pytest.raises(InputError, match="obj_id 1 .removed from the stream.: box .* outside"):
         out_of_frame.add_frame(frames[0])
     assert out_of_frame.frame_index == -1 and out_of_frame.objects == ()
+    out_of_frame.add_object(ObjectPrompt(mask=np.ones((10, 10), bool)))
+    with pytest.raises(InputError, match="mask: 10x10, the frame is 256x256"):
+        out_of_frame.add_frame(frames[0])
     with pytest.raises(InputError, match="lost_frames"):
         TrackerConfig(lost_frames=0)
