@@ -213,10 +213,13 @@ def test_prompts_and_frames_decode():
     feeds = stream_request_arrays(np.zeros((6, 8, 3), np.uint8), [{"points": [[1, 2], [3, 4]], "labels": [1, 0], "obj_id": 3},
                                                                  {"box": [0, 0, 4, 4]}, {"concept": "red square"}])
     assert feeds["FRAME"].shape == (1, 6, 8, 3) and feeds["PROMPTS"].shape == (1, 1)
-    assert parse_prompts(feeds, ServeLimits(), 4) == [
-        (3, ObjectPrompt(points=((1.0, 2.0), (3.0, 4.0)), labels=(1, 0))),
-        (None, ObjectPrompt(box=(0.0, 0.0, 4.0, 4.0))),
-        (None, ObjectPrompt(concept="red square")),
+    def fields(p: ObjectPrompt) -> tuple:
+        return p.points, p.labels, p.box, p.concept, p.mask
+
+    assert [(obj_id, fields(p)) for obj_id, p in parse_prompts(feeds, ServeLimits(), 4)] == [
+        (3, (((1.0, 2.0), (3.0, 4.0)), (1, 0), None, None, None)),
+        (None, (None, None, (0.0, 0.0, 4.0, 4.0), None, None)),
+        (None, (None, None, None, "red square", None)),
     ]
     assert parse_frame(feeds, ServeLimits()).shape == (6, 8, 3)
     with pytest.raises(InputError, match="FRAME: 8x6 = 48 pixels exceeds this server's limit of 40"):
