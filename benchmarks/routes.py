@@ -47,7 +47,7 @@ from conceptseg_edge.router import ROUTES, Route, RouterConfig
 from conceptseg_edge.runtime.bank import ConceptBank
 from conceptseg_edge.runtime.engine import engine_factory_for
 from conceptseg_edge.runtime.providers import ProviderChoice, ProviderConfig, provider_note, provider_record
-from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+from conceptseg_edge.runtime.segmenter import SAM3_HEAD, ConceptSegmenter
 from conceptseg_edge.timings import describe_providers
 
 CONCEPTS = ("red circle", "blue square", "striped triangle", "green star")
@@ -113,21 +113,25 @@ class RoutesBenchReport:
         return describe_providers(self.providers)
 
     @property
-    def ratio_shortcut_hit_over_prompt_p50(self) -> float:
+    def ratio_shortcut_hit_over_prompt_p50(self) -> float | None:
+        """None for a SAM 3 bundle (no prompt route, no bank)."""
+        if not {"shortcut_bank_hit", "prompt"} <= set(self.routes):
+            return None
         return p50_ratio(self.routes["shortcut_bank_hit"].total, self.routes["prompt"].total)
 
     @property
     def concept_tokens_ms_p50(self) -> float | None:
         """A bank miss's concept tokens: the policy's text prefill, the CTM and the bank write (not the
         policy prefill alone, which ``policy.precisions`` reports); None when the series ran no such stage."""
-        stage = self.routes["shortcut_bank_miss"].stages.get("concept_tokens")
+        miss = self.routes.get("shortcut_bank_miss")
+        stage = None if miss is None else miss.stages.get("concept_tokens")
         return None if stage is None else stage.p50
 
     @property
     def ratio_runtime_over_torch_p50(self) -> dict[str, float]:
         if self.torch is None:
             return {}
-        return {r: p50_ratio(self.routes[k].total, self.torch[r].total) for r, k in TORCH_SERIES.items()}
+        return {r: p50_ratio(self.routes[k].total, self.torch[r].total) for r, k in _torch_series(self.routes).items()}
 
     @property
     def stable(self) -> bool | None:
@@ -174,12 +178,15 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
 
     manifest = load_bundle(bundle)
     factory = engine_factory_for(cfg.provider_config, manifest)  # a missing provider is refused before anything loads
-    missing = set(ROUTES) - set(manifest.routes)
+    sam3 = SAM3_HEAD in manifest.parts  # SAM 3: shortcut = its text prompt (no bank), reason; no prompt route
+    missing = ({"shortcut", "reason"} if sam3 else set(ROUTES)) - set(manifest.routes)
     if missing:
         raise BenchmarkError("setup", f"{bundle}: bundle lacks routes {sorted(missing)}; export it with `export concept`")
     image = ConceptWorld(seed=7, image_size=256).episode(0, with_supports=False).image
     point = (image.shape[1] / 2, image.shape[0] / 2)
-    checkpoint = torch_checkpoint(manifest, cfg.checkpoint) if cfg.compare_torch else None  # refused before any timing
+    checkpoint = None
+    if cfg.compare_torch:  # refused before any timing
+        checkpoint = _sam3_pipeline(manifest, cfg) if sam3 else torch_checkpoint(manifest, cfg.checkpoint)
     with tempfile.TemporaryDirectory(prefix="cse-bank-") as bank_dir:
         seg = ConceptSegmenter.from_bundle(bundle, cfg.provider, bank_dir=bank_dir, generation=cfg.generation,
                                            router=ALWAYS, engine_factory=factory, manifest=manifest)
@@ -191,12 +198,13 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
             return run
 
         seg.segment(image, query=CONCEPTS[0], route="shortcut")  # warm the bank for the hit series
-        series = {
+        shortcut = fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="shortcut"))
+        series = {"shortcut": shortcut} if sam3 else {
             "prompt": fresh(seg, lambda s: s.segment(image, points=[point])),
-            "shortcut_bank_hit": fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="shortcut")),
+            "shortcut_bank_hit": shortcut,
             "shortcut_bank_miss": bank_miss(seg, Path(bank_dir) / "misses", image),
-            "reason": fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="reason")),
         }
+        series["reason"] = fresh(seg, lambda s: s.segment(image, query=CONCEPTS[0], route="reason"))
         for q in CONCEPTS:
             seg.segment(image, query=q, route="shortcut")  # every concept in the bank
 
@@ -221,8 +229,9 @@ def bench_routes(bundle: str | Path, cfg: RoutesBenchConfig, progress: bool = Tr
                           provider=cfg.provider_config, capture=cfg.capture, loaded=getattr(seg.concepts, "policy", None))
     torch_routes = None
     if checkpoint is not None:
-        policy = policy.with_capture(bench_torch_capture(checkpoint, policy_runs, cfg.generation))
-        policy = policy.with_capture(cross_capture(policy.capture))
+        if not sam3:
+            policy = policy.with_capture(bench_torch_capture(checkpoint, policy_runs, cfg.generation))
+            policy = policy.with_capture(cross_capture(policy.capture))
         torch_routes = _torch_routes(checkpoint, image, point, cfg)
     return RoutesBenchReport(
         subject=BenchedBundle.of(bundle, manifest, image.shape[:2]),
@@ -258,12 +267,27 @@ def bank_miss(seg: ConceptSegmenter, root: Path, image: np.ndarray) -> Callable[
     return run
 
 
-def _torch_routes(checkpoint: Path, image: np.ndarray, point, cfg: RoutesBenchConfig) -> dict[Route, StageSeries]:
+def _torch_series(routes: Mapping[str, StageSeries]) -> dict[Route, str]:
+    """``TORCH_SERIES`` for the series a bundle has (a SAM 3 bundle's shortcut series is ``shortcut``)."""
+    return {"shortcut": "shortcut", "reason": "reason"} if "shortcut" in routes else TORCH_SERIES
+
+
+def _sam3_pipeline(manifest, cfg: RoutesBenchConfig):
+    """The torch side of a SAM 3 concept bundle (``Sam3ConceptPipeline``), loaded before any timing."""
+    from conceptseg_edge.export.sam3_pipeline import Sam3ConceptPipeline
+
+    return Sam3ConceptPipeline.for_bundle(manifest, cfg.checkpoint, cfg.generation, ALWAYS)
+
+
+def _torch_routes(checkpoint, image: np.ndarray, point, cfg: RoutesBenchConfig) -> dict[Route, StageSeries]:
+    """Torch eager per route; ``checkpoint``: a concept checkpoint directory, or an already loaded
+    ``Sam3ConceptPipeline`` (no prompt route)."""
     from conceptseg_edge.models.pipeline import ConceptSegPipeline
 
-    pipe = ConceptSegPipeline.from_checkpoint(checkpoint, cfg.generation, router=ALWAYS)
-    calls: dict[Route, Callable[[], Mapping[str, float]]] = {
-        "prompt": lambda: pipe(image, points=[point]).timings,
+    sam3 = isinstance(checkpoint, ConceptSegPipeline)
+    pipe = checkpoint if sam3 else ConceptSegPipeline.from_checkpoint(checkpoint, cfg.generation, router=ALWAYS)
+    calls: dict[Route, Callable[[], Mapping[str, float]]] = {} if sam3 else {"prompt": lambda: pipe(image, points=[point]).timings}
+    calls |= {
         "shortcut": lambda: pipe(image, query=CONCEPTS[0], route="shortcut").timings,
         "reason": lambda: pipe(image, query=CONCEPTS[0], route="reason").timings,
     }
@@ -279,7 +303,7 @@ def _runtime_names(timings: Mapping[str, float]) -> dict[str, float]:
 
 def render_routes_table(report: RoutesBenchReport) -> str:
     """Markdown: one row per route series with p50/p90/p99 and the main stages."""
-    torch_route = {series: route for route, series in TORCH_SERIES.items()}
+    torch_route = {series: route for route, series in _torch_series(report.routes).items()}
     head = [f"all routes · {report.subject.model} @ {report.subject.image_size}px · "
             f"{provider_note(report.provider_requested, report.providers)} · {report.runs} runs · "
             f"peak RSS {report.peak_rss_mb} MB" + stability_note(report.stable), "",

@@ -30,6 +30,7 @@ from conceptseg_edge.export.ctm import export_ctm
 from conceptseg_edge.export.external import data_files
 from conceptseg_edge.export.parts import check_precision, weight_storage
 from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2_parts
+from conceptseg_edge.export.sam3 import SAM3_VARIANTS, Sam3ExportConfig, export_sam3_parts
 from conceptseg_edge.fileio import sha256_file, staged_dir
 from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import MANIFEST_NAME, PROCESSOR_DIR, BundleManifest, read_manifest, write_manifest
@@ -70,10 +71,20 @@ class ConceptExportConfig:
     route_parity: bool = True
     # Also export SAM2's video path (memory encoder, memory attention, video decoder) for the tracker.
     video: bool = False
+    # A SAM 3 variant (export.sam3.SAM3_VARIANTS) to pair the CTM with instead of the checkpoint's SAM2:
+    # an official release's CTM projects into SAM 3's prompt space, so it needs no retraining.
+    backbone: str | None = None
+    backbone_checkpoint: str | None = None  # the SAM 3 weights (official sam3.pt layout); None = random init
 
     def __post_init__(self) -> None:
         check_precision(self.policy_precision, f"--policy-precision {self.policy_precision}")
         weight_storage(self.weight_storage, f"--weight-storage {self.weight_storage}")
+        if self.backbone is not None and self.backbone not in SAM3_VARIANTS:
+            raise InputError(f"--backbone {self.backbone}: expected one of {', '.join(SAM3_VARIANTS)} (a SAM2 comes from the checkpoint)")
+        if self.backbone_checkpoint is not None and self.backbone is None:
+            raise InputError("--backbone-checkpoint: needs --backbone (a SAM2's weights are the checkpoint's)")
+        if self.backbone is not None and self.video:
+            raise InputError("--video: SAM2's video path; SAM 3 has no exported video path")
         if self.stream_policy and self.weight_storage != "fp32":
             raise InputError(f"--stream-policy: streamed graphs store fp32 weights (got --weight-storage {self.weight_storage})")
 
@@ -102,7 +113,7 @@ def parity_images(world: ConceptWorld, candidates: int) -> Iterator[tuple[Episod
 
 
 def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAMPLES,
-                 candidates: int = PARITY_CANDIDATES) -> dict[str, dict[str, Any]]:
+                 candidates: int = PARITY_CANDIDATES, sam3: Sam3ExportConfig | None = None) -> dict[str, dict[str, Any]]:
     """Mask IoU of the runtime's shortcut and reason routes vs the torch pipeline on ConceptWorld.
 
     Only masks that can disagree count: a mask covering (nearly) the whole image matches any other
@@ -115,7 +126,8 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
     many were screened, what the others were (``not_partial``: empty, under, over; empty runtime
     masks are counted there, never scored as IoU 1), and how many compared torch masks were empty
     (each an IoU of 0). Both sides accept every shortcut (τ = 0) so the shortcut route is compared on
-    its own mask, and both generate as ``PARITY_GENERATION`` allows.
+    its own mask, and both generate as ``PARITY_GENERATION`` allows. ``sam3``: the bundle's SAM 3 (the torch
+    side is then ``Sam3ConceptPipeline``).
     """
     import torch
 
@@ -127,8 +139,14 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
     always = RouterConfig(taus={n: 0.0 for n in range(1, 5)})
     # float32 as the graphs compute: a bf16 checkpoint (a retargeted release) would otherwise be compared
     # through its own rounding (measured: half the tiny release's completions differ, reason IoU 0.980)
-    torch_pipe = ConceptSegPipeline.from_checkpoint(checkpoint, generation=PARITY_GENERATION, router=always,
-                                                    dtype=torch.float32)
+    if sam3 is None:
+        torch_pipe = ConceptSegPipeline.from_checkpoint(checkpoint, generation=PARITY_GENERATION, router=always,
+                                                        dtype=torch.float32)
+    else:
+        from conceptseg_edge.export.sam3_pipeline import Sam3ConceptPipeline
+
+        torch_pipe = Sam3ConceptPipeline.from_checkpoint(checkpoint, sam3.variant, sam3.checkpoint, PARITY_GENERATION,
+                                                         always, torch.float32)
     runtime = ConceptSegmenter.from_bundle(bundle, generation=PARITY_GENERATION, router=always)
     world = ConceptWorld(seed=1234, image_size=256)
     report: dict[str, dict[str, Any]] = {}
@@ -160,7 +178,7 @@ def route_parity(bundle: Path, checkpoint: str | Path, samples: int = PARITY_SAM
 
 def _check_route_parity(staging: Path, cfg: ConceptExportConfig, manifest: BundleManifest) -> None:
     """``route_parity`` of the staged bundle, enforced at fp32 and recorded in its manifest."""
-    parity = route_parity(staging, cfg.checkpoint)
+    parity = route_parity(staging, cfg.checkpoint, sam3=_sam3_config(cfg, None))
     if cfg.policy_precision == "fp32":
         unmeasured = {r: v["not_partial"] for r, v in parity.items() if not v["samples"]}
         if unmeasured:
@@ -172,19 +190,33 @@ def _check_route_parity(staging: Path, cfg: ConceptExportConfig, manifest: Bundl
     write_manifest(staging, dataclasses.replace(manifest, route_parity=parity))
 
 
+def _sam3_config(cfg: ConceptExportConfig, ctm_queries: int | None) -> Sam3ExportConfig | None:
+    """The SAM 3 half of a ``--backbone sam3`` export (None for a SAM2 one); the head gets one slot per CTM query."""
+    if cfg.backbone is None:
+        return None
+    slots = ctm_queries or Sam3ExportConfig.concept_slots
+    return Sam3ExportConfig(cfg.backbone, cfg.backbone_checkpoint, cfg.opset, cfg.weight_storage, slots)
+
+
 def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = True) -> BundleManifest:
     """Export a ConceptSeg checkpoint to ``out`` and return the manifest."""
     from conceptseg_edge.export.policy import export_policy, export_policy_streamed
     from conceptseg_edge.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
-    backbone = ckpt.sam2_backbone()  # a release (SAM 3's CTM) is refused before anything is written
+    sam3 = _sam3_config(cfg, ckpt.ctm.config.num_queries)
+    # without --backbone, a release (SAM 3's CTM) is refused before anything is written
+    backbone = ckpt.sam2_backbone() if sam3 is None else None
     with tqdm(total=5 + cfg.video, desc="export concept", disable=not progress, unit="step") as steps, staged_dir(out, MANIFEST_NAME, "bundle") as staging:
-        sam_parts, sam_source, preprocessing = export_sam2_parts(
-            SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size, cfg.weight_storage,
-                             video=cfg.video),
-            staging, steps,
-        )
+        sam_files: dict[str, str] = {}
+        if sam3 is None:
+            sam_parts, sam_source, preprocessing = export_sam2_parts(
+                SAM2ExportConfig(backbone.config, backbone.checkpoint, cfg.opset, backbone.image_size, cfg.weight_storage,
+                                 video=cfg.video),
+                staging, steps,
+            )
+        else:
+            sam_parts, sam_files, sam_source, preprocessing = export_sam3_parts(sam3, staging, steps)
         steps.set_postfix_str("ctm")
         ctm = export_ctm(ckpt.ctm, staging, cfg.opset, cfg.weight_storage)
         steps.update()
@@ -196,12 +228,12 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
             policy_parts = export_policy(ckpt.policy, ckpt.processor, staging, opset=cfg.opset,
                                          precision=cfg.policy_precision, weight_storage=cfg.weight_storage)
         steps.update()
-        files = _save_processor(ckpt.processor, staging) | data_files(staging, policy_parts.values())
+        files = _save_processor(ckpt.processor, staging) | data_files(staging, policy_parts.values()) | sam_files
         weights = Path(cfg.checkpoint) / "model.safetensors"
         manifest = BundleManifest(
             source=dataclasses.replace(
                 sam_source,
-                model=f"conceptseg({backbone.config})",
+                model=f"conceptseg({backbone.config if sam3 is None else sam3.variant})",
                 checkpoint=str(cfg.checkpoint),
                 checkpoint_sha256=sha256_file(weights) if weights.is_file() else None,
                 backbone_checkpoint=sam_source.checkpoint,
@@ -209,7 +241,7 @@ def export_concept(cfg: ConceptExportConfig, out: str | Path, progress: bool = T
             ),
             preprocessing=preprocessing,
             parts={**sam_parts, "ctm": ctm, **policy_parts},
-            routes=("prompt", "shortcut", "reason"),
+            routes=("prompt", "shortcut", "reason") if sam3 is None else ("shortcut", "reason"),  # SAM 3: no points/boxes
             router=ckpt.router,
             files=files,
         )

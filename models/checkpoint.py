@@ -125,7 +125,8 @@ class ConceptCheckpoint:
             raise CheckpointError(
                 f"{self.path}: was not trained for a SAM2 backbone (a release's CTM prompts SAM 3); retarget it "
                 f"with `conceptseg-edge train stage1 --config CONFIG --init-from {self.path} --backbone "
-                "sam2.1_hiera_t` (or _s, _b+, _l) and use that checkpoint"
+                "sam2.1_hiera_t` (or _s, _b+, _l) and use that checkpoint, or export it as released with SAM 3: "
+                f"`conceptseg-edge export concept {self.path} --backbone sam3 --backbone-checkpoint sam3.pt --out BUNDLE`"
             )
         return self.backbone
 

@@ -75,7 +75,8 @@ class Sam3Prediction:
     ``masks``: (N, H, W) bool; ``scores``: (N,) sigmoid(logit) x presence, descending; ``boxes``: (N, 4)
     XYXY pixels; ``presence``: sigmoid of the presence logit; ``accepted``: presence >= the predictor's
     ``presence_threshold`` (the prompt route's acceptance); ``semantic_mask``: (H, W) bool;
-    ``low_res_logits``: (Q, s, s) every query's mask logits at the head's resolution.
+    ``low_res_logits``: (Q, s, s) every query's mask logits at the head's resolution; ``query_scores``:
+    (Q,) every query's score, kept or not; ``presence_logit``: what the router thresholds.
     """
 
     masks: np.ndarray
@@ -85,6 +86,8 @@ class Sam3Prediction:
     accepted: bool
     semantic_mask: np.ndarray
     low_res_logits: np.ndarray
+    query_scores: np.ndarray
+    presence_logit: float
     timings: Timings = field(default_factory=Timings)
 
 
@@ -117,6 +120,10 @@ class Sam3Predictor:
         vision, text, head = (open_part(bundle, manifest, name, provider, engine_factory) for name in SAM3_PARTS)
         return cls(vision, text, head, Tokenizer.from_file(str(bundle / TOKENIZER_FILE)), manifest.preprocessing,
                    **thresholds)
+
+    def providers(self) -> dict[str, str]:
+        """Part → the provider (or engine) that runs it."""
+        return {"sam3_vision": self.vision.provider, "sam3_text": self.text.provider, "sam3_head": self.head.provider}
 
     def set_image(self, image: np.ndarray) -> None:
         """Preprocess and encode ``image`` ((H, W, 3) uint8 RGB; (H, W) and RGBA are converted)."""
@@ -166,7 +173,8 @@ class Sam3Predictor:
         """``Sam3Processor``'s post-processing: score = sigmoid(logit) x sigmoid(presence), keep above the
         threshold, boxes to pixels, masks bilinearly to the original size at sigmoid 0.5 (logit 0)."""
         h, w = self._image_hw
-        presence = float(_sigmoid(out["presence_logit"][0, 0]))
+        presence_logit = float(out["presence_logit"][0, 0])
+        presence = float(_sigmoid(presence_logit))
         scores = _sigmoid(out["pred_logits"][0]) * presence
         keep = np.flatnonzero(scores > self.score_threshold)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
@@ -175,4 +183,5 @@ class Sam3Predictor:
         boxes = out["pred_boxes"][0, keep] * np.array([w, h, w, h], np.float32)
         semantic = resize(out["semantic_seg"][0, 0].astype(np.float32), (h, w), antialias=False) > 0.0
         return Sam3Prediction(masks=masks, scores=scores[keep], boxes=boxes, presence=presence,
-                              accepted=presence >= self.presence_threshold, semantic_mask=semantic, low_res_logits=low)
+                              accepted=presence >= self.presence_threshold, semantic_mask=semantic, low_res_logits=low,
+                              query_scores=scores, presence_logit=presence_logit)

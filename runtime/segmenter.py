@@ -28,10 +28,13 @@ from conceptseg_edge.manifest import BundleManifest, load_bundle
 from conceptseg_edge.preprocess import as_rgb_array
 from conceptseg_edge.router import AUTO, RouteDecision, RouterConfig, choose_route, dispatch, route_request
 from conceptseg_edge.runtime.bank import ConceptBank, bundle_key
-from conceptseg_edge.runtime.concept import ConceptEncoder, OnnxConceptEncoder
+from conceptseg_edge.runtime.concept import ConceptEncoder, OnnxConceptEncoder, ReasonOutput
 from conceptseg_edge.runtime.engine import EngineFactory, open_engine
 from conceptseg_edge.runtime.predictor import Prediction, SAM2Predictor
 from conceptseg_edge.timings import Timings, describe_providers, elapsed_ms
+
+#: A bundle holding this part is a SAM 3 bundle (``export concept --backbone sam3``): ``Sam3Segmenter`` serves it.
+SAM3_HEAD = "sam3_head"
 
 
 @dataclass
@@ -113,12 +116,21 @@ class ConceptSegmenter:
         """
         bundle = Path(bundle)
         manifest = manifest or load_bundle(bundle)
-        predictor = SAM2Predictor.from_bundle(bundle, provider, manifest, engine_factory)
+        if SAM3_HEAD in manifest.parts:  # the backbone decides the sibling: SAM 3's routes prompt it with text
+            from conceptseg_edge.runtime.sam3_segmenter import Sam3Segmenter
+
+            cls = Sam3Segmenter
+        predictor = cls.open_backbone(bundle, provider, manifest, engine_factory)
         concepts = None
         if {"shortcut", "reason"} & set(manifest.routes):
             concepts = OnnxConceptEncoder.from_bundle(bundle, manifest, provider, generation, engine_factory)
         bank = ConceptBank(bank_dir, bundle_key(manifest)) if bank_dir is not None and concepts else None
         return cls(predictor, router or manifest.router or RouterConfig(), manifest.routes, concepts, bank)
+
+    @staticmethod
+    def open_backbone(bundle: Path, provider: str, manifest: BundleManifest, engine_factory: EngineFactory) -> SAM2Predictor:
+        """The segmentation backbone's predictor over the bundle's graphs."""
+        return SAM2Predictor.from_bundle(bundle, provider, manifest, engine_factory)
 
     def providers(self) -> dict[str, str]:
         """Part → the provider (or engine) that runs it: what reports record as having run."""
@@ -192,6 +204,18 @@ class ConceptSegmenter:
     def _decide(self, has_geometry: bool, query: str | None, route: str) -> RouteDecision:
         return choose_route(has_geometry, query, self.router, self.routes, route)
 
+    def _shortcut_candidate(self, query: str, timings: Timings) -> _Candidate:
+        """The shortcut's mask for one phrase on the current image: its concept tokens (bank or text
+        prefill → CTM) into the SAM2 decoder. ``timings``: the request's stages so far."""
+        t0 = time.perf_counter_ns()
+        tokens, hit = self.concept_tokens(query)
+        timings = timings | self._token_stage(elapsed_ms(t0), hit)
+        return _Candidate(self.predictor.predict(concept_tokens=tokens, multimask=False), hit, timings)
+
+    def _reason_prediction(self, query: str, out: ReasonOutput) -> Prediction:
+        """The reason route's last step: the CTM tokens and the ``<bbox>`` (as a box prompt) into SAM2."""
+        return self.predictor.predict(box=out.box, concept_tokens=out.tokens, multimask=False)
+
     def _decode_batch(self, phrases: Sequence[str], image_timings: Timings) -> list[_Candidate]:
         """Shortcut candidates for several phrases on the current image, in one decoder call."""
         t0 = time.perf_counter_ns()
@@ -236,17 +260,14 @@ class _Request:
     def shortcut(self, why: str) -> tuple[SegmentResult, float]:
         candidate = self.candidate
         if candidate is None:
-            t0 = time.perf_counter_ns()
-            tokens, hit = self.seg.concept_tokens(self.query)
-            self.timings = self.timings | self.seg._token_stage(elapsed_ms(t0), hit)
-            prediction = self.seg.predictor.predict(concept_tokens=tokens, multimask=False)
-            candidate = _Candidate(prediction, hit, self.timings)
+            candidate = self.seg._shortcut_candidate(self.query, self.timings)
+            self.timings = candidate.timings  # a fallback to reason reports the token stage too
         prediction = candidate.prediction
         result = _result(prediction, "shortcut", why, candidate.timings, bank_hit=candidate.bank_hit)
         return result, prediction.object_score_logit
 
     def reason(self, why: str) -> SegmentResult:
         out = self.seg.concepts.reason(self.image, self.query, self.supports)
-        prediction = self.seg.predictor.predict(box=out.box, concept_tokens=out.tokens, multimask=False)
+        prediction = self.seg._reason_prediction(self.query, out)
         return _result(prediction, "reason", why, self.timings | out.timings, completion=out.completion,
                        box=out.box, new_tokens=out.new_tokens)

@@ -156,10 +156,14 @@ class ServedModel:
         return model
 
     def warmup(self) -> None:
-        """One prompt-route request on a synthetic image, so the first client does not pay for it."""
+        """One prompt-route request on a synthetic image, so the first client does not pay for it (a
+        bundle without that route, SAM 3's, warms up on its shortcut: the text prompt)."""
         h, w = WARMUP_HW
         image = (np.arange(h * w * 3, dtype=np.uint32).reshape(h, w, 3) % 251).astype(np.uint8)
-        self.segmenter.segment(image, points=[[w / 2, h / 2]])
+        if "prompt" in self.segmenter.routes:
+            self.segmenter.segment(image, points=[[w / 2, h / 2]])
+        else:
+            self.segmenter.segment(image, query="object", route="shortcut")
 
     def handle(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decode, segment, encode. Raises ``InputError`` for a bad request."""

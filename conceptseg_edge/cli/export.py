@@ -60,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "torch policy beside the runtime's: ~27 GB at 3B); the manifest's route_parity stays empty")
     concept.add_argument("--video", action="store_true",
                          help="also export SAM2's video path (memory encoder, memory attention, video decoder) for `track`")
+    concept.add_argument("--backbone", choices=SAM3_VARIANTS, default=None,
+                         help="pair the CTM with SAM 3 instead of the checkpoint's SAM2 (an official release: its CTM "
+                              "prompts SAM 3; routes shortcut = SAM 3's text prompt, reason = policy → CTM → SAM 3)")
+    concept.add_argument("--backbone-checkpoint", default=None,
+                         help="SAM 3 weights (the official sam3.pt) for --backbone; omitted = random init")
     concept.set_defaults(func=_export_concept)
 
     check = kinds.add_parser("check", help="check a bundle's ONNX graphs against TensorRT's documented ONNX parser "
@@ -134,7 +139,8 @@ def _export_concept(args: argparse.Namespace) -> int:
 
     manifest = export_concept(
         ConceptExportConfig(args.checkpoint, args.policy_precision, args.opset, weight_storage=args.weight_storage,
-                            stream_policy=args.stream_policy, route_parity=args.route_parity, video=args.video),
+                            stream_policy=args.stream_policy, route_parity=args.route_parity, video=args.video,
+                            backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint),
         args.out
     )
     print(json.dumps({
