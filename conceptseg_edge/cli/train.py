@@ -1,4 +1,4 @@
-"""``conceptseg-edge train``: backbone, warmstart, stage1, stage2, calibrate-router, tiny-default.
+"""``conceptseg-edge train``: backbone, video, warmstart, stage1, stage2, calibrate-router, tiny-default.
 
 Each leaf reads a typed YAML config (``--config``, through ``train.config.load_config``: bytes that
 are not UTF-8, duplicate or unknown keys, wrong types and non-finite numbers are one ``error:`` line
@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--config", type=Path, required=True, help="YAML (train/configs/backbone.yaml)")
     backbone.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     backbone.set_defaults(func=_backbone)
+
+    video = sub.add_parser("video", help="train a SAM2 backbone's memory path on VideoWorld clips (image path frozen)")
+    video.add_argument("--config", type=Path, required=True, help="YAML (train/configs/tiny/video.yaml)")
+    video.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    video.set_defaults(func=_video)
 
     warm = sub.add_parser("warmstart", help="teach the tiny policy the tag format (the offline default's stand-in for instruction tuning)")
     warm.add_argument("--config", type=Path, required=True, help="YAML (train/configs/tiny/warmstart.yaml)")
@@ -75,6 +80,17 @@ def _backbone(args: argparse.Namespace) -> int:
     result = train_backbone(load_config(args.config, BackboneConfig), args.out)
     _print({"out_dir": result.out_dir, "checkpoint": result.checkpoint, "heldout": result.summary.get("heldout"),
             "time": result.summary.get("time")})
+    return 0
+
+
+def _video(args: argparse.Namespace) -> int:
+    from conceptseg_edge.train.config import load_config
+    from conceptseg_edge.train.video import VideoConfig, train_video
+
+    result = train_video(load_config(args.config, VideoConfig), args.out)
+    s = result.summary
+    _print({"out_dir": result.out_dir, "checkpoint": result.checkpoint, "heldout": s.get("heldout"),
+            "steps_per_s": s.get("steps_per_s"), "time": s.get("time")})
     return 0
 
 
