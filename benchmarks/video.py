@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from conceptseg_edge.benchmarks.policy import BENCH_GENERATION
 from conceptseg_edge.benchmarks.stats import BenchedBundle, StageSeries, all_stable, environment, plot_stages, stability_note
 from conceptseg_edge.data.video_world import KINDS, VideoWorld
 from conceptseg_edge.episodes import box_from_mask
 from conceptseg_edge.errors import BenchmarkError
+from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import load_bundle
 from conceptseg_edge.metrics import JFScores, jf_sequence
 from conceptseg_edge.runtime.engine import engine_factory_for
@@ -49,6 +51,7 @@ class VideoBenchConfig(ProviderChoice):
     frames: int = 30  # frames per clip (VideoWorld's minimum is 12)
     runs: int = 2  # passes over the speed clip
     accuracy_seeds: int = 1  # VideoWorld seeds for J&F (one clip of every kind per seed)
+    generation: GenerationConfig = BENCH_GENERATION  # the reason route's budget, as the routes benchmark's
 
     def __post_init__(self) -> None:
         if self.frames < 12 or self.runs < 1 or self.accuracy_seeds < 0:
@@ -116,7 +119,7 @@ def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), 
     factory = engine_factory_for(cfg.provider_config, manifest)
 
     def tracker(config: TrackerConfig = TrackerConfig()) -> VideoSegmenter:
-        return VideoSegmenter.from_bundle(bundle, cfg.provider, config=config, engine_factory=factory)
+        return VideoSegmenter.from_bundle(bundle, cfg.provider, config=config, engine_factory=factory, generation=cfg.generation)
 
     world = VideoWorld(seed=0, image_size=FRAME_SIZE, length=cfg.frames)
     clip = world.clip(world.index_of(SPEED_KIND))
@@ -124,7 +127,8 @@ def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), 
     mover = max(clip.masks, key=lambda k: int(clip.masks[k].any(axis=(1, 2)).sum()))  # the object in view longest
     boxes = [box_from_mask(m) if m.any() else None for m in clip.masks[mover]]
     first = next(i for i, b in enumerate(boxes) if b is not None)
-    per_frame = ConceptSegmenter.from_bundle(bundle, cfg.provider, engine_factory=factory, manifest=manifest)
+    per_frame = ConceptSegmenter.from_bundle(bundle, cfg.provider, generation=cfg.generation, engine_factory=factory,
+                                             manifest=manifest)
     samples: dict[str, list[Mapping[str, float]]] = {k: [] for k in ("track_prompt", "prompt_every_frame", "track_concept",
                                                                      "reason_every_frame", "refire")}
     refire_routes: dict[str, int] = {}

@@ -91,6 +91,16 @@ def concept_bundle(tmp_path_factory, concept_checkpoint) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def concept_video_bundle(tmp_path_factory, concept_checkpoint) -> Path:
+    """The concept fixture's checkpoint exported with ``--video``: concept routes and the tracker's parts."""
+    from conceptseg_edge.export.concept import ConceptExportConfig, export_concept
+
+    out = tmp_path_factory.mktemp("bundles") / "concept-video"
+    export_concept(ConceptExportConfig(str(concept_checkpoint), video=True), out, progress=False)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for a training test: on two shared cores more threads only contend."""

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     add_provider_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=BENCH_GENERATION.max_new_tokens,
-                        help="reason-route generation budget (--route all)")
+                        help="reason-route generation budget (--route all, --video)")
     parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
                         help="the same checkpoint exported at another --policy-precision (repeatable; --route all)")
     parser.add_argument("--triton", default=None, metavar="URL",
@@ -82,8 +82,10 @@ def _bench(args: argparse.Namespace) -> int:
         from conceptseg_edge.benchmarks.video import VideoBenchConfig, bench_video, plot_video, render_video_table
 
         runs = {} if args.runs == args.bench_parser.get_default("runs") else {"runs": args.runs}
+        from conceptseg_edge.generation import GenerationConfig
+
         video = bench_video(args.bundle, VideoBenchConfig(frames=args.frames, accuracy_seeds=args.accuracy_seeds, **runs,
-                                                          **provider_choice(args)))
+                                                          generation=GenerationConfig(args.max_new_tokens), **provider_choice(args)))
         report, table = video.to_json(), render_video_table(video)
         if args.png:
             plot_video(video, args.png)
