@@ -92,6 +92,26 @@ def concept_bundle(tmp_path_factory, concept_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def video_bundle(tmp_path_factory) -> Path:
+    """ConceptSeg-Tiny's SAM2 layout at 128 px (the smallest this repo exports), seeded, exported with
+    ``--video``; its object-score head biased to "present" (+8): a random head says "absent", and SAM2
+    then blanks every tracked mask, which would make any mask comparison vacuous."""
+    import torch
+
+    from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
+    from conceptseg_edge.models.sam2 import build_sam2_model
+
+    root = tmp_path_factory.mktemp("video-bundle")
+    torch.manual_seed(0)
+    sam = build_sam2_model("conceptseg_tiny", None, 128).model
+    with torch.no_grad():
+        sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 8.0
+    torch.save({"model": sam.state_dict()}, root / "sam2.pt")
+    export_sam2(SAM2ExportConfig("conceptseg_tiny", str(root / "sam2.pt"), image_size=128, video=True), root / "bundle", progress=False)
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
 def concept_video_bundle(tmp_path_factory, concept_checkpoint) -> Path:
     """The concept fixture's checkpoint exported with ``--video``: concept routes and the tracker's parts."""
     from conceptseg_edge.export.concept import ConceptExportConfig, export_concept

@@ -19,31 +19,10 @@ from conceptseg_edge.video import FrameSource, VideoWriter, open_frames
 
 pytestmark = pytest.mark.slow
 
-CONFIG, IMAGE_SIZE = "conceptseg_tiny", 128  # the smallest SAM2 this repo exports (24 s with the video parts)
 FRAMES = 4
 BOX = "30,30,70,70"
 POINT = "50,50"
 ASSETS = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets"
-
-
-@pytest.fixture(scope="module")
-def video_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded SAM2 (ConceptSeg-Tiny's backbone layout) exported with --video; its object-score head biased
-    to "present" (+8): a random head says "absent", and SAM2 then blanks every tracked mask."""
-    import torch
-
-    from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
-    from conceptseg_edge.models.sam2 import build_sam2_model
-
-    root = tmp_path_factory.mktemp("track-bundle")
-    torch.manual_seed(0)
-    sam = build_sam2_model(CONFIG, None, IMAGE_SIZE).model
-    with torch.no_grad():
-        sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 8.0
-    torch.save({"model": sam.state_dict()}, root / "sam2.pt")
-    config = SAM2ExportConfig(CONFIG, str(root / "sam2.pt"), image_size=IMAGE_SIZE, video=True)
-    export_sam2(config, root / "bundle", progress=False)
-    return root / "bundle"
 
 
 @pytest.fixture(scope="module")

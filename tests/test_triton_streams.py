@@ -24,7 +24,6 @@ pytestmark = pytest.mark.skipif(not is_available("tritonclient.grpc"), reason="t
 
 # The stream bundle: the smallest SAM2 this repo exports (ConceptSeg-Tiny's backbone layout at 128 px; ≈ 25 s
 # to export with the video parts, against ≈ 105 s for SAM2.1-tiny at 256), cheap per frame on 2 cores.
-VIDEO_CONFIG, VIDEO_IMAGE_SIZE = "conceptseg_tiny", 128
 CLIP_HW = (120, 160)
 CLIP_FRAMES = 4
 
@@ -230,33 +229,7 @@ def test_prompts_and_frames_decode():
         parse_frame({"FRAME": np.zeros((1, 6, 8, 3), np.float32)}, ServeLimits())
 
 
-# ---------------------------------------------------------------------------- fixtures (a bundle with video parts)
-
-
-@pytest.fixture(scope="module")
-def video_checkpoint(tmp_path_factory) -> Path:
-    """A seeded SAM2 whose object-score head says "present": random weights otherwise blank every tracked
-    mask (SAM2 replaces an absent object's logits), which would make mask equality vacuous."""
-    import torch
-
-    from conceptseg_edge.models.sam2 import build_sam2_model
-
-    torch.manual_seed(0)
-    model = build_sam2_model(VIDEO_CONFIG, None, VIDEO_IMAGE_SIZE).model
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 8.0
-    path = tmp_path_factory.mktemp("ckpt-video") / "sam2.pt"
-    torch.save({"model": model.state_dict()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def video_bundle(tmp_path_factory, video_checkpoint) -> Path:
-    from conceptseg_edge.export.sam2 import SAM2ExportConfig, export_sam2
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-video"
-    export_sam2(SAM2ExportConfig(VIDEO_CONFIG, str(video_checkpoint), image_size=VIDEO_IMAGE_SIZE, video=True), out, progress=False)
-    return out
+# ---------------------------------------------------------------------------- fixtures (video_bundle: conftest)
 
 
 @pytest.fixture(scope="module")
