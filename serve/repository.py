@@ -47,6 +47,7 @@ from conceptseg_edge.generation import GenerationConfig
 from conceptseg_edge.manifest import MANIFEST_NAME, BundleManifest, Dim, PartManifest, check_keys, load_bundle, tool_versions
 from conceptseg_edge.profiles import InputProfile
 from conceptseg_edge.runtime.engine import Provider
+from conceptseg_edge.runtime.tracker import VIDEO_PARTS  # all present → the stream model is built
 from conceptseg_edge.serve.model_config import (
     TRITON_TYPES,
     DynamicBatching,
@@ -71,8 +72,6 @@ FLAVORS: tuple[Flavor, ...] = get_args(Flavor)
 DEVICES: tuple[Device, ...] = get_args(Device)
 GRAPH_BACKENDS: tuple[GraphBackend, ...] = get_args(GraphBackend)
 BUNDLE_MODES: tuple[BundleMode, ...] = get_args(BundleMode)
-# The parts a bundle exported with --video adds; all three present → the stream model is built.
-VIDEO_PARTS = ("sam2_video_decoder", "sam2_memory_encoder", "sam2_memory_attention")
 REPOSITORY_MANIFEST = "conceptseg_repository.json"
 REPOSITORY_SCHEMA_VERSION = 1
 DEFAULT_NATIVE_MAX_BATCH = 8
