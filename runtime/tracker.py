@@ -353,7 +353,7 @@ class VideoStream:
         memory, mem_ms = self._encode_memory(features, decoded.logits, decoded.object_logit, from_prompt=True)
         track.cond[self._index] = _Memory(memory, decoded.obj_ptr)
         self._cap_cond(track)
-        return decoded.result(hw, "prompt"), stages | Timings(memory_encoder=mem_ms)
+        return self._output(decoded, hw, "prompt", stages | Timings(memory_encoder=mem_ms))
 
     def _route(self, track: _Track, image, features) -> tuple[bool, ObjectMask, Timings]:
         """Run the router for a concept on this frame; a mask it finds becomes a conditioning frame."""
@@ -382,7 +382,7 @@ class VideoStream:
         track.cond[self._index] = _Memory(memory, decoded.obj_ptr)
         self._cap_cond(track)
         track.below = 0
-        return decoded.result(hw, source), stages | Timings(memory_encoder=mem_ms)
+        return self._output(decoded, hw, source, stages | Timings(memory_encoder=mem_ms))
 
     def _refire(self, obj_id: int, track: _Track, image, features, events) -> tuple[bool, ObjectMask, Timings]:
         found, out, stages = self._route(track, image, features)
@@ -429,8 +429,8 @@ class VideoStream:
         decoded, dec = self._decode(conditioned, features, *_no_points(), multimask=True)
         mem, mem_ms = self._encode_memory(features, decoded.logits, decoded.object_logit, from_prompt=False)
         track.recent[t] = _Memory(mem, decoded.obj_ptr)
-        stages = stages | dec | Timings(memory_encoder=mem_ms)
-        out = _named(decoded.result(image.shape[:2], "track"), obj_id)
+        out, stages = self._output(decoded, image.shape[:2], "track", stages | dec | Timings(memory_encoder=mem_ms))
+        out = _named(out, obj_id)
         if self._lost(track, decoded.object_logit):
             events.append(TrackEvent(t, obj_id, "lost", None, f"presence below threshold for {track.below} frames"))
             if track.prompt.concept is not None:
@@ -493,6 +493,12 @@ class VideoStream:
             del track.cond[next(iter(track.cond))]
 
     # ------------------------------------------------------------------ graphs
+
+    def _output(self, decoded: _Decoded, hw, source: str, stages: Timings) -> tuple[ObjectMask, Timings]:
+        """The object's mask at the frame's size; the upsampling counts as postprocess, as on the image routes."""
+        t0 = time.perf_counter_ns()
+        out = decoded.result(hw, source)
+        return out, _add(stages, Timings(postprocess=elapsed_ms(t0)))
 
     def _decode(self, image_embed, features, coords, labels, multimask: bool) -> tuple[_Decoded, Timings]:
         size = self.video.pre.image_size
