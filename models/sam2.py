@@ -13,7 +13,6 @@ wrappers or the numpy runtime.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conceptseg_edge.errors import CheckpointError, InputError
+from conceptseg_edge.fileio import sha256_file
 from conceptseg_edge.models.sam2_variants import SAM2_CONFIGS, MaskDecoderShape
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -153,11 +153,7 @@ def _load_checkpoint(model: nn.Module, path: Path) -> str:
             f"{path}: does not match the config: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 class SAM2ImageEncoder(nn.Module):

@@ -14,7 +14,6 @@ the package's tokenizer) and ``Sam3Image`` grounding steps on its own inputs.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conceptseg_edge.errors import CheckpointError, InputError
+from conceptseg_edge.fileio import sha256_file
 
 #: SAM 3's prompt width: text features, geometry and concept tokens are all this wide.
 PROMPT_DIM = 256
@@ -215,11 +215,7 @@ def _load_checkpoint(model: nn.Module, path: Path) -> str:
             f"{path}: does not match the SAM 3 variant: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 class Sam3VisionEncoder(nn.Module):

@@ -19,6 +19,7 @@ import pytest
 
 from conceptseg_edge._compat import is_available
 from conceptseg_edge.errors import InputError
+from triton_server import needs_server  # tests/triton_server.py
 
 pytestmark = pytest.mark.skipif(not is_available("tritonclient.grpc"), reason="tritonclient not installed (extra: serve)")
 
@@ -28,17 +29,6 @@ CLIP_HW = (120, 160)
 CLIP_FRAMES = 4
 
 
-def _server_available() -> bool:
-    from conceptseg_edge.serve.server import ServerStartError, find_tritonserver
-
-    try:
-        find_tritonserver()
-    except ServerStartError:
-        return False
-    return True
-
-
-needs_server = pytest.mark.skipif(not _server_available(), reason="no tritonserver (system or nvidia-pytriton wheel)")
 
 
 class FakeClock:
