@@ -13,7 +13,8 @@ Speed (one run, the series interleaved frame by frame so they see the same machi
 
 Accuracy: J&F (DAVIS) per concept level over VideoWorld clips of every kind, tracked from the concept
 query, next to the router on every frame (a baseline tracking has to beat to be worth its memory).
-Each series records the provider that ran it.
+A prompt-only bundle (``export sam2 --video``) gets the first pair alone. Each series records the
+provider that ran it.
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ class VideoBenchReport:
         return round(self.series["track_prompt"].total.p50 / self.series["prompt_every_frame"].total.p50, 3)
 
     @property
-    def concept_clip_over_reason_mean(self) -> float:
+    def concepts(self) -> bool:
+        """Whether the concept series ran (a bundle with the reason route)."""
+        return "track_concept" in self.series
+
+    @property
+    def concept_clip_over_reason_mean(self) -> float | None:
+        if not self.concepts:
+            return None
         return round(self.series["track_concept"].total.mean / self.series["reason_every_frame"].total.mean, 3)
 
     @property
@@ -86,8 +94,10 @@ class VideoBenchReport:
         return round(s.p50("memory_attention") / s.total.p50, 3)
 
     @property
-    def refire_ms_p50(self) -> float:
+    def refire_ms_p50(self) -> float | None:
         """A re-fire's extra cost: a forced re-fire frame minus a plain tracked frame (p50s)."""
+        if not self.concepts:
+            return None
         return round(self.series["refire"].total.p50 - self.series["track_prompt"].total.p50, 3)
 
     @property
@@ -103,7 +113,7 @@ class VideoBenchReport:
             "track_over_prompt_p50": self.track_over_prompt_p50, "track_target": TRACK_TARGET,
             "track_target_met": self.track_over_prompt_p50 <= TRACK_TARGET,
             "concept_clip_over_reason_mean": self.concept_clip_over_reason_mean, "concept_target": CONCEPT_TARGET,
-            "concept_target_met": self.concept_clip_over_reason_mean <= CONCEPT_TARGET,
+            "concept_target_met": None if not self.concepts else self.concept_clip_over_reason_mean <= CONCEPT_TARGET,
             "memory_attention_share": self.memory_attention_share,
             "refire_ms_p50": self.refire_ms_p50, "refire_routes": dict(self.refire_routes),
             "accuracy_jf": {level: dict(v) for level, v in self.accuracy.items()},
@@ -112,10 +122,9 @@ class VideoBenchReport:
 
 
 def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), progress: bool = True) -> VideoBenchReport:
-    """Time and score tracking on ``bundle`` (exported with ``--video`` and the concept routes)."""
+    """Time and score tracking on ``bundle`` (exported with ``--video``; the concept series need its reason route)."""
     manifest = load_bundle(bundle)
-    if "reason" not in manifest.routes:
-        raise BenchmarkError("setup", f"{bundle}: the video benchmark compares with the reason route; export it with `export concept --video`")
+    concepts = "reason" in manifest.routes
     factory = engine_factory_for(cfg.provider_config, manifest)
 
     def tracker(config: TrackerConfig = TrackerConfig()) -> VideoSegmenter:
@@ -129,15 +138,17 @@ def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), 
     first = next(i for i, b in enumerate(boxes) if b is not None)
     per_frame = ConceptSegmenter.from_bundle(bundle, cfg.provider, generation=cfg.generation, engine_factory=factory,
                                              manifest=manifest)
-    samples: dict[str, list[Mapping[str, float]]] = {k: [] for k in ("track_prompt", "prompt_every_frame", "track_concept",
-                                                                     "reason_every_frame", "refire")}
+    names = ("track_prompt", "prompt_every_frame") + (("track_concept", "reason_every_frame", "refire") if concepts else ())
+    samples: dict[str, list[Mapping[str, float]]] = {k: [] for k in names}
     refire_routes: dict[str, int] = {}
     rounds = tqdm(total=cfg.runs * (len(clip) - first), desc="video bench frames", disable=not progress, unit="frame")
     for _ in range(cfg.runs):
-        boxed, concept, forced = tracker().stream(), tracker().stream(), tracker(TrackerConfig(lost_threshold=0.999, lost_frames=1)).stream()
+        boxed = tracker().stream()
         boxed.add_object(ObjectPrompt(box=tuple(boxes[first])))
-        concept.add_object(ObjectPrompt(concept=clip.query))
-        forced.add_object(ObjectPrompt(concept=clip.query))
+        if concepts:
+            concept, forced = tracker().stream(), tracker(TrackerConfig(lost_threshold=0.999, lost_frames=1)).stream()
+            concept.add_object(ObjectPrompt(concept=clip.query))
+            forced.add_object(ObjectPrompt(concept=clip.query))
         for t in range(first, len(clip)):
             frame = clip.frames[t]
             tracked = boxed.add_frame(frame)
@@ -145,6 +156,9 @@ def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), 
                 samples["track_prompt"].append(tracked.timings)
             box = boxes[t] if boxes[t] is not None else boxes[first]
             samples["prompt_every_frame"].append(_fresh(per_frame, lambda s: s.segment(frame, box=list(box))))
+            rounds.update()
+            if not concepts:
+                continue
             samples["track_concept"].append(concept.add_frame(frame).timings)
             samples["reason_every_frame"].append(_fresh(per_frame, lambda s: s.segment(frame, query=clip.query, route="reason")))
             refired = forced.add_frame(frame)
@@ -153,9 +167,8 @@ def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), 
                 for event in refired.events:
                     if event.kind == "refire":
                         refire_routes[event.route] = refire_routes.get(event.route, 0) + 1
-            rounds.update()
     rounds.close()
-    accuracy = _accuracy(tracker(), per_frame, cfg, progress)
+    accuracy = _accuracy(tracker(), per_frame, cfg, progress) if concepts else {}
     return VideoBenchReport(
         subject=BenchedBundle.of(bundle, manifest, clip.size),
         provider_requested=cfg.provider,
@@ -207,12 +220,14 @@ def render_video_table(report: VideoBenchReport) -> str:
     for name, s in report.series.items():
         lines.append(f"| {name} | {s.total.p50:.1f} | {s.total.mean:.1f} | " + " | ".join(f"{s.p50(k):.1f}" for k in stages) + " |")
     met = {True: "met", False: "NOT met"}
-    lines += ["",
-              f"tracked frame / prompt route p50: {report.track_over_prompt_p50} (target ≤ {TRACK_TARGET}: "
-              f"{met[report.track_over_prompt_p50 <= TRACK_TARGET]}); memory attention {report.memory_attention_share:.1%} of a tracked frame",
-              f"concept clip mean / reason every frame mean: {report.concept_clip_over_reason_mean} (target ≤ {CONCEPT_TARGET}: "
-              f"{met[report.concept_clip_over_reason_mean <= CONCEPT_TARGET]}); a re-fire adds {report.refire_ms_p50} ms p50 "
-              f"(routes {dict(report.refire_routes)})"]
+    lines += ["", f"tracked frame / prompt route p50: {report.track_over_prompt_p50} (target ≤ {TRACK_TARGET}: "
+                  f"{met[report.track_over_prompt_p50 <= TRACK_TARGET]}); memory attention {report.memory_attention_share:.1%} of a tracked frame"]
+    if report.concepts:
+        lines.append(f"concept clip mean / reason every frame mean: {report.concept_clip_over_reason_mean} (target ≤ {CONCEPT_TARGET}: "
+                     f"{met[report.concept_clip_over_reason_mean <= CONCEPT_TARGET]}); a re-fire adds {report.refire_ms_p50} ms p50 "
+                     f"(routes {dict(report.refire_routes)})")
+    else:
+        lines.append("concept series not run: the bundle has no reason route (export concept --video)")
     if report.accuracy:
         lines += ["", "| level | clips | J&F tracked | J&F router every frame |", "|---|---:|---:|---:|"]
         for level in sorted(report.accuracy):

@@ -65,3 +65,14 @@ def test_video_benchmark_reports_targets_shares_and_accuracy(concept_video_bundl
     assert all(0.0 <= v["track"] <= 1.0 and 0.0 <= v["router_every_frame"] <= 1.0 for v in data["accuracy_jf"].values())
     printed = capsys.readouterr().out
     assert "tracked frame / prompt route p50" in printed and "J&F tracked" in printed
+
+
+def test_video_benchmark_on_a_prompt_only_bundle_times_the_prompt_pair(video_bundle):
+    from conceptseg_edge.benchmarks.video import VideoBenchConfig, bench_video, render_video_table
+
+    report = bench_video(video_bundle, VideoBenchConfig(frames=FRAMES, runs=1), progress=False)
+    data = report.to_json()
+    assert set(data["series"]) == {"track_prompt", "prompt_every_frame"}
+    assert data["concept_clip_over_reason_mean"] is None and data["concept_target_met"] is None
+    assert data["accuracy_jf"] == {} and data["series"]["track_prompt"]["total"]["n"] == FRAMES - 1
+    assert "concept series not run" in render_video_table(report)
