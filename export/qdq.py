@@ -77,6 +77,10 @@ PART_ROUTES: dict[str, tuple[str, ...]] = {
     "sam2_decoder": ("prompt", "shortcut", "reason"),
     "ctm": ("shortcut", "reason"),
     "policy_vision": ("reason",),
+    # a SAM 3 concept bundle (``export concept --backbone sam3``): both of its routes run every SAM 3 part
+    "sam3_vision": ("shortcut", "reason"),
+    "sam3_text": ("shortcut", "reason"),
+    "sam3_head": ("shortcut", "reason"),
 }
 #: Why the other parts of a concept bundle are not ``export qdq``'s.
 NOT_QDQ = {

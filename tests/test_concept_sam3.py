@@ -126,3 +126,14 @@ def test_triton_python_flavor_serves_sam3(sam3_bundle, tmp_path):
             got = client.segment(ep.image, query=ep.query, route=route)
             assert (got.route, got.reason, got.completion) == (expected.route, expected.reason, expected.completion)
             assert np.array_equal(got.mask, expected.mask), route
+
+
+def test_qdq_quantizes_a_sam3_part(sam3_bundle, tmp_path):
+    """``export qdq`` takes SAM 3's parts: the vision encoder quantized alone, measured end to end on both routes."""
+    from conceptseg_edge.export.qdq import QdqConfig, export_qdq
+
+    m = export_qdq(sam3_bundle, tmp_path / "int8", QdqConfig("int8", "world:3", 2, parts=("sam3_vision",)), progress=False)
+    record = m.part("sam3_vision").qdq
+    assert record.held_out_samples == 4 and "shortcut, reason" in record.held_out  # 2 images x both routes
+    assert record.mask_iou is not None and record.passed == (record.mask_iou >= 0.90)
+    assert m.part("sam3_head").precision == "fp32" and m.part("sam3_head").qdq is None
