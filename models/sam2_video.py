@@ -122,16 +122,32 @@ class SAM2MemoryEncoder(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary_enc`` in real arithmetic: each (even, odd) pair of ``x``'s last axis is rotated.
+    """``apply_rotary_enc`` in real arithmetic, on the half-split layout of ``_half_split``.
 
-    ``x``: (..., T, D) with T a multiple of cos/sin's (L, D/2) rows (keys over several memory frames
-    repeat the table, as ``repeat_freqs_k``).
+    ``x``: (..., T, D) whose last axis holds a head's even components, then its odd ones; T is a
+    multiple of cos/sin's (L, D/2) rows (keys over several memory frames repeat the table, as
+    ``repeat_freqs_k``). Each (even, odd) pair is rotated by reading two contiguous halves: the
+    interleaved layout would take strided gathers, which cost ORT more than the rotation itself.
     """
     *lead, tokens, dim = x.shape
-    pairs = x.reshape(*lead, -1, cos.shape[0], dim // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.reshape(x.shape)
+    x = x.reshape(*lead, -1, cos.shape[0], dim)
+    even, odd = x[..., : dim // 2], x[..., dim // 2 :]
+    return torch.cat([even * cos - odd * sin, even * sin + odd * cos], dim=-1).reshape(*lead, tokens, dim)
+
+
+def _half_split(proj: nn.Linear) -> nn.Linear:
+    """``proj`` with its output channels reordered to each head's even ones, then its odd ones.
+
+    Queries and keys get the same order, so q·k (a sum over channels) is unchanged and the values,
+    which are not reordered, come out as sam2's; only where the rotation reads its pairs moves.
+    """
+    order = torch.cat([torch.arange(0, proj.out_features, 2), torch.arange(1, proj.out_features, 2)])
+    out = nn.Linear(proj.in_features, proj.out_features, bias=proj.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(proj.weight[order])
+        if proj.bias is not None:
+            out.bias.copy_(proj.bias[order])
+    return out
 
 
 class SAM2MemoryAttention(nn.Module):
@@ -178,20 +194,26 @@ class SAM2MemoryAttention(nn.Module):
         # buffer is inlined as a constant at every use (16 rotations: 128 MB of copies at 1024 px).
         self.register_buffer("rope_cos", first[..., 0].contiguous())  # (HW, D/2)
         self.register_buffer("rope_sin", first[..., 1].contiguous())
+        if any(a.num_heads != 1 for layer in attention.layers for a in (layer.self_attn, layer.cross_attn_image)):
+            raise ExportError("sam2_memory_attention: RoPE attention with more than one head is not supported")
+        # Query and key projections in the half-split order ``_rotate`` reads, per layer: (self q, k, cross q, k).
+        self.rotated = nn.ModuleList(
+            nn.ModuleList(_half_split(p) for a in (layer.self_attn, layer.cross_attn_image) for p in (a.q_proj, a.k_proj))
+            for layer in attention.layers
+        )
 
-    def _attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_plain: torch.Tensor | None = None, v_plain: torch.Tensor | None = None) -> torch.Tensor:
-        """``RoPEAttention.forward``: ``k``/``v`` tokens are rotated, ``k_plain``/``v_plain`` (pointers) are not."""
-        heads = attn.num_heads
-        q = attn._separate_heads(attn.q_proj(q), heads)
-        k = _rotate(attn._separate_heads(attn.k_proj(k), heads), self.rope_cos, self.rope_sin)
-        v = attn._separate_heads(attn.v_proj(v), heads)
-        q = _rotate(q, self.rope_cos, self.rope_sin)
+    def _attend(self, attn: nn.Module, q_proj: nn.Linear, k_proj: nn.Linear, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, k_plain: torch.Tensor | None = None, v_plain: torch.Tensor | None = None) -> torch.Tensor:
+        """``RoPEAttention.forward`` with one head: ``k``/``v`` tokens are rotated, ``k_plain``/``v_plain``
+        (pointers) are not; ``q_proj``/``k_proj`` are the layer's, half-split."""
+        q = _rotate(q_proj(q).unsqueeze(1), self.rope_cos, self.rope_sin)
+        k = _rotate(k_proj(k).unsqueeze(1), self.rope_cos, self.rope_sin)
+        v = attn.v_proj(v).unsqueeze(1)
         if k_plain is not None:
-            k = torch.cat([k, attn._separate_heads(attn.k_proj(k_plain), heads)], dim=2)
-            v = torch.cat([v, attn._separate_heads(attn.v_proj(v_plain), heads)], dim=2)
+            k = torch.cat([k, k_proj(k_plain).unsqueeze(1)], dim=2)
+            v = torch.cat([v, attn.v_proj(v_plain).unsqueeze(1)], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return attn.out_proj(attn._recombine_heads(out))
+        return attn.out_proj(out.squeeze(1))
 
     def forward(
         self,
@@ -220,15 +242,15 @@ class SAM2MemoryAttention(nn.Module):
         ptr_pos = ptr_pos.unsqueeze(1).expand(-1, split, -1).reshape(1, -1, m)
 
         output = curr + 0.1 * curr_pos if attention.pos_enc_at_input else curr
-        for layer in attention.layers:
+        for layer, (self_q, self_k, cross_q, cross_k) in zip(attention.layers, self.rotated):
             tgt = layer.norm1(output)
             q = tgt + curr_pos if layer.pos_enc_at_attn else tgt
-            output = output + self._attend(layer.self_attn, q, q, tgt)
+            output = output + self._attend(layer.self_attn, self_q, self_k, q, q, tgt)
             tgt = layer.norm2(output)
             q = tgt + curr_pos if layer.pos_enc_at_cross_attn_queries else tgt
             keys = layer.pos_enc_at_cross_attn_keys
             output = output + self._attend(
-                layer.cross_attn_image, q,
+                layer.cross_attn_image, cross_q, cross_k, q,
                 mem + mem_pos if keys else mem, mem,
                 ptr + ptr_pos if keys else ptr, ptr,
             )
