@@ -1,6 +1,6 @@
 """The torch-free tracker against sam2's own ``SAM2VideoPredictor``, its memory bounds, and bad input.
 
-Parity model: a seeded random SAM2.1-tiny at 256 px in the official checkpoint layout, with three
+Parity model: a seeded random SAM2.1-tiny at 128 px in the official checkpoint layout, with three
 weight edits so its masks are neither empty nor whole (random weights give mask logits within ±0.3,
 almost all positive, which would match anything) and the object counts as present (random weights
 say "absent", and the video predictor then blanks every mask; stack-notes):
@@ -8,8 +8,8 @@ say "absent", and the video predictor then blanks every mask; stack-notes):
 - the object-score head's last bias +8;
 - the mask hypernetworks' outputs ×40, and one upscaled channel made constant (its conv weights 0,
   its transposed-conv bias 3), so the hypernetworks' weight on it acts as a mask bias, set to minus
-  the median logit of the first frame: masks cover about half the frame on the prompt frame and a
-  fifth on tracked frames (measured).
+  the median logit of the first frame: masks cover 2-61 % of the frame (measured; at 256 px, with
+  the same edits, 22-50 %, and the same per-frame IoU, 0.99999, at four times the suite time).
 
 Both sides read the same JPEG frames; they are exactly the model's size, so neither resizes.
 """
@@ -34,7 +34,7 @@ from conceptseg_edge.runtime.tracker import (
     to_bfloat16_bits,
 )
 
-SIZE = 256
+SIZE = 128
 FRAMES = 30
 PARITY_FLOOR = 0.98  # the issue's acceptance: mean IoU per frame vs sam2's video predictor
 
@@ -119,7 +119,7 @@ def test_tracker_matches_sam2_video_predictor_from_point_box_and_mask(parity_cas
     for row, obj_id in enumerate((1, 2, 3)):
         ious = [iou(r.objects[obj_id].mask, reference[r.index][row]) for r in results]
         coverage = [float(reference[t][row].mean()) for t in range(FRAMES)]
-        assert all(0.05 < c < 0.9 for c in coverage), coverage  # partial masks: the comparison is not vacuous
+        assert all(0.02 < c < 0.9 for c in coverage), coverage  # partial masks: the comparison is not vacuous
         assert np.mean(ious) >= PARITY_FLOOR and min(ious) >= 0.95, (obj_id, np.round(ious, 4).tolist())
     sources = [r.objects[1].source for r in results]
     assert sources[0] == "prompt" and set(sources[1:]) == {"track"}
@@ -189,7 +189,7 @@ def test_bad_input_is_refused_by_name(parity_case, tiny_bundle):
     with pytest.raises(InputError, match="not tracked"):
         stream.remove_object(4)
     stream.add_frame(frames[0])
-    with pytest.raises(InputError, match="differs from the stream's 256x256"):
+    with pytest.raises(InputError, match="differs from the stream.s 128x128"):
         stream.add_frame(frames[1][:128])
     assert stream.frame_index == 0  # the refused frame left no trace
     out_of_frame = video.stream()
@@ -198,7 +198,7 @@ def test_bad_input_is_refused_by_name(parity_case, tiny_bundle):
         out_of_frame.add_frame(frames[0])
     assert out_of_frame.frame_index == -1 and out_of_frame.objects == ()
     out_of_frame.add_object(ObjectPrompt(mask=np.ones((10, 10), bool)))
-    with pytest.raises(InputError, match="mask: 10x10, the frame is 256x256"):
+    with pytest.raises(InputError, match="mask: 10x10, the frame is 128x128"):
         out_of_frame.add_frame(frames[0])
     with pytest.raises(InputError, match="lost_frames"):
         TrackerConfig(lost_frames=0)
