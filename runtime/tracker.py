@@ -17,8 +17,10 @@ ones SAM2's ``select_closest_cond_frames`` picks when tracking forward) and the 
 attention window; memory features are held as bfloat16, as SAM2's video predictor stores them.
 
 Concept objects start through the router (shortcut or reason). When such an object's presence score
-stays below τ for ``lost_frames`` frames, the router re-fires on the current frame; a mask it finds
-becomes a new conditioning frame. The policy therefore runs only on a start or a loss.
+stays below τ, or its mask empty, for ``lost_frames`` frames, the router re-fires on the current
+frame; a mask it finds becomes a new conditioning frame. When it finds nothing the object is
+*searching*: no tracking from stale memory, the router once every ``lost_frames`` frames until it
+finds the object again. The policy therefore runs only on a start, a loss, or a search.
 """
 
 from __future__ import annotations
@@ -431,19 +433,21 @@ class VideoStream:
         track.recent[t] = _Memory(mem, decoded.obj_ptr)
         out, stages = self._output(decoded, image.shape[:2], "track", stages | dec | Timings(memory_encoder=mem_ms))
         out = _named(out, obj_id)
-        if self._lost(track, decoded.object_logit):
-            events.append(TrackEvent(t, obj_id, "lost", None, f"presence below threshold for {track.below} frames"))
+        if self._lost(track, decoded.object_logit, out.mask.any()):
+            events.append(TrackEvent(t, obj_id, "lost", None, f"presence below threshold or no mask for {track.below} frames"))
             if track.prompt.concept is not None:
                 found, refound, route_stages = self._refire(obj_id, track, image, features, events)
                 stages = _add(stages, route_stages)
                 if found:
                     track.recent.pop(t, None)  # this frame is now a conditioning frame
                     out = _named(refound, obj_id)
+                else:
+                    track.state = "searching"  # the router, every lost_frames frames, until it finds it
             track.below = 0
         return out, stages
 
-    def _lost(self, track: _Track, object_logit: float) -> bool:
-        """Count frames below the threshold; True on the K-th.
+    def _lost(self, track: _Track, object_logit: float, shown: bool) -> bool:
+        """Count frames below the threshold or with an empty mask (``shown`` False); True on the K-th.
 
         The default threshold is the router's τ(words) for a concept, but never below 0.5: under 0.5
         SAM2 itself calls the object absent and blanks its mask, so an object the user no longer sees
@@ -457,7 +461,7 @@ class VideoStream:
             tau = router.tau(min(count_words(concept), router.max_shortcut_words)) if concept else 0.0
             threshold = max(tau, 0.5)
         presence = 1.0 / (1.0 + np.exp(-object_logit))
-        track.below = track.below + 1 if presence < threshold else 0
+        track.below = track.below + 1 if presence < threshold or not shown else 0
         return track.below >= config.lost_frames
 
     def _gather(self, track: _Track, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ def test_the_embedded_default_is_small_verified_and_segments(tmp_path):
     manifest = load_bundle(DEFAULT_BUNDLE)
     assert set(manifest.routes) == {"prompt", "shortcut", "reason"}
     size = sum(p.stat().st_size for p in DEFAULT_BUNDLE.rglob("*") if p.is_file())
-    assert size < 8 * 2**20, f"{size / 2**20:.1f} MB"
+    assert size < 12 * 2**20, f"{size / 2**20:.1f} MB"  # 4.8 MB of image routes + 5.1 MB of video parts (fp16)
     report = run_demo(DEFAULT_BUNDLE, tmp_path, DemoConfig(per_level=2, repeats=1))
     episodes = pick_samples(ConceptWorld(0, report["image_size"]), per_level=2)
     whole = np.mean([iou(np.ones_like(ep.mask), ep.mask) for ep in episodes])

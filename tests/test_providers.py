@@ -37,6 +37,7 @@ from conceptseg_edge.runtime.providers import (
     warmup_feeds,
 )
 from conceptseg_edge.runtime.segmenter import ConceptSegmenter
+from conceptseg_edge.runtime.tracker import VIDEO_PARTS
 from conceptseg_edge.timings import Timings
 
 BUNDLE = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets" / "conceptseg_tiny"
@@ -111,7 +112,8 @@ def test_segmenter_with_fallback_records_cpu_per_stage_and_part(manifest, sample
     config = ProviderConfig(name, allow_fallback=True)
     with pytest.warns(RuntimeWarning):
         seg = ConceptSegmenter.from_bundle(BUNDLE, name, engine_factory=OrtEngineFactory(config))
-    assert seg.providers() == {part: CPU_EP for part in manifest.parts}
+    image_parts = [part for part in manifest.parts if part not in VIDEO_PARTS]  # the tracker runs the others
+    assert seg.providers() == {part: CPU_EP for part in image_parts}
     result = seg.segment(sample_image, points=[[40, 40]])
     assert result.timings.provider_map() == {"encoder": CPU_EP, "decoder": CPU_EP}
     assert provider_record(name, result.timings.provider_map())["provider"] == CPU_EP
@@ -288,7 +290,7 @@ def test_demo_refuses_a_missing_provider_and_records_the_fallback(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "demo.json").read_text())
     assert report["provider_requested"] == name and report["provider"] == CPU_EP
-    assert set(report["providers"]) == set(load_bundle(BUNDLE).parts)
+    assert set(report["providers"]) == set(load_bundle(BUNDLE).parts) - set(VIDEO_PARTS)  # the demo does not track
     assert all(set(s["providers"].values()) == {CPU_EP} and "encoder" in s["providers"] for s in report["samples"])
     assert f"provider: CPUExecutionProvider (asked for {name}: FALLBACK)" in proc.stdout
 

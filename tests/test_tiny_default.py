@@ -20,8 +20,6 @@ pytestmark = pytest.mark.slow
 MICRO = {
     "backbone.yaml": {"steps": 4, "fill_steps": 1, "localize_steps": 1, "images_per_step": 2, "eval_every": 2,
                       "save_every": 2, "warmup_steps": 1, "data": {"train_episodes": 8, "val_episodes": 3}},
-    "video.yaml": {"steps": 2, "clips_per_step": 1, "frames_per_clip": 3, "eval_clips": 2, "eval_every": 2,
-                   "save_every": 2, "warmup_steps": 1, "data": {"train_clips": 4, "clip_length": 12}},
     "warmstart.yaml": {"steps": 3, "batch_size": 2, "eval_every": 3, "save_every": 3, "warmup_steps": 1,
                        "data": {"train_episodes": 8, "val_episodes": 2}},
     "stage1.yaml": {"steps": 3, "batch_size": 2, "eval_every": 3, "save_every": 3, "warmup_steps": 1,
@@ -49,7 +47,7 @@ def test_tiny_default_runs_every_stage_exports_and_resumes(tmp_path):
     out, copy = tmp_path / "run", tmp_path / "assets" / "conceptseg_tiny"
     report = run_tiny_default(out, configs=configs, bundle=copy, progress=False)
 
-    for stage in ("backbone", "video", "warmstart", "stage1", "stage2", "calibrate", "export"):
+    for stage in ("backbone", "warmstart", "stage1", "stage2", "calibrate", "export"):
         assert report["time"][stage]["cpu_s"] > 0, stage
     manifest = load_bundle(copy)  # the copy verifies: every file hash matches
     assert set(manifest.routes) == {"prompt", "shortcut", "reason"}
@@ -70,5 +68,5 @@ def test_tiny_default_runs_every_stage_exports_and_resumes(tmp_path):
 
     # a rerun skips the finished stages: their summaries (and timings) are kept as they were
     again = run_tiny_default(out, configs=configs, bundle=copy, progress=False)
-    for stage in ("backbone", "video", "warmstart", "stage1", "stage2", "calibrate", "export"):
+    for stage in ("backbone", "warmstart", "stage1", "stage2", "calibrate", "export"):
         assert again["time"][stage] == report["time"][stage], stage

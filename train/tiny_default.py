@@ -7,9 +7,6 @@ One command::
 runs, with the YAMLs in ``train/configs/tiny/``:
 
 1. ``backbone``  pretrain the ``conceptseg_tiny`` SAM2 (128 px) on ConceptWorld prompts;
-   ``video``     train its memory path on VideoWorld clips, the image path frozen
-   (``conceptseg_edge.train.video``); its ``OUT/video/backbone.pt`` is the backbone every later
-   stage, the checkpoint and the bundle use (the image routes are bit-identical to backbone's);
 2. ``warmstart`` build a random-init tiny Qwen2.5-VL and teach it the tag format (supervised
    fine-tuning on template completions), the stand-in for an instruction-tuned policy;
 3. ``stage1``    train the CTM of that frozen policy through the frozen SAM2;
@@ -66,7 +63,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _config(configs: Path, name: str) -> Path:
     path = configs / name
     if not path.is_file():
-        raise InputError(f"{path}: missing (tiny-default reads backbone/video/warmstart/stage1/stage2/calibrate/export/report "
+        raise InputError(f"{path}: missing (tiny-default reads backbone/warmstart/stage1/stage2/calibrate/export/report "
                          f".yaml from {configs})")
     return path
 
@@ -187,7 +184,6 @@ class TinyStages:
     """Every stage's config of one run, as the stages will run it (the run's paths filled in)."""
 
     backbone: Any  # BackboneConfig
-    video: Any  # VideoConfig
     warmstart: Any  # WarmstartConfig
     stage1: Any  # Stage1Config
     stage2: Any | None  # Stage2Config; None with --skip-stage2
@@ -205,20 +201,16 @@ def stage_configs(out: Path, configs: Path, *, stage2: bool, export: bool, progr
     from conceptseg_edge.train.calibrate import CalibrateConfig
     from conceptseg_edge.train.config import load_config
     from conceptseg_edge.train.stage1 import Stage1Config
-    from conceptseg_edge.train.video import VideoConfig
     from conceptseg_edge.train.warmstart import WarmstartConfig
 
     def read(name: str, cls: type) -> Any:
         return load_config(_config(configs, f"{name}.yaml"), cls)
 
     bb = dataclasses.replace(read("backbone", BackboneConfig), out_dir=str(out / "backbone"), progress=progress)
-    vid = dataclasses.replace(read("video", VideoConfig), out_dir=str(out / "video"), progress=progress,
-                              sam2_config=bb.sam2_config, image_size=bb.image_size,
-                              backbone_checkpoint=str(out / "backbone" / "backbone.pt"))
     ws = dataclasses.replace(read("warmstart", WarmstartConfig), out_dir=str(out / "warmstart"), progress=progress)
     s1 = dataclasses.replace(
         read("stage1", Stage1Config), out_dir=str(out / "stage1"), progress=progress,
-        backbone_config=bb.sam2_config, backbone_checkpoint=str(out / "video" / "backbone.pt"),
+        backbone_config=bb.sam2_config, backbone_checkpoint=str(out / "backbone" / "backbone.pt"),
         backbone_image_size=bb.image_size, init_checkpoint=None, policy_path=None,
         policy_checkpoint=str(out / "warmstart" / "checkpoint"),
     )
@@ -245,9 +237,9 @@ def stage_configs(out: Path, configs: Path, *, stage2: bool, export: bool, progr
         from conceptseg_edge.export.concept import ConceptExportConfig
 
         ex = dataclasses.replace(read("export", ConceptExportConfig), checkpoint=str(out / "checkpoint"))
-    for cfg in (bb, vid, ws, s1, cal):  # stage 2 and export check themselves when built
+    for cfg in (bb, ws, s1, cal):  # stage 2 and export check themselves when built
         cfg.validate()
-    return TinyStages(bb, vid, ws, s1, s2, cal, ex, read("report", ReportConfig))
+    return TinyStages(bb, ws, s1, s2, cal, ex, read("report", ReportConfig))
 
 
 def run_tiny_default(
@@ -285,7 +277,6 @@ def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.Pat
     from conceptseg_edge.train.calibrate import calibrate_router
     from conceptseg_edge.train.config import save_config
     from conceptseg_edge.train.stage1 import train_stage1
-    from conceptseg_edge.train.video import train_video
     from conceptseg_edge.train.warmstart import train_warmstart
 
     times: dict[str, Any] = {}
@@ -298,9 +289,8 @@ def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.Pat
         times[name] = _stage_time(summary)
         return summary
 
-    # 1. backbone (+ its memory path), 2. policy warm start, 3. stage 1 (the CTM of the warm policy through that backbone)
+    # 1. backbone, 2. policy warm start, 3. stage 1 (the CTM of the warm policy through that backbone)
     bb_summary = step_stage("backbone", cfgs.backbone, train_backbone)
-    video_summary = step_stage("video", cfgs.video, train_video)
     ws_summary = step_stage("warmstart", cfgs.warmstart, train_warmstart)
     s1_summary = step_stage("stage1", cfgs.stage1, train_stage1)
 
@@ -366,14 +356,13 @@ def _run_stages(out: Path, cfgs: TinyStages, configs: Path, bundle: str | os.Pat
         evaluated_with = "torch pipeline (ConceptSegPipeline)"
     heldout = evaluate_default(segment, shortcut_alone, rep_cfg, progress)
     times["report"] = clock.elapsed()
-    train_stages = [t for k, t in times.items() if k in ("backbone", "video", "warmstart", "stage1", "stage2", "calibrate") and t]
+    train_stages = [t for k, t in times.items() if k in ("backbone", "warmstart", "stage1", "stage2", "calibrate") and t]
     report = {
         "produced_by": {"commit": commit, "command": _command(out, configs, bundle, stage2, export)},
         "checkpoint": str(final_ckpt),
         "export": export_info,
         "heldout": {"evaluated_with": evaluated_with, "episodes": rep_cfg.episodes, **heldout},
         "backbone_heldout": bb_summary.get("heldout"),
-        "video_heldout": video_summary.get("heldout"),
         "warmstart_heldout": _warmstart_heldout(ws_summary),
         "stage1": {k: s1_summary.get(k) for k in ("loss_first", "loss_last", "loss_first10_mean", "loss_last10_mean", "steps")},
         "stage2_heldout_reward": s2_report,
