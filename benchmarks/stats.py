@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from conceptseg_edge.manifest import BundleManifest, tool_versions
+from conceptseg_edge.manifest import BundleManifest, produced_by, tool_versions
 
 STABILITY_TOLERANCE = 0.05
 #: Shortest series whose stability is measured: two samples at each end.
@@ -170,6 +170,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "os": platform.platform(),
         "versions": tool_versions(),
+        "commit": produced_by(),
     }
 
 

@@ -485,6 +485,19 @@ def _resize(value: Any, where: str) -> str:
     return value
 
 
+def produced_by() -> str:
+    """``git describe --always --dirty`` of the checkout this code runs from, or why there is none:
+    a report says which commit produced it, and "dirty" when the tree had uncommitted changes."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown (git: {exc})"
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown (not a git checkout)"
+
+
 def tool_versions() -> dict[str, str]:
     """Versions of the tools that produced the bundle (only those importable now)."""
     import importlib.metadata as md

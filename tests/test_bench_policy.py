@@ -74,7 +74,7 @@ ROUTES_LAYOUT = [
     ("ratio_runtime_over_torch_p50", leaves("prompt", "shortcut", "reason")),
     ("stable", None),
 ]
-ENVIRONMENT_KEYS = ["machine", "processor", "cpu_count", "os", "versions"]
+ENVIRONMENT_KEYS = ["machine", "processor", "cpu_count", "os", "versions", "commit"]
 
 
 def layout(value):

@@ -45,7 +45,7 @@ from conceptseg_edge.errors import InputError
 from conceptseg_edge.fileio import staged_dir, write_text
 from conceptseg_edge.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from conceptseg_edge.data.meta import LEVELS
-from conceptseg_edge.manifest import MANIFEST_NAME
+from conceptseg_edge.manifest import MANIFEST_NAME, produced_by
 from conceptseg_edge.router import AUTO, RouterConfig
 from conceptseg_edge.train.items import VAL_OFFSET
 from conceptseg_edge.train.loop import StageClock, write_summary
@@ -157,19 +157,6 @@ def _command(out: Path, configs: Path, bundle: str | os.PathLike[str] | None, st
         parts += ["--bundle", rel(bundle)]
     parts += [flag for flag, on in (("--skip-stage2", not stage2), ("--no-export", not export)) if on]
     return " ".join(parts)
-
-
-def produced_by() -> str:
-    """``git describe --always --dirty`` of the checkout this code runs from, or why there is none:
-    the report says which commit produced it, and "dirty" when the tree had uncommitted changes."""
-    import subprocess
-
-    try:
-        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown (git: {exc})"
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown (not a git checkout)"
 
 
 def _stage_time(summary: dict[str, Any] | None) -> dict[str, float] | None:
