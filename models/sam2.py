@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptseg_edge.errors import CheckpointError, InputError
-from conceptseg_edge.fileio import sha256_file
+from conceptseg_edge.errors import InputError
 from conceptseg_edge.models.sam2_variants import SAM2_CONFIGS, MaskDecoderShape
+from conceptseg_edge.models.weights import load_official_weights
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -138,22 +138,11 @@ def reshape_mask_decoder(sam: nn.Module, shape: MaskDecoderShape) -> None:
 
 
 def _load_checkpoint(model: nn.Module, path: Path) -> str:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
-    state = payload.get("model") if isinstance(payload, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (official SAM 2.1 format)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: does not match the config: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return sha256_file(path)
+    """The official SAM 2.1 layout: ``{"model": state_dict}``."""
+    return load_official_weights(
+        model, path, lambda payload: payload.get("model") if isinstance(payload, dict) else None,
+        "a dict with a 'model' state dict (official SAM 2.1 format)", "the config",
+    )
 
 
 class SAM2ImageEncoder(nn.Module):

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptseg_edge.errors import CheckpointError, InputError
-from conceptseg_edge.fileio import sha256_file
+from conceptseg_edge.errors import InputError
+from conceptseg_edge.models.weights import load_official_weights
 
 #: SAM 3's prompt width: text features, geometry and concept tokens are all this wide.
 PROMPT_DIM = 256
@@ -199,23 +199,14 @@ def _build_sized(size: Sam3Size, bpe_path: str) -> nn.Module:
 
 def _load_checkpoint(model: nn.Module, path: Path) -> str:
     """The release's layout (``detector.``-prefixed keys, optionally under ``model``), strictly matched."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
-    state = payload.get("model", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict (official sam3.pt format)")
-    detector = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")} or state
-    missing, unexpected = model.load_state_dict(detector, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: does not match the SAM 3 variant: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return sha256_file(path)
+
+    def detector(payload) -> dict | None:
+        state = payload.get("model", payload) if isinstance(payload, dict) else None
+        if not isinstance(state, dict):
+            return None
+        return {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")} or state
+
+    return load_official_weights(model, path, detector, "a state dict (official sam3.pt format)", "the SAM 3 variant")
 
 
 class Sam3VisionEncoder(nn.Module):
