@@ -271,13 +271,12 @@ class VideoStream:
         """Track every object into ``image`` ((H, W, 3) uint8; the first frame fixes the size)."""
         image = as_rgb_array(image, "frame")
         hw = image.shape[:2]
-        if self._frame_hw is None:
-            self._frame_hw = hw
-        elif hw != self._frame_hw:
+        if self._frame_hw is not None and hw != self._frame_hw:
             raise InputError(f"frame {self._index + 1}: size {hw[1]}x{hw[0]} differs from the stream's {self._frame_hw[1]}x{self._frame_hw[0]}")
         if not self._tracks:
             raise InputError("add_frame: no object in this stream: add_object() first")
         self._check_new_prompts(hw)
+        self._frame_hw = hw  # a refused frame fixes nothing
         self._index += 1
         t = self._index
         seg = self.video.segmenter
@@ -334,7 +333,8 @@ class VideoStream:
         return _named(out, obj_id), stages
 
     def _search(self, obj_id: int, track: _Track, image, features, events) -> tuple[ObjectMask, Timings]:
-        """A concept with no memory yet: nothing to track; the router re-fires every lost_frames frames."""
+        """A concept not found yet, or lost and not found by its re-fire: nothing is tracked from
+        (stale) memory; the router re-fires every lost_frames frames until it finds the object."""
         track.below += 1
         absent = ObjectMask(obj_id, np.zeros(image.shape[:2], bool), 0.0, 0.0, False, "track")
         if track.below < self.video.config.lost_frames:
