@@ -22,7 +22,6 @@ pytestmark = pytest.mark.slow
 FRAMES = 4
 BOX = "30,30,70,70"
 POINT = "50,50"
-ASSETS = Path(__file__).resolve().parents[1] / "conceptseg_edge" / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +149,8 @@ def test_labels_pair_with_points() -> None:
     assert both[2].concept == "cat" and object_prompts([[1.0, 2.0, 0.0]], None, [])[1].labels == (0,)
 
 
-def test_bundle_without_video_parts(tmp_path: Path, clip_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, stderr = _run(["track", str(ASSETS / "conceptseg_tiny"), str(clip_dir / "frames"), "--point", POINT,
+def test_bundle_without_video_parts(tiny_bundle: Path, tmp_path: Path, clip_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = _run(["track", str(tiny_bundle), str(clip_dir / "frames"), "--point", POINT,
                             "--out", str(tmp_path / "out"), "--no-bank"], capsys)  # fmt: skip
     assert code == 2 and "no video parts" in stderr and "--video" in stderr
     assert not (tmp_path / "out").exists()
