@@ -323,29 +323,35 @@ class ServedResult:
     timings: dict[str, float]
 
 
-def _text(value: np.ndarray) -> str:
+def decode_text(value: np.ndarray) -> str:
+    """The one string a BYTES output holds (with or without its batch axis)."""
     item = np.asarray(value, dtype=object).reshape(-1)[0]
     return item.decode("utf-8") if isinstance(item, (bytes, np.bytes_)) else str(item)
 
 
-def decode_response(outputs: Mapping[str, np.ndarray]) -> ServedResult:
-    """Output arrays → ``ServedResult``."""
-    missing = [name for name in OUTPUT_NAMES if name not in outputs]
+def require_outputs(outputs: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
+    """``InputError`` naming the outputs a response lacks."""
+    missing = [name for name in names if name not in outputs]
     if missing:
         raise InputError(f"response: missing output(s) {missing}")
-    details = json.loads(_text(outputs["DETAILS"]))
+
+
+def decode_response(outputs: Mapping[str, np.ndarray]) -> ServedResult:
+    """Output arrays → ``ServedResult``."""
+    require_outputs(outputs, OUTPUT_NAMES)
+    details = json.loads(decode_text(outputs["DETAILS"]))
     scores = np.asarray(outputs["SCORES"], dtype=np.float32).reshape(-1)
     box = details.get("box")
     return ServedResult(
         mask=np.asarray(outputs["MASK"], dtype=bool),
-        route=_text(outputs["ROUTE"]),
+        route=decode_text(outputs["ROUTE"]),
         reason=details.get("reason", ""),
         score=float(scores[0]),
         object_score=float(scores[1]),
         completion=details.get("completion"),
         box=None if box is None else tuple(box),
         bank_hit=details.get("bank_hit"),
-        timings={k: float(v) for k, v in json.loads(_text(outputs["TIMINGS"])).items()},
+        timings={k: float(v) for k, v in json.loads(decode_text(outputs["TIMINGS"])).items()},
     )
 
 

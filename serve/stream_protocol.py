@@ -43,7 +43,7 @@ import numpy as np
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.serve.model_config import SequenceControl, TensorConfig
-from conceptseg_edge.serve.protocol import ServeLimits
+from conceptseg_edge.serve.protocol import ServeLimits, decode_text, require_outputs
 
 if TYPE_CHECKING:  # the client side of this module never loads the runtime
     from conceptseg_edge.runtime.tracker import FrameResult, ObjectPrompt
@@ -236,28 +236,21 @@ class StreamFrame:
     timings: dict[str, float]
 
 
-def _text(value: np.ndarray) -> str:
-    item = np.asarray(value, dtype=object).reshape(-1)[0]
-    return item.decode("utf-8") if isinstance(item, (bytes, np.bytes_)) else str(item)
-
-
 def decode_stream_response(outputs: Mapping[str, np.ndarray]) -> StreamFrame:
     """Output arrays (with or without the batch axis of 1) → ``StreamFrame``."""
-    missing = [name for name in STREAM_OUTPUT_NAMES if name not in outputs]
-    if missing:
-        raise InputError(f"response: missing output(s) {missing}")
+    require_outputs(outputs, STREAM_OUTPUT_NAMES)
     ids = [int(v) for v in np.asarray(outputs["OBJECT_IDS"]).reshape(-1)]
     masks = np.asarray(outputs["MASKS"], dtype=bool)
     masks = masks.reshape(masks.shape[-3:]) if masks.ndim == 4 else masks
     scores = np.asarray(outputs["SCORES"], dtype=np.float32).reshape(-1, 2)
-    events = json.loads(_text(outputs["EVENTS"]))
+    events = json.loads(decode_text(outputs["EVENTS"]))
     return StreamFrame(
         index=events["frame"],
         masks={obj_id: masks[i] for i, obj_id in enumerate(ids)},
         scores={obj_id: (float(scores[i, 0]), float(scores[i, 1])) for i, obj_id in enumerate(ids)},
         objects={int(k): v for k, v in events["objects"].items()},
         events=events["events"],
-        timings={k: float(v) for k, v in json.loads(_text(outputs["TIMINGS"])).items()},
+        timings={k: float(v) for k, v in json.loads(decode_text(outputs["TIMINGS"])).items()},
     )
 
 
