@@ -50,6 +50,18 @@ class Prediction:
     timings: Timings = Timings()
 
 
+def encode_image(encoder: Engine, image: np.ndarray, pre: Preprocessing) -> tuple[dict[str, np.ndarray], Timings, tuple[int, int]]:
+    """Preprocess ``image`` and run an image encoder: (its outputs, the image's stages, the original (H, W)).
+    SAM2's and SAM 3's predictors both hold their image this way."""
+    image = as_rgb_array(image)
+    t0 = time.perf_counter_ns()
+    x = preprocess_image(image, pre.image_size, pre.pixel_mean, pre.pixel_std)
+    t1 = time.perf_counter_ns()
+    features = encoder.run({"image": x})
+    stages = Timings(preprocess=(t1 - t0) / 1e6, encoder=elapsed_ms(t1), providers={"encoder": encoder.provider})
+    return features, stages, image.shape[:2]
+
+
 class SAM2Predictor:
     """Encoder once per image, decoder once per prompt set; numpy in, numpy out."""
 
@@ -88,15 +100,7 @@ class SAM2Predictor:
     def set_image(self, image: np.ndarray) -> None:
         """Preprocess and encode ``image`` ((H, W, 3) uint8 RGB; (H, W) and RGBA are converted)."""
         self.reset()
-        image = as_rgb_array(image)
-        t0 = time.perf_counter_ns()
-        x = preprocess_image(image, self.pre.image_size, self.pre.pixel_mean, self.pre.pixel_std)
-        t1 = time.perf_counter_ns()
-        self._features = self.encoder.run({"image": x})
-        self.image_timings = Timings(
-            preprocess=(t1 - t0) / 1e6, encoder=elapsed_ms(t1), providers={"encoder": self.encoder.provider}
-        )
-        self._image_hw = image.shape[:2]
+        self._features, self.image_timings, self._image_hw = encode_image(self.encoder, image, self.pre)
 
     def reset(self) -> None:
         self._features = None

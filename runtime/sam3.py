@@ -22,8 +22,9 @@ import numpy as np
 
 from conceptseg_edge.errors import InputError
 from conceptseg_edge.manifest import BundleManifest, Preprocessing, load_bundle
-from conceptseg_edge.preprocess import as_rgb_array, preprocess_image, resize, upsample_mask
+from conceptseg_edge.preprocess import resize, upsample_mask
 from conceptseg_edge.runtime.engine import Engine, EngineFactory, open_engine, open_part
+from conceptseg_edge.runtime.predictor import encode_image
 from conceptseg_edge.timings import Timings, elapsed_ms
 
 SAM3_PARTS = ("sam3_vision", "sam3_text", "sam3_head")
@@ -128,14 +129,7 @@ class Sam3Predictor:
     def set_image(self, image: np.ndarray) -> None:
         """Preprocess and encode ``image`` ((H, W, 3) uint8 RGB; (H, W) and RGBA are converted)."""
         self.reset()
-        image = as_rgb_array(image)
-        t0 = time.perf_counter_ns()
-        x = preprocess_image(image, self.pre.image_size, self.pre.pixel_mean, self.pre.pixel_std)
-        t1 = time.perf_counter_ns()
-        self._features = self.vision.run({"image": x})
-        self.image_timings = Timings(preprocess=(t1 - t0) / 1e6, encoder=elapsed_ms(t1),
-                                     providers={"encoder": self.vision.provider})
-        self._image_hw = image.shape[:2]
+        self._features, self.image_timings, self._image_hw = encode_image(self.vision, image, self.pre)
 
     def reset(self) -> None:
         """Forget the image (the per-concept text features stay: they do not depend on it)."""
