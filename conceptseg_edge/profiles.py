@@ -80,6 +80,11 @@ def bundle_dim_ranges(
         "sequence": DimRange(1, 1, prompt),
         "past_sequence": DimRange(0, typical, context),
         "total_sequence": DimRange(1, typical + 1, context),
+        # Video memory attention (runtime.tracker.TrackerConfig defaults): the conditioning frames (<= 4)
+        # and the 6 previous frames; the pointers of those (<= 4) and of the 15 previous frames. The
+        # steady state after the 7th frame is the opt; the max leaves room for larger tracker configs.
+        "num_memories": DimRange(1, 7, 16),
+        "num_obj_ptrs": DimRange(1, 16, 32),
     }
 
 
