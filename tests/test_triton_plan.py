@@ -41,6 +41,7 @@ from conceptseg_edge.serve.model_config import (
     validate_pbtxt,
 )
 from conceptseg_edge.serve.repository import NO_ZERO_WARMUP, PLAN_FILE, RepositoryConfig, build_repository, plan_model_config
+from conceptseg_edge.runtime.tracker import VIDEO_PARTS
 
 from test_triton import needs_server  # the same tritonserver check as the other Triton tests
 
@@ -182,7 +183,8 @@ def test_the_router_calls_the_plan_models_by_part_name(engine_bundle, plan_repo)
     # The router model as Triton's python backend builds it (no BLS call is made while building): every
     # route of the engine bundle comes up, each part a BLS engine to its plan model.
     served = ServedModel.from_parameters(params_dict(router), plan_repo / "conceptseg" / "1", pb_utils=object())
-    assert served.segmenter.providers() == {n: f"triton-bls:{n}" for n in manifest.parts}
+    # the segmenter runs every part but the tracker's (the stream model serves those)
+    assert served.segmenter.providers() == {n: f"triton-bls:{n}" for n in manifest.parts if n not in VIDEO_PARTS}
     for name, part in manifest.parts.items():
         message = read_config(plan_repo / name / "config.pbtxt")
         assert [(t.name, _dtype(t.dtype)) for t in part.inputs] == [(i.name, i.data_type) for i in message.input]
@@ -197,7 +199,8 @@ def test_engine_bundle_on_cpu_is_refused_before_anything_is_written(engine_bundl
         build_repository(engine_bundle, tmp_path / "repo", RepositoryConfig(graph_backend="python"))
     proc = cli("triton", "build", engine_bundle, "--out", tmp_path / "repo", "--device", "cpu")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "--device cpu: parts ['ctm', 'policy_decoder', 'policy_embed', 'policy_vision', 'sam2_decoder', 'sam2_encoder'] " \
+    assert "--device cpu: parts ['ctm', 'policy_decoder', 'policy_embed', 'policy_vision', 'sam2_decoder', 'sam2_encoder', " \
+           "'sam2_memory_attention', 'sam2_memory_encoder', 'sam2_video_decoder'] " \
            "are TensorRT engines, which run on a GPU only" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
 
