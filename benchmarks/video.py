@@ -168,11 +168,12 @@ def bench_video(bundle: str | Path, cfg: VideoBenchConfig = VideoBenchConfig(), 
                     if event.kind == "refire":
                         refire_routes[event.route] = refire_routes.get(event.route, 0) + 1
     rounds.close()
-    accuracy = _accuracy(tracker(), per_frame, cfg, progress) if concepts else {}
+    scorer = tracker()  # one load serves the J&F clips and the provider record
+    accuracy = _accuracy(scorer, per_frame, cfg, progress) if concepts else {}
     return VideoBenchReport(
         subject=BenchedBundle.of(bundle, manifest, clip.size),
         provider_requested=cfg.provider,
-        providers=tracker().providers(),
+        providers=scorer.providers(),
         frames=len(clip),
         runs=cfg.runs,
         series={name: StageSeries.from_samples(s) for name, s in samples.items()},

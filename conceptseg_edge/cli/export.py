@@ -110,8 +110,13 @@ def _export_sam2(args: argparse.Namespace) -> int:
                          weight_storage=args.weight_storage, video=args.video),
         args.out,
     )
+    return _print_parity(args.out, manifest)
+
+
+def _print_parity(out: str, manifest) -> int:
+    """What ``export sam2`` / ``export sam3`` print: the bundle, whether it is random init, each part's parity."""
     parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
-    print(json.dumps({"bundle": args.out, "random_init": manifest.source.random_init, "parity": parity}, indent=2))
+    print(json.dumps({"bundle": out, "random_init": manifest.source.random_init, "parity": parity}, indent=2))
     return 0
 
 
@@ -126,9 +131,7 @@ def _export_sam3(args: argparse.Namespace) -> int:
                          weight_storage=args.weight_storage, concept_slots=args.concept_slots),
         args.out,
     )
-    parity = {name: part.parity.to_dict() for name, part in manifest.parts.items() if part.parity}
-    print(json.dumps({"bundle": args.out, "random_init": manifest.source.random_init, "parity": parity}, indent=2))
-    return 0
+    return _print_parity(args.out, manifest)
 
 
 def _export_concept(args: argparse.Namespace) -> int:
